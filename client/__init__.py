@@ -1,0 +1,1 @@
+"""sol's Python client library and the `sol` command line."""

@@ -1,0 +1,1 @@
+"""The serving engine: requests in, token events out. Knows nothing of gRPC or Redis."""

@@ -1,0 +1,168 @@
+"""The engine's public contract: what a request carries and the events it produces.
+
+The service layer (gRPC, accounting) and the training rollouts code against these types
+only; the scheduler, KV cache and runner behind them may change freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_STRING_CHARS = 64
+MAX_LOGPROBS = 20
+MAX_CHOICES = 8
+
+
+class RequestRejected(ValueError):
+    """The request can never be served as asked (e.g. prompt + max_tokens beyond the
+    context or the whole KV cache). The message says what to change."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; retry later."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    min_tokens: int = 0
+    temperature: float = 1.0          # 0 = greedy
+    top_p: float = 1.0                # (0, 1]
+    top_k: int = 0                    # 0 = off
+    min_p: float = 0.0                # [0, 1)
+    seed: int | None = None           # reproducible per request, whatever the batch
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0     # [-2, 2]
+    frequency_penalty: float = 0.0    # [-2, 2]
+    repetition_penalty: float = 1.0   # (0, 2]
+    logprobs: int = 0                 # top-N alternatives per token; 0 = none
+    n: int = 1                        # choices sharing the prompt's KV blocks
+
+    def validate(self) -> None:
+        """Raise ValueError with a message a user can act on."""
+        problems = []
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            problems.append(f"max_tokens must be >= 1 (got {self.max_tokens})")
+        if self.min_tokens < 0 or (isinstance(self.max_tokens, int) and self.min_tokens > self.max_tokens):
+            problems.append(f"min_tokens must be in [0, max_tokens] (got {self.min_tokens})")
+        if not 0.0 <= self.temperature <= 2.0:
+            problems.append(f"temperature must be in [0, 2] (got {self.temperature})")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0, 0 = off (got {self.top_k})")
+        if not 0.0 <= self.min_p < 1.0:
+            problems.append(f"min_p must be in [0, 1) (got {self.min_p})")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            problems.append(f"presence_penalty must be in [-2, 2] (got {self.presence_penalty})")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            problems.append(f"frequency_penalty must be in [-2, 2] (got {self.frequency_penalty})")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            problems.append(f"repetition_penalty must be in (0, 2] (got {self.repetition_penalty})")
+        if not 0 <= self.logprobs <= MAX_LOGPROBS:
+            problems.append(f"logprobs must be in [0, {MAX_LOGPROBS}] (got {self.logprobs})")
+        if not 1 <= self.n <= MAX_CHOICES:
+            problems.append(f"n must be in [1, {MAX_CHOICES}] (got {self.n})")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            problems.append(f"at most {MAX_STOP_STRINGS} stop strings (got {len(self.stop)})")
+        if any(not s or len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            problems.append(f"stop strings must be 1-{MAX_STOP_STRING_CHARS} characters")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    # Token ids that end the turn unless ignore_eos (e.g. <|end|> for chat models).
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TopLogprob:
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    text: str
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0       # summed over the n choices
+    cached_tokens: int = 0           # prompt tokens served from the prefix cache
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class RequestTimings:
+    """Monotonic seconds (time.monotonic())."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+
+@dataclass
+class Delta:
+    """New output of one choice: token ids and the text they complete (stop strings and
+    incomplete UTF-8 held back until resolved)."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class ChoiceFinished:
+    request_id: str
+    index: int
+    finish_reason: FinishReason
+
+
+@dataclass
+class RequestFinished:
+    """Always the last event of a request, also after an abort."""
+
+    request_id: str
+    usage: Usage
+    timings: RequestTimings
+
+
+Event = Delta | ChoiceFinished | RequestFinished
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    prefix_cache_queries: int        # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits: int           # of those, tokens found (cumulative)
+    preemptions: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
