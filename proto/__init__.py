@@ -1,0 +1,1 @@
+"""sol's public gRPC API."""

@@ -1,0 +1,1 @@
+"""Generated stubs of sol.v1 (see proto/generate.py)."""

@@ -1,0 +1,36 @@
+"""`sol models`, `sol export-hf` and `sol import-hf` through the real CLI entry point."""
+
+import json
+
+from client.cli import main
+
+
+def run_json(capsys, *argv):
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_models_list_and_show(tiny_checkpoint, capsys):
+    registry, resolved = tiny_checkpoint
+    data = run_json(capsys, "models", "list", "--registry", str(registry.root))
+    assert [m["name"] for m in data["models"]] == ["tiny"]
+    shown = run_json(capsys, "models", "show", "tiny:base", "--registry", str(registry.root), "--verify")
+    assert shown["ref"] == "tiny@1" and shown["verified"] and shown["meta"]["stage"] == "base"
+    assert main(["models", "show", "tiny:base", "--registry", str(registry.root)]) == 0
+    assert "tiny@1" in capsys.readouterr().out
+
+
+def test_bad_reference_is_a_clean_error(tiny_checkpoint, capsys):
+    registry, _ = tiny_checkpoint
+    assert main(["models", "show", "../evil", "--registry", str(registry.root)]) == 2
+    assert "invalid model name '../evil'" in capsys.readouterr().err
+
+
+def test_export_then_import_publishes_a_new_version(tiny_checkpoint, tmp_path, capsys):
+    registry, _ = tiny_checkpoint
+    assert main(["export-hf", "tiny", str(tmp_path / "hf"), "--registry", str(registry.root)]) == 0
+    capsys.readouterr()
+    data = run_json(capsys, "import-hf", str(tmp_path / "hf"), "--name", "imported", "--alias", "sft",
+                    "--registry", str(registry.root))
+    assert data["ref"] == "imported@1"
+    assert registry.resolve("imported:sft").version == 1
