@@ -1,0 +1,40 @@
+import queue
+
+import pytest
+
+from gpt.registry import publish_checkpoint
+from server.registry_watcher import AliasChange, RegistryWatcher
+
+
+@pytest.mark.parametrize("use_events", [True, False], ids=["inotify", "polling"])
+def test_watcher_reports_new_versions_and_moved_aliases(registry, tiny_model, tiny_tokenizer, use_events):
+    publish_checkpoint(registry, "m", tiny_model, tiny_tokenizer, {}, aliases=("base",))
+    seen: queue.Queue = queue.Queue()
+    watcher = RegistryWatcher(registry, lambda changes: [seen.put(c) for c in changes],
+                              poll_interval=0.2 if not use_events else 30.0, use_events=use_events)
+    watcher.start()
+    try:
+        assert watcher.events_active == use_events
+        publish_checkpoint(registry, "m", tiny_model, tiny_tokenizer, {}, aliases=("sft",))
+        got = {seen.get(timeout=10), seen.get(timeout=10)}
+        assert got == {AliasChange("m", "sft", None, 2), AliasChange("m", "latest", 1, 2)}
+        registry.set_alias("m", "latest", 1)
+        assert seen.get(timeout=10) == AliasChange("m", "latest", 2, 1)
+    finally:
+        watcher.stop()
+
+
+def test_failing_handler_does_not_kill_the_watcher(registry, tiny_model, tiny_tokenizer):
+    calls = []
+
+    def handler(changes):
+        calls.append(changes)
+        raise RuntimeError("boom")
+
+    watcher = RegistryWatcher(registry, handler, use_events=False)
+    watcher.current = {}
+    publish_checkpoint(registry, "m", tiny_model, tiny_tokenizer, {})
+    assert watcher.check() == [AliasChange("m", "latest", None, 1)]
+    registry.set_alias("m", "x", 1)
+    assert watcher.check() == [AliasChange("m", "x", None, 1)]
+    assert len(calls) == 2
