@@ -17,7 +17,7 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent          # holds sol/v1/sol.proto
 PROTO_FILE = "sol/v1/sol.proto"
-STUBS = ("sol_pb2.py", "sol_pb2.pyi", "sol_pb2_grpc.py")
+STUBS = ("sol_pb2.py", "sol_pb2_grpc.py")
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -28,12 +28,12 @@ def generate(out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     # -I at proto/ keeps the descriptor's file name "sol/v1/sol.proto" (what reflection
     # clients see) instead of leaking this repository's layout into the API.
-    args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
+    args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"--python_out={out_dir}",
             f"--grpc_python_out={out_dir}", str(PROTO_ROOT / PROTO_FILE)]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed on " + PROTO_FILE)
     paths = [out_dir / "sol" / "v1" / name for name in STUBS]
-    grpc_stub = paths[2]
+    grpc_stub = paths[1]
     # The grpc stub imports its messages as `sol.v1`; in this repository they live in the
     # `proto.sol.v1` package.
     text = grpc_stub.read_text(encoding="utf-8")

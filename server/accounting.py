@@ -1,0 +1,91 @@
+"""Accounting: writes each request's usage to the ledger store exactly once, spooling to
+a local fsynced file while the store is unreachable and replaying it, in order and
+idempotently, when the store returns. Serving never waits on a dead store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+from server.ledger import LedgerStore, StoreUnavailable, UsageRecord
+from server.spool import Spool
+
+log = logging.getLogger("sol.accounting")
+
+
+class Accountant:
+    def __init__(self, store: LedgerStore, spool: Spool, run: Callable, replay_interval_s: float = 0.5) -> None:
+        self.store = store
+        self.spool = spool
+        self._run = run
+        self.replay_interval_s = replay_interval_s
+        # Request ids billed by this process, for idempotency checks while the store is away.
+        self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._task: asyncio.Task | None = None
+        self.store_up = True
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._replay_loop())
+
+    def _remember(self, rec: UsageRecord) -> None:
+        self._recent[(rec.key_id, rec.request_id)] = None
+        while len(self._recent) > 200_000:
+            self._recent.popitem(last=False)
+
+    async def record(self, rec: UsageRecord) -> None:
+        """Never raises: the record reaches the store or the spool."""
+        self._remember(rec)
+        await self._run(self._record_blocking, rec)
+
+    def _record_blocking(self, rec: UsageRecord) -> None:
+        # While anything is spooled, new records queue behind it, so replay keeps order.
+        if len(self.spool) == 0:
+            try:
+                self.store.record(rec)
+                return
+            except StoreUnavailable as err:
+                if self.store_up:
+                    log.warning("ledger store unreachable, spooling usage to %s: %s", self.spool.path, err)
+                self.store_up = False
+        self.spool.append(rec)
+
+    async def seen(self, key_id: str, request_id: str) -> bool:
+        if (key_id, request_id) in self._recent:
+            return True
+        try:
+            return await self._run(self.store.has_record, key_id, request_id)
+        except StoreUnavailable:
+            return False
+
+    async def replay_now(self) -> int:
+        """Try to drain the spool once; returns records applied (0 if the store is away)."""
+        if len(self.spool) == 0:
+            return 0
+        try:
+            n = await self._run(self.spool.replay, self.store.record)
+        except StoreUnavailable:
+            return 0
+        if n:
+            log.info("ledger store back: replayed %d spooled usage records", n)
+        self.store_up = True
+        return n
+
+    async def _replay_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.replay_interval_s)
+            try:
+                await self.replay_now()
+            except Exception:  # noqa: BLE001 - the loop must survive anything a store throws
+                log.exception("spool replay failed; will retry")
+
+    async def close(self) -> None:
+        """Stop replaying; one last attempt to drain. What stays spooled is replayed by
+        the next start (the spool is a file)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.replay_now()

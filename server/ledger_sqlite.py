@@ -1,0 +1,191 @@
+"""The embedded ledger store: one SQLite file under $SOL_HOME, so `sol serve` meters
+every token with no external service. Same semantics as the Redis store; several
+processes on one machine may share the file (SQLite's locking, WAL journal)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from server.ledger import (
+    IDEMPOTENCY_TTL_S,
+    RESERVATION_TTL_S,
+    Admission,
+    KeyInfo,
+    Price,
+    UsageRecord,
+    UsageRow,
+    minute_window,
+    refusal,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    key_id TEXT PRIMARY KEY, key_hash TEXT UNIQUE NOT NULL, name TEXT NOT NULL, prefix TEXT NOT NULL,
+    created INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, token_budget INTEGER, rpm INTEGER,
+    tpm INTEGER, tokens_used INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS prices (
+    model TEXT PRIMARY KEY, prompt_per_1k REAL NOT NULL, completion_per_1k REAL NOT NULL,
+    cached_discount REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    key_id TEXT NOT NULL, request_id TEXT NOT NULL, ts REAL NOT NULL, PRIMARY KEY (key_id, request_id));
+CREATE TABLE IF NOT EXISTS usage (
+    day TEXT NOT NULL, key_id TEXT NOT NULL, model TEXT NOT NULL, requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL,
+    cost REAL NOT NULL, PRIMARY KEY (day, key_id, model));
+CREATE TABLE IF NOT EXISTS windows (
+    key_id TEXT NOT NULL, minute INTEGER NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,
+    PRIMARY KEY (key_id, minute));
+CREATE TABLE IF NOT EXISTS reservations (
+    key_id TEXT NOT NULL, request_id TEXT NOT NULL, tokens INTEGER NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (key_id, request_id));
+"""
+
+_KEY_COLUMNS = "key_id, name, prefix, created, revoked, token_budget, rpm, tpm, tokens_used"
+
+
+def _key(row) -> KeyInfo:
+    return KeyInfo(key_id=row[0], name=row[1], prefix=row[2], created=row[3], revoked=bool(row[4]),
+                   token_budget=row[5], rpm=row[6], tpm=row[7], tokens_used=row[8])
+
+
+class SqliteStore:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection guarded by a lock: the service calls from a small thread pool and
+        # SQLite serialises writers anyway.
+        self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed usage record survives a power cut, as Redis AOF fsync does.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+
+    @contextmanager
+    def _tx(self):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def ping(self) -> None:
+        with self._lock:
+            self._db.execute("SELECT 1")
+
+    # --- keys -------------------------------------------------------------------------------
+    def create_key(self, key: KeyInfo, key_hash: str) -> None:
+        with self._tx() as db:
+            db.execute(f"INSERT INTO keys ({_KEY_COLUMNS}, key_hash) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (key.key_id, key.name, key.prefix, key.created, int(key.revoked), key.token_budget,
+                        key.rpm, key.tpm, key.tokens_used, key_hash))
+
+    def key_by_hash(self, key_hash: str) -> KeyInfo | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE key_hash=?", (key_hash,)).fetchone()
+        return _key(row) if row else None
+
+    def get_key(self, key_id: str) -> KeyInfo | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE key_id=?", (key_id,)).fetchone()
+        return _key(row) if row else None
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("UPDATE keys SET revoked=1 WHERE key_id=? AND revoked=0", (key_id,))
+            return cur.rowcount > 0
+
+    def list_keys(self, include_revoked: bool = False) -> list[KeyInfo]:
+        where = "" if include_revoked else "WHERE revoked=0"
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_KEY_COLUMNS} FROM keys {where} ORDER BY created, key_id").fetchall()
+        return [_key(r) for r in rows]
+
+    # --- prices -----------------------------------------------------------------------------
+    def set_price(self, model: str, price: Price) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO prices VALUES (?,?,?,?)",
+                       (model, price.prompt_per_1k, price.completion_per_1k, price.cached_discount))
+
+    def prices(self) -> dict[str, Price]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM prices").fetchall()
+        return {r[0]: Price(r[1], r[2], r[3]) for r in rows}
+
+    # --- quotas -----------------------------------------------------------------------------
+    def admit(self, key: KeyInfo, request_id: str, estimate_tokens: int, now: float) -> Admission:
+        minute, _ = minute_window(now)
+        with self._tx() as db:
+            db.execute("DELETE FROM reservations WHERE expires < ?", (now,))
+            db.execute("DELETE FROM windows WHERE minute < ?", (minute - 1,))
+            row = db.execute("SELECT tokens_used FROM keys WHERE key_id=?", (key.key_id,)).fetchone()
+            used = row[0] if row else 0
+            win = db.execute("SELECT requests, tokens FROM windows WHERE key_id=? AND minute=?",
+                             (key.key_id, minute)).fetchone() or (0, 0)
+            reserved = db.execute("SELECT COALESCE(SUM(tokens), 0) FROM reservations WHERE key_id=?",
+                                  (key.key_id,)).fetchone()[0]
+            fresh = KeyInfo(**{**key.__dict__, "tokens_used": used})
+            refused = refusal(fresh, win[0], win[1], reserved, estimate_tokens, now)
+            if refused:
+                return refused
+            db.execute("INSERT INTO windows VALUES (?,?,1,0) ON CONFLICT(key_id, minute) "
+                       "DO UPDATE SET requests=requests+1", (key.key_id, minute))
+            if key.token_budget is not None:
+                db.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?,?)",
+                           (key.key_id, request_id, estimate_tokens, now + RESERVATION_TTL_S))
+        return Admission(True)
+
+    def release(self, key_id: str, request_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM reservations WHERE key_id=? AND request_id=?", (key_id, request_id))
+
+    # --- usage ------------------------------------------------------------------------------
+    def record(self, rec: UsageRecord) -> bool:
+        minute, _ = minute_window(rec.ts)
+        with self._tx() as db:
+            db.execute("DELETE FROM reservations WHERE key_id=? AND request_id=?", (rec.key_id, rec.request_id))
+            cur = db.execute("INSERT OR IGNORE INTO requests VALUES (?,?,?)", (rec.key_id, rec.request_id, rec.ts))
+            if cur.rowcount == 0:
+                return False
+            db.execute("INSERT INTO usage VALUES (?,?,?,1,?,?,?,?) ON CONFLICT(day, key_id, model) DO UPDATE SET "
+                       "requests=requests+1, prompt_tokens=prompt_tokens+excluded.prompt_tokens, "
+                       "completion_tokens=completion_tokens+excluded.completion_tokens, "
+                       "cached_tokens=cached_tokens+excluded.cached_tokens, cost=cost+excluded.cost",
+                       (rec.day, rec.key_id, rec.model, rec.prompt_tokens, rec.completion_tokens,
+                        rec.cached_tokens, rec.cost))
+            db.execute("UPDATE keys SET tokens_used=tokens_used+? WHERE key_id=?", (rec.total_tokens, rec.key_id))
+            db.execute("INSERT INTO windows VALUES (?,?,0,?) ON CONFLICT(key_id, minute) "
+                       "DO UPDATE SET tokens=tokens+excluded.tokens", (rec.key_id, minute, rec.total_tokens))
+            db.execute("DELETE FROM requests WHERE ts < ?", (rec.ts - IDEMPOTENCY_TTL_S,))
+        return True
+
+    def has_record(self, key_id: str, request_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM requests WHERE key_id=? AND request_id=?",
+                                    (key_id, request_id)).fetchone() is not None
+
+    def usage(self, key_id: str = "", model: str = "", from_day: str = "", to_day: str = "") -> list[UsageRow]:
+        clauses, args = [], []
+        for column, op, value in (("key_id", "=", key_id), ("model", "=", model),
+                                  ("day", ">=", from_day), ("day", "<=", to_day)):
+            if value:
+                clauses.append(f"{column} {op} ?")
+                args.append(value)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self._lock:
+            rows = self._db.execute("SELECT key_id, model, day, requests, prompt_tokens, completion_tokens, "
+                                    f"cached_tokens, cost FROM usage {where} ORDER BY day, key_id, model",
+                                    args).fetchall()
+        return [UsageRow(*r) for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
