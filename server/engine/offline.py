@@ -1,0 +1,78 @@
+"""Offline generation: run the engine in-process over a list of prompts and wait for all
+of them (evaluation, scripts, tests)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from gpt.model import GPT
+from gpt.tokenizer import SolTokenizer
+from server.engine.api import ChoiceFinished, Delta, EngineRequest, RequestFinished, SamplingParams, Usage
+from server.engine.engine import Engine, EngineConfig
+
+
+@dataclass
+class ChoiceOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationOutput:
+    request_id: str
+    prompt_ids: list[int]
+    choices: list[ChoiceOutput]
+    usage: Usage
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.choices[0].token_ids
+
+
+def collect(stream, prompt_ids: list[int], n: int) -> GenerationOutput:
+    """Drain a RequestStream into a GenerationOutput (blocking)."""
+    choices = [ChoiceOutput(index=i) for i in range(n)]
+    usage = Usage()
+    for event in stream:
+        if isinstance(event, Delta):
+            c = choices[event.index]
+            c.text += event.text
+            c.token_ids += event.token_ids
+            c.logprobs += [lp.logprob for lp in event.logprobs]
+        elif isinstance(event, ChoiceFinished):
+            choices[event.index].finish_reason = event.finish_reason
+        elif isinstance(event, RequestFinished):
+            usage = event.usage
+    return GenerationOutput(request_id=stream.request_id, prompt_ids=prompt_ids, choices=choices, usage=usage)
+
+
+def generate(model: GPT, tokenizer: SolTokenizer, prompts: list[str] | list[list[int]],
+             params: SamplingParams | list[SamplingParams] | None = None,
+             eos_token_ids: list[int] | None = None, config: EngineConfig | None = None,
+             engine: Engine | None = None) -> list[GenerationOutput]:
+    """Generate for every prompt (text or token ids) with continuous batching; outputs in
+    prompt order. Pass `engine` to reuse a running one (it is left running)."""
+    params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+    if len(params_list) != len(prompts):
+        raise ValueError("give one SamplingParams per prompt, or one for all")
+    own = engine is None
+    engine = engine or Engine(model, tokenizer, config)
+    try:
+        ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        streams = [
+            engine.submit(EngineRequest(request_id=f"gen-{uuid.uuid4().hex[:12]}", prompt_ids=p, params=sp,
+                                        eos_token_ids=list(eos_token_ids or [])))
+            for p, sp in zip(ids, params_list, strict=True)
+        ]
+        return [collect(s, p, sp.n) for s, p, sp in zip(streams, ids, params_list, strict=True)]
+    finally:
+        if own:
+            engine.shutdown()

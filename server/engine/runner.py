@@ -1,0 +1,46 @@
+"""The model runner: turns one scheduled step into a single forward pass.
+
+The step's sequences (prefill chunks and decodes alike) are packed into one row of
+input ids with their true positions; the paged cache's hook does the per-sequence
+attention. Only the rows that will sample a token go through the LM head, so a long
+prefill chunk does not pay for vocabulary-sized logits it would throw away.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpt.model import GPT
+from server.engine.kv_cache import PagedKVCache, RowSpec, plan_attention
+from server.engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: GPT, cache: PagedKVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = cache.device
+
+    @torch.inference_mode()
+    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int]]:
+        """Compute `n` new tokens for each (sequence, n). Returns float32 logits (S, V) for
+        the S sequences whose computed tokens reach their end (they sample next), and
+        their indices in `batch`."""
+        ids: list[int] = []
+        rows: list[RowSpec] = []
+        last: list[int] = []
+        sampling: list[int] = []
+        for i, (seq, n) in enumerate(batch):
+            start = seq.num_computed
+            ids.extend(seq.token_ids[start:start + n])
+            rows.append(RowSpec(start=start, q_len=n, block_table=seq.block_table))
+            if start + n == seq.num_tokens:
+                sampling.append(i)
+                last.append(len(ids) - 1)
+        plan = plan_attention(rows, self.cache.block_size, self.device)
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)[None]
+        hidden = self.model.hidden_states(input_ids, plan.positions[None], self.cache.hook(plan))
+        if not last:
+            return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32), []
+        picked = hidden[0, torch.tensor(last, dtype=torch.int64, device=self.device)]
+        return self.model.lm_head(picked).float(), sampling
