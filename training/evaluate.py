@@ -1,0 +1,121 @@
+"""Evaluation: held-out task accuracy per family (greedy; the base model few-shot, chat
+models through the chat template), base perplexity on held-out text, and the reward
+model's pairwise accuracy on held-out preference pairs."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from gpt.chat import chat_prompt_ids, chat_stop_ids
+from gpt.model import GPT
+from gpt.tokenizer import SolTokenizer
+from training.data.tasks import PreferencePair, Problem, few_shot_prompt, sample_problems
+from training.generate import generate
+from training.stages.reward import score_replies
+
+N_SHOTS = 3
+
+
+@dataclass
+class TaskAccuracy:
+    accuracy: float
+    per_family: dict[str, float]
+    n: int
+    samples: list[dict[str, str | bool]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "per_family": self.per_family, "n": self.n}
+
+
+def newline_stop_ids(tokenizer: SolTokenizer) -> list[int]:
+    """Every token whose text contains a newline ends a few-shot answer."""
+    ids = [tokenizer.eot_id]
+    for i in range(tokenizer.vocab_size):
+        if not tokenizer.is_special(i) and b"\n" in tokenizer.decode_bytes([i]):
+            ids.append(i)
+    return ids
+
+
+def few_shot_examples(seed: int) -> dict[str, list[Problem]]:
+    """Fixed training-split demonstrations per family for the base model's prompt."""
+    return sample_problems(N_SHOTS, "train", seed + 77).by_family()
+
+
+@torch.no_grad()
+def task_accuracy(model: GPT, tokenizer: SolTokenizer, problems: list[Problem], mode: str,
+                  max_new_tokens: int = 24, batch_size: int = 64, shots_seed: int = 0,
+                  keep_samples: int = 3) -> TaskAccuracy:
+    """Greedy accuracy. mode "chat": the chat template; "base": a few-shot plain-text prompt."""
+    if mode not in ("chat", "base"):
+        raise ValueError(f"mode must be 'chat' or 'base', got {mode!r}")
+    model.eval()
+    if mode == "chat":
+        prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p.prompt}]) for p in problems]
+        stops = chat_stop_ids(tokenizer)
+    else:
+        shots = few_shot_examples(shots_seed)
+        prompts = [[tokenizer.eot_id] + tokenizer.encode(few_shot_prompt(shots[p.family], p)) for p in problems]
+        stops = newline_stop_ids(tokenizer)
+    stop_set = set(stops)
+    right: dict[str, list[bool]] = defaultdict(list)
+    samples: list[dict[str, str | bool]] = []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # less padding per batch
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        gen = generate(model, [prompts[i] for i in chunk], max_new_tokens, stops, pad_id=tokenizer.eot_id)
+        for i, toks in zip(chunk, gen.tokens, strict=True):
+            text = tokenizer.decode([t for t in toks if t not in stop_set])
+            ok = problems[i].check(text)
+            right[problems[i].family].append(ok)
+            if len([s for s in samples if s["family"] == problems[i].family]) < keep_samples:
+                samples.append({"family": problems[i].family, "prompt": problems[i].prompt, "reply": text,
+                                "answer": problems[i].answer, "correct": ok})
+    per_family = {f: sum(v) / len(v) for f, v in sorted(right.items())}
+    total = sum(sum(v) for v in right.values())
+    return TaskAccuracy(accuracy=total / max(1, len(problems)), per_family=per_family, n=len(problems),
+                        samples=samples)
+
+
+@torch.no_grad()
+def perplexity(model: GPT, tokenizer: SolTokenizer, texts: list[str], seq_len: int = 128,
+               max_tokens: int = 50_000, batch_size: int = 16) -> float:
+    """exp(mean next-token loss) over non-overlapping windows of the held-out texts."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids: list[int] = []
+    for doc in tokenizer.encode_batch(texts):
+        ids += [tokenizer.eot_id, *doc]
+        if len(ids) >= max_tokens:
+            break
+    n = (min(len(ids), max_tokens) - 1) // seq_len
+    if n == 0:
+        return float("nan")
+    stream = torch.tensor(ids[:n * seq_len + 1], dtype=torch.long)
+    windows = torch.stack([stream[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)])
+    total, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        logits = model(batch[:, :-1]).float()
+        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def reward_accuracy(rm: torch.nn.Module, tokenizer: SolTokenizer, pairs: list[PreferencePair]) -> dict[str, float]:
+    """Share of held-out pairs where the chosen reply outscores the rejected one, overall
+    and by the rejected reply's source (a policy sample or a corruption)."""
+    rm.eval()
+    chosen = score_replies(rm, tokenizer, [(p.problem.prompt, p.chosen) for p in pairs])
+    rejected = score_replies(rm, tokenizer, [(p.problem.prompt, p.rejected) for p in pairs])
+    wins = (chosen > rejected).tolist()
+    out = {"accuracy": sum(wins) / max(1, len(wins)), "n": float(len(wins))}
+    for source in sorted({p.source for p in pairs}):
+        picked = [w for w, p in zip(wins, pairs, strict=True) if p.source == source]
+        out[f"accuracy_{source}"] = sum(picked) / len(picked)
+    return out

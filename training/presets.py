@@ -1,0 +1,129 @@
+"""Pipeline presets: one dataclass naming the model preset and every stage's config.
+
+`tiny` is the end-to-end test (about 3 minutes on 2 CPU cores). `cpu` is the default
+demo sized to finish within 30 minutes on 2 CPU cores: its model is the `small` preset
+narrowed and shortened (about 3.5M parameters), which is what 2 cores can pretrain
+usefully in the time. `gpu-small` and `gpu-medium` are sized for one GPU and are
+unverified in this project's CPU-only environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpt.config import ModelConfig, preset
+from training.loop import LoopConfig
+from training.stages.pretrain import PretrainConfig
+from training.stages.reward import RewardConfig
+from training.stages.rlhf import RLHFConfig
+from training.stages.sft import SFTConfig
+
+
+@dataclass
+class PipelinePreset:
+    name: str
+    model: str = "tiny"                                   # a gpt.config preset
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    vocab_size: int = 512
+    corpus_bytes: int = 1 << 20
+    task_docs: int = 2000                                 # plain-text task documents for pretraining
+    task_doc_problems: int = 8                            # problems per task document
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft_per_family: int = 2000                            # training conversations per task family
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm_per_family: int = 250                              # training problems for preference pairs
+    rm_samples: int = 2                                   # policy samples per problem mined for wrong replies
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rlhf_per_family: int = 1000                           # training prompts per family for rollouts
+    rlhf: RLHFConfig = field(default_factory=RLHFConfig)
+    eval_per_family: int = 64                             # held-out task problems per family
+    rm_eval_per_family: int = 40                          # held-out preference problems per family
+    perplexity_tokens: int = 30_000
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return preset(self.model).replace(**self.model_overrides, vocab_size=vocab_size)
+
+    def with_seed(self, seed: int) -> PipelinePreset:
+        """Every stage's loop takes the pipeline seed."""
+        out = dataclasses.replace(self)
+        for stage in ("pretrain", "sft", "reward", "rlhf"):
+            cfg = getattr(self, stage)
+            setattr(out, stage, dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, seed=seed)))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _tiny() -> PipelinePreset:
+    return PipelinePreset(
+        name="tiny", model="tiny", model_overrides={"max_seq_len": 256}, vocab_size=512,
+        corpus_bytes=256 << 10, task_docs=400,
+        pretrain=PretrainConfig(LoopConfig(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, log_every=10),
+                                seq_len=96),
+        sft_per_family=200, sft=SFTConfig(LoopConfig(steps=40, batch_size=32, lr=2e-3, warmup_steps=4)),
+        rm_per_family=24, rm_samples=1,
+        reward=RewardConfig(LoopConfig(steps=20, batch_size=16, lr=5e-4, warmup_steps=2, log_every=5)),
+        rlhf_per_family=50,
+        rlhf=RLHFConfig(LoopConfig(steps=8, batch_size=16, lr=2e-5, warmup_steps=1, min_lr_ratio=1.0,
+                                   weight_decay=0.0, log_every=2), rollouts=32, ppo_epochs=1, max_new_tokens=12),
+        eval_per_family=16, rm_eval_per_family=8, perplexity_tokens=5_000,
+    )
+
+
+def _cpu() -> PipelinePreset:
+    return PipelinePreset(
+        name="cpu", model="small",
+        model_overrides={"d_model": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "d_ff": 704,
+                         "max_seq_len": 256},
+        vocab_size=2048, corpus_bytes=3 << 20, task_docs=6000,
+        pretrain=PretrainConfig(LoopConfig(steps=700, batch_size=16, lr=3e-3, warmup_steps=30, log_every=10),
+                                seq_len=128),
+        sft_per_family=3000, sft=SFTConfig(LoopConfig(steps=400, batch_size=32, lr=1e-3, warmup_steps=20)),
+        rm_per_family=300, rm_samples=2,
+        reward=RewardConfig(LoopConfig(steps=250, batch_size=16, lr=3e-4, warmup_steps=15, log_every=10)),
+        rlhf_per_family=1500,
+        rlhf=RLHFConfig(LoopConfig(steps=160, batch_size=32, lr=2e-5, warmup_steps=4, min_lr_ratio=1.0,
+                                   weight_decay=0.0, log_every=4), rollouts=64, ppo_epochs=2),
+        eval_per_family=64, rm_eval_per_family=40,
+    )
+
+
+def _gpu_small() -> PipelinePreset:
+    # Unverified here (no GPU in CI): the full `small` model with ~50x the CPU budget.
+    p = _cpu()
+    return dataclasses.replace(
+        p, name="gpu-small", model="small", model_overrides={}, vocab_size=4096, corpus_bytes=8 << 20,
+        task_docs=40_000,
+        pretrain=PretrainConfig(LoopConfig(steps=5000, batch_size=64, lr=2e-3, warmup_steps=200), seq_len=512),
+        sft_per_family=20_000, sft=SFTConfig(LoopConfig(steps=2000, batch_size=64, lr=5e-4, warmup_steps=50)),
+        rm_per_family=2000, rm_samples=4,
+        reward=RewardConfig(LoopConfig(steps=1500, batch_size=32, lr=1e-4, warmup_steps=50)),
+        rlhf_per_family=10_000,
+        rlhf=RLHFConfig(LoopConfig(steps=2000, batch_size=64, lr=1e-5, warmup_steps=10, min_lr_ratio=1.0,
+                                   weight_decay=0.0, log_every=8), rollouts=256, ppo_epochs=2),
+        eval_per_family=100,
+    )
+
+
+def _gpu_medium() -> PipelinePreset:
+    # Unverified here: the `medium` model (~100M parameters); hours on one GPU.
+    p = _gpu_small()
+    return dataclasses.replace(
+        p, name="gpu-medium", model="medium", vocab_size=8192, corpus_bytes=64 << 20,
+        pretrain=PretrainConfig(LoopConfig(steps=20_000, batch_size=64, lr=1e-3, warmup_steps=500, compile=True),
+                                seq_len=1024),
+    )
+
+
+PRESETS = {"tiny": _tiny, "cpu": _cpu, "gpu-small": _gpu_small, "gpu-medium": _gpu_medium}
+DEFAULT_PRESET = "cpu"
+
+
+def pipeline_preset(name: str) -> PipelinePreset:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown pipeline preset {name!r}; choose one of {sorted(PRESETS)}") from None

@@ -1,0 +1,157 @@
+"""The pipeline's report card: a markdown table and PNG plots (loss curves, reward and
+KL curves, accuracy per stage), written beside the checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")    # files only; never a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+STAGES = ("base", "sft", "rlhf")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a metrics file; a resumed run's repeated steps keep their latest record."""
+    if not path.is_file():
+        return []
+    by_step: dict[Any, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record.get("step", record.get("iteration"))] = record
+    return list(by_step.values())
+
+
+def plot_losses(run_dir: Path, out: Path) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (stage, title) in zip(axes, (("pretrain", "pretraining loss"), ("sft", "SFT loss (assistant tokens)"),
+                                         ("reward", "reward model loss")), strict=True):
+        records = read_jsonl(run_dir / stage / "metrics.jsonl")
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], color="tab:blue", label="loss")
+        if stage == "reward" and records:
+            twin = ax.twinx()
+            twin.plot([r["step"] for r in records], [r.get("accuracy", 0) for r in records], color="tab:green",
+                      alpha=0.7, label="train pair accuracy")
+            twin.set_ylim(0, 1.05)
+            twin.set_ylabel("pair accuracy", color="tab:green")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_rlhf(run_dir: Path, out: Path) -> Path:
+    rollouts = read_jsonl(run_dir / "rlhf" / "rollouts.jsonl")
+    steps = read_jsonl(run_dir / "rlhf" / "metrics.jsonl")
+    it = [r["iteration"] for r in rollouts]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    axes[0].plot(it, [r["score"] for r in rollouts], color="tab:orange")
+    axes[0].set_title("reward model score (raw)")
+    axes[1].plot(it, [r["kl"] for r in rollouts], color="tab:red", label="KL to SFT (nats/reply)")
+    twin = axes[1].twinx()
+    twin.plot(it, [r["kl_coef"] for r in rollouts], color="tab:gray", linestyle="--", label="KL coefficient")
+    twin.set_ylabel("KL coefficient", color="tab:gray")
+    axes[1].set_title("KL to SFT and its coefficient")
+    axes[2].plot(it, [r["sample_accuracy"] for r in rollouts], color="tab:green")
+    axes[2].set_title("verified accuracy of rollouts (T=1)")
+    axes[3].plot([r["step"] for r in steps], [r.get("entropy", 0) for r in steps], label="entropy")
+    axes[3].plot([r["step"] for r in steps], [r.get("clip_fraction", 0) for r in steps], label="clip fraction")
+    axes[3].plot([r["step"] for r in steps], [r.get("value_loss", 0) for r in steps], label="value loss")
+    axes[3].legend(fontsize=8)
+    axes[3].set_title("PPO")
+    for ax in axes[:3]:
+        ax.set_xlabel("rollout batch")
+    axes[3].set_xlabel("step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_accuracy(summary: dict[str, Any], out: Path) -> Path:
+    metrics = summary["metrics"]
+    families = sorted(metrics["sft"]["tasks"]["per_family"])
+    labels = [*families, "overall"]
+    fig, ax = plt.subplots(figsize=(12, 4))
+    width = 0.8 / len(STAGES)
+    for i, stage in enumerate(STAGES):
+        tasks = metrics[stage]["tasks"]
+        values = [tasks["per_family"].get(f, 0.0) for f in families] + [tasks["accuracy"]]
+        ax.bar([x + i * width for x in range(len(labels))], values, width, label=f"{stage} ({tasks['accuracy']:.1%})")
+    ax.set_xticks([x + width for x in range(len(labels))], labels)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_title(f"Held-out task accuracy per stage (seed {summary['seed']})")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    m = summary["metrics"]
+    families = sorted(m["sft"]["tasks"]["per_family"])
+    lines = [f"# sol pipeline report: {summary['name']} (preset {summary['preset']}, seed {summary['seed']})", "",
+             f"Model: {summary['num_parameters'] / 1e6:.2f}M parameters, {summary['model']['n_layers']} layers, "
+             f"d_model {summary['model']['d_model']}, vocabulary {summary['model']['vocab_size']}; "
+             f"device {summary['device']}, {summary['torch_threads']} threads, world size {summary['world_size']}.", "",
+             "## Held-out task accuracy (greedy; base few-shot, chat models through the chat template)", "",
+             "| stage | checkpoint | overall | " + " | ".join(families) + " |",
+             "|---|---|---|" + "---|" * len(families)]
+    for stage in STAGES:
+        tasks = m[stage]["tasks"]
+        lines.append(f"| {stage} | `{summary['refs'].get(stage)}` | **{_pct(tasks['accuracy'])}** | " +
+                     " | ".join(_pct(tasks["per_family"].get(f)) for f in families) + " |")
+    rm = m["rm"]["pairwise"]
+    gain = m["rlhf"]["tasks"]["accuracy"] - m["sft"]["tasks"]["accuracy"]
+    lines += ["", f"RLHF minus SFT: **{100 * gain:+.1f} points** on {m['sft']['tasks']['n']} held-out problems.", "",
+              "## Other measurements", "",
+              "| measurement | value |", "|---|---|",
+              f"| base perplexity on held-out corpus text | {m['base']['perplexity']:.2f} |",
+              f"| reward model held-out pairwise accuracy | {rm['accuracy']:.3f} (n={int(rm['n'])}) |"]
+    for key in sorted(k for k in rm if k.startswith("accuracy_")):
+        lines.append(f"| ... rejected reply from `{key.removeprefix('accuracy_')}` | {rm[key]:.3f} |")
+    lines += [f"| final KL to SFT (nats per reply, rollout estimate) | {m['rlhf']['final_kl']:.3f} |",
+              f"| final KL coefficient | {m['rlhf']['kl_coef']:.4f} |"]
+    for stage, seconds in summary["seconds"].items():
+        lines.append(f"| time: {stage} | {seconds:.0f} s |")
+    lines += ["", "## Plots", "", "![accuracy](accuracy.png)", "", "![losses](losses.png)", "",
+              "![rlhf](rlhf.png)", "", "## Sample replies (held-out)", "",
+              "| stage | prompt | reply | answer | ok |", "|---|---|---|---|---|"]
+    for stage in STAGES:
+        for s in m[stage]["tasks"].get("samples", [])[::3]:
+            reply = str(s["reply"]).replace("|", "\\|").replace("\n", " ")[:40]
+            lines.append(f"| {stage} | {s['prompt']} | {reply} | {s['answer']} | {'yes' if s['correct'] else 'no'} |")
+    lines += ["", "## Checkpoints", ""]
+    for stage, path in summary["checkpoints"].items():
+        lines.append(f"- {stage}: `{summary['refs'].get(stage)}` at `{path}`")
+    lines.append(f"- run directory (metrics JSONL, resumable state): `{summary['run_dir']}`")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(summary: dict[str, Any], run_dir: Path, report_dir: Path) -> Path:
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    plot_losses(Path(run_dir), report_dir / "losses.png")
+    plot_rlhf(Path(run_dir), report_dir / "rlhf.png")
+    plot_accuracy(summary, report_dir / "accuracy.png")
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    path = report_dir / "report.md"
+    path.write_text(render_markdown(summary), encoding="utf-8")
+    return path

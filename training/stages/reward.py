@@ -1,0 +1,112 @@
+"""Reward model: the SFT backbone with a scalar head, trained on preference pairs with
+the pairwise loss -log sigmoid(r_chosen - r_rejected) (InstructGPT, TRL's
+RewardTrainer) plus a small centring term that keeps scores near zero."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt.chat import render_chat
+from gpt.tokenizer import SolTokenizer
+from training.batching import global_indices, pad_right
+from training.data.tasks import PreferencePair
+from training.loop import LoopConfig
+
+
+@dataclass
+class RewardConfig:
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=3e-4, warmup_steps=10, batch_size=16))
+    center_coef: float = 0.01
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_coef: float = 0.0) -> torch.Tensor:
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+def reply_ids(tokenizer: SolTokenizer, prompt: str, reply: str) -> list[int]:
+    """A scored sequence: the conversation through the reply's end-of-turn token."""
+    return render_chat(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]).ids
+
+
+def score_batch(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = pad_right(seqs, pad).to(device)
+    last = torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long, device=device)
+    return ids, last
+
+
+class RewardStage:
+    name = "reward"
+
+    def __init__(self, tokenizer: SolTokenizer, pairs: list[PreferencePair], cfg: RewardConfig,
+                 device: torch.device | str = "cpu") -> None:
+        if not pairs:
+            raise ValueError("reward training needs at least one preference pair")
+        self.pairs = [(reply_ids(tokenizer, p.problem.prompt, p.chosen),
+                       reply_ids(tokenizer, p.problem.prompt, p.rejected)) for p in pairs]
+        self.cfg = cfg
+        self.pad = tokenizer.eot_id
+        self.device = torch.device(device)
+
+    def micro_batch(self, step: int, micro: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = global_indices(len(self.pairs), self.cfg.loop.batch_size, world, self.cfg.loop.seed, step,
+                               micro, rank)
+        # Chosen replies first, rejected second, in one forward.
+        seqs = [self.pairs[i][0] for i in picks] + [self.pairs[i][1] for i in picks]
+        return score_batch(seqs, self.pad, self.device)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        ids, last = batch
+        scores = model(ids, last)
+        chosen, rejected = scores.chunk(2)
+        loss = pairwise_loss(chosen, rejected, self.cfg.center_coef)
+        return loss, {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
+                      "margin": (chosen - rejected).mean().item(), "tokens": float(ids.numel())}
+
+
+@torch.no_grad()
+def score_replies(rm: nn.Module, tokenizer: SolTokenizer, items: list[tuple[str, str]], batch_size: int = 64
+                  ) -> torch.Tensor:
+    """RM scores of (prompt, reply) pairs."""
+    device = next(rm.parameters()).device
+    out = []
+    for i in range(0, len(items), batch_size):
+        seqs = [reply_ids(tokenizer, p, r) for p, r in items[i:i + batch_size]]
+        out.append(rm(*score_batch(seqs, tokenizer.eot_id, device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def sample_wrong_replies(policy: nn.Module, tokenizer: SolTokenizer, problems: list,
+                         samples_per_problem: int, seed: int, max_new_tokens: int = 24,
+                         batch_size: int = 128) -> dict[tuple[str, str], list[str]]:
+    """The policy's own sampled replies (temperature 1, through the engine's sampler) that
+    fail the verifier, keyed by (family, key): the hard negatives for the reward model."""
+    from gpt.chat import chat_prompt_ids, chat_stop_ids
+    from server.engine.api import SamplingParams
+    from training.generate import generate
+
+    policy.eval()
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_tokens=max_new_tokens)
+    stops = chat_stop_ids(tokenizer)
+    jobs = [(i, s) for i in range(len(problems)) for s in range(samples_per_problem)]
+    wrong: dict[tuple[str, str], list[str]] = {}
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": problems[i].prompt}]) for i, _ in chunk]
+        seeds = [seed * 1_000_003 + i * 131 + s for i, s in chunk]
+        gen = generate(policy, prompts, max_new_tokens, stops, params, seeds=seeds, pad_id=tokenizer.eot_id)
+        for (i, _), toks, finished in zip(chunk, gen.tokens, gen.finished, strict=True):
+            if not finished:
+                continue   # unfinished replies are not scored like finished ones; leave them out
+            text = tokenizer.decode([t for t in toks if t not in stops])
+            p = problems[i]
+            if text.strip() and not p.check(text):
+                wrong.setdefault((p.family, p.key), []).append(text)
+    return wrong

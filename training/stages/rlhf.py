@@ -1,0 +1,208 @@
+"""RLHF with PPO: the policy samples replies to training-split prompts, the frozen reward
+model scores them, a per-token KL penalty to the frozen SFT model keeps the policy close
+(adaptive coefficient, Ziegler-style), and the clipped PPO objective with a value head
+and GAE (gamma 1, lambda 0.95) updates the policy.
+
+One optimizer step of the shared loop is one PPO minibatch. Every `steps_per_rollout`
+steps the stage draws a fresh batch of rollouts with the current policy, through the
+serving engine's sampler at temperature 1 with top_k=0 and top_p=1 (truncated sampling
+makes the KL estimate meaningless: the sampled distribution is no longer the policy's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gpt.chat import chat_prompt_ids, chat_stop_ids
+from gpt.model import GPT
+from gpt.tokenizer import SolTokenizer
+from server.engine.api import SamplingParams
+from training.batching import pad_right, step_generator
+from training.data.tasks import Problem
+from training.generate import generate
+from training.heads import PolicyWithValue, RewardModel
+from training.loop import LoopConfig
+from training.ppo import (
+    AdaptiveKLController,
+    entropy_from_logits,
+    gae,
+    kl_rewards,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
+
+
+@dataclass
+class RLHFConfig:
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=2e-5, warmup_steps=4, batch_size=32,
+                                                                min_lr_ratio=1.0, weight_decay=0.0,
+                                                                log_every=4))
+    rollouts: int = 64                # prompts per rollout batch per rank
+    ppo_epochs: int = 2
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    init_kl_coef: float = 0.05
+    target_kl: float | None = 1.0     # nats per reply; None = fixed coefficient
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    missing_eos_penalty: float = 1.0  # subtracted from the (normalised) score of an unfinished reply
+
+    @property
+    def steps_per_rollout(self) -> int:
+        if self.rollouts % self.loop.batch_size:
+            raise ValueError(f"rollouts {self.rollouts} must be a multiple of the minibatch {self.loop.batch_size}")
+        return self.ppo_epochs * self.rollouts // self.loop.batch_size
+
+
+@dataclass
+class Rollout:
+    """One batch of replies and everything PPO needs about them."""
+
+    seqs: torch.Tensor          # (B, T) prompt + reply, right-padded
+    index: torch.Tensor         # (B, R) positions whose logits predict reply token j
+    targets: torch.Tensor       # (B, R) reply token ids
+    mask: torch.Tensor          # (B, R) 1 on real reply tokens
+    logp: torch.Tensor          # (B, R) policy log-probs at rollout time
+    values: torch.Tensor        # (B, R)
+    advantages: torch.Tensor    # (B, R) whitened
+    returns: torch.Tensor       # (B, R)
+    stats: dict[str, float]
+
+
+def reply_logprobs(logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, temperature: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of `targets` under the logits at `index` (and those logits), at the
+    temperature the rollouts were sampled with."""
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    picked = logits[rows, index].float() / temperature
+    logp = torch.log_softmax(picked, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return logp, picked
+
+
+class RLHFStage:
+    name = "rlhf"
+
+    def __init__(self, policy: PolicyWithValue, reference: GPT, reward_model: RewardModel,
+                 tokenizer: SolTokenizer, problems: list[Problem], cfg: RLHFConfig,
+                 device: torch.device | str = "cpu") -> None:
+        self.policy = policy
+        self.reference = reference.eval().requires_grad_(False)
+        self.reward_model = reward_model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.problems = problems
+        self.prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p.prompt}]) for p in problems]
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.kl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+        # The RM's raw scale is arbitrary: scores are normalised with the mean and std of
+        # the first rollout batch (the SFT policy's replies), as in Ziegler et al.
+        self.score_mean: float | None = None
+        self.score_std: float | None = None
+        self.rollout: Rollout | None = None
+        self.rollout_iteration = -1
+        self.history: list[dict[str, float]] = []
+
+    # --- resumable state (the loop stores it as JSON) -----------------------------------------
+    def state_dict(self) -> dict[str, float | None]:
+        return {"kl_coef": self.kl.value, "score_mean": self.score_mean, "score_std": self.score_std}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.kl.value = state["kl_coef"]
+            self.score_mean, self.score_std = state["score_mean"], state["score_std"]
+
+    # --- rollouts ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def make_rollout(self, iteration: int, rank: int, world: int) -> Rollout:
+        cfg = self.cfg
+        g = step_generator(cfg.loop.seed, iteration, 7)
+        picks = torch.randint(0, len(self.problems), (cfg.rollouts * world,), generator=g)
+        picks = picks[rank * cfg.rollouts:(rank + 1) * cfg.rollouts].tolist()
+        prompts = [self.prompts[i] for i in picks]
+        seeds = [(cfg.loop.seed * 1_000_003 + iteration) * 65_537 + rank * cfg.rollouts + i for i in range(len(picks))]
+        self.policy.eval()
+        params = SamplingParams(temperature=cfg.temperature, top_k=0, top_p=1.0, max_tokens=cfg.max_new_tokens)
+        gen = generate(self.policy.gpt, prompts, cfg.max_new_tokens, chat_stop_ids(self.tokenizer), params,
+                       seeds=seeds, pad_id=self.tokenizer.eot_id)
+        replies = [r if r else [self.tokenizer.end_of_turn_id] for r in gen.tokens]
+        seqs = pad_right([p + r for p, r in zip(prompts, replies, strict=True)], self.tokenizer.eot_id)
+        index = pad_right([list(range(len(p) - 1, len(p) - 1 + len(r))) for p, r in zip(prompts, replies,
+                                                                                         strict=True)], 0)
+        targets = pad_right(replies, self.tokenizer.eot_id)
+        mask = pad_right([[1] * len(r) for r in replies], 0).float()
+        seqs, index, targets, mask = (t.to(self.device) for t in (seqs, index, targets, mask))
+
+        logits, values_all = self.policy(seqs)
+        logp, _ = reply_logprobs(logits, index, targets, cfg.temperature)
+        ref_logp, _ = reply_logprobs(self.reference(seqs), index, targets, cfg.temperature)
+        rows = torch.arange(seqs.shape[0], device=self.device)[:, None]
+        values = values_all[rows, index] * mask
+        last = torch.tensor([len(p) + len(r) - 1 for p, r in zip(prompts, replies, strict=True)], device=self.device)
+        raw = self.reward_model(seqs, last).float()
+        if self.score_mean is None:
+            self.score_mean, self.score_std = raw.mean().item(), max(raw.std().item(), 1e-3)
+        score = (raw - self.score_mean) / self.score_std
+        finished = torch.tensor(gen.finished, dtype=torch.bool, device=self.device)
+        score = torch.where(finished, score, score - cfg.missing_eos_penalty)
+        logp, ref_logp = logp * mask, ref_logp * mask
+        rewards, kl = kl_rewards(score, logp, ref_logp, mask, self.kl.value)
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+        texts = [self.tokenizer.decode([t for t in r if t != self.tokenizer.end_of_turn_id]) for r in replies]
+        correct = [self.problems[i].check(t) for i, t in zip(picks, texts, strict=True)]
+        kl_per_reply = kl.sum(1).mean().item()
+        stats = {
+            "score": raw.mean().item(),
+            "score_normalised": score.mean().item(),
+            "kl": kl_per_reply,
+            "kl_coef": self.kl.value,
+            "reply_tokens": mask.sum(1).mean().item(),
+            "finished": finished.float().mean().item(),
+            "sample_accuracy": sum(correct) / len(correct),
+            "value_mean": masked_mean(values, mask).item(),
+        }
+        self.kl.update(kl_per_reply, cfg.rollouts * world)
+        return Rollout(seqs, index, targets, mask, logp, values, advantages, returns, stats)
+
+    # --- the loop's interface ---------------------------------------------------------------
+    def micro_batch(self, step: int, micro: int, rank: int, world: int) -> tuple[Rollout, torch.Tensor]:
+        cfg = self.cfg
+        per = cfg.steps_per_rollout
+        iteration, within = divmod(step, per)
+        if self.rollout_iteration != iteration or self.rollout is None:
+            self.rollout = self.make_rollout(iteration, rank, world)
+            self.rollout_iteration = iteration
+            self.history.append({"iteration": iteration, **self.rollout.stats})
+            self.policy.train()
+        minibatches = cfg.rollouts // cfg.loop.batch_size
+        epoch, mb = divmod(within, minibatches)
+        order = torch.randperm(cfg.rollouts, generator=step_generator(cfg.loop.seed, iteration, 100 + epoch))
+        rows = order[mb * cfg.loop.batch_size:(mb + 1) * cfg.loop.batch_size].to(self.device)
+        return self.rollout, rows
+
+    def loss(self, model: nn.Module, batch: tuple[Rollout, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        ro, rows = batch
+        cfg = self.cfg
+        logits, values_all = model(ro.seqs[rows])
+        index, targets, mask = ro.index[rows], ro.targets[rows], ro.mask[rows]
+        logp, picked = reply_logprobs(logits, index, targets, cfg.temperature)
+        sel = torch.arange(rows.numel(), device=rows.device)[:, None]
+        values = values_all[sel, index]
+        pg = policy_loss(logp, ro.logp[rows], ro.advantages[rows], mask, cfg.cliprange)
+        vf, vf_clip = value_loss(values, ro.values[rows], ro.returns[rows], mask, cfg.cliprange_value)
+        loss = pg.loss + cfg.vf_coef * vf
+        with torch.no_grad():
+            entropy = masked_mean(entropy_from_logits(picked), mask).item()
+        return loss, {"loss": loss.item(), "policy_loss": pg.loss.item(), "value_loss": vf.item(),
+                      "clip_fraction": pg.clip_fraction.item(), "value_clip_fraction": vf_clip.item(),
+                      "approx_kl": pg.approx_kl.item(), "entropy": entropy,
+                      "tokens": float(mask.sum().item()), **ro.stats}

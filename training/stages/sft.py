@@ -1,0 +1,53 @@
+"""Supervised fine-tuning: conversations through the chat template, loss on the
+assistant tokens only (the template's mask; everything else is IGNORE_INDEX)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt.chat import render_chat
+from gpt.tokenizer import SolTokenizer
+from training.batching import IGNORE_INDEX, global_indices, pad_right
+from training.loop import LoopConfig
+
+
+@dataclass
+class SFTConfig:
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=1e-3, warmup_steps=10, batch_size=32))
+
+
+def sft_example(tokenizer: SolTokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(inputs, targets): targets are the next tokens where the template's mask is 1."""
+    chat = render_chat(tokenizer, messages)
+    targets = [t if m else IGNORE_INDEX for t, m in zip(chat.ids[1:], chat.mask[1:], strict=True)]
+    return chat.ids[:-1], targets
+
+
+class SFTStage:
+    name = "sft"
+
+    def __init__(self, tokenizer: SolTokenizer, conversations: list[list[dict[str, str]]], cfg: SFTConfig,
+                 device: torch.device | str = "cpu") -> None:
+        if not conversations:
+            raise ValueError("SFT needs at least one conversation")
+        self.examples = [sft_example(tokenizer, c) for c in conversations]
+        self.cfg = cfg
+        self.pad = tokenizer.eot_id
+        self.device = torch.device(device)
+
+    def micro_batch(self, step: int, micro: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = global_indices(len(self.examples), self.cfg.loop.batch_size, world, self.cfg.loop.seed, step,
+                               micro, rank)
+        inputs = pad_right([self.examples[i][0] for i in picks], self.pad)
+        targets = pad_right([self.examples[i][1] for i in picks], IGNORE_INDEX)
+        return inputs.to(self.device), targets.to(self.device)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs, targets = batch
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return loss, {"loss": loss.item(), "tokens": float(inputs.numel())}
