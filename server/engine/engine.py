@@ -40,7 +40,7 @@ from server.engine.kv_cache import PagedKVCache, kv_bytes_per_block
 from server.engine.runner import ModelRunner
 from server.engine.sampler import SamplingTensors, derive_seed, sample
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.sequence import RequestState, Sequence, SeqStatus
+from server.engine.sequence import RequestState, SeqStatus, Sequence
 from server.engine.stream import RequestStream
 
 log = logging.getLogger(__name__)

@@ -11,11 +11,12 @@ a pure function of (seed, position), so a preempted sequence's output is unchang
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass
 
 from server.engine.block_manager import BlockManager
-from server.engine.sequence import Sequence, SeqStatus
+from server.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass
@@ -87,9 +88,8 @@ class Scheduler:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
-            try:
+            # A held choice (n > 1) may never have entered the queue.
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
-            except ValueError:
-                pass  # a held choice that never entered the queue
         self.blocks.free(seq)
         seq.status = SeqStatus.FINISHED

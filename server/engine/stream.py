@@ -4,6 +4,7 @@ iterator or by `async for` on any asyncio loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -31,10 +32,8 @@ class RequestStream:
             waiters, self._waiters = self._waiters, []
         for loop, fut in waiters:
             # The reader's loop may already be closed (its task was cancelled): nothing to wake.
-            try:
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_wake, fut)
-            except RuntimeError:
-                pass
 
     # --- reader side ----------------------------------------------------------------------
     def abort(self) -> None:
