@@ -1,0 +1,215 @@
+"""Builds the server from a ServerConfig and runs it: gRPC (Inference, Admin, health,
+reflection) on one port, Prometheus on another, models loaded in the background, and
+a drain on SIGTERM: readiness goes NOT_SERVING, new requests get UNAVAILABLE, running
+ones finish within the grace period, the ledger is flushed, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gpt.checkpoint import CheckpointError
+from gpt.registry import Registry, RegistryError
+from proto.sol.v1 import sol_pb2 as pb
+from proto.sol.v1 import sol_pb2_grpc as pb_grpc
+from server.accounting import Accountant
+from server.admin import AdminServicer
+from server.auth import Authenticator, resolve_admin_key, resolve_pepper, run_blocking
+from server.config import ServerConfig
+from server.engine.engine import EngineConfig
+from server.health import Health
+from server.ledger import LedgerStore, Price
+from server.metrics import ServiceMetrics
+from server.models import EngineFactory, ModelManager, default_engine_factory
+from server.pricing import PriceBook
+from server.quota import QuotaGate
+from server.servicer import InferenceServicer
+from server.spool import Spool
+
+log = logging.getLogger("sol.app")
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+    pb.DESCRIPTOR.services_by_name["Admin"].full_name,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
+
+
+def make_store(config: ServerConfig) -> LedgerStore:
+    if config.redis_url:
+        from server.ledger_redis import RedisStore
+
+        return RedisStore(config.redis_url, timeout_s=config.store_timeout_s)
+    from server.ledger_sqlite import SqliteStore
+
+    return SqliteStore(config.ledger_path)
+
+
+class App:
+    def __init__(self, config: ServerConfig, engine_factory: EngineFactory | None = None) -> None:
+        self.config = config
+        self.engine_factory = engine_factory or default_engine_factory(
+            EngineConfig(device=config.device, num_blocks=config.kv_blocks,
+                         **({"max_waiting": config.max_waiting} if config.max_waiting else {})))
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._stopped = asyncio.Event()
+        self._metrics_server = None
+
+    async def start(self) -> None:
+        c = self.config
+        self._loop = asyncio.get_running_loop()
+        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sol-io")
+        run = functools.partial(run_blocking, self.executor)
+        self.store = make_store(c)
+        self.spool = Spool(c.spool_path)
+        self.metrics = ServiceMetrics()
+        self.health = Health()
+        self.models = ModelManager(Registry(c.registry), self.engine_factory, warmup=c.warmup)
+        self.auth = Authenticator(self.store, resolve_pepper(c.key_pepper, c.home),
+                                  resolve_admin_key(c.admin_key, c.admin_key_file, c.home), run, c.auth_cache_s)
+        self.accountant = Accountant(self.store, self.spool, run)
+        self.prices = PriceBook(self.store, run, Price(cached_discount=c.cached_discount))
+        self.quota = QuotaGate(self.store, run)
+        self.inference = InferenceServicer(c, self.models, self.auth, self.quota, self.accountant, self.prices,
+                                           self.metrics)
+        self.admin = AdminServicer(self.store, self.auth, self.accountant, self.prices, self.models,
+                                   self.inference, run)
+        self.metrics.attach(self.models.stats, lambda: len(self.spool))
+        self.models.on_change.append(self._models_changed)
+
+        self.server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 0),                       # a taken port is an error, not a shared one
+            ("grpc.max_receive_message_length", 16 << 20),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ])
+        pb_grpc.add_InferenceServicer_to_server(self.inference, self.server)
+        pb_grpc.add_AdminServicer_to_server(self.admin, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
+        reflection.enable_server_reflection(SERVICE_NAMES, self.server)
+        address = f"{c.host}:{c.port}"
+        self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address} (port taken?); pick another with --port")
+        await self.server.start()
+        await self.health.start()
+        if c.metrics_port:
+            self._metrics_server, _ = self.metrics.serve(c.metrics_port, c.host)
+            self.metrics_port = self._metrics_server.server_port
+        await self.prices.refresh()
+        self.accountant.start()
+        self.prices.start()
+        print(f"sol: gRPC listening on {c.host}:{self.port}"
+              + (f", metrics on http://{c.host}:{self.metrics_port}/metrics" if self.metrics_port else "")
+              + f"; ledger: {'redis ' + _safe_url(c.redis_url) if c.redis_url else c.ledger_path}",
+              file=sys.stderr, flush=True)
+
+    async def load_models(self) -> None:
+        """Load the configured models (or every model's latest). A model named on the
+        command line that cannot load is fatal; discovery with nothing to serve is not:
+        readiness stays NOT_SERVING until a model arrives (Admin.LoadModel, hot-load)."""
+        loop = asyncio.get_running_loop()
+        loaded = await loop.run_in_executor(None, self.models.load_default, list(self.config.models))
+        if not loaded:
+            print(f"sol: no model to serve in {self.config.registry}; readiness stays NOT_SERVING until one "
+                  "is loaded (train one with `sol pipeline`, or Admin.LoadModel)", file=sys.stderr, flush=True)
+        for m in loaded:
+            print(f"sol: serving {m.ref} ({', '.join(self.models.aliases_of(m)) or 'no aliases'})",
+                  file=sys.stderr, flush=True)
+
+    def _models_changed(self) -> None:
+        models = self.models.models()
+        self.metrics.model_info.clear()
+        for m in models:
+            self.metrics.model_info.labels(m.name, str(m.version), m.stage).set(1)
+        self.metrics.models_loaded.set(len(models))
+        ready = bool(models)
+        self.metrics.ready.set(1 if ready and not self.inference.draining else 0)
+        if _other_thread(self._loop):
+            asyncio.run_coroutine_threadsafe(self.health.set_models_ready(ready), self._loop)
+        else:
+            self._loop.create_task(self.health.set_models_ready(ready))
+
+    async def drain(self) -> None:
+        """Readiness first, then no new requests, then wait for the running ones (up to
+        the grace period), bill what was cut short, flush the ledger."""
+        grace = self.config.grace_period_s
+        await self.health.start_drain()
+        self.metrics.ready.set(0)
+        self.inference.draining = True
+        print(f"sol: draining: {len(self.inference.inflight.jobs)} requests in flight, grace {grace:.0f} s",
+              file=sys.stderr, flush=True)
+        try:
+            await asyncio.wait_for(self.inference.inflight.empty.wait(), timeout=grace)
+        except TimeoutError:
+            log.warning("grace period over with %d requests in flight; cancelling them",
+                        len(self.inference.inflight.jobs))
+        await self.server.stop(grace=1.0)
+        if self.inference.background:
+            await asyncio.wait(list(self.inference.background), timeout=10.0)
+        await self.prices.close()
+        await self.accountant.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.models.shutdown)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        self.store.close()
+        self.executor.shutdown(wait=False)
+        left = len(self.spool)
+        print("sol: stopped" + (f"; {left} usage records stay spooled for the next start" if left else ""),
+              file=sys.stderr, flush=True)
+        self._stopped.set()
+
+    async def run_until_signal(self) -> int:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await self.start()
+        loader = asyncio.create_task(self.load_models())
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({loader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if loader in done and loader.exception() is not None:
+            err = loader.exception()
+            waiter.cancel()
+            await self.drain()
+            if isinstance(err, RegistryError | CheckpointError | OSError | ValueError):
+                print(f"sol: error: {err}", file=sys.stderr)
+                return 2
+            raise err
+        await waiter
+        if not loader.done():
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await loader
+        await self.drain()
+        return 0
+
+
+def _other_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is not loop
+    except RuntimeError:
+        return True
+
+
+def _safe_url(url: str | None) -> str:
+    """A Redis URL without its password, for logs."""
+    if not url or "@" not in url:
+        return url or ""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def serve(config: ServerConfig, engine_factory: EngineFactory | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(App(config, engine_factory).run_until_signal())

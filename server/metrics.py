@@ -1,0 +1,110 @@
+"""Prometheus metrics, named like vLLM's and labelled by model, never by API key (keys
+are unbounded cardinality and per-key figures belong to the ledger). Served on their
+own HTTP port. Engine gauges are read from `Engine.stats()` at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from server.engine.api import EngineStats
+
+NS = "sol"
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                   10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+               0.5, 0.75, 1.0, 2.5)
+
+
+class _EngineCollector:
+    """Gauges and counters owned by the engines, sampled when Prometheus scrapes."""
+
+    def __init__(self, stats: Callable[[], Iterable[tuple[str, int, EngineStats]]],
+                 spool_size: Callable[[], int]) -> None:
+        self._stats = stats
+        self._spool_size = spool_size
+
+    def collect(self):
+        running = GaugeMetricFamily(f"{NS}_num_requests_running", "Requests in the engine's running batch",
+                                    labels=["model"])
+        waiting = GaugeMetricFamily(f"{NS}_num_requests_waiting", "Requests waiting for admission",
+                                    labels=["model"])
+        kv = GaugeMetricFamily(f"{NS}_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)",
+                               labels=["model"])
+        queries = CounterMetricFamily(f"{NS}_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      labels=["model"])
+        hits = CounterMetricFamily(f"{NS}_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                   labels=["model"])
+        preempt = CounterMetricFamily(f"{NS}_num_preemptions", "Sequences preempted by recompute",
+                                      labels=["model"])
+        per_model: dict[str, list[EngineStats]] = {}
+        for name, _version, st in self._stats():
+            per_model.setdefault(name, []).append(st)
+        for name, all_stats in per_model.items():
+            running.add_metric([name], sum(s.running for s in all_stats))
+            waiting.add_metric([name], sum(s.waiting for s in all_stats))
+            total = sum(s.kv_blocks_total for s in all_stats)
+            kv.add_metric([name], sum(s.kv_blocks_used for s in all_stats) / total if total else 0.0)
+            queries.add_metric([name], sum(s.prefix_cache_queries for s in all_stats))
+            hits.add_metric([name], sum(s.prefix_cache_hits for s in all_stats))
+            preempt.add_metric([name], sum(s.preemptions for s in all_stats))
+        spool = GaugeMetricFamily(f"{NS}_ledger_spool_records", "Usage records spooled locally, waiting for the "
+                                                                "ledger store")
+        spool.add_metric([], self._spool_size())
+        yield from (running, waiting, kv, queries, hits, preempt, spool)
+
+
+class ServiceMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        m = ["model"]
+        self.requests = Counter(f"{NS}_grpc_requests", "Finished RPCs by method and gRPC status code",
+                                ["model", "method", "code"], registry=r)
+        self.success = Counter(f"{NS}_request_success", "Requests that produced output, by finish reason",
+                               ["model", "finished_reason"], registry=r)
+        self.ttft = Histogram(f"{NS}_time_to_first_token_seconds", "Arrival to first token", m,
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(f"{NS}_inter_token_latency_seconds", "Time between tokens of a stream", m,
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(f"{NS}_e2e_request_latency_seconds", "Arrival to last token", m,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram(f"{NS}_request_queue_time_seconds", "Arrival to first scheduled", m,
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(f"{NS}_prompt_tokens", "Prompt tokens of finished requests", m, registry=r)
+        self.generation_tokens = Counter(f"{NS}_generation_tokens", "Tokens generated", m, registry=r)
+        self.cached_tokens = Counter(f"{NS}_cached_tokens", "Prompt tokens served from the prefix cache", m,
+                                     registry=r)
+        self.model_info = Gauge(f"{NS}_model_version_info", "1 for each loaded model version",
+                                ["model", "version", "stage"], registry=r)
+        self.models_loaded = Gauge(f"{NS}_models_loaded", "Model versions loaded and warmed", registry=r)
+        self.model_loads = Counter(f"{NS}_model_loads", "Model versions loaded", m, registry=r)
+        self.model_load_failures = Counter(f"{NS}_model_load_failures", "Model versions refused at load", m,
+                                           registry=r)
+        self.ready = Gauge(f"{NS}_ready", "1 when the server is ready to take requests", registry=r)
+        self.ledger_store_up = Gauge(f"{NS}_ledger_store_up", "1 when the ledger store answers", registry=r)
+
+    def attach(self, stats: Callable[[], Iterable[tuple[str, int, EngineStats]]], spool_size: Callable[[], int]) -> None:
+        self.registry.register(_EngineCollector(stats, spool_size))
+
+    def serve(self, port: int, host: str = "0.0.0.0"):
+        """Start the /metrics HTTP endpoint on its own thread; returns (server, thread)."""
+        return start_http_server(port, addr=host, registry=self.registry)
+
+    def observe_finished(self, model: str, timings, usage, finish_reasons: Iterable[str],
+                         token_times: list[float]) -> None:
+        if timings.first_token is not None:
+            self.ttft.labels(model).observe(max(0.0, timings.first_token - timings.arrival))
+        if timings.first_scheduled is not None:
+            self.queue.labels(model).observe(max(0.0, timings.first_scheduled - timings.arrival))
+        if timings.finished is not None:
+            self.e2e.labels(model).observe(max(0.0, timings.finished - timings.arrival))
+        for a, b in zip(token_times, token_times[1:], strict=False):
+            self.itl.labels(model).observe(b - a)
+        self.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+        self.generation_tokens.labels(model).inc(usage.completion_tokens)
+        self.cached_tokens.labels(model).inc(usage.cached_tokens)
+        for reason in finish_reasons:
+            self.success.labels(model, reason).inc()

@@ -1,0 +1,227 @@
+"""The model manager: which model versions this server has loaded, one Engine each, and
+how a request's model reference (`name`, `name:alias`, `name@version`) maps to one.
+
+References are resolved against the manager's own alias table, a snapshot of the
+registry's aliases taken when versions load, so a request never reads the filesystem
+and never lands on a version that is not loaded and warmed. Hot-load extends this by
+loading new versions, moving aliases (`set_alias`) and retiring old versions once their
+last request ends (`LoadedModel.in_flight`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpt.chat import chat_stop_ids
+from gpt.checkpoint import Checkpoint, load_checkpoint
+from gpt.registry import LATEST, ModelNotFound, ModelRef, Registry
+from gpt.tokenizer import SolTokenizer
+from server.engine.api import EngineRequest, EngineStats, RequestFinished, SamplingParams
+from server.engine.engine import Engine, EngineConfig
+
+log = logging.getLogger("sol.models")
+
+EngineFactory = Callable[[Checkpoint], Engine]
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: int
+    path: Path
+    tokenizer: SolTokenizer
+    engine: Engine
+    meta: dict[str, Any]
+    max_context: int
+    num_parameters: int
+    loaded_at: str
+    stop_ids: list[int]
+    in_flight: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def stage(self) -> str:
+        return str(self.meta.get("stage", ""))
+
+    @property
+    def parent(self) -> str:
+        return str(self.meta.get("parent", "") or "")
+
+    def acquire(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+
+def default_engine_factory(config: EngineConfig | None = None) -> EngineFactory:
+    def make(ckpt: Checkpoint) -> Engine:
+        return Engine(ckpt.model, ckpt.tokenizer, config)
+    return make
+
+
+def warm_up(engine: Engine, tokenizer: SolTokenizer, timeout_s: float = 120.0) -> None:
+    """One short generation through the whole engine path, so the first real request
+    does not pay for lazy initialisation (and a broken model is caught before serving)."""
+    stream = engine.submit(EngineRequest(request_id=f"warmup-{time.monotonic_ns()}",
+                                         prompt_ids=tokenizer.encode("Hello") or [tokenizer.eot_id],
+                                         params=SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            event = stream.get(timeout=1.0)
+        except StopIteration:
+            return
+        if isinstance(event, RequestFinished):
+            return
+    stream.abort()
+    raise RuntimeError("warm-up generation did not finish in time")
+
+
+class ModelManager:
+    def __init__(self, registry: Registry, engine_factory: EngineFactory, warmup: bool = True) -> None:
+        self.registry = registry
+        self.engine_factory = engine_factory
+        self.warmup = warmup
+        self._lock = threading.RLock()
+        self._loaded: dict[tuple[str, int], LoadedModel] = {}
+        self._aliases: dict[str, dict[str, int]] = {}     # name -> alias -> version
+        self.on_change: list[Callable[[], None]] = []      # metrics, readiness
+
+    # --- loading (blocking; call from a worker thread) ------------------------------------
+    def load(self, ref: str) -> LoadedModel:
+        """Resolve `ref` in the registry, verify, load, warm, and make it servable. The
+        registry's aliases for that model that point at loaded versions become ours."""
+        resolved = self.registry.resolve(ref)
+        with self._lock:
+            existing = self._loaded.get((resolved.name, resolved.version))
+        if existing is None:
+            # Loaded on the CPU in fp32; the engine moves it to its device and dtype.
+            ckpt = load_checkpoint(resolved.path, device="cpu")
+            engine = self.engine_factory(ckpt)
+            try:
+                if self.warmup:
+                    warm_up(engine, ckpt.tokenizer)
+            except BaseException:
+                engine.shutdown()
+                raise
+            existing = LoadedModel(
+                name=resolved.name, version=resolved.version, path=resolved.path, tokenizer=ckpt.tokenizer,
+                engine=engine, meta=ckpt.meta, max_context=ckpt.config.max_seq_len,
+                num_parameters=ckpt.config.num_parameters(),
+                loaded_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                stop_ids=chat_stop_ids(ckpt.tokenizer))
+            with self._lock:
+                self._loaded[(resolved.name, resolved.version)] = existing
+            log.info("loaded %s from %s", existing.ref, resolved.path)
+        self.sync_aliases(resolved.name)
+        with self._lock:
+            # The reference asked for serves this version even if the registry moved on.
+            parsed = ModelRef.parse(ref)
+            if parsed.alias is not None:
+                self._aliases.setdefault(resolved.name, {})[parsed.alias] = resolved.version
+        self._changed()
+        return existing
+
+    def load_default(self, refs: list[str]) -> list[LoadedModel]:
+        """`refs`, or every model's latest in the registry when none are given."""
+        refs = refs or [f"{name}:{LATEST}" for name in self.registry.models()
+                        if LATEST in self.registry.aliases(name)]
+        return [self.load(r) for r in refs]
+
+    def sync_aliases(self, name: str) -> None:
+        """Adopt the registry's aliases of `name` that point at loaded versions."""
+        registry_aliases = self.registry.aliases(name)
+        with self._lock:
+            table = self._aliases.setdefault(name, {})
+            for alias, version in registry_aliases.items():
+                if (name, version) in self._loaded:
+                    table[alias] = version
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        with self._lock:
+            if (name, version) not in self._loaded:
+                raise ModelNotFound(f"{name}@{version} is not loaded on this server")
+            self._aliases.setdefault(name, {})[alias] = version
+        self._changed()
+
+    def unload(self, name: str, version: int) -> LoadedModel | None:
+        """Stop routing to a version; its engine shuts down once its requests end."""
+        with self._lock:
+            model = self._loaded.pop((name, version), None)
+            table = self._aliases.get(name, {})
+            for alias in [a for a, v in table.items() if v == version]:
+                del table[alias]
+        if model is not None:
+            self._changed()
+        return model
+
+    # --- serving (any thread, cheap) --------------------------------------------------------
+    def resolve(self, ref: str) -> LoadedModel:
+        """The loaded version a reference names. Raises ModelNotFound (or RegistryError
+        for a malformed reference) with the loaded choices in the message."""
+        parsed = ModelRef.parse(ref)
+        with self._lock:
+            if parsed.version is not None:
+                model = self._loaded.get((parsed.name, parsed.version))
+            else:
+                version = self._aliases.get(parsed.name, {}).get(parsed.alias or LATEST)
+                if version is None and parsed.alias == LATEST:
+                    # A model loaded by version only: its newest loaded version is its latest here.
+                    versions = [v for (n, v) in self._loaded if n == parsed.name]
+                    version = max(versions) if versions else None
+                model = self._loaded.get((parsed.name, version)) if version is not None else None
+            if model is None:
+                raise ModelNotFound(f"model {ref!r} is not served here; available: {self._available()}")
+            return model
+
+    def _available(self) -> str:
+        names = []
+        for (name, version) in sorted(self._loaded):
+            aliases = sorted(a for a, v in self._aliases.get(name, {}).items() if v == version)
+            names.append(f"{name}@{version}" + (f" ({', '.join(name + ':' + a for a in aliases)})" if aliases else ""))
+        return ", ".join(names) or "none (no model is loaded yet)"
+
+    def models(self) -> list[LoadedModel]:
+        with self._lock:
+            return [self._loaded[k] for k in sorted(self._loaded)]
+
+    def aliases_of(self, model: LoadedModel) -> list[str]:
+        with self._lock:
+            return sorted(a for a, v in self._aliases.get(model.name, {}).items() if v == model.version)
+
+    def stats(self) -> list[tuple[str, int, EngineStats]]:
+        return [(m.name, m.version, m.engine.stats()) for m in self.models()]
+
+    @property
+    def ready(self) -> bool:
+        with self._lock:
+            return bool(self._loaded)
+
+    def _changed(self) -> None:
+        for callback in list(self.on_change):
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a metrics hook must not break loading
+                log.exception("model change callback failed")
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        with self._lock:
+            models = list(self._loaded.values())
+            self._loaded.clear()
+            self._aliases.clear()
+        for m in models:
+            m.engine.shutdown(timeout_s)

@@ -1,0 +1,56 @@
+"""A real sol server on loopback, run by the test in a background thread with its own
+event loop, and helpers to wait for conditions instead of sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+from server.app import App
+from server.config import ServerConfig
+from tests.conftest import free_port
+
+ADMIN_KEY = "sk-sol-admin-test"
+
+
+class RunningServer:
+    def __init__(self, registry_root: Path, home: Path, redis_url: str | None = None, **overrides) -> None:
+        self.config = ServerConfig(host="127.0.0.1", port=free_port(), metrics_port=0, registry=registry_root,
+                                   redis_url=redis_url, admin_key=ADMIN_KEY, key_pepper="test-pepper", home=home,
+                                   grace_period_s=10.0, **overrides)
+        self.app = App(self.config)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="sol-test-server", daemon=True)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.app.port}"
+
+    def call(self, coro, timeout: float = 120.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> RunningServer:
+        self._thread.start()
+        self.call(self.app.start())
+        self.call(self.app.load_models())
+        return self
+
+    def stop(self) -> None:
+        if not self.app._stopped.is_set():
+            self.call(self.app.drain())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def wait_for(condition, timeout: float = 30.0, interval: float = 0.02, message: str = "condition"):
+    """Poll `condition()` until it returns a truthy value; returns that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
