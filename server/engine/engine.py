@@ -211,6 +211,10 @@ class Engine:
                     log.exception("engine step failed; aborting in-flight requests")
                     for request_id in list(self._requests):
                         self._abort_now(request_id)
+            # Requests still in the inbox are counted too, so the overload check sees them.
+            with self._cond:
+                self._num_waiting_hint = len(self.scheduler.waiting) + len(self._inbox) + sum(
+                    len(s.held_choices) for s in self._requests.values())
 
     def _admit(self, request: EngineRequest, arrival: float) -> None:
         params = request.params
@@ -248,8 +252,6 @@ class Engine:
     def step(self) -> None:
         """One iteration: schedule, run the model, sample, emit events."""
         batch = self.scheduler.schedule()
-        self._num_waiting_hint = len(self.scheduler.waiting) + sum(
-            len(s.held_choices) for s in self._requests.values())
         if not batch:
             return
         now = time.monotonic()
