@@ -184,6 +184,11 @@ class Client:
     def cancel(self, request_id: str) -> bool:
         return self._unary(self.inference.CancelRequest, pb.CancelRequestRequest(request_id=request_id)).cancelled
 
+    def request_usage(self, request_id: str) -> Usage:
+        """What a request of this key was billed (e.g. after a dropped stream)."""
+        r = self._unary(self.inference.GetRequestUsage, pb.GetRequestUsageRequest(request_id=request_id))
+        return Usage.from_pb(r.usage)
+
     def list_models(self) -> list[ModelInfo]:
         return [ModelInfo.from_pb(m) for m in self._unary(self.inference.ListModels, pb.ListModelsRequest()).models]
 

@@ -23,7 +23,7 @@ class Accountant:
         self._run = run
         self.replay_interval_s = replay_interval_s
         # Request ids billed by this process, for idempotency checks while the store is away.
-        self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._recent: OrderedDict[tuple[str, str], UsageRecord] = OrderedDict()
         self._task: asyncio.Task | None = None
         self.store_up = True
 
@@ -31,7 +31,7 @@ class Accountant:
         self._task = asyncio.get_running_loop().create_task(self._replay_loop())
 
     def _remember(self, rec: UsageRecord) -> None:
-        self._recent[(rec.key_id, rec.request_id)] = None
+        self._recent[(rec.key_id, rec.request_id)] = rec
         while len(self._recent) > 200_000:
             self._recent.popitem(last=False)
 
@@ -45,6 +45,7 @@ class Accountant:
         if len(self.spool) == 0:
             try:
                 self.store.record(rec)
+                self.store_up = True
                 return
             except StoreUnavailable as err:
                 if self.store_up:
@@ -59,6 +60,14 @@ class Accountant:
             return await self._run(self.store.has_record, key_id, request_id)
         except StoreUnavailable:
             return False
+
+    async def lookup(self, key_id: str, request_id: str) -> UsageRecord | None:
+        """The billed record of a request: this process's memory first (it may still be
+        spooled), then the store."""
+        rec = self._recent.get((key_id, request_id))
+        if rec is not None:
+            return rec
+        return await self._run(self.store.get_record, key_id, request_id)
 
     async def replay_now(self) -> int:
         """Try to drain the spool once; returns records applied (0 if the store is away)."""

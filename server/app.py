@@ -85,7 +85,7 @@ class App:
                                            self.metrics)
         self.admin = AdminServicer(self.store, self.auth, self.accountant, self.prices, self.models,
                                    self.inference, run)
-        self.metrics.attach(self.models.stats, lambda: len(self.spool))
+        self.metrics.attach(self.models.stats, lambda: (len(self.spool), self.accountant.store_up))
         self.models.on_change.append(self._models_changed)
 
         self.server = grpc.aio.server(options=[

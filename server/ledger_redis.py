@@ -8,7 +8,8 @@ the ledger is billing data. Key layout (prefix `sol:`):
     keyhash:{hmac}        str   -> key id (keys are stored hashed, never in clear)
     keys                  set   key ids
     prices                hash  model -> "prompt_per_1k completion_per_1k cached_discount"
-    req:{id}:{request}    str   idempotency marker, expires after IDEMPOTENCY_TTL_S
+    req:{id}:{request}    str   the request's usage record (JSON): idempotency marker, expires
+                                after IDEMPOTENCY_TTL_S
     usage:{day}:{id}:{m}  hash  requests, prompt_tokens, completion_tokens, cached_tokens, cost
     usage-index           set   "day|key id|model" of every usage hash
     win:{id}:{minute}     hash  requests, tokens in that minute (rate limits)
@@ -16,6 +17,8 @@ the ledger is billing data. Key layout (prefix `sol:`):
 """
 
 from __future__ import annotations
+
+import json
 
 import redis
 from redis.backoff import NoBackoff
@@ -38,7 +41,7 @@ P = "sol:"
 
 RECORD_LUA = """
 redis.call('HDEL', KEYS[5], ARGV[1])
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[2])) then return 0 end
+if not redis.call('SET', KEYS[1], ARGV[9], 'NX', 'EX', tonumber(ARGV[2])) then return 0 end
 redis.call('HINCRBY', KEYS[2], 'requests', 1)
 redis.call('HINCRBY', KEYS[2], 'prompt_tokens', ARGV[3])
 redis.call('HINCRBY', KEYS[2], 'completion_tokens', ARGV[4])
@@ -202,12 +205,18 @@ class RedisStore:
                 f"{P}key:{rec.key_id}", f"{P}win:{rec.key_id}:{minute}", f"{P}resv:{rec.key_id}",
                 f"{P}usage-index"]
         args = [rec.request_id, IDEMPOTENCY_TTL_S, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens,
-                repr(float(rec.cost)), f"{rec.day}|{rec.key_id}|{rec.model}", rec.total_tokens]
+                repr(float(rec.cost)), f"{rec.day}|{rec.key_id}|{rec.model}", rec.total_tokens,
+                json.dumps(rec.to_dict())]
         return bool(self._record(keys=keys, args=args))
 
     @_unavailable
     def has_record(self, key_id: str, request_id: str) -> bool:
         return bool(self._r.exists(f"{P}req:{key_id}:{request_id}"))
+
+    @_unavailable
+    def get_record(self, key_id: str, request_id: str) -> UsageRecord | None:
+        value = self._r.get(f"{P}req:{key_id}:{request_id}")
+        return UsageRecord.from_dict(json.loads(value)) if value else None
 
     @_unavailable
     def usage(self, key_id: str = "", model: str = "", from_day: str = "", to_day: str = "") -> list[UsageRow]:

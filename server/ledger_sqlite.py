@@ -4,6 +4,7 @@ processes on one machine may share the file (SQLite's locking, WAL journal)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -30,7 +31,8 @@ CREATE TABLE IF NOT EXISTS prices (
     model TEXT PRIMARY KEY, prompt_per_1k REAL NOT NULL, completion_per_1k REAL NOT NULL,
     cached_discount REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
-    key_id TEXT NOT NULL, request_id TEXT NOT NULL, ts REAL NOT NULL, PRIMARY KEY (key_id, request_id));
+    key_id TEXT NOT NULL, request_id TEXT NOT NULL, ts REAL NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (key_id, request_id));
 CREATE TABLE IF NOT EXISTS usage (
     day TEXT NOT NULL, key_id TEXT NOT NULL, model TEXT NOT NULL, requests INTEGER NOT NULL,
     prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL,
@@ -152,7 +154,8 @@ class SqliteStore:
         minute, _ = minute_window(rec.ts)
         with self._tx() as db:
             db.execute("DELETE FROM reservations WHERE key_id=? AND request_id=?", (rec.key_id, rec.request_id))
-            cur = db.execute("INSERT OR IGNORE INTO requests VALUES (?,?,?)", (rec.key_id, rec.request_id, rec.ts))
+            cur = db.execute("INSERT OR IGNORE INTO requests VALUES (?,?,?,?)",
+                             (rec.key_id, rec.request_id, rec.ts, json.dumps(rec.to_dict())))
             if cur.rowcount == 0:
                 return False
             db.execute("INSERT INTO usage VALUES (?,?,?,1,?,?,?,?) ON CONFLICT(day, key_id, model) DO UPDATE SET "
@@ -171,6 +174,12 @@ class SqliteStore:
         with self._lock:
             return self._db.execute("SELECT 1 FROM requests WHERE key_id=? AND request_id=?",
                                     (key_id, request_id)).fetchone() is not None
+
+    def get_record(self, key_id: str, request_id: str) -> UsageRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT record FROM requests WHERE key_id=? AND request_id=?",
+                                   (key_id, request_id)).fetchone()
+        return UsageRecord.from_dict(json.loads(row[0])) if row else None
 
     def usage(self, key_id: str = "", model: str = "", from_day: str = "", to_day: str = "") -> list[UsageRow]:
         clauses, args = [], []

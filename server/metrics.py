@@ -6,12 +6,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from server.engine.api import EngineStats
 
 NS = "sol"
+
+# The *_created series double every counter for no use on a scrape-based dashboard.
+disable_created_metrics()
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                    10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
@@ -22,9 +32,9 @@ class _EngineCollector:
     """Gauges and counters owned by the engines, sampled when Prometheus scrapes."""
 
     def __init__(self, stats: Callable[[], Iterable[tuple[str, int, EngineStats]]],
-                 spool_size: Callable[[], int]) -> None:
+                 ledger: Callable[[], tuple[int, bool]]) -> None:
         self._stats = stats
-        self._spool_size = spool_size
+        self._ledger = ledger
 
     def collect(self):
         running = GaugeMetricFamily(f"{NS}_num_requests_running", "Requests in the engine's running batch",
@@ -52,8 +62,11 @@ class _EngineCollector:
             preempt.add_metric([name], sum(s.preemptions for s in all_stats))
         spool = GaugeMetricFamily(f"{NS}_ledger_spool_records", "Usage records spooled locally, waiting for the "
                                                                 "ledger store")
-        spool.add_metric([], self._spool_size())
-        yield from (running, waiting, kv, queries, hits, preempt, spool)
+        spooled, store_up = self._ledger()
+        spool.add_metric([], spooled)
+        up = GaugeMetricFamily(f"{NS}_ledger_store_up", "1 when the ledger store (Redis or SQLite) takes writes")
+        up.add_metric([], 1 if store_up else 0)
+        yield from (running, waiting, kv, queries, hits, preempt, spool, up)
 
 
 class ServiceMetrics:
@@ -84,10 +97,11 @@ class ServiceMetrics:
         self.model_load_failures = Counter(f"{NS}_model_load_failures", "Model versions refused at load", m,
                                            registry=r)
         self.ready = Gauge(f"{NS}_ready", "1 when the server is ready to take requests", registry=r)
-        self.ledger_store_up = Gauge(f"{NS}_ledger_store_up", "1 when the ledger store answers", registry=r)
 
-    def attach(self, stats: Callable[[], Iterable[tuple[str, int, EngineStats]]], spool_size: Callable[[], int]) -> None:
-        self.registry.register(_EngineCollector(stats, spool_size))
+    def attach(self, stats: Callable[[], Iterable[tuple[str, int, EngineStats]]],
+               ledger: Callable[[], tuple[int, bool]]) -> None:
+        """`ledger()` -> (records spooled, store reachable)."""
+        self.registry.register(_EngineCollector(stats, ledger))
 
     def serve(self, port: int, host: str = "0.0.0.0"):
         """Start the /metrics HTTP endpoint on its own thread; returns (server, thread)."""

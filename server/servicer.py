@@ -38,7 +38,7 @@ from server.engine.api import (
 )
 from server.engine.stream import RequestStream
 from server.errors import ServiceError, exhausted, invalid, not_found, unavailable
-from server.ledger import KeyInfo, UsageRecord, utc_day
+from server.ledger import KeyInfo, StoreUnavailable, UsageRecord, utc_day
 from server.metrics import ServiceMetrics
 from server.models import LoadedModel, ModelManager
 from server.pricing import PriceBook
@@ -144,6 +144,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             job.stream.abort()
             return pb.CancelRequestResponse(cancelled=True)
         return await self._guard(context, "CancelRequest", run)
+
+    async def GetRequestUsage(self, request, context):
+        async def run(_):
+            key = await self._authenticate(context)
+            try:
+                rec = await self.accountant.lookup(key.key_id, request.request_id)
+            except StoreUnavailable:
+                raise unavailable("the ledger store is unreachable; retry shortly") from None
+            if rec is None:
+                running = (key.key_id, request.request_id) in self.inflight.jobs
+                raise not_found(f"request {request.request_id!r} is " + (
+                    "still running; ask again when it ends" if running else
+                    "not billed to this key (unknown, refused before admission, or older than the ledger keeps)"))
+            cost = rec.cost
+            usage = pb.Usage(prompt_tokens=rec.prompt_tokens, completion_tokens=rec.completion_tokens,
+                             cached_tokens=rec.cached_tokens, total_tokens=rec.total_tokens, cost=cost)
+            return pb.GetRequestUsageResponse(request_id=rec.request_id, model=rec.model, version=rec.version,
+                                              usage=usage)
+        return await self._guard(context, "GetRequestUsage", run)
 
     async def ListModels(self, request, context):
         async def run(_):

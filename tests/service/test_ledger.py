@@ -127,3 +127,12 @@ def test_concurrent_records_count_once(store):
         t.join()
     (row,) = store.usage()
     assert (row.requests, row.prompt_tokens, row.completion_tokens) == (50, 50, 50)
+
+
+def test_get_record(store):
+    make_key(store)
+    r = rec("r1", prompt=7, completion=3, cached=2, cost=0.1)
+    store.record(r)
+    assert store.get_record("k1", "r1") == r
+    assert store.get_record("k1", "r2") is None
+    assert store.get_record("k2", "r1") is None

@@ -63,6 +63,11 @@ class InferenceStub:
                 request_serializer=sol_dot_v1_dot_sol__pb2.CancelRequestRequest.SerializeToString,
                 response_deserializer=sol_dot_v1_dot_sol__pb2.CancelRequestResponse.FromString,
                 _registered_method=True)
+        self.GetRequestUsage = channel.unary_unary(
+                '/sol.v1.Inference/GetRequestUsage',
+                request_serializer=sol_dot_v1_dot_sol__pb2.GetRequestUsageRequest.SerializeToString,
+                response_deserializer=sol_dot_v1_dot_sol__pb2.GetRequestUsageResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/sol.v1.Inference/ListModels',
                 request_serializer=sol_dot_v1_dot_sol__pb2.ListModelsRequest.SerializeToString,
@@ -118,6 +123,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRequestUsage(self, request, context):
+        """What a request of the caller's key was billed, e.g. after losing the connection
+        mid-stream (the engine request was aborted and what it produced was billed once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -158,6 +171,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.CancelRequest,
                     request_deserializer=sol_dot_v1_dot_sol__pb2.CancelRequestRequest.FromString,
                     response_serializer=sol_dot_v1_dot_sol__pb2.CancelRequestResponse.SerializeToString,
+            ),
+            'GetRequestUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRequestUsage,
+                    request_deserializer=sol_dot_v1_dot_sol__pb2.GetRequestUsageRequest.FromString,
+                    response_serializer=sol_dot_v1_dot_sol__pb2.GetRequestUsageResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -309,6 +327,33 @@ class Inference:
             '/sol.v1.Inference/CancelRequest',
             sol_dot_v1_dot_sol__pb2.CancelRequestRequest.SerializeToString,
             sol_dot_v1_dot_sol__pb2.CancelRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRequestUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sol.v1.Inference/GetRequestUsage',
+            sol_dot_v1_dot_sol__pb2.GetRequestUsageRequest.SerializeToString,
+            sol_dot_v1_dot_sol__pb2.GetRequestUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

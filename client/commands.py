@@ -1,0 +1,260 @@
+"""CLI: `sol chat`, `sol complete`, `sol keys create|revoke|list`, `sol usage`.
+
+Every command talks to a server: --target (SOL_TARGET, default localhost:50051).
+Inference commands take --api-key (SOL_API_KEY); admin commands --admin-key
+(SOL_ADMIN_KEY, else $SOL_HOME/admin.key, which a local `sol serve` generates)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from client.output import add_json_flag, emit, table
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=None, help="server address (SOL_TARGET; default localhost:50051)")
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline per call in seconds (default 120)")
+
+
+def _add_api_key(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", default=None, help="API key (SOL_API_KEY)")
+
+
+def _add_admin_key(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--admin-key", default=None,
+                   help="admin key (SOL_ADMIN_KEY; default: $SOL_HOME/admin.key written by a local `sol serve`)")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=os.environ.get("SOL_MODEL"),
+                   help="NAME, NAME:ALIAS or NAME@VERSION (SOL_MODEL; default: the server's first model)")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def register(sub, bench_sub) -> None:
+    p = sub.add_parser("chat", help="talk to a served model: streams answers, keeps the conversation")
+    _add_target(p)
+    _add_api_key(p)
+    _add_sampling(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--no-usage", action="store_true", help="do not print token usage after each answer")
+    p.set_defaults(handler=_chat)
+
+    p = sub.add_parser("complete", help="one answer to one prompt (a chat turn; --raw for a base-model completion)")
+    p.add_argument("prompt", help="the prompt ('-' reads stdin)")
+    _add_target(p)
+    _add_api_key(p)
+    _add_sampling(p)
+    p.add_argument("--system", default=None, help="system prompt (chat only)")
+    p.add_argument("--raw", action="store_true", help="raw completion of the prompt, no chat template")
+    p.add_argument("--n", type=int, default=None, help="number of choices")
+    p.add_argument("--request-id", default=None, help="idempotency key (default: a new one)")
+    add_json_flag(p)
+    p.set_defaults(handler=_complete)
+
+    keys = sub.add_parser("keys", help="API keys (admin)")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    p = keys_sub.add_parser("create", help="create a key; prints it in clear this once")
+    p.add_argument("--name", required=True)
+    p.add_argument("--token-budget", type=int, default=None, help="total tokens the key may use")
+    p.add_argument("--rpm", type=int, default=None, help="requests per minute")
+    p.add_argument("--tpm", type=int, default=None, help="tokens per minute")
+    _add_target(p)
+    _add_admin_key(p)
+    add_json_flag(p)
+    p.set_defaults(handler=_keys_create)
+    p = keys_sub.add_parser("revoke", help="revoke a key by id")
+    p.add_argument("key_id")
+    _add_target(p)
+    _add_admin_key(p)
+    add_json_flag(p)
+    p.set_defaults(handler=_keys_revoke)
+    p = keys_sub.add_parser("list", help="keys with their limits and tokens used")
+    p.add_argument("--all", action="store_true", help="include revoked keys")
+    _add_target(p)
+    _add_admin_key(p)
+    add_json_flag(p)
+    p.set_defaults(handler=_keys_list)
+
+    p = sub.add_parser("usage", help="metered usage per key, model and day (admin)")
+    p.add_argument("--key-id", default="")
+    p.add_argument("--model", default="")
+    p.add_argument("--from-day", default="", help="YYYY-MM-DD")
+    p.add_argument("--to-day", default="", help="YYYY-MM-DD")
+    _add_target(p)
+    _add_admin_key(p)
+    add_json_flag(p)
+    p.set_defaults(handler=_usage)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def _admin_key(args) -> str | None:
+    if args.admin_key or os.environ.get("SOL_ADMIN_KEY"):
+        return args.admin_key or os.environ["SOL_ADMIN_KEY"]
+    from gpt.registry import default_home
+
+    path = Path(default_home()) / "admin.key"
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+
+
+def _client(args, admin: bool = False):
+    from client.client import Client
+
+    return Client(args.target, api_key=getattr(args, "api_key", None),
+                  admin_key=_admin_key(args) if admin else None, timeout=args.timeout)
+
+
+def _params(args) -> dict:
+    out = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+           "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
+    if getattr(args, "n", None) is not None:
+        out["n"] = args.n
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _model(client, args) -> str:
+    if args.model:
+        return args.model
+    models = client.list_models()
+    if not models:
+        raise LookupError("the server has no model loaded yet; pass --model once one is")
+    m = models[-1]
+    return f"{m.name}@{m.version}"
+
+
+def _run(fn):
+    """Server errors become one line on stderr and exit status 1."""
+    from client.types import SolError
+
+    try:
+        return fn()
+    except SolError as err:
+        print(f"sol: {err.code.name.lower().replace('_', ' ')}: {err.message}", file=sys.stderr)
+        return 1
+
+
+def _usage_line(u) -> str:
+    return (f"[{u.prompt_tokens} prompt ({u.cached_tokens} cached) + {u.completion_tokens} completion = "
+            f"{u.total_tokens} tokens, cost {u.cost:.6f}]")
+
+
+# --- handlers -----------------------------------------------------------------------------
+
+def _chat(args) -> int:
+    def go() -> int:
+        with _client(args) as c:
+            model = _model(c, args)
+            messages = [{"role": "system", "content": args.system}] if args.system else []
+            interactive = sys.stdin.isatty()
+            if interactive:
+                print(f"chatting with {model}; an empty line or Ctrl-D ends", file=sys.stderr)
+            while True:
+                if interactive:
+                    print("> ", end="", flush=True, file=sys.stderr)
+                line = sys.stdin.readline()
+                if not line or (interactive and not line.strip()):
+                    return 0
+                if not line.strip():
+                    continue
+                messages.append({"role": "user", "content": line.rstrip("\n")})
+                stream = c.chat_stream(messages, model=model, **_params(args))
+                try:
+                    for chunk in stream:
+                        print(chunk.text, end="", flush=True)
+                except KeyboardInterrupt:
+                    stream.cancel()
+                    for _ in stream:
+                        pass
+                print()
+                messages.append({"role": "assistant", "content": stream.text})
+                if not args.no_usage and stream.usage is not None:
+                    print(_usage_line(stream.usage) + f" {stream.model}@{stream.version}", file=sys.stderr)
+    return _run(go)
+
+
+def _complete(args) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+
+    def go() -> int:
+        with _client(args) as c:
+            model = _model(c, args)
+            if args.raw:
+                r = c.complete(prompt, model=model, request_id=args.request_id, **_params(args))
+            else:
+                messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                    {"role": "user", "content": prompt}]
+                r = c.chat(messages, model=model, request_id=args.request_id, **_params(args))
+        if args.json:
+            emit(dataclasses.asdict(r), True)
+        else:
+            for ch in r.choices:
+                print(ch.text)
+            print(_usage_line(r.usage) + f" {r.model}@{r.version}", file=sys.stderr)
+        return 0
+    return _run(go)
+
+
+def _key_row(k) -> list:
+    limits = lambda v: "-" if v is None else v  # noqa: E731
+    return [k.key_id, k.name, k.prefix + "...", limits(k.token_budget), limits(k.rpm), limits(k.tpm), k.tokens_used,
+            "revoked" if k.revoked else "active"]
+
+
+KEY_HEADER = ["KEY ID", "NAME", "PREFIX", "BUDGET", "RPM", "TPM", "USED", "STATE"]
+
+
+def _keys_create(args) -> int:
+    def go() -> int:
+        with _client(args, admin=True) as c:
+            key, info = c.create_key(args.name, args.token_budget, args.rpm, args.tpm)
+        data = {"key": key, **dataclasses.asdict(info)}
+        emit(data, args.json, human=f"{key}\n(key id {info.key_id}; shown once, store it now: "
+                                    f"export SOL_API_KEY={key})")
+        return 0
+    return _run(go)
+
+
+def _keys_revoke(args) -> int:
+    def go() -> int:
+        with _client(args, admin=True) as c:
+            revoked = c.revoke_key(args.key_id)
+        emit({"key_id": args.key_id, "revoked": revoked}, args.json,
+             human=f"revoked {args.key_id}" if revoked else f"{args.key_id} was already revoked")
+        return 0
+    return _run(go)
+
+
+def _keys_list(args) -> int:
+    def go() -> int:
+        with _client(args, admin=True) as c:
+            keys = c.list_keys(include_revoked=args.all)
+        emit([dataclasses.asdict(k) for k in keys], args.json, human=table([_key_row(k) for k in keys], KEY_HEADER))
+        return 0
+    return _run(go)
+
+
+def _usage(args) -> int:
+    def go() -> int:
+        with _client(args, admin=True) as c:
+            report = c.usage(args.key_id, args.model, args.from_day, args.to_day)
+        rows = [[r.day, r.key_id, r.model, r.requests, r.prompt_tokens, r.cached_tokens, r.completion_tokens,
+                 r.total_tokens, f"{r.cost:.6f}"] for r in report.rows]
+        t = report.total
+        rows.append(["total", "", "", t.requests, t.prompt_tokens, t.cached_tokens, t.completion_tokens,
+                     t.total_tokens, f"{t.cost:.6f}"])
+        human = table(rows, ["DAY", "KEY ID", "MODEL", "REQUESTS", "PROMPT", "CACHED", "COMPLETION", "TOTAL", "COST"])
+        if report.spooled_records:
+            human += f"\n({report.spooled_records} records spooled on this replica, not yet in the ledger)"
+        emit(dataclasses.asdict(report), args.json, human=human)
+        return 0
+    return _run(go)
