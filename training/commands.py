@@ -1,0 +1,202 @@
+"""CLI: `sol train {tokenizer,pretrain,sft,reward,rlhf}`, `sol pipeline`, `sol bench train`.
+
+Every command works alone or under torchrun, e.g.
+`torchrun --nproc_per_node 2 .venv/bin/sol train pretrain --name demo` (rank 0 logs and
+publishes). Stage runs keep their resumable state under `$SOL_HOME/runs/<name>/<stage>/`,
+so running the same command again after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from client.output import add_json_flag, emit, table
+
+STAGES = ("tokenizer", "pretrain", "sft", "reward", "rlhf")
+STAGE_CONFIG = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "rlhf": "rlhf"}
+
+
+def register(subparsers, bench_subparsers) -> None:
+    from training.presets import DEFAULT_PRESET, PRESETS
+
+    def common(p: argparse.ArgumentParser, with_name: bool = True) -> None:
+        p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                       help=f"pipeline preset (default {DEFAULT_PRESET}; gpu-* are unverified here)")
+        if with_name:
+            p.add_argument("--name", default="demo", help="model name in the registry (default demo)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--registry", type=Path, default=None, help="registry root (default $SOL_HOME/registry)")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    pipe = subparsers.add_parser(
+        "pipeline", help="tokenizer -> pretrain -> SFT -> reward model -> RLHF -> evaluation -> report")
+    common(pipe)
+    add_json_flag(pipe)
+    pipe.set_defaults(handler=_pipeline)
+
+    trainer = subparsers.add_parser("train", help="run one training stage and publish its checkpoint")
+    stage_sub = trainer.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for stage in STAGES:
+        p = stage_sub.add_parser(stage, help=f"the {stage} stage")
+        common(p, with_name=stage != "tokenizer")
+        if stage == "tokenizer":
+            p.add_argument("--out", type=Path, required=True, help="directory for tokenizer.json")
+        else:
+            p.add_argument("--steps", type=int, default=None, help="override the preset's optimizer steps")
+            p.add_argument("--run-dir", type=Path, default=None,
+                           help="metrics and resumable state (default $SOL_HOME/runs/<name>/<stage>)")
+            p.add_argument("--fresh", action="store_true", help="ignore saved state instead of resuming")
+        if stage == "pretrain":
+            p.add_argument("--tokenizer", type=Path, default=None,
+                           help="directory with a tokenizer.json (default: train one)")
+        if stage in ("sft", "reward", "rlhf"):
+            default = "NAME:base" if stage == "sft" else "NAME:sft"
+            p.add_argument("--from", dest="parent", default=None, help=f"parent checkpoint (default {default})")
+        if stage == "rlhf":
+            p.add_argument("--reward", default=None, help="reward model checkpoint (default NAME:rm)")
+        add_json_flag(p)
+        p.set_defaults(handler=_train)
+
+    bench = bench_subparsers.add_parser(
+        "train", help="pretraining tokens/s of the shared loop vs a bare forward+backward+step loop")
+    bench.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    bench.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    bench.add_argument("--rounds", type=int, default=3, help="alternating measurements of each loop")
+    bench.add_argument("--threads", type=int, default=None)
+    add_json_flag(bench)
+    bench.set_defaults(handler=_bench)
+
+
+def _threads(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _registry(args):
+    from gpt.registry import Registry
+
+    return Registry(args.registry)
+
+
+def _runs_root(registry) -> Path:
+    # Runs live beside the registry ($SOL_HOME/runs for the default $SOL_HOME/registry).
+    return registry.root.parent / "runs"
+
+
+def _pipeline(args) -> int:
+    _threads(args)
+    from gpt.registry import validate_name
+    from training.pipeline import run_pipeline
+    from training.presets import pipeline_preset
+
+    validate_name(args.name)
+    registry = _registry(args)
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    summary = run_pipeline(pipeline_preset(args.preset), args.name, args.seed, registry, _runs_root(registry),
+                           progress=not args.quiet, log=log)
+    if "report" not in summary:      # not rank 0
+        return 0
+    m = summary["metrics"]
+    rows = [[stage, summary["refs"][stage], f"{m[stage]['tasks']['accuracy']:.3f}"] for stage in ("base", "sft", "rlhf")]
+    human = "\n".join([
+        table(rows, ["stage", "checkpoint", "held-out accuracy"]),
+        f"reward model {summary['refs']['rm']}: held-out pairwise accuracy {m['rm']['pairwise']['accuracy']:.3f}",
+        f"KL to SFT at the end of RLHF: {m['rlhf']['final_kl']:.3f} nats/reply; "
+        f"total time {summary['seconds']['total']:.0f} s (seed {summary['seed']})",
+        f"report: {summary['report']}",
+        "checkpoints: " + ", ".join(f"{k}={v}" for k, v in summary["checkpoints"].items()),
+    ])
+    emit(summary if args.json else None, args.json, human)
+    return 0
+
+
+def _train(args) -> int:
+    _threads(args)
+    from training import distributed
+    from training.pipeline import Context
+    from training.presets import pipeline_preset
+
+    preset = pipeline_preset(args.preset).with_seed(args.seed)
+    if args.stage == "tokenizer":
+        from training.pipeline import stage_tokenizer
+
+        ctx = Context(preset, "tokenizer", args.seed, _registry(args), args.out, distributed.setup(),
+                      not args.quiet)
+        tokenizer, _, _ = stage_tokenizer(ctx)
+        out = Path(args.out) / "tokenizer"
+        emit({"tokenizer": str(out / "tokenizer.json"), "vocab_size": tokenizer.vocab_size}, args.json,
+             f"tokenizer with {tokenizer.vocab_size} tokens written to {out / 'tokenizer.json'}")
+        return 0
+    if args.steps is not None:
+        key = STAGE_CONFIG[args.stage]
+        cfg = getattr(preset, key)
+        setattr(preset, key, dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, steps=args.steps)))
+    registry = _registry(args)
+    run_dir = args.run_dir or _runs_root(registry) / args.name / "stages"
+    info = distributed.setup()
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    ctx = Context(preset, args.name, args.seed, registry, Path(run_dir), info, not args.quiet,
+                  log if info.is_main else (lambda _m: None), resume=not args.fresh)
+    outcome = _run_stage(args, ctx, registry)
+    if info.is_main:
+        resolved = outcome.resolved
+        emit({"stage": outcome.stage, "ref": resolved.ref, "path": str(resolved.path), "metrics": outcome.metrics},
+             args.json, f"published {resolved.ref} ({outcome.stage}) at {resolved.path}")
+    return 0
+
+
+def _run_stage(args, ctx, registry):
+    from gpt.checkpoint import load_checkpoint
+    from gpt.tokenizer import SolTokenizer
+    from training import pipeline
+    from training.data.corpus import build_corpus
+    from training.data.tasks import pretraining_documents
+    from training.heads import RewardModel
+
+    device = ctx.info.device
+
+    def load(ref: str):
+        resolved = registry.resolve(ref.replace("NAME", args.name))
+        return resolved, load_checkpoint(resolved.path, device=device)
+
+    if args.stage == "pretrain":
+        if args.tokenizer:
+            tokenizer = SolTokenizer.load(args.tokenizer)
+            corpus = build_corpus(ctx.preset.corpus_bytes)
+            docs = pretraining_documents(ctx.preset.task_docs, ctx.preset.task_doc_problems, ctx.seed)
+        else:
+            tokenizer, corpus, docs = pipeline.stage_tokenizer(ctx)
+        return pipeline.stage_pretrain(ctx, tokenizer, corpus, docs)
+    parent, ckpt = load(args.parent or ("NAME:base" if args.stage == "sft" else "NAME:sft"))
+    if args.stage == "sft":
+        return pipeline.stage_sft(ctx, ckpt.tokenizer, ckpt.model, parent.ref)
+    if args.stage == "reward":
+        return pipeline.stage_reward(ctx, ckpt.tokenizer, ckpt.model, parent.ref)
+    rm_resolved, rm_ckpt = load(args.reward or "NAME:rm")
+    rm = RewardModel.from_parts(rm_ckpt.model, rm_ckpt.heads)
+    return pipeline.stage_rlhf(ctx, ckpt.tokenizer, ckpt.model, rm, parent.ref, rm_resolved.ref)
+
+
+def _bench(args) -> int:
+    _threads(args)
+    from training.bench import run_bench
+    from training.presets import pipeline_preset
+
+    result = run_bench(pipeline_preset(args.preset), steps=args.steps, rounds=args.rounds)
+    mfu = "n/a (device peak unknown)" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
+    human = "\n".join([
+        f"device {result['device']} ({result['threads']} threads), model {result['num_parameters'] / 1e6:.2f}M "
+        f"parameters, batch {result['batch_size']} x {result['seq_len']} tokens",
+        table([["bare forward+backward+step", f"{result['bare_tokens_per_s']:.0f}"],
+               ["sol training loop", f"{result['loop_tokens_per_s']:.0f}"]], ["loop", "tokens/s"]),
+        f"ratio loop/bare: {result['ratio']:.3f} (target >= 0.9)",
+        f"MFU: {mfu}",
+    ])
+    emit(result, args.json, human)
+    return 0
