@@ -22,7 +22,7 @@ done
 case "${1:-}" in
     "")
         exec sol --help ;;
-    torchrun|python|python3|sh|bash|sol|sol-healthcheck)
+    torchrun|python|python3|sh|bash|sleep|sol|sol-healthcheck)
         exec "$@" ;;
     *)
         exec sol "$@" ;;
