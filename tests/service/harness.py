@@ -17,9 +17,10 @@ ADMIN_KEY = "sk-sol-admin-test"
 
 class RunningServer:
     def __init__(self, registry_root: Path, home: Path, redis_url: str | None = None, **overrides) -> None:
-        self.config = ServerConfig(host="127.0.0.1", port=free_port(), metrics_port=0, registry=registry_root,
-                                   redis_url=redis_url, admin_key=ADMIN_KEY, key_pepper="test-pepper", home=home,
-                                   grace_period_s=10.0, **overrides)
+        settings = {"host": "127.0.0.1", "port": free_port(), "metrics_port": 0, "registry": registry_root,
+                    "redis_url": redis_url, "admin_key": ADMIN_KEY, "key_pepper": "test-pepper", "home": home,
+                    "grace_period_s": 10.0, **overrides}
+        self.config = ServerConfig(**settings)
         self.app = App(self.config)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="sol-test-server", daemon=True)
