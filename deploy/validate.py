@@ -49,6 +49,7 @@ K8S_TARGETS = SERVING_OVERLAYS + ("training/single", "training/multinode", "moni
 # schema kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.27.0", None)
 SECRET_FILES = ("admin-key", "key-pepper")
+DATA_PVC = "sol-data"
 SERVER_ERROR_CODES = "INTERNAL|UNKNOWN|UNAVAILABLE|DATA_LOSS|DEADLINE_EXCEEDED"
 
 
@@ -283,9 +284,13 @@ def _serving_rules(target: str, objs: list[dict]) -> list[str]:
 
     # Registry read-only in the server; secrets and config the pod names exist.
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
-    registry_mounts = [m for m in server.get("volumeMounts", []) if m["mountPath"] == "/var/lib/sol/registry"]
-    if not registry_mounts or not all(m.get("readOnly") for m in registry_mounts):
-        problems.append(f"{target}: the registry must be mounted read-only in the server")
+    data_volumes = {n for n, v in volumes.items() if v.get("persistentVolumeClaim", {}).get("claimName") == DATA_PVC}
+    data_mounts = [m for m in server.get("volumeMounts", []) if m["name"] in data_volumes]
+    if not data_mounts or not all(m.get("readOnly") for m in data_mounts):
+        problems.append(f"{target}: the registry volume must be mounted read-only in the server")
+    registry = next((a.split("=", 1)[1] for a in server.get("args", []) if a.startswith("--registry=")), "")
+    if not any(registry.startswith(m["mountPath"] + "/") for m in data_mounts):
+        problems.append(f"{target}: --registry={registry} is not on the {DATA_PVC} volume")
     for v in volumes.values():
         if "secret" in v and v["secret"]["secretName"] not in by_kind.get("Secret", {}):
             problems.append(f"{target}: volume {v['name']} names a missing Secret {v['secret']['secretName']}")
@@ -364,11 +369,15 @@ def check_kubernetes_rules() -> list[str]:
         problems += _serving_rules(target, render(target))
     for target in ("training/single", "training/multinode"):
         for obj, t in _pod_templates(render(target)):
-            mounts = [m for c in t["spec"]["containers"] for m in c.get("volumeMounts", [])
-                      if m["mountPath"] == "/var/lib/sol/registry"]
+            data = {v["name"] for v in t["spec"].get("volumes", [])
+                    if v.get("persistentVolumeClaim", {}).get("claimName") == DATA_PVC}
+            mounts = [m for c in t["spec"]["containers"] for m in c.get("volumeMounts", []) if m["name"] in data]
             if not mounts or any(m.get("readOnly") for m in mounts):
                 problems.append(f"{target}: {_kind_name(obj)} must mount the registry read-write to publish")
             args = t["spec"]["containers"][0].get("args", [])
+            registry = next((a.split("=", 1)[1] for a in args if a.startswith("--registry=")), "")
+            if not any(registry.startswith(m["mountPath"] + "/") for m in mounts):
+                problems.append(f"{target}: {_kind_name(obj)} publishes outside the {DATA_PVC} volume")
             if args[:1] != ["torchrun"]:
                 problems.append(f"{target}: {_kind_name(obj)} must launch with torchrun")
             if obj["spec"].get("completionMode") == "Indexed" and obj["spec"]["completions"] != obj["spec"]["parallelism"]:
