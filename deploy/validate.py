@@ -42,7 +42,7 @@ METRICS_SOURCE = ROOT / "server" / "metrics.py"
 
 # Every kustomization a user applies. The serving overlays are checked as a whole
 # serving stack; the others render and validate on their own.
-SERVING_OVERLAYS = ("overlays/cpu", "overlays/gpu")
+SERVING_OVERLAYS = ("overlays/cpu", "overlays/gpu", "examples/gpu-external-redis")
 K8S_TARGETS = SERVING_OVERLAYS + ("training/single", "training/multinode", "monitoring/prometheus-adapter",
                                   "tools/registry-admin")
 # Oldest release the manifests support (native gRPC probes are GA in 1.27) and the newest
@@ -50,6 +50,8 @@ K8S_TARGETS = SERVING_OVERLAYS + ("training/single", "training/multinode", "moni
 KUBERNETES_VERSIONS = ("1.27.0", None)
 SECRET_FILES = ("admin-key", "key-pepper")
 DATA_PVC = "sol-data"
+# Secrets an operator creates out of band (components/external-redis documents how).
+EXTERNAL_SECRETS = {"sol-redis"}
 SERVER_ERROR_CODES = "INTERNAL|UNKNOWN|UNAVAILABLE|DATA_LOSS|DEADLINE_EXCEEDED"
 
 
@@ -292,7 +294,8 @@ def _serving_rules(target: str, objs: list[dict]) -> list[str]:
     if not any(registry.startswith(m["mountPath"] + "/") for m in data_mounts):
         problems.append(f"{target}: --registry={registry} is not on the {DATA_PVC} volume")
     for v in volumes.values():
-        if "secret" in v and v["secret"]["secretName"] not in by_kind.get("Secret", {}):
+        if ("secret" in v and v["secret"]["secretName"] not in by_kind.get("Secret", {})
+                and v["secret"]["secretName"] not in EXTERNAL_SECRETS):
             problems.append(f"{target}: volume {v['name']} names a missing Secret {v['secret']['secretName']}")
         if "persistentVolumeClaim" in v:
             claim = by_kind.get("PersistentVolumeClaim", {}).get(v["persistentVolumeClaim"]["claimName"])
@@ -309,6 +312,15 @@ def _serving_rules(target: str, objs: list[dict]) -> list[str]:
     env = {e["name"]: e.get("value") for e in server.get("env", [])}
     if env.get("SOL_KEY_PEPPER_FILE") != "/etc/sol/secrets/key-pepper":
         problems.append(f"{target}: SOL_KEY_PEPPER_FILE must point at the mounted Secret")
+    # Without a Redis URL every replica would keep its own embedded ledger: quotas and
+    # keys would not be shared. Exactly one source of the URL.
+    url_sources = ("SOL_REDIS_URL" in config["data"]) + ("SOL_REDIS_URL_FILE" in env) + ("SOL_REDIS_URL" in env)
+    if url_sources != 1:
+        problems.append(f"{target}: the server needs exactly one Redis URL (ConfigMap SOL_REDIS_URL or "
+                        f"SOL_REDIS_URL_FILE), found {url_sources}")
+    redis_url = config["data"].get("SOL_REDIS_URL", "")
+    if redis_url.startswith("redis://sol-redis:") and "sol-redis" not in by_kind.get("StatefulSet", {}):
+        problems.append(f"{target}: SOL_REDIS_URL names the in-cluster Redis, which is not deployed")
 
     # Every selector selects something, and named ports exist where they are used.
     workloads = list(_pod_templates(objs))
@@ -356,9 +368,9 @@ def _serving_rules(target: str, objs: list[dict]) -> list[str]:
             if ":" not in c["image"] or c["image"].endswith(":latest"):
                 problems.append(f"{target}: {_kind_name(obj)} image {c['image']!r} is not pinned to a tag")
     gpus = server.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
-    if target.endswith("gpu") and not gpus:
+    if "gpu" in target and not gpus:
         problems.append(f"{target}: the server must request nvidia.com/gpu")
-    if target.endswith("cpu") and gpus:
+    if "cpu" in target and gpus:
         problems.append(f"{target}: the CPU overlay must not request GPUs")
     return problems
 
