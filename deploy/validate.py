@@ -476,6 +476,42 @@ def grafana_to_promql(expr: str) -> str:
     return m.group(1) if m else expr
 
 
+def adapter_queries(matchers: str = 'namespace="sol",pod=~"sol-.*"', group_by: str = "pod") -> list[tuple[str, str]]:
+    """prometheus-adapter's metricsQuery templates, filled in the way the adapter does for
+    a request about some pods: (published name, PromQL)."""
+    out = []
+    for rule in _yaml().safe_load(ADAPTER_CONFIG.read_text())["rules"]:
+        series = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["seriesQuery"]).group(0)
+        query = (rule["metricsQuery"].replace("<<.Series>>", series).replace("<<.LabelMatchers>>", matchers)
+                 .replace("<<.GroupBy>>", group_by))
+        out.append((rule["name"]["as"], query))
+    return out
+
+
+def check_adapter() -> list[str]:
+    promtool = _tool("promtool", "apt-get install prometheus")
+    problems = []
+    for rule in _yaml().safe_load(ADAPTER_CONFIG.read_text())["rules"]:
+        series = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["seriesQuery"]).group(0)
+        if not re.search(rule["name"]["matches"], series):
+            problems.append(f"rule for {series}: name.matches {rule['name']['matches']!r} does not match it")
+        overrides = rule.get("resources", {}).get("overrides", {})
+        if {v.get("resource") for v in overrides.values()} != {"namespace", "pod"}:
+            problems.append(f"rule for {series}: must map the namespace and pod labels (a Pods metric)")
+    rules = {"groups": [{"name": "adapter", "rules": [
+        {"record": f"adapter:{name}", "expr": q} for name, q in adapter_queries()]}]}
+    with tempfile.NamedTemporaryFile("w", suffix=".yml") as f:
+        _yaml().safe_dump(rules, f)
+        f.flush()
+        try:
+            _run([promtool, "check", "rules", f.name])
+        except Failed as err:
+            problems += err.problems
+    if problems:
+        raise Failed(problems)
+    return [f"{len(rules['groups'][0]['rules'])} adapter rules: names match, Pods resources, queries parse as PromQL"]
+
+
 def check_dashboards() -> list[str]:
     promtool = _tool("promtool", "apt-get install prometheus")
     problems = []
@@ -671,6 +707,7 @@ CHECKS = (
     Check("prometheusrule", "the PrometheusRule equals rules.yml and passes promtool", check_prometheusrule),
     Check("promtool", "promtool check config / check rules / test rules", check_promtool),
     Check("dashboards", "Grafana dashboards: structure; every query parses (promtool)", check_dashboards),
+    Check("adapter", "prometheus-adapter rules: names, resources, queries parse (promtool)", check_adapter),
     Check("metrics-contract", "every sol metric used is exported by server/metrics.py", check_metrics_contract),
     Check("compose", "docker-compose.yml parses (docker-compose config) and wires what the runbook says",
           check_compose),

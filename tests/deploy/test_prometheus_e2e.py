@@ -195,6 +195,12 @@ def test_prometheus_scrapes_sol_and_reads_back_ttft(sol_server, prometheus):
     for panel in ("Time to first token", "Tokens per second", "KV cache usage", "Requests running and waiting"):
         assert not [w for w in empty if w.endswith(panel)], f"no data for {panel}"
 
+    # The HPA's metric, as prometheus-adapter would ask for it (here by scrape target, as
+    # there are no pod labels on loopback): one value per target.
+    for name, query in validate.adapter_queries(matchers='job="sol"', group_by="instance"):
+        result = prometheus("query", query=query)["result"]
+        assert len(result) == 1 and result[0]["metric"]["instance"].endswith(str(sol_server["metrics_port"])), name
+
 
 def test_healthcheck_follows_readiness_and_drain(sol_server):
     """The container healthcheck says SERVING while a model is loaded; liveness answers
