@@ -28,7 +28,7 @@ def fake_sol(tmp_path) -> dict[str, str]:
 
 
 def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([shutil.which("sh"), str(ENTRYPOINT), *args], env=env, capture_output=True, text=True,
+    return subprocess.run([shutil.which("sh") or "/bin/sh", str(ENTRYPOINT), *args], env=env, capture_output=True, text=True,
                           timeout=30)
 
 

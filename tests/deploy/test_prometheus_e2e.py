@@ -29,10 +29,6 @@ ADMIN_KEY = "sk-sol-admin-e2e"
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
 REQUESTS = 4
 
-pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
-                                reason="prometheus is not installed (apt-get install prometheus)")
-
-
 def _wait(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
     deadline = time.monotonic() + timeout
     while True:
@@ -87,6 +83,9 @@ def sol_server(tiny_checkpoint, tmp_path):
 @pytest.fixture
 def prometheus(sol_server, tmp_path):
     """A real Prometheus scraping the server every second, with sol's rules loaded."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(json.dumps({        # JSON is YAML: no quoting surprises
@@ -98,7 +97,7 @@ def prometheus(sol_server, tmp_path):
     log = tmp_path / "prometheus.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [shutil.which("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
             cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
