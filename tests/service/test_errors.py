@@ -210,3 +210,39 @@ def test_unavailable_while_draining(tiny_checkpoint, tmp_path):
     finally:
         s.app.inference.draining = False
         s.stop()
+
+
+def test_queue_full_is_resource_exhausted(tiny_checkpoint, tmp_path):
+    registry, _ = tiny_checkpoint
+    # A tiny KV cache and waiting queue: a burst must overflow the queue.
+    s = RunningServer(registry.root, tmp_path / "home", max_waiting=2, kv_blocks=12).start()
+    try:
+        with Client(s.target, admin_key=ADMIN_KEY) as admin:
+            key, _ = admin.create_key("burst")
+        errors: list[SolError] = []
+        served = []
+
+        def one() -> None:
+            with Client(s.target, api_key=key, retries=0) as c:
+                try:
+                    served.append(c.chat(MSG, model="tiny", max_tokens=150, ignore_eos=True))
+                except SolError as err:
+                    errors.append(err)
+
+        threads = [threading.Thread(target=one) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors and served
+        for err in errors:
+            assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "overloaded" in err.message
+            assert err.retry_after_s and err.retry_after_s > 0
+    finally:
+        s.stop()
+
+
+def test_keys_are_stored_hashed(server, admin):
+    key, _ = admin.create_key("secret-check")
+    raw = b"".join(p.read_bytes() for p in (server.config.home).glob("ledger.sqlite3*"))
+    assert key.encode() not in raw and key[len("sk-sol-"):].encode() not in raw

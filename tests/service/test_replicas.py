@@ -53,3 +53,18 @@ def test_replicas_share_keys_quotas_and_ledger(tiny_checkpoint, tmp_path, durabl
     finally:
         a.stop()
         b.stop()
+
+
+def test_redis_holds_no_key_in_clear(tiny_checkpoint, tmp_path, durable_redis):
+    import redis
+
+    registry, _ = tiny_checkpoint
+    s = RunningServer(registry.root, tmp_path / "a", redis_url=durable_redis.url).start()
+    try:
+        with Client(s.target, admin_key=ADMIN_KEY) as admin:
+            key, _ = admin.create_key("secret-check")
+        r = redis.Redis.from_url(durable_redis.url)
+        dump = b"".join(r.dump(k) or b"" for k in r.keys("*")) + b"".join(r.keys("*"))
+        assert key.encode() not in dump and key[len("sk-sol-"):].encode() not in dump
+    finally:
+        s.stop()
