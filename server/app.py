@@ -23,7 +23,7 @@ from proto.sol.v1 import sol_pb2 as pb
 from proto.sol.v1 import sol_pb2_grpc as pb_grpc
 from server.accounting import Accountant
 from server.admin import AdminServicer
-from server.auth import Authenticator, resolve_admin_key, resolve_pepper, run_blocking
+from server.auth import Authenticator, check_pepper, resolve_admin_key, resolve_pepper, run_blocking
 from server.config import ServerConfig
 from server.engine.engine import EngineConfig
 from server.health import Health
@@ -76,7 +76,9 @@ class App:
         self.metrics = ServiceMetrics()
         self.health = Health()
         self.models = ModelManager(Registry(c.registry), self.engine_factory, warmup=c.warmup)
-        self.auth = Authenticator(self.store, resolve_pepper(c.key_pepper, c.home),
+        pepper = resolve_pepper(c.key_pepper, c.home)
+        check_pepper(self.store, pepper)
+        self.auth = Authenticator(self.store, pepper,
                                   resolve_admin_key(c.admin_key, c.admin_key_file, c.home), run, c.auth_cache_s)
         self.accountant = Accountant(self.store, self.spool, run)
         self.prices = PriceBook(self.store, run, Price(cached_discount=c.cached_discount))

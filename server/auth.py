@@ -70,6 +70,19 @@ def resolve_admin_key(configured: str | None, key_file: Path | None, home: Path)
                                   "an admin key")
 
 
+def check_pepper(store: LedgerStore, pepper: str) -> None:
+    """Refuse to start with a pepper other than the one the ledger's keys were hashed
+    with: every key would be 'unknown', which is far harder to diagnose later."""
+    mine = hash_key(pepper, "sol-pepper-fingerprint")
+    try:
+        stored = store.claim_fingerprint(mine)
+    except StoreUnavailable:
+        return      # checked by the next replica start; serving must not wait on Redis
+    if stored != mine:
+        raise ValueError("the key pepper differs from the one this ledger's API keys were hashed with: set "
+                         "SOL_KEY_PEPPER to the same value on every replica (or remove the ledger to start over)")
+
+
 def bearer(metadata: Any) -> str | None:
     for k, v in metadata or ():
         if k.lower() == "authorization":

@@ -128,6 +128,10 @@ class LedgerStore(Protocol):
     """Blocking calls; the service runs them on a worker thread."""
 
     def ping(self) -> None: ...
+    def claim_fingerprint(self, value: str) -> str:
+        """Store `value` as the ledger's key-pepper fingerprint unless one is stored;
+        return the stored one (so replicas with different peppers are caught)."""
+        ...
 
     # keys
     def create_key(self, key: KeyInfo, key_hash: str) -> None: ...

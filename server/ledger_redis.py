@@ -7,6 +7,7 @@ the ledger is billing data. Key layout (prefix `sol:`):
     key:{id}              hash  name, prefix, created, revoked, token_budget, rpm, tpm, tokens_used
     keyhash:{hmac}        str   -> key id (keys are stored hashed, never in clear)
     keys                  set   key ids
+    pepper-fingerprint    str   HMAC(pepper, constant): replicas must share one pepper
     prices                hash  model -> "prompt_per_1k completion_per_1k cached_discount"
     req:{id}:{request}    str   the request's usage record (JSON): idempotency marker, expires
                                 after IDEMPOTENCY_TTL_S
@@ -117,6 +118,11 @@ class RedisStore:
     @_unavailable
     def ping(self) -> None:
         self._r.ping()
+
+    @_unavailable
+    def claim_fingerprint(self, value: str) -> str:
+        self._r.set(f"{P}pepper-fingerprint", value, nx=True)
+        return self._r.get(f"{P}pepper-fingerprint")
 
     # --- keys -------------------------------------------------------------------------------
     @_unavailable

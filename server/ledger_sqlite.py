@@ -23,6 +23,7 @@ from server.ledger import (
 )
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
     key_id TEXT PRIMARY KEY, key_hash TEXT UNIQUE NOT NULL, name TEXT NOT NULL, prefix TEXT NOT NULL,
     created INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, token_budget INTEGER, rpm INTEGER,
@@ -82,6 +83,11 @@ class SqliteStore:
     def ping(self) -> None:
         with self._lock:
             self._db.execute("SELECT 1")
+
+    def claim_fingerprint(self, value: str) -> str:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('pepper', ?)", (value,))
+            return db.execute("SELECT value FROM meta WHERE name='pepper'").fetchone()[0]
 
     # --- keys -------------------------------------------------------------------------------
     def create_key(self, key: KeyInfo, key_hash: str) -> None:

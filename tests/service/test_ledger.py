@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from server.ledger import KeyInfo, Price, UsageRecord, utc_day
 
 
@@ -136,3 +138,13 @@ def test_get_record(store):
     assert store.get_record("k1", "r1") == r
     assert store.get_record("k1", "r2") is None
     assert store.get_record("k2", "r1") is None
+
+
+def test_pepper_fingerprint_is_claimed_once(store):
+    from server.auth import check_pepper
+
+    assert store.claim_fingerprint("a") == "a"
+    assert store.claim_fingerprint("b") == "a"
+    # The store already holds fingerprint "a": any real pepper is refused.
+    with pytest.raises(ValueError, match="SOL_KEY_PEPPER"):
+        check_pepper(store, "pepper-1")

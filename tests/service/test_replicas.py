@@ -68,3 +68,16 @@ def test_redis_holds_no_key_in_clear(tiny_checkpoint, tmp_path, durable_redis):
         assert key.encode() not in dump and key[len("sk-sol-"):].encode() not in dump
     finally:
         s.stop()
+
+
+def test_a_replica_with_another_pepper_refuses_to_start(tiny_checkpoint, tmp_path, durable_redis):
+    registry, _ = tiny_checkpoint
+    a = RunningServer(registry.root, tmp_path / "a", redis_url=durable_redis.url).start()
+    try:
+        b = RunningServer(registry.root, tmp_path / "b", redis_url=durable_redis.url, key_pepper="another")
+        b._thread.start()
+        with pytest.raises(ValueError, match="SOL_KEY_PEPPER"):
+            b.call(b.app.start())
+        b.loop.call_soon_threadsafe(b.loop.stop)
+    finally:
+        a.stop()
