@@ -195,6 +195,10 @@ class ModelManager:
             names.append(f"{name}@{version}" + (f" ({', '.join(name + ':' + a for a in aliases)})" if aliases else ""))
         return ", ".join(names) or "none (no model is loaded yet)"
 
+    def is_loaded(self, name: str, version: int) -> bool:
+        with self._lock:
+            return (name, version) in self._loaded
+
     def models(self) -> list[LoadedModel]:
         with self._lock:
             return [self._loaded[k] for k in sorted(self._loaded)]
