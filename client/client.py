@@ -155,6 +155,24 @@ class Client:
         return kind(model=model, params=sampling_pb(params), request_id=request_id or uuid.uuid4().hex,
                     user=user, **payload)
 
+    def wait_ready(self, timeout: float, service: str = "") -> bool:
+        """Poll grpc.health.v1 until `service` is SERVING ("" = ready to serve a model,
+        "liveness" = the server answers); False after `timeout` seconds."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.25)
+
     # --- inference ------------------------------------------------------------------------
     def chat(self, messages, model: str, request_id: str | None = None, user: str = "",
              timeout: float | None = None, **params: Any) -> Completion:

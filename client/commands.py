@@ -18,6 +18,9 @@ from client.output import add_json_flag, emit, table
 def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="server address (SOL_TARGET; default localhost:50051)")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline per call in seconds (default 120)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="first wait up to SECONDS for the server to be up (and, for chat/complete, to have a "
+                        "model loaded), e.g. right after starting `sol serve`")
 
 
 def _add_api_key(p: argparse.ArgumentParser) -> None:
@@ -110,8 +113,13 @@ def _admin_key(args) -> str | None:
 def _client(args, admin: bool = False):
     from client.client import Client
 
-    return Client(args.target, api_key=getattr(args, "api_key", None),
-                  admin_key=_admin_key(args) if admin else None, timeout=args.timeout)
+    c = Client(args.target, api_key=getattr(args, "api_key", None),
+               admin_key=_admin_key(args) if admin else None, timeout=args.timeout)
+    if args.wait > 0 and not c.wait_ready(args.wait, service="liveness" if admin else ""):
+        c.close()
+        what = "answer" if admin else "have a model loaded"
+        raise TimeoutError(f"the server at {c.target} did not {what} within {args.wait:.0f} s")
+    return c
 
 
 def _params(args) -> dict:
@@ -218,8 +226,12 @@ def _keys_create(args) -> int:
         with _client(args, admin=True) as c:
             key, info = c.create_key(args.name, args.token_budget, args.rpm, args.tpm)
         data = {"key": key, **dataclasses.asdict(info)}
-        emit(data, args.json, human=f"{key}\n(key id {info.key_id}; shown once, store it now: "
-                                    f"export SOL_API_KEY={key})")
+        if args.json:
+            emit(data, True)
+        else:
+            # The key alone on stdout, so `export SOL_API_KEY=$(sol keys create --name me)` works.
+            print(key)
+            print(f"sol: key id {info.key_id}; the key is shown this once: store it now", file=sys.stderr)
         return 0
     return _run(go)
 

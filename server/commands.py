@@ -35,6 +35,8 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--kv-blocks", type=int, default=None, help="KV cache size in blocks (default: the engine's)")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_tokens when a request sets none (capped by the context; default 256)")
+    p.add_argument("--cached-discount", type=float, default=0.5,
+                   help="price discount of cached prompt tokens for models without a SetPrice (default 0.5)")
     p.set_defaults(handler=_serve)
 
     p = bench_sub.add_parser("serve", help="streaming clients over gRPC on loopback vs the in-process engine")
@@ -62,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, models=args.model,
                           redis_url=args.redis_url, admin_key_file=args.admin_key_file,
                           grace_period_s=args.grace_period, device=args.device, kv_blocks=args.kv_blocks,
-                          default_max_tokens=args.default_max_tokens)
+                          default_max_tokens=args.default_max_tokens, cached_discount=args.cached_discount)
     if args.registry is not None:
         config.registry = args.registry
     if args.admin_key_file is not None:
