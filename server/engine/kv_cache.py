@@ -37,7 +37,7 @@ class RowSpec:
 @dataclass
 class AttentionGroup:
     token_index: torch.Tensor          # (R, Q) index of each row's queries in the packed step
-    block_tables: torch.Tensor         # (R, MB) blocks to gather
+    block_tables: torch.Tensor         # (R * MB,) blocks to gather, row by row
     kv_len: int                        # keys gathered per row (<= MB * block_size)
     mask: torch.Tensor | None          # (R, 1, Q, kv_len) bool, None when nothing is masked
     dst: torch.Tensor                  # packed positions the valid outputs go to
@@ -93,7 +93,7 @@ def _group(members: torch.Tensor, q_lens: torch.Tensor, starts: torch.Tensor, of
     fresh = (int(off[0]), int(off[0] + ql[0])) if len(members) == 1 and int(st[0]) == 0 and q_max > 1 else None
     return AttentionGroup(
         token_index=token_index.to(device),
-        block_tables=tables[members, :n_blocks].to(device),
+        block_tables=tables[members, :n_blocks].reshape(-1).to(device),
         kv_len=kv_len,
         mask=mask[:, None].to(device) if needs_mask else None,
         dst=token_index[valid_q].to(device),
@@ -145,8 +145,9 @@ class PagedKVCache:
                     kg, vg = k[:, :, lo:hi], v[:, :, lo:hi]
                     o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=True)
                 else:
-                    kg = kc[g.block_tables].reshape(rows, -1, kvh, hd)[:, :g.kv_len].permute(0, 2, 1, 3)
-                    vg = vc[g.block_tables].reshape(rows, -1, kvh, hd)[:, :g.kv_len].permute(0, 2, 1, 3)
+                    # index_select is about twice as fast as advanced indexing here.
+                    kg = kc.index_select(0, g.block_tables).view(rows, -1, kvh, hd)[:, :g.kv_len].permute(0, 2, 1, 3)
+                    vg = vc.index_select(0, g.block_tables).view(rows, -1, kvh, hd)[:, :g.kv_len].permute(0, 2, 1, 3)
                     o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
                 o = o.permute(0, 2, 1, 3).reshape(rows * q_max, n_heads, -1)
                 out.index_copy_(0, g.dst, o if g.src is None else o[g.src])

@@ -1,0 +1,465 @@
+"""`sol bench engine`: the engine against its baselines, measured in the same run on the
+same weights and prompts, reported as ratios.
+
+  continuous batching  32 closed-loop clients (each sends its next request when the last
+                       one ends) with mixed prompt and output lengths vs one request at a time
+  vs transformers      HF `generate` on the exported weights, padded batches, greedy
+  vs bare forward      a batched forward loop with a contiguous KV cache (no scheduler,
+                       sampler or bookkeeping): the practical limit
+  prefix cache         time to first token with a warm vs cold 512-token system prompt
+  KV capacity          sequences that fit a KV budget: paged blocks vs contiguous
+                       max-length reservation
+
+Writes engine.json and engine_throughput.png (tokens/s against concurrency) to --out.
+Also runnable as `python -m server.engine.bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gpt.model import GPT
+from gpt.tokenizer import SolTokenizer
+
+TARGETS = {
+    "continuous_vs_one_at_a_time": (">=", 6.0),
+    "engine_vs_hf_generate": (">=", 2.0),
+    "engine_vs_bare_forward": (">=", 0.7),
+    "prefix_ttft_warm_over_cold": ("<=", 0.25),
+    "kv_capacity_vs_contiguous": (">=", 3.0),
+}
+
+
+@dataclass
+class Work:
+    prompt_ids: list[int]
+    max_tokens: int
+
+
+@dataclass
+class BenchResult:
+    setup: dict[str, Any] = field(default_factory=dict)
+    measurements: dict[str, Any] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+    sweep: list[dict[str, float]] = field(default_factory=list)
+
+
+# --- model and workload ---------------------------------------------------------------------
+def build_model(args: argparse.Namespace) -> tuple[GPT, SolTokenizer, str, list[str]]:
+    from training.data.corpus import build_corpus
+
+    corpus = build_corpus(max_bytes=2 << 20)
+    texts = corpus.heldout or corpus.train
+    if args.model:
+        from gpt.checkpoint import load_checkpoint
+        from gpt.registry import Registry
+
+        resolved = Registry(args.registry).resolve(args.model)
+        ckpt = load_checkpoint(resolved.path, torch.device("cpu"), torch.float32)
+        return ckpt.model.eval(), ckpt.tokenizer, f"{args.model} ({resolved.path})", texts
+    from gpt.config import preset
+    from gpt.tokenizer import train_tokenizer
+
+    config = preset(args.preset)
+    tokenizer = train_tokenizer(corpus.train, vocab_size=config.vocab_size, show_progress=False)
+    # The context is widened so a 512-token system prompt plus a question fits; RoPE
+    # needs no other change. Weights are random: throughput does not depend on them.
+    config = config.replace(vocab_size=tokenizer.vocab_size, max_seq_len=max(config.max_seq_len, 1024))
+    torch.manual_seed(args.seed)
+    return GPT(config).eval(), tokenizer, f"{args.preset} preset, random init, context {config.max_seq_len}", texts
+
+
+def token_stream(tokenizer: SolTokenizer, texts: list[str], need: int) -> list[int]:
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer.encode(t)
+        if len(ids) >= need:
+            break
+    while len(ids) < need:
+        ids += ids or [1]
+    return ids
+
+
+def mixed_workload(stream: list[int], n: int, prompt_range: tuple[int, int], output_range: tuple[int, int],
+                   seed: int) -> list[Work]:
+    rng = random.Random(seed)
+    work = []
+    for _ in range(n):
+        length = rng.randint(*prompt_range)
+        start = rng.randint(0, len(stream) - length - 1)
+        work.append(Work(stream[start:start + length], rng.randint(*output_range)))
+    return work
+
+
+# --- measurements -----------------------------------------------------------------------------
+def _engine(model: GPT, tokenizer: SolTokenizer, **config: Any):
+    from server.engine.engine import Engine, EngineConfig
+
+    config.setdefault("device", "cpu")
+    config.setdefault("dtype", torch.float32)
+    config.setdefault("num_blocks", 1024)
+    return Engine(model, tokenizer, EngineConfig(**config))
+
+
+def run_engine(engine, work: list[Work], clients: int | None = None) -> dict[str, float]:
+    """Serve `work` with `clients` closed-loop clients (each submits its next request when
+    the previous one finishes; default: everything at once). Greedy with EOS ignored, so
+    every request produces exactly max_tokens."""
+    import queue
+    import threading
+
+    from server.engine.api import EngineRequest, SamplingParams
+    from server.engine.offline import collect
+
+    todo: queue.SimpleQueue[Work] = queue.SimpleQueue()
+    for w in work:
+        todo.put(w)
+    produced: list[int] = []
+
+    def client() -> None:
+        while True:
+            try:
+                w = todo.get_nowait()
+            except queue.Empty:
+                return
+            params = SamplingParams(temperature=0.0, max_tokens=w.max_tokens, ignore_eos=True)
+            s = engine.submit(EngineRequest(request_id=uuid.uuid4().hex, prompt_ids=w.prompt_ids, params=params))
+            produced.append(collect(s, w.prompt_ids, 1).usage.completion_tokens)
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    threads = [threading.Thread(target=client) for _ in range(clients or len(work))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return _rates(sum(produced), time.perf_counter() - start, time.process_time() - cpu_start)
+
+
+def _rates(tokens: int, seconds: float, cpu_seconds: float) -> dict[str, float]:
+    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu_seconds, "tokens_per_s": tokens / seconds,
+            "tokens_per_cpu_s": tokens / cpu_seconds}
+
+
+def throughput_sweep(model: GPT, tokenizer: SolTokenizer, work: list[Work], levels: list[int],
+                     per_level: dict[int, int]) -> list[dict[str, float]]:
+    rows = []
+    for c in levels:
+        subset = work[:per_level.get(c, len(work))]
+        engine = _engine(model, tokenizer, max_num_seqs=c, num_blocks=_blocks_for(work, 16) + 16)
+        try:
+            run = run_engine(engine, subset, clients=c)
+        finally:
+            engine.shutdown()
+        rows.append({"concurrency": c, "requests": len(subset), **run})
+        print(f"  concurrency {c:>3}: {run['tokens_per_s']:8.1f} tok/s wall, {run['tokens_per_cpu_s']:8.1f} tok/cpu-s "
+              f"({len(subset)} requests)", flush=True)
+    return rows
+
+
+def _blocks_for(work: list[Work], block_size: int) -> int:
+    return sum(-(-(len(w.prompt_ids) + w.max_tokens) // block_size) for w in work)
+
+
+@torch.inference_mode()
+def hf_generate(model: GPT, tokenizer: SolTokenizer, work: list[Work], batch_size: int) -> dict[str, float]:
+    """transformers' generate on the same weights and requests: left-padded batches of
+    `batch_size` in arrival order, greedy; each batch runs until its longest request is
+    done (static batching). Only each request's own max_tokens count as output."""
+    import transformers
+
+    from gpt.hf import hf_config, to_hf_state
+
+    cfg = hf_config(model.config, tokenizer)
+    cfg.pop("architectures", None)
+    cfg.pop("torch_dtype", None)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+    hf.load_state_dict(to_hf_state(model), strict=False)
+    hf.tie_weights()
+    useful = produced = 0
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for i in range(0, len(work), batch_size):
+        batch = work[i:i + batch_size]
+        width = max(len(w.prompt_ids) for w in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, w in enumerate(batch):
+            ids[row, width - len(w.prompt_ids):] = torch.tensor(w.prompt_ids)
+            mask[row, width - len(w.prompt_ids):] = 1
+        new = max(w.max_tokens for w in batch)
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)
+        produced += (out.shape[1] - width) * len(batch)
+        useful += sum(w.max_tokens for w in batch)
+    return {**_rates(useful, time.perf_counter() - start, time.process_time() - cpu_start),
+            "tokens_generated_incl_padding": produced}
+
+
+class ContiguousCache:
+    """The baseline's KV cache: one (batch, kv_heads, max_len, head_dim) tensor per layer,
+    all rows the same length, written in place."""
+
+    def __init__(self, model: GPT, batch: int, max_len: int) -> None:
+        c = model.config
+        self.k = torch.zeros(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim)
+        self.v = torch.zeros_like(self.k)
+        self.pos = 0
+
+    def hook(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        t = q.shape[2]
+        end = self.pos + t
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, enable_gqa=True)
+
+
+@torch.inference_mode()
+def bare_forward(model: GPT, prompt: list[int], batch: int, new_tokens: int) -> dict[str, float]:
+    """The practical limit: prefill a batch of equal prompts, then greedy decode with a
+    contiguous cache; no scheduling, no sampling beyond argmax, no bookkeeping."""
+    cache = ContiguousCache(model, batch, len(prompt) + new_tokens)
+    ids = torch.tensor([prompt] * batch)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    positions = torch.arange(len(prompt)).expand(batch, -1)
+    hidden = model.hidden_states(ids, positions, cache.hook)
+    cache.pos = len(prompt)
+    nxt = model.lm_head(hidden[:, -1]).argmax(-1)
+    for _ in range(new_tokens - 1):
+        positions = torch.full((batch, 1), cache.pos)
+        hidden = model.hidden_states(nxt[:, None], positions, cache.hook)
+        cache.pos += 1
+        nxt = model.lm_head(hidden[:, -1]).argmax(-1)
+    return _rates(batch * new_tokens, time.perf_counter() - start, time.process_time() - cpu_start)
+
+
+def prefix_ttft(model: GPT, tokenizer: SolTokenizer, stream: list[int], repeats: int) -> dict[str, float]:
+    """Time to first token for system prompt (512 tokens) + a short question: cold (no
+    cache) vs warm (the system prompt's blocks cached by an earlier request)."""
+    from server.engine.api import Delta, EngineRequest, SamplingParams
+
+    system = stream[:512]
+    questions = [stream[600 + 40 * i: 620 + 40 * i] for i in range(repeats + 1)]
+
+    def ttft(engine, prompt: list[int]) -> float:
+        start = time.perf_counter()
+        s = engine.submit(EngineRequest(request_id=uuid.uuid4().hex, prompt_ids=prompt,
+                                        params=SamplingParams(temperature=0.0, max_tokens=1)))
+        first = None
+        for event in s:
+            if first is None and isinstance(event, Delta):
+                first = time.perf_counter() - start
+        return first or float("nan")
+
+    cold_engine = _engine(model, tokenizer, enable_prefix_caching=False, max_num_batched_tokens=1024)
+    warm_engine = _engine(model, tokenizer, max_num_batched_tokens=1024)
+    try:
+        ttft(cold_engine, system + questions[0])          # warm-up of kernels, not of the cache
+        ttft(warm_engine, system + questions[0])          # fills the prefix cache
+        cold = [ttft(cold_engine, system + q) for q in questions[1:]]
+        warm = [ttft(warm_engine, system + q) for q in questions[1:]]
+    finally:
+        cold_engine.shutdown()
+        warm_engine.shutdown()
+    return {"cold_ttft_s": statistics.median(cold), "warm_ttft_s": statistics.median(warm),
+            "system_prompt_tokens": len(system), "question_tokens": len(questions[1])}
+
+
+def kv_capacity(model: GPT, work: list[Work], budget_bytes: int, block_size: int) -> dict[str, float]:
+    """How many of the workload's sequences, at their final length, fit a KV budget:
+    the real block allocator vs reserving the model's full context per sequence."""
+    from server.engine.block_manager import BlockManager
+    from server.engine.kv_cache import kv_bytes_per_block
+    from server.engine.sequence import Sequence
+
+    per_block = kv_bytes_per_block(model.config, block_size, torch.float32)
+    per_token = per_block // block_size
+    blocks = BlockManager(budget_bytes // per_block, block_size)
+    fitted = 0
+    i = 0
+    while True:
+        w = work[i % len(work)]
+        # Distinct first token per sequence so no prefix is shared: capacity from paging alone.
+        tokens = [i % 7 + 1000] + w.prompt_ids + [0] * w.max_tokens
+        seq = Sequence(request=None, index=0, token_ids=tokens, num_prompt_tokens=len(tokens), seed=0, detok=None)
+        if blocks.allocate(seq) is None:
+            break
+        fitted += 1
+        i += 1
+    contiguous = budget_bytes // (model.config.max_seq_len * per_token)
+    exact = budget_bytes // (statistics.mean(len(w.prompt_ids) + w.max_tokens for w in work) * per_token)
+    return {"budget_bytes": budget_bytes, "paged_sequences": fitted, "contiguous_max_len_sequences": contiguous,
+            "contiguous_exact_len_sequences": int(exact)}
+
+
+# --- report ---------------------------------------------------------------------------------
+def draw(sweep: list[dict[str, float]], hf: dict[str, float], bare: dict[str, float], path: Path,
+         rate: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [r["concurrency"] for r in sweep]
+    ax.plot(xs, [r[rate] for r in sweep], marker="o", label="sol engine (max_num_seqs = concurrency)")
+    ax.axhline(hf[rate], color="tab:red", ls="--", label=f"transformers generate, batch {hf['batch']}")
+    ax.axhline(bare[rate], color="tab:green", ls=":",
+               label=f"bare forward loop, batch {bare['batch']} (uniform lengths)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("generated tokens / CPU-second" if rate == "tokens_per_cpu_s" else "generated tokens / s")
+    ax.set_title("sol engine throughput vs concurrency (CPU, fp32)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(result: BenchResult) -> None:
+    print()
+    print(f"{'ratio (' + result.setup['clock'] + ' clock)':<30} {'value':>10} {'target':>10}  ok")
+    for name, value in result.ratios.items():
+        op, target = TARGETS[name]
+        ok = value >= target if op == ">=" else value <= target
+        print(f"{name:<30} {value:>10.3f} {op + ' ' + str(target):>10}  {'yes' if ok else 'NO'}")
+    m = result.measurements
+    print(f"{'kv_bytes_per_token':<30} {m['kv_bytes_per_token']:>10}")
+    print(f"{'peak_rss_mib':<30} {m['peak_rss_mib']:>10.0f}")
+
+
+def default_out() -> Path:
+    return Path(os.environ.get("SOL_HOME") or Path.home() / ".sol") / "bench" / "engine"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model, tokenizer, model_desc, texts = build_model(args)
+    stream = token_stream(tokenizer, texts, 20000)
+    quick = args.quick
+    n = args.concurrency
+    total = args.requests or n * (2 if quick else 3)
+    prompt_range = (16, 128) if quick else (16, 256)
+    output_range = (16, 64) if quick else (32, 128)
+    work = mixed_workload(stream, total, prompt_range, output_range, args.seed)
+    # On a shared machine wall time measures the neighbours as much as sol. With one
+    # thread, process CPU time is the time the same work takes on a dedicated core; with
+    # several, idle spinning would count, so wall time is used.
+    clock = args.clock or ("cpu" if torch.get_num_threads() == 1 else "wall")
+    rate = "tokens_per_cpu_s" if clock == "cpu" else "tokens_per_s"
+    result = BenchResult(setup={
+        "model": model_desc, "parameters": model.num_parameters(), "threads": torch.get_num_threads(),
+        "device": "cpu", "dtype": "float32", "concurrency": n, "requests": total,
+        "prompt_tokens_range": prompt_range,
+        "output_tokens_range": output_range, "quick": quick, "torch": torch.__version__,
+        "clock": clock, "load_average_at_start": os.getloadavg()[0],
+    })
+    print(f"sol bench engine: {model_desc}, {model.num_parameters() / 1e6:.1f}M parameters, "
+          f"{torch.get_num_threads()} threads, {total} requests from {n} closed-loop clients", flush=True)
+
+    # Warm-up: first calls allocate and pick kernels.
+    warm = _engine(model, tokenizer)
+    run_engine(warm, work[:4])
+    warm.shutdown()
+
+    print("throughput vs concurrency:", flush=True)
+    levels = [1, 4, 16, n] if quick else [1, 2, 4, 8, 16, n]
+    levels = sorted(set(levels))
+    # Low concurrency is slow; a prefix of the workload gives its rate.
+    per_level = {1: 4 if quick else 8, 2: 8 if quick else 16}
+    result.sweep = throughput_sweep(model, tokenizer, work, levels, per_level)
+    by_c = {r["concurrency"]: r for r in result.sweep}
+    continuous = by_c[n][rate]
+    result.ratios["continuous_vs_one_at_a_time"] = continuous / by_c[1][rate]
+
+    print("transformers generate (padded batches)...", flush=True)
+    hf = hf_generate(model, tokenizer, work, batch_size=n)
+    hf["batch"] = n
+    result.measurements["hf_generate"] = hf
+    result.ratios["engine_vs_hf_generate"] = continuous / hf[rate]
+
+    print("bare forward loop vs engine at the same batch size...", flush=True)
+    uniform_prompt, uniform_new = (64, 48) if quick else (128, 96)
+    prompt = stream[:uniform_prompt]
+    bare = bare_forward(model, prompt, n, uniform_new)
+    bare["batch"] = n
+    engine = _engine(model, tokenizer, max_num_seqs=n, max_num_batched_tokens=max(512, n * uniform_prompt),
+                     enable_prefix_caching=False)
+    try:
+        same = run_engine(engine, [Work(list(prompt), uniform_new) for _ in range(n)])
+    finally:
+        engine.shutdown()
+    result.measurements["bare_forward"] = bare
+    result.measurements["engine_same_batch"] = same
+    result.ratios["engine_vs_bare_forward"] = same[rate] / bare[rate]
+
+    print("prefix cache time to first token...", flush=True)
+    ttft = prefix_ttft(model, tokenizer, stream, repeats=3 if quick else 5)
+    result.measurements["prefix_cache"] = ttft
+    result.ratios["prefix_ttft_warm_over_cold"] = ttft["warm_ttft_s"] / ttft["cold_ttft_s"]
+
+    cap = kv_capacity(model, work, budget_bytes=args.kv_budget_mib << 20, block_size=16)
+    result.measurements["kv_capacity"] = cap
+    result.ratios["kv_capacity_vs_contiguous"] = cap["paged_sequences"] / max(1, cap["contiguous_max_len_sequences"])
+
+    result.measurements["kv_bytes_per_token"] = model.config.kv_bytes_per_token(4)
+    result.measurements["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.measurements["wall_s"] = time.perf_counter() - t0
+    (out / "engine.json").write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
+    draw(result.sweep, hf, bare, out / "engine_throughput.png", rate)
+    print_table(result)
+    print(f"\nwrote {out / 'engine.json'} and {out / 'engine_throughput.png'} "
+          f"({result.measurements['wall_s']:.0f} s)")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", help="output directory (default $SOL_HOME/bench/engine)")
+    parser.add_argument("--quick", action="store_true", help="shorter prompts and outputs, fewer sweep points")
+    parser.add_argument("--preset", default="small", help="model preset when no --model is given")
+    parser.add_argument("--model", help="benchmark a published model instead (name, name:alias, name@version)")
+    parser.add_argument("--registry", help="registry directory (default $SOL_HOME/registry)")
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients (default 32)")
+    parser.add_argument("--requests", type=int, default=0,
+                        help="requests in all (default: 3 per client, 2 with --quick)")
+    parser.add_argument("--kv-budget-mib", type=int, default=64, help="KV budget for the capacity ratio")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clock", choices=["cpu", "wall"],
+                        help="time basis of the ratios (default: cpu with --threads 1, else wall)")
+
+
+def register_bench(bench_subparsers) -> None:
+    """Add `engine` to `sol bench`."""
+    p = bench_subparsers.add_parser("engine", help="serving engine throughput, latency and KV capacity ratios")
+    add_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.engine.bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
