@@ -306,8 +306,8 @@ def kv_capacity(model: GPT, work: list[Work], budget_bytes: int, block_size: int
 
 
 # --- report ---------------------------------------------------------------------------------
-def draw(sweep: list[dict[str, float]], hf: dict[str, float], bare: dict[str, float], path: Path,
-         rate: str) -> None:
+def draw(sweep: list[dict[str, float]], hf: dict[str, float], bare: dict[str, float], same: dict[str, float],
+         path: Path, rate: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,6 +319,8 @@ def draw(sweep: list[dict[str, float]], hf: dict[str, float], bare: dict[str, fl
     ax.axhline(hf[rate], color="tab:red", ls="--", label=f"transformers generate, batch {hf['batch']}")
     ax.axhline(bare[rate], color="tab:green", ls=":",
                label=f"bare forward loop, batch {bare['batch']} (uniform lengths)")
+    ax.plot([bare["batch"]], [same[rate]], marker="*", ms=12, ls="none", color="tab:green",
+            label="sol engine on the bare loop's uniform batch")
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel("concurrent requests")
@@ -425,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
     result.measurements["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result.measurements["wall_s"] = time.perf_counter() - t0
     (out / "engine.json").write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
-    draw(result.sweep, hf, bare, out / "engine_throughput.png", rate)
+    draw(result.sweep, hf, bare, same, out / "engine_throughput.png", rate)
     print_table(result)
     print(f"\nwrote {out / 'engine.json'} and {out / 'engine_throughput.png'} "
           f"({result.measurements['wall_s']:.0f} s)")

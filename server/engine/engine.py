@@ -8,6 +8,7 @@ touched by the engine thread only and needs no lock.
 
 from __future__ import annotations
 
+import copy
 import logging
 import secrets
 import threading
@@ -71,7 +72,11 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = torch.device(config.device) if config.device else default_device()
         self.dtype = config.dtype or default_dtype(self.device)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        param = next(model.parameters())
+        if param.device != self.device or param.dtype != self.dtype:
+            # Convert a copy: the caller's model (a training policy, say) stays as it was.
+            model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
+        self.model = model.eval()
         mc = model.config
         self.max_seq_len = mc.max_seq_len
         if config.num_blocks is not None:

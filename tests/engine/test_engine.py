@@ -277,3 +277,28 @@ def test_burst_of_500_requests_with_aborts_leaves_the_pool_whole(model, prompts,
     engine.blocks.check_whole()
     assert engine.stats().kv_blocks_used == 0
     assert engine.stats().preemptions > 0       # the pool was tight enough to exercise preemption
+
+
+def test_full_queue_raises_overloaded_and_engine_leaves_callers_model_alone(model, tiny_tokenizer):
+    from server.engine.api import EngineOverloaded
+    from server.engine.engine import Engine, EngineConfig
+
+    engine = Engine(model, tiny_tokenizer, EngineConfig(device="cpu", dtype=torch.float32, num_blocks=64,
+                                                        max_waiting=2), start=False)
+    submit(engine, "q1", [1, 2])
+    submit(engine, "q2", [1, 2])
+    with pytest.raises(EngineOverloaded):
+        submit(engine, "q3", [1, 2])
+    with pytest.raises(ValueError, match="already in flight"):
+        submit(engine, "q1", [1, 2])
+    engine.start()
+    engine.shutdown()
+    # A different dtype converts a copy, never the caller's model.
+    half = Engine(model, tiny_tokenizer, EngineConfig(device="cpu", dtype=torch.bfloat16, num_blocks=64))
+    try:
+        assert next(model.parameters()).dtype == torch.float32
+        assert next(half.model.parameters()).dtype == torch.bfloat16
+        out = collect(submit(half, "bf16", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4)), [1, 2, 3], 1)
+        assert len(out.token_ids) == 4
+    finally:
+        half.shutdown()
