@@ -20,6 +20,7 @@ the ledger is billing data. Key layout (prefix `sol:`):
 from __future__ import annotations
 
 import json
+import time
 
 import redis
 from redis.backoff import NoBackoff
@@ -39,6 +40,7 @@ from server.ledger import (
 )
 
 P = "sol:"
+MAX_COOLDOWN_S = 4.0
 
 RECORD_LUA = """
 redis.call('HDEL', KEYS[5], ARGV[1])
@@ -94,19 +96,33 @@ def _key(h: dict) -> KeyInfo:
 
 
 def _unavailable(fn):
-    def wrapper(*args, **kwargs):
+    """Map Redis connection trouble to StoreUnavailable, with a circuit breaker: after a
+    failure, calls fail at once for a cooldown (doubling per failure, up to
+    MAX_COOLDOWN_S) instead of each waiting out a socket timeout, which a partitioned
+    Redis would otherwise add to every request."""
+    def wrapper(self, *args, **kwargs):
+        if time.monotonic() < self._down_until:
+            raise StoreUnavailable("redis unreachable (recent failure; retrying shortly)")
         try:
-            return fn(*args, **kwargs)
+            result = fn(self, *args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as err:
+            self._failures += 1
+            cooldown = min(MAX_COOLDOWN_S, self.cooldown_s * 2 ** (self._failures - 1))
+            self._down_until = time.monotonic() + cooldown
             raise StoreUnavailable(f"redis unreachable: {err}") from err
+        self._failures = 0
+        return result
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
 
 
 class RedisStore:
-    def __init__(self, url: str, timeout_s: float = 1.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 1.0, cooldown_s: float = 0.5) -> None:
         self.url = url
+        self.cooldown_s = cooldown_s
+        self._down_until = 0.0
+        self._failures = 0
         # Short timeouts and no hidden retries: when Redis is away the service must know
         # at once, so it spools and keeps serving instead of stalling requests.
         self._r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,

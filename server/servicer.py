@@ -256,22 +256,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if not self.inflight.add(job):
             raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
                                f"request_id {request_id!r} is already running; wait for it or send a new request_id")
+        admitting = False
         try:
             if await self.accountant.seen(key.key_id, request_id):
                 raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
                                    f"request_id {request_id!r} was already served and billed; send a new "
                                    "request_id to generate again")
             estimate = len(prompt) + params.max_tokens * params.n
+            admitting = True
             admission = await self.quota.admit(key, request_id, estimate)
             if not admission.admitted:
+                admitting = False
                 raise exhausted(admission.reason, admission.retry_after_s)
-            try:
-                self._submit(job)
-            except BaseException:
-                await self.quota.release(key, request_id)
-                raise
+            self._submit(job)
         except BaseException:
             self.inflight.remove(job)
+            if admitting:
+                # Admitted (or possibly admitted: the caller left mid-call) but never run:
+                # give the budget reservation back, off this cancelled task.
+                self._spawn(self.quota.release(key, request_id))
             raise
         return job
 
@@ -363,15 +366,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finally:
             self.inflight.remove(job)
 
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
     def _finally(self, job: Job | None) -> None:
         if job is None:
             return
         if job.billed or job.stream is None:
             self.inflight.remove(job)
             return
-        task = asyncio.get_running_loop().create_task(self._abandon(job))
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        self._spawn(self._abandon(job))
 
     async def _unary(self, request, context, method: str, chat: bool):
         job: Job | None = None

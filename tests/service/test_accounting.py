@@ -138,6 +138,9 @@ def test_ledger_totals_equal_what_clients_received(ledger, tiny_checkpoint, tmp_
             # dropped clients included) before the client asks what dropped requests cost.
             inference = server.app.inference
             wait_for(lambda: not inference.inflight.jobs and not inference.background, message="requests to settle")
+            # ... and, after an outage, once the ledger store takes writes again.
+            wait_for(lambda: len(server.app.spool) == 0 and server.app.accountant.store_up, timeout=30,
+                     message="the spool to drain")
             with Client(server.target, api_key=key) as c:
                 for rid in out.lookup:
                     try:
@@ -168,4 +171,45 @@ def test_ledger_totals_equal_what_clients_received(ledger, tiny_checkpoint, tmp_
             (key_row,) = [k for k in admin.list_keys() if k.key_id == info.key_id]
             assert key_row.tokens_used == t.total_tokens
     finally:
+        server.stop()
+
+
+def test_partitioned_redis_does_not_stall_serving(tiny_checkpoint, tmp_path, durable_redis):
+    """Redis that accepts connections and never answers (a network partition): requests
+    keep their speed (the breaker stops them each waiting out a socket timeout), usage
+    is spooled, and replayed exactly once Redis is back."""
+    import socket
+    import time
+
+    registry, _ = tiny_checkpoint
+    server = RunningServer(registry.root, tmp_path / "home", redis_url=durable_redis.url,
+                           store_timeout_s=0.5).start()
+    blackhole = None
+    try:
+        with Client(server.target, admin_key=ADMIN_KEY) as admin, \
+                Client(server.target, api_key=admin.create_key("partition")[0]) as c:
+            info = [k for k in admin.list_keys() if k.name == "partition"][0]
+            usages = [c.chat([{"role": "user", "content": "warm"}], model="tiny", max_tokens=2).usage]
+            durable_redis.stop()
+            blackhole = socket.socket()
+            blackhole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            blackhole.bind(("127.0.0.1", durable_redis.port))
+            blackhole.listen(128)
+            t0 = time.monotonic()
+            for i in range(20):
+                usages.append(c.chat([{"role": "user", "content": f"q{i}"}], model="tiny", max_tokens=2).usage)
+            elapsed = time.monotonic() - t0
+            # Without the breaker each request waits out >= 0.5 s of socket timeout (>= 10 s).
+            assert elapsed < 6, elapsed
+            assert len(server.app.spool) > 0
+            blackhole.close()
+            blackhole = None
+            durable_redis.start()
+            report = wait_for(lambda: (r := admin.usage(key_id=info.key_id)).spooled_records == 0
+                              and r.total.requests == 21 and r, timeout=30, message="replay")
+            assert report.total.prompt_tokens == sum(u.prompt_tokens for u in usages)
+            assert report.total.completion_tokens == sum(u.completion_tokens for u in usages)
+    finally:
+        if blackhole is not None:
+            blackhole.close()
         server.stop()
