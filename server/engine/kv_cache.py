@@ -69,7 +69,12 @@ def plan_attention(rows: list[RowSpec], block_size: int, device: torch.device) -
 
     groups = []
     is_decode = q_lens == 1
-    for members in (torch.nonzero(is_decode).flatten(), torch.nonzero(~is_decode).flatten()):
+    fresh = ~is_decode & (starts == 0)
+    # A prompt computed from its first token attends only to its own new keys: it gets a
+    # causal kernel of its own, with no gather and no padding to its batch mates' lengths.
+    members_list = [torch.nonzero(is_decode).flatten(), torch.nonzero(~is_decode & ~fresh).flatten()]
+    members_list += [m.view(1) for m in torch.nonzero(fresh).flatten()]
+    for members in members_list:
         if members.numel():
             groups.append(_group(members, q_lens, starts, offsets, tables, block_size, device))
     return AttentionPlan(slot_mapping=slots.to(device), positions=pos.to(device), groups=groups,
@@ -86,16 +91,19 @@ def _group(members: torch.Tensor, q_lens: torch.Tensor, starts: torch.Tensor, of
     valid_q = qi[None, :] < ql[:, None]                                   # (R, Q)
     # Padded query slots repeat the row's last real token; their output is dropped.
     token_index = off[:, None] + torch.minimum(qi[None, :], ql[:, None] - 1)
-    kj = torch.arange(kv_len)
-    mask = (kj[None, None, :] <= (st[:, None, None] + qi[None, :, None])) & (kj[None, None, :] < ctx[:, None, None])
-    needs_mask = not bool(mask.all())
-    all_valid = bool(valid_q.all())
     fresh = (int(off[0]), int(off[0] + ql[0])) if len(members) == 1 and int(st[0]) == 0 and q_max > 1 else None
+    mask = None
+    if fresh is None:
+        kj = torch.arange(kv_len)
+        mask = (kj[None, None, :] <= (st[:, None, None] + qi[None, :, None])) & (kj[None, None, :] < ctx[:, None, None])
+        if bool(mask.all()):
+            mask = None
+    all_valid = bool(valid_q.all())
     return AttentionGroup(
         token_index=token_index.to(device),
         block_tables=tables[members, :n_blocks].reshape(-1).to(device),
         kv_len=kv_len,
-        mask=mask[:, None].to(device) if needs_mask else None,
+        mask=mask[:, None].to(device) if mask is not None else None,
         dst=token_index[valid_q].to(device),
         src=None if all_valid else torch.nonzero(valid_q.flatten()).flatten().to(device),
         fresh=fresh,
@@ -139,12 +147,12 @@ class PagedKVCache:
             out = torch.empty_like(qt)
             for g in plan.groups:
                 rows, q_max = g.token_index.shape
-                qg = qt[g.token_index].permute(0, 2, 1, 3)                         # (R, H, Q, D)
                 if g.fresh is not None:
                     lo, hi = g.fresh
-                    kg, vg = k[:, :, lo:hi], v[:, :, lo:hi]
-                    o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=True)
+                    o = F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi],
+                                                       is_causal=True, enable_gqa=True)
                 else:
+                    qg = qt[g.token_index].permute(0, 2, 1, 3)                     # (R, H, Q, D)
                     # index_select is about twice as fast as advanced indexing here.
                     kg = kc.index_select(0, g.block_tables).view(rows, -1, kvh, hd)[:, :g.kv_len].permute(0, 2, 1, 3)
                     vg = vc.index_select(0, g.block_tables).view(rows, -1, kvh, hd)[:, :g.kv_len].permute(0, 2, 1, 3)

@@ -302,3 +302,23 @@ def test_full_queue_raises_overloaded_and_engine_leaves_callers_model_alone(mode
         assert len(out.token_ids) == 4
     finally:
         half.shutdown()
+
+
+def test_a_failing_step_aborts_in_flight_requests_and_the_engine_keeps_serving(model, prompts, make_engine):
+    engine = make_engine(model, block_size=4, num_blocks=64)
+    real = engine.runner.execute
+    calls = {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated kernel failure")
+        return real(batch)
+
+    engine.runner.execute = flaky
+    events = list(submit(engine, "doomed", prompts[0]))
+    assert [e.finish_reason for e in events if isinstance(e, ChoiceFinished)] == ["abort"]
+    assert isinstance(events[-1], RequestFinished)
+    engine.blocks.check_whole()
+    out = collect(submit(engine, "fine", prompts[0]), prompts[0], 1)
+    assert out.token_ids == reference_greedy(model, prompts[0], GREEDY.max_tokens)
