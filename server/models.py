@@ -195,6 +195,15 @@ class ModelManager:
             names.append(f"{name}@{version}" + (f" ({', '.join(name + ':' + a for a in aliases)})" if aliases else ""))
         return ", ".join(names) or "none (no model is loaded yet)"
 
+    def checkout(self, ref: str) -> LoadedModel:
+        """Resolve `ref` and count a request in flight on it, atomically: a version that
+        hot-load retires can never be handed out after its last request was counted.
+        The caller must `release()` it when the request ends."""
+        with self._lock:
+            model = self.resolve(ref)
+            model.acquire()
+            return model
+
     def is_loaded(self, name: str, version: int) -> bool:
         with self._lock:
             return (name, version) in self._loaded

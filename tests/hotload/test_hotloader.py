@@ -1,0 +1,114 @@
+"""The hot-loader against a real model manager and real engines (no gRPC): new versions
+swap in, broken ones are refused, retired versions release their engines."""
+
+import gc
+import weakref
+
+import pytest
+
+from server.engine.engine import EngineConfig
+from server.hotload import HotLoadConfig, HotLoader
+from server.models import ModelManager, default_engine_factory
+from tests.hotload.helpers import expected_text, publish_broken, publish_seeded
+from tests.service.harness import wait_for
+
+
+@pytest.fixture
+def manager(registry):
+    m = ModelManager(registry, default_engine_factory(EngineConfig(num_blocks=64, block_size=8)))
+    yield m
+    m.shutdown()
+
+
+@pytest.fixture
+def hotloader(manager, registry):
+    loaders = []
+
+    def make(**config):
+        h = HotLoader(manager, registry, HotLoadConfig(poll_interval_s=0.2, **config))
+        loaders.append(h)
+        h.start()
+        return h
+
+    yield make
+    for h in loaders:
+        h.stop()
+
+
+def served_version(manager, ref="m"):
+    try:
+        return manager.resolve(ref).version
+    except LookupError:
+        return None
+
+
+def test_new_version_swaps_in_and_the_old_one_is_released(registry, tiny_tokenizer, manager, hotloader):
+    publish_seeded(registry, tiny_tokenizer, seed=1, aliases=("sft",))
+    manager.load_default([])
+    h = hotloader()
+    old = manager.resolve("m")
+    old_engine, old_model = weakref.ref(old.engine), weakref.ref(old.engine.model)
+    assert old.version == 1
+    del old
+
+    publish_seeded(registry, tiny_tokenizer, seed=2, aliases=("sft",))
+    wait_for(lambda: served_version(manager) == 2, message="version 2 served")
+    assert served_version(manager, "m:sft") == 2
+    assert [m.version for m in manager.models()] == [2]
+    assert h.wait_retired()
+    gc.collect()
+    assert old_engine() is None and old_model() is None, "retired weights are still referenced"
+    assert expected_text(registry, "m@2") != expected_text(registry, "m@1")
+
+
+def test_broken_checkpoint_is_refused_and_the_old_version_keeps_serving(registry, tiny_tokenizer, manager,
+                                                                        hotloader):
+    publish_seeded(registry, tiny_tokenizer, seed=1)
+    manager.load_default([])
+    outcomes = []
+    h = hotloader()
+    h.on_outcome = outcomes.append
+    broken = publish_broken(registry, tiny_tokenizer)
+    wait_for(lambda: any(not o.ok for o in outcomes), message="the broken version refused")
+    refused = next(o for o in outcomes if not o.ok)
+    assert refused.ref == broken.ref and "model.safetensors" in refused.error
+    assert served_version(manager) == 1
+    publish_seeded(registry, tiny_tokenizer, seed=3)
+    wait_for(lambda: served_version(manager) == 3, message="the next good version served")
+
+
+def test_requests_in_flight_finish_on_their_version(registry, tiny_tokenizer, manager, hotloader):
+    from gpt.chat import chat_prompt_ids
+    from server.engine.api import EngineRequest, RequestFinished, SamplingParams
+
+    publish_seeded(registry, tiny_tokenizer, seed=1)
+    manager.load_default([])
+    h = hotloader()
+    old = manager.checkout("m")
+    stream = old.engine.submit(EngineRequest("long", chat_prompt_ids(tiny_tokenizer, [{"role": "user", "content": "hi"}]),
+                                             SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)))
+    publish_seeded(registry, tiny_tokenizer, seed=2)
+    wait_for(lambda: served_version(manager) == 2, message="version 2 served")
+    assert not h.wait_retired(timeout_s=0.2), "a version with a request in flight must not be retired yet"
+    events = list(stream)
+    old.release()
+    assert isinstance(events[-1], RequestFinished) and events[-1].usage.completion_tokens == 60
+    assert h.wait_retired()
+
+
+def test_followed_refs_limit_what_loads(registry, tiny_tokenizer, manager, hotloader):
+    publish_seeded(registry, tiny_tokenizer, seed=1, aliases=("base",))
+    manager.load("m:base")
+    hotloader(follow=["m:base"])
+    publish_seeded(registry, tiny_tokenizer, seed=2, aliases=("sft",))     # moves latest and sft only
+    publish_seeded(registry, tiny_tokenizer, seed=3, aliases=("base",))
+    wait_for(lambda: served_version(manager, "m:base") == 3, message="base follows")
+    assert not manager.is_loaded("m", 2)
+
+
+def test_models_appearing_after_start_are_loaded(registry, tiny_tokenizer, manager, hotloader):
+    hotloader()
+    assert not manager.ready
+    publish_seeded(registry, tiny_tokenizer, seed=1, name="fresh", aliases=("base",))
+    wait_for(lambda: manager.ready, message="a model loaded")
+    assert served_version(manager, "fresh:base") == 1
