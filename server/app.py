@@ -101,7 +101,10 @@ class App:
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)
         address = f"{c.host}:{c.port}"
-        self.port = self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if not self.port:
             raise OSError(f"cannot listen on {address} (port taken?); pick another with --port")
         await self.server.start()
@@ -143,23 +146,31 @@ class App:
         else:
             self._loop.create_task(self.health.set_models_ready(ready))
 
-    async def drain(self) -> None:
+    async def drain(self, quiet: bool = False) -> None:
         """Readiness first, then no new requests, then wait for the running ones (up to
         the grace period), bill what was cut short, flush the ledger."""
         grace = self.config.grace_period_s
         await self.health.start_drain()
         self.metrics.ready.set(0)
         self.inference.draining = True
-        print(f"sol: draining: {len(self.inference.inflight.jobs)} requests in flight, grace {grace:.0f} s",
-              file=sys.stderr, flush=True)
+        if not quiet:
+            print(f"sol: draining: {len(self.inference.inflight.jobs)} requests in flight, grace {grace:.0f} s",
+                  file=sys.stderr, flush=True)
         try:
             await asyncio.wait_for(self.inference.inflight.empty.wait(), timeout=grace)
         except TimeoutError:
             log.warning("grace period over with %d requests in flight; cancelling them",
                         len(self.inference.inflight.jobs))
         await self.server.stop(grace=1.0)
-        if self.inference.background:
-            await asyncio.wait(list(self.inference.background), timeout=10.0)
+        # Handlers cut off by the stop finish their cleanup on later loop turns: wait for
+        # every request to leave and for the billing of the cut-off ones.
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while (self.inference.inflight.jobs or self.inference.background) and \
+                asyncio.get_running_loop().time() < deadline:
+            if self.inference.background:
+                await asyncio.wait(list(self.inference.background), timeout=0.1)
+            else:
+                await asyncio.sleep(0.01)
         await self.prices.close()
         await self.accountant.close()
         await asyncio.get_running_loop().run_in_executor(None, self.models.shutdown)
@@ -168,8 +179,9 @@ class App:
         self.store.close()
         self.executor.shutdown(wait=False)
         left = len(self.spool)
-        print("sol: stopped" + (f"; {left} usage records stay spooled for the next start" if left else ""),
-              file=sys.stderr, flush=True)
+        if not quiet or left:
+            print("sol: stopped" + (f"; {left} usage records stay spooled for the next start" if left else ""),
+                  file=sys.stderr, flush=True)
         self._stopped.set()
 
     async def run_until_signal(self) -> int:
@@ -183,7 +195,7 @@ class App:
         if loader in done and loader.exception() is not None:
             err = loader.exception()
             waiter.cancel()
-            await self.drain()
+            await self.drain(quiet=True)
             if isinstance(err, RegistryError | CheckpointError | OSError | ValueError):
                 print(f"sol: error: {err}", file=sys.stderr)
                 return 2

@@ -95,3 +95,40 @@ def test_async_client(server, key):
             assert done[0].finish_reasons[0] == "abort" and done[0].usage.completion_tokens < 40
             assert all(s.usage.completion_tokens == 40 for s in done[1:])
     asyncio.run(go())
+
+
+def test_grace_period_over_cuts_streams_and_bills_them(tiny_tokenizer, tmp_path):
+    import threading
+
+    from gpt.registry import Registry, publish_checkpoint
+    from server.ledger_sqlite import SqliteStore
+    from tests.conftest import make_tiny_model
+
+    registry = Registry(tmp_path / "registry")
+    publish_checkpoint(registry, "tiny", make_tiny_model(tiny_tokenizer, max_seq_len=2048), tiny_tokenizer,
+                       {"stage": "base"})
+    s = RunningServer(registry.root, tmp_path / "home", grace_period_s=0.5).start()
+    with Client(s.target, admin_key=ADMIN_KEY) as admin:
+        key, info = admin.create_key("grace")
+    errors, seen = [], []
+    first = threading.Event()
+
+    def long_stream() -> None:
+        with Client(s.target, api_key=key, retries=0) as c:
+            try:
+                for chunk in c.chat_stream(MSG, model="tiny", max_tokens=1900, ignore_eos=True):
+                    seen.append(sum(len(d.token_ids) for d in chunk.deltas))
+                    first.set()
+            except SolError as err:
+                errors.append(err)
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    first.wait(30)
+    s.stop()                          # drain: grace 0.5 s, then the stream is cut
+    t.join(30)
+    assert errors and errors[0].code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    store = SqliteStore(tmp_path / "home" / "ledger.sqlite3")
+    (row,) = store.usage(key_id=info.key_id)
+    store.close()
+    assert row.requests == 1 and sum(seen) <= row.completion_tokens < 1900
