@@ -226,12 +226,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except AuthError as err:
             raise auth_error(err) from None
 
-    def _resolve(self, ref: str) -> LoadedModel:
+    def _resolve(self, ref: str, checkout: bool = False) -> LoadedModel:
+        """The loaded version `ref` names; with `checkout`, counted as in use (hot-load
+        retires a version only after its last user released it)."""
         if not ref:
             raise invalid("model is empty: name one, e.g. NAME, NAME:ALIAS or NAME@VERSION "
                           "(ListModels shows what is served)")
         try:
-            return self.models.resolve(ref)
+            return self.models.checkout(ref) if checkout else self.models.resolve(ref)
         except ModelNotFound as err:
             raise not_found(str(err)) from None
         except RegistryError as err:
@@ -242,22 +244,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise unavailable("this server is shutting down and takes no new requests; retry (another "
                               "replica will answer)")
         key = await self._authenticate(context)
-        model = self._resolve(request.model)
+        model = self._resolve(request.model, checkout=True)
         labels["model"] = model.name
-        params, given = validation.sampling_params(request.params, model.engine.model.config.vocab_size)
-        if chat:
-            msgs = validation.messages(request.messages, self.config.max_messages, self.config.max_prompt_chars)
-            prompt = validation.chat_prompt(model.tokenizer, msgs)
-        else:
-            prompt = validation.raw_prompt(model.tokenizer, request.prompt, self.config.max_prompt_chars)
-        params = validation.fit_context(params, given, len(prompt), model.max_context, self.config.default_max_tokens)
-        request_id = validation.request_id(request.request_id) if request.request_id else uuid.uuid4().hex
-        job = Job(key=key, model=model, request_id=request_id, prompt_ids=prompt, params=params, chat=chat)
-        if not self.inflight.add(job):
-            raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
-                               f"request_id {request_id!r} is already running; wait for it or send a new request_id")
         admitting = False
+        job: Job | None = None
         try:
+            params, given = validation.sampling_params(request.params, model.engine.model.config.vocab_size)
+            if chat:
+                msgs = validation.messages(request.messages, self.config.max_messages, self.config.max_prompt_chars)
+                prompt = validation.chat_prompt(model.tokenizer, msgs)
+            else:
+                prompt = validation.raw_prompt(model.tokenizer, request.prompt, self.config.max_prompt_chars)
+            params = validation.fit_context(params, given, len(prompt), model.max_context,
+                                            self.config.default_max_tokens)
+            request_id = validation.request_id(request.request_id) if request.request_id else uuid.uuid4().hex
+            job = Job(key=key, model=model, request_id=request_id, prompt_ids=prompt, params=params, chat=chat)
+            if not self.inflight.add(job):
+                job = None
+                raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running; "
+                                                                   "wait for it or send a new request_id")
             if await self.accountant.seen(key.key_id, request_id):
                 raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
                                    f"request_id {request_id!r} was already served and billed; send a new "
@@ -270,11 +275,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise exhausted(admission.reason, admission.retry_after_s)
             self._submit(job)
         except BaseException:
-            self.inflight.remove(job)
+            model.release()
+            if job is not None:
+                self.inflight.remove(job)
             if admitting:
                 # Admitted (or possibly admitted: the caller left mid-call) but never run:
                 # give the budget reservation back, off this cancelled task.
-                self._spawn(self.quota.release(key, request_id))
+                self._spawn(self.quota.release(key, job.request_id))
             raise
         return job
 
@@ -291,7 +298,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise exhausted(f"model {job.model.ref} is overloaded ({err}); retry with backoff", 1.0) from None
         except ValueError as err:
             raise invalid(str(err)) from None
-        job.model.acquire()
 
     def _absorb(self, job: Job, events) -> tuple[dict[int, pb.ChoiceDelta], RequestFinished | None]:
         """Fold engine events into the job; returns this batch's per-choice deltas."""

@@ -138,6 +138,8 @@ def test_ledger_totals_equal_what_clients_received(ledger, tiny_checkpoint, tmp_
             # dropped clients included) before the client asks what dropped requests cost.
             inference = server.app.inference
             wait_for(lambda: not inference.inflight.jobs and not inference.background, message="requests to settle")
+            # Every checkout of the model was given back (hot-load retires versions on this count).
+            assert [m.in_flight for m in server.app.models.models()] == [0]
             # ... and, after an outage, once the ledger store takes writes again.
             wait_for(lambda: len(server.app.spool) == 0 and server.app.accountant.store_up, timeout=30,
                      message="the spool to drain")
