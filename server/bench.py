@@ -153,6 +153,23 @@ def run_grpc(target: str, api_key: str, prompts: list[str], clients: int, max_to
     return run
 
 
+def _in_process_child(path: str, device: str | None, prompts: list[str], clients: int, max_tokens: int) -> Run:
+    cpu0 = _own_cpu_seconds()
+    run = run_in_process(Path(path), device, prompts, clients, max_tokens)
+    run.cpu = {"cpu_s": _own_cpu_seconds() - cpu0}
+    return run
+
+
+def _in_fresh_process(path: Path, device: str | None, prompts: list[str], clients: int, max_tokens: int) -> Run:
+    """The in-process baseline runs in a fresh process too, like the server: neither side
+    inherits this process's threads, heap or imported libraries."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_in_process_child, str(path), device, prompts, clients, max_tokens).result()
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (Linux /proc), 0 where unavailable."""
     try:
@@ -238,9 +255,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             # Alternate the two, several rounds, and keep each side's best: on a shared
             # machine other work slows single runs down, never speeds them up.
             for r in range(args.rounds):
-                cpu0 = _own_cpu_seconds()
-                local = run_in_process(resolved.path, args.device, prompts, args.clients, args.max_tokens)
-                local.cpu = {"cpu_s": _own_cpu_seconds() - cpu0}
+                local = _in_fresh_process(resolved.path, args.device, prompts, args.clients, args.max_tokens)
                 locals_.append(local)
                 server_cpu0, client_cpu0 = _cpu_seconds(proc.pid), _own_cpu_seconds()
                 remote = run_grpc(target, key, prompts, args.clients, args.max_tokens,
@@ -282,7 +297,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     for label, k, fmt in rows:
         ratio = b[k] / a[k] if a[k] else float("nan")
         print(f"{label:16}{fmt.format(a[k]):>14}{fmt.format(b[k]):>14}{ratio:>14.2f}")
-    print(f"CPU seconds (best rounds): in-process {local_cpu:.1f} (warm-up included); gRPC: server "
+    print(f"CPU seconds (best rounds): in-process {local_cpu:.1f} (model load and warm-up included); gRPC: server "
           f"{cpu['server_cpu_s']:.1f}, clients {cpu['client_cpu_s']:.1f}")
     r = ratios["tokens_per_s_grpc_over_in_process"]
     print(f"\ntokens/s ratio gRPC / in-process: {r:.2f} (target >= {TARGET_RATIO}: "
