@@ -106,11 +106,15 @@ def mixed_workload(stream: list[int], n: int, prompt_range: tuple[int, int], out
 
 
 # --- measurements -----------------------------------------------------------------------------
+def _dtype(model: GPT) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 def _engine(model: GPT, tokenizer: SolTokenizer, **config: Any):
     from server.engine.engine import Engine, EngineConfig
 
     config.setdefault("device", "cpu")
-    config.setdefault("dtype", torch.float32)
+    config.setdefault("dtype", _dtype(model))
     config.setdefault("num_blocks", 1024)
     return Engine(model, tokenizer, EngineConfig(**config))
 
@@ -189,6 +193,7 @@ def hf_generate(model: GPT, tokenizer: SolTokenizer, work: list[Work], batch_siz
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
     hf.load_state_dict(to_hf_state(model), strict=False)
     hf.tie_weights()
+    hf.to(_dtype(model))
     useful = produced = 0
     start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(0, len(work), batch_size):
@@ -214,7 +219,7 @@ class ContiguousCache:
 
     def __init__(self, model: GPT, batch: int, max_len: int) -> None:
         c = model.config
-        self.k = torch.zeros(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim)
+        self.k = torch.zeros(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=_dtype(model))
         self.v = torch.zeros_like(self.k)
         self.pos = 0
 
@@ -285,7 +290,7 @@ def kv_capacity(model: GPT, work: list[Work], budget_bytes: int, block_size: int
     from server.engine.kv_cache import kv_bytes_per_block
     from server.engine.sequence import Sequence
 
-    per_block = kv_bytes_per_block(model.config, block_size, torch.float32)
+    per_block = kv_bytes_per_block(model.config, block_size, _dtype(model))
     per_token = per_block // block_size
     blocks = BlockManager(budget_bytes // per_block, block_size)
     fitted = 0
@@ -307,7 +312,7 @@ def kv_capacity(model: GPT, work: list[Work], budget_bytes: int, block_size: int
 
 # --- report ---------------------------------------------------------------------------------
 def draw(sweep: list[dict[str, float]], hf: dict[str, float], bare: dict[str, float], same: dict[str, float],
-         path: Path, rate: str) -> None:
+         path: Path, rate: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,7 +330,7 @@ def draw(sweep: list[dict[str, float]], hf: dict[str, float], bare: dict[str, fl
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("generated tokens / CPU-second" if rate == "tokens_per_cpu_s" else "generated tokens / s")
-    ax.set_title("sol engine throughput vs concurrency (CPU, fp32)")
+    ax.set_title(f"sol engine throughput vs concurrency (CPU, {title})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -356,6 +361,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, tokenizer, model_desc, texts = build_model(args)
+    if args.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
     stream = token_stream(tokenizer, texts, 20000)
     quick = args.quick
     n = args.concurrency
@@ -370,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
     rate = "tokens_per_cpu_s" if clock == "cpu" else "tokens_per_s"
     result = BenchResult(setup={
         "model": model_desc, "parameters": model.num_parameters(), "threads": torch.get_num_threads(),
-        "device": "cpu", "dtype": "float32", "concurrency": n, "requests": total,
+        "device": "cpu", "dtype": str(_dtype(model)).removeprefix("torch."), "concurrency": n, "requests": total,
         "prompt_tokens_range": prompt_range,
         "output_tokens_range": output_range, "quick": quick, "torch": torch.__version__,
         "clock": clock, "load_average_at_start": os.getloadavg()[0],
@@ -423,11 +430,12 @@ def run(args: argparse.Namespace) -> int:
     result.measurements["kv_capacity"] = cap
     result.ratios["kv_capacity_vs_contiguous"] = cap["paged_sequences"] / max(1, cap["contiguous_max_len_sequences"])
 
-    result.measurements["kv_bytes_per_token"] = model.config.kv_bytes_per_token(4)
+    result.measurements["kv_bytes_per_token"] = model.config.kv_bytes_per_token(
+        torch.empty((), dtype=_dtype(model)).element_size())
     result.measurements["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result.measurements["wall_s"] = time.perf_counter() - t0
     (out / "engine.json").write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
-    draw(result.sweep, hf, bare, same, out / "engine_throughput.png", rate)
+    draw(result.sweep, hf, bare, same, out / "engine_throughput.png", rate, result.setup["dtype"])
     print_table(result)
     print(f"\nwrote {out / 'engine.json'} and {out / 'engine_throughput.png'} "
           f"({result.measurements['wall_s']:.0f} s)")
@@ -446,6 +454,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-budget-mib", type=int, default=64, help="KV budget for the capacity ratio")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights and KV cache dtype for every contender (default float32)")
     parser.add_argument("--clock", choices=["cpu", "wall"],
                         help="time basis of the ratios (default: cpu with --threads 1, else wall)")
 
