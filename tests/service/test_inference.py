@@ -95,3 +95,25 @@ def test_list_models(client):
     (m,) = client.list_models()
     assert (m.name, m.version, m.stage) == ("tiny", 1, "base")
     assert set(m.aliases) >= {"base", "latest"}
+
+
+def test_logprobs_and_stop_strings(client):
+    r = client.chat(MESSAGES, model="tiny", max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    lps = r.choices[0].logprobs
+    assert len(lps) == 6 and all(len(lp.top) == 2 and lp.logprob <= 0 for lp in lps)
+    text = client.chat(MESSAGES, model="tiny", max_tokens=24, temperature=0, ignore_eos=True).text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    if not stop.strip():
+        pytest.skip("greedy text has no usable stop string")
+    cut = client.chat(MESSAGES, model="tiny", max_tokens=24, temperature=0, ignore_eos=True, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert stop not in cut.text and text.startswith(cut.text)
+
+
+def test_completion_stream(client, tiny_tokenizer):
+    stream = client.complete_stream("Once upon a time", model="tiny", max_tokens=7, ignore_eos=True, seed=3)
+    chunks = list(stream)
+    assert chunks[-1].final and stream.usage.completion_tokens == 7
+    assert stream.usage.prompt_tokens == len(tiny_tokenizer.encode("Once upon a time"))
+    again = client.complete("Once upon a time", model="tiny", max_tokens=7, ignore_eos=True, seed=3)
+    assert again.text == stream.text                 # a seed reproduces the sample
