@@ -256,7 +256,8 @@ def prefix_ttft(model: GPT, tokenizer: SolTokenizer, stream: list[int], repeats:
     cache) vs warm (the system prompt's blocks cached by an earlier request)."""
     from server.engine.api import Delta, EngineRequest, SamplingParams
 
-    system = stream[:512]
+    # 512 tokens, or what the model's context leaves room for beside the question.
+    system = stream[:min(512, model.config.max_seq_len - 24)]
     questions = [stream[600 + 40 * i: 620 + 40 * i] for i in range(repeats + 1)]
 
     def ttft(engine, prompt: list[int]) -> float:
@@ -367,8 +368,10 @@ def run(args: argparse.Namespace) -> int:
     quick = args.quick
     n = args.concurrency
     total = args.requests or n * (2 if quick else 3)
-    prompt_range = (16, 128) if quick else (16, 256)
+    ctx = model.config.max_seq_len
     output_range = (16, 64) if quick else (32, 128)
+    output_range = (min(output_range[0], ctx // 4), min(output_range[1], ctx // 4))
+    prompt_range = (16, min(128 if quick else 256, ctx - output_range[1]))
     work = mixed_workload(stream, total, prompt_range, output_range, args.seed)
     # On a shared machine wall time measures the neighbours as much as sol. With one
     # thread, process CPU time is the time the same work takes on a dedicated core; with
@@ -408,6 +411,7 @@ def run(args: argparse.Namespace) -> int:
 
     print("bare forward loop vs engine at the same batch size...", flush=True)
     uniform_prompt, uniform_new = (64, 48) if quick else (128, 96)
+    uniform_new = min(uniform_new, ctx - uniform_prompt)
     prompt = stream[:uniform_prompt]
     bare = bare_forward(model, prompt, n, uniform_new)
     bare["batch"] = n

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+from gpt.chat import Message, chat_prompt_ids, chat_stop_ids
 from gpt.model import GPT
 from gpt.tokenizer import SolTokenizer
 from server.engine.api import ChoiceFinished, Delta, EngineRequest, RequestFinished, SamplingParams, Usage
@@ -54,23 +55,39 @@ def collect(stream, prompt_ids: list[int], n: int) -> GenerationOutput:
     return GenerationOutput(request_id=stream.request_id, prompt_ids=prompt_ids, choices=choices, usage=usage)
 
 
-def generate(model: GPT, tokenizer: SolTokenizer, prompts: list[str] | list[list[int]],
+Prompt = str | list[int] | list[dict] | list[Message]
+
+
+def _prompt_ids(tokenizer: SolTokenizer, prompt: Prompt) -> tuple[list[int], bool]:
+    """Token ids, and whether the prompt was a chat (messages rendered by the template)."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt), False
+    if prompt and isinstance(prompt[0], dict | Message):
+        return chat_prompt_ids(tokenizer, prompt), True  # type: ignore[arg-type]
+    return list(prompt), False  # type: ignore[arg-type]
+
+
+def generate(model: GPT, tokenizer: SolTokenizer, prompts: list[Prompt],
              params: SamplingParams | list[SamplingParams] | None = None,
              eos_token_ids: list[int] | None = None, config: EngineConfig | None = None,
              engine: Engine | None = None) -> list[GenerationOutput]:
-    """Generate for every prompt (text or token ids) with continuous batching; outputs in
-    prompt order. Pass `engine` to reuse a running one (it is left running)."""
+    """Generate for every prompt (text, token ids, or chat messages rendered by the chat
+    template, which then stop at the end of the assistant turn) with continuous batching;
+    outputs in prompt order. Pass `engine` to reuse a running one (it is left running)."""
     params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
     if len(params_list) != len(prompts):
         raise ValueError("give one SamplingParams per prompt, or one for all")
     own = engine is None
     engine = engine or Engine(model, tokenizer, config)
     try:
-        ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        rendered = [_prompt_ids(tokenizer, p) for p in prompts]
+        ids = [r[0] for r in rendered]
         streams = [
-            engine.submit(EngineRequest(request_id=f"gen-{uuid.uuid4().hex[:12]}", prompt_ids=p, params=sp,
-                                        eos_token_ids=list(eos_token_ids or [])))
-            for p, sp in zip(ids, params_list, strict=True)
+            engine.submit(EngineRequest(
+                request_id=f"gen-{uuid.uuid4().hex[:12]}", prompt_ids=p, params=sp,
+                eos_token_ids=list(eos_token_ids if eos_token_ids is not None
+                                   else chat_stop_ids(tokenizer) if is_chat else [])))
+            for (p, is_chat), sp in zip(rendered, params_list, strict=True)
         ]
         return [collect(s, p, sp.n) for s, p, sp in zip(streams, ids, params_list, strict=True)]
     finally:

@@ -322,3 +322,19 @@ def test_a_failing_step_aborts_in_flight_requests_and_the_engine_keeps_serving(m
     engine.blocks.check_whole()
     out = collect(submit(engine, "fine", prompts[0]), prompts[0], 1)
     assert out.token_ids == reference_greedy(model, prompts[0], GREEDY.max_tokens)
+
+
+def test_offline_generate_takes_text_ids_and_chat_messages(model, tiny_tokenizer):
+    from gpt.chat import chat_prompt_ids, chat_stop_ids
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
+    outs = generate(model, tiny_tokenizer, ["Hello there", [5, 6, 7], chat],
+                    SamplingParams(temperature=0.0, max_tokens=6))
+    assert outs[0].prompt_ids == tiny_tokenizer.encode("Hello there")
+    assert outs[1].prompt_ids == [5, 6, 7]
+    assert outs[2].prompt_ids == chat_prompt_ids(tiny_tokenizer, chat)
+    ref = reference_greedy(model, outs[2].prompt_ids, 6)
+    stops = set(chat_stop_ids(tiny_tokenizer))
+    cut = next((i + 1 for i, t in enumerate(ref) if t in stops), len(ref))
+    assert outs[2].token_ids == ref[:cut]
+    assert all(o.usage.completion_tokens == len(o.token_ids) for o in outs)
