@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -53,13 +54,19 @@ class Accountant:
                 self.store_up = False
         self.spool.append(rec)
 
-    async def seen(self, key_id: str, request_id: str) -> bool:
+    async def claim(self, key_id: str, request_id: str) -> str:
+        """"ok", "running" (on another replica) or "billed". With the store away, only
+        this process's memory answers (the caller also checks its own running requests)."""
         if (key_id, request_id) in self._recent:
-            return True
+            return "billed"
         try:
-            return await self._run(self.store.has_record, key_id, request_id)
+            return await self._run(self.store.claim, key_id, request_id, time.time())
         except StoreUnavailable:
-            return False
+            return "ok"
+
+    async def unclaim(self, key_id: str, request_id: str) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self._run(self.store.unclaim, key_id, request_id)
 
     async def lookup(self, key_id: str, request_id: str) -> UsageRecord | None:
         """The billed record of a request: this process's memory first (it may still be

@@ -5,6 +5,8 @@ default) both implement with the same semantics.
 Semantics every store guarantees (tests/service/test_ledger.py runs them on both):
 - `record` is atomic and idempotent by (key_id, request_id): a record applied twice
   (a retried write, a spool replay after a lost reply) counts once.
+- `claim` makes a request id single-flight across replicas: a duplicate sent to another
+  replica while the first runs is refused instead of being served free.
 - `admit` checks requests-per-minute, tokens-per-minute and the total token budget
   and, when admitted, reserves the request's worst case against the budget, in one
   atomic step, so concurrent requests on several replicas cannot overspend a budget.
@@ -151,6 +153,12 @@ class LedgerStore(Protocol):
     # usage
     def record(self, rec: UsageRecord) -> bool: ...
     def has_record(self, key_id: str, request_id: str) -> bool: ...
+    def claim(self, key_id: str, request_id: str, now: float) -> str:
+        """Atomically claim a request id for a run, across replicas: "ok", "running"
+        (another replica runs it) or "billed". `record` or `unclaim` ends the claim;
+        a claim left by a dead replica lapses after RESERVATION_TTL_S."""
+        ...
+    def unclaim(self, key_id: str, request_id: str) -> None: ...
     def get_record(self, key_id: str, request_id: str) -> UsageRecord | None: ...
     def usage(self, key_id: str = "", model: str = "", from_day: str = "", to_day: str = "") -> list[UsageRow]: ...
 

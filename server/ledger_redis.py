@@ -15,6 +15,7 @@ the ledger is billing data. Key layout (prefix `sol:`):
     usage-index           set   "day|key id|model" of every usage hash
     win:{id}:{minute}     hash  requests, tokens in that minute (rate limits)
     resv:{id}             hash  request id -> "tokens expires" (budget reservations)
+    run:{id}:{request}    str   a replica runs this request id (single-flight), until recorded
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ MAX_COOLDOWN_S = 4.0
 
 RECORD_LUA = """
 redis.call('HDEL', KEYS[5], ARGV[1])
+redis.call('DEL', KEYS[7])
 if not redis.call('SET', KEYS[1], ARGV[9], 'NX', 'EX', tonumber(ARGV[2])) then return 0 end
 redis.call('HINCRBY', KEYS[2], 'requests', 1)
 redis.call('HINCRBY', KEYS[2], 'prompt_tokens', ARGV[3])
@@ -55,6 +57,12 @@ if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HINCRBY', KEYS[3], 'token
 redis.call('HINCRBY', KEYS[4], 'tokens', ARGV[8])
 redis.call('EXPIRE', KEYS[4], 180)
 return 1
+"""
+
+CLAIM_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'billed' end
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[1])) then return 'ok' end
+return 'running'
 """
 
 # Returns {admitted, requests this minute, tokens this minute, reserved, tokens used}.
@@ -130,6 +138,7 @@ class RedisStore:
                                        health_check_interval=0)
         self._record = self._r.register_script(RECORD_LUA)
         self._admit = self._r.register_script(ADMIT_LUA)
+        self._claim = self._r.register_script(CLAIM_LUA)
 
     @_unavailable
     def ping(self) -> None:
@@ -225,11 +234,20 @@ class RedisStore:
         minute, _ = minute_window(rec.ts)
         keys = [f"{P}req:{rec.key_id}:{rec.request_id}", f"{P}usage:{rec.day}:{rec.key_id}:{rec.model}",
                 f"{P}key:{rec.key_id}", f"{P}win:{rec.key_id}:{minute}", f"{P}resv:{rec.key_id}",
-                f"{P}usage-index"]
+                f"{P}usage-index", f"{P}run:{rec.key_id}:{rec.request_id}"]
         args = [rec.request_id, IDEMPOTENCY_TTL_S, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens,
                 repr(float(rec.cost)), f"{rec.day}|{rec.key_id}|{rec.model}", rec.total_tokens,
                 json.dumps(rec.to_dict())]
         return bool(self._record(keys=keys, args=args))
+
+    @_unavailable
+    def claim(self, key_id: str, request_id: str, now: float) -> str:
+        return self._claim(keys=[f"{P}req:{key_id}:{request_id}", f"{P}run:{key_id}:{request_id}"],
+                           args=[RESERVATION_TTL_S])
+
+    @_unavailable
+    def unclaim(self, key_id: str, request_id: str) -> None:
+        self._r.delete(f"{P}run:{key_id}:{request_id}")
 
     @_unavailable
     def has_record(self, key_id: str, request_id: str) -> bool:

@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE TABLE IF NOT EXISTS windows (
     key_id TEXT NOT NULL, minute INTEGER NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,
     PRIMARY KEY (key_id, minute));
+CREATE TABLE IF NOT EXISTS running (
+    key_id TEXT NOT NULL, request_id TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (key_id, request_id));
 CREATE TABLE IF NOT EXISTS reservations (
     key_id TEXT NOT NULL, request_id TEXT NOT NULL, tokens INTEGER NOT NULL, expires REAL NOT NULL,
     PRIMARY KEY (key_id, request_id));
@@ -160,6 +162,7 @@ class SqliteStore:
         minute, _ = minute_window(rec.ts)
         with self._tx() as db:
             db.execute("DELETE FROM reservations WHERE key_id=? AND request_id=?", (rec.key_id, rec.request_id))
+            db.execute("DELETE FROM running WHERE key_id=? AND request_id=?", (rec.key_id, rec.request_id))
             cur = db.execute("INSERT OR IGNORE INTO requests VALUES (?,?,?,?)",
                              (rec.key_id, rec.request_id, rec.ts, json.dumps(rec.to_dict())))
             if cur.rowcount == 0:
@@ -175,6 +178,19 @@ class SqliteStore:
                        "DO UPDATE SET tokens=tokens+excluded.tokens", (rec.key_id, minute, rec.total_tokens))
             db.execute("DELETE FROM requests WHERE ts < ?", (rec.ts - IDEMPOTENCY_TTL_S,))
         return True
+
+    def claim(self, key_id: str, request_id: str, now: float) -> str:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM requests WHERE key_id=? AND request_id=?", (key_id, request_id)).fetchone():
+                return "billed"
+            db.execute("DELETE FROM running WHERE expires < ?", (now,))
+            cur = db.execute("INSERT OR IGNORE INTO running VALUES (?,?,?)",
+                             (key_id, request_id, now + RESERVATION_TTL_S))
+            return "ok" if cur.rowcount else "running"
+
+    def unclaim(self, key_id: str, request_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM running WHERE key_id=? AND request_id=?", (key_id, request_id))
 
     def has_record(self, key_id: str, request_id: str) -> bool:
         with self._lock:

@@ -246,7 +246,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         key = await self._authenticate(context)
         model = self._resolve(request.model, checkout=True)
         labels["model"] = model.name
-        admitting = False
+        admitting = claimed = False
         job: Job | None = None
         try:
             params, given = validation.sampling_params(request.params, model.engine.model.config.vocab_size)
@@ -263,10 +263,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 job = None
                 raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running; "
                                                                    "wait for it or send a new request_id")
-            if await self.accountant.seen(key.key_id, request_id):
+            claim = await self.accountant.claim(key.key_id, request_id)
+            if claim == "billed":
                 raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
                                    f"request_id {request_id!r} was already served and billed; send a new "
                                    "request_id to generate again")
+            if claim == "running":
+                raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running "
+                                                                   "(on another replica); wait for it or send a "
+                                                                   "new request_id")
+            claimed = True
             estimate = len(prompt) + params.max_tokens * params.n
             admitting = True
             admission = await self.quota.admit(key, request_id, estimate)
@@ -282,6 +288,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 # Admitted (or possibly admitted: the caller left mid-call) but never run:
                 # give the budget reservation back, off this cancelled task.
                 self._spawn(self.quota.release(key, job.request_id))
+            if claimed:
+                self._spawn(self.accountant.unclaim(key.key_id, job.request_id))
             raise
         return job
 

@@ -148,3 +148,15 @@ def test_pepper_fingerprint_is_claimed_once(store):
     # The store already holds fingerprint "a": any real pepper is refused.
     with pytest.raises(ValueError, match="SOL_KEY_PEPPER"):
         check_pepper(store, "pepper-1")
+
+
+def test_claim_is_single_flight(store):
+    make_key(store)
+    now = time.time()
+    assert store.claim("k1", "r1", now) == "ok"
+    assert store.claim("k1", "r1", now) == "running"
+    assert store.claim("k2", "r1", now) == "ok"                 # ids are per key
+    store.unclaim("k1", "r1")
+    assert store.claim("k1", "r1", now) == "ok"
+    store.record(rec("r1"))                                      # recording ends the claim
+    assert store.claim("k1", "r1", now) == "billed"

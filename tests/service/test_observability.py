@@ -48,7 +48,16 @@ def test_health_metrics_reflection(tiny_checkpoint, tmp_path):
             stream = c.chat_stream([{"role": "user", "content": "hello"}], model="tiny", max_tokens=8, ignore_eos=True)
             list(stream)
             c.chat([{"role": "user", "content": "hello"}], model="tiny", max_tokens=3)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{server.app.metrics_port}/metrics", timeout=5).read().decode()
+        def scrape() -> str:
+            return urllib.request.urlopen(f"http://127.0.0.1:{server.app.metrics_port}/metrics", timeout=5).read().decode()
+
+        # A stream's RPC counter moves when its handler returns, just after the last message.
+        stream_done = 'sol_grpc_requests_total{code="OK",method="ChatCompletionStream",model="tiny"} 1.0'
+        def counted() -> str | None:
+            text = scrape()
+            return text if stream_done in text else None
+
+        text = wait_for(counted, message="the stream's RPC count")
         for name in ("sol_time_to_first_token_seconds_bucket", "sol_inter_token_latency_seconds_bucket",
                      "sol_e2e_request_latency_seconds_bucket", "sol_request_queue_time_seconds_bucket",
                      "sol_num_requests_running", "sol_num_requests_waiting", "sol_kv_cache_usage_perc",

@@ -42,6 +42,21 @@ def test_replicas_share_keys_quotas_and_ledger(tiny_checkpoint, tmp_path, durabl
 
                 wait_for(refused_on_b, timeout=10, message="revocation to reach replica b")
 
+            # One request id runs once across replicas: a duplicate on the other is refused.
+            dup_key, _ = admin_a.create_key("dup")
+            with Client(a.target, api_key=dup_key, retries=0) as ca, \
+                    Client(b.target, api_key=dup_key, retries=0) as cb:
+                stream = ca.chat_stream(MSG, model="tiny", max_tokens=150, ignore_eos=True, request_id="once")
+                it = iter(stream)
+                next(it)
+                with pytest.raises(SolError) as err:
+                    cb.chat(MSG, model="tiny", max_tokens=2, request_id="once")
+                assert err.value.code == grpc.StatusCode.ALREADY_EXISTS and "another replica" in err.value.message
+                list(it)
+                with pytest.raises(SolError) as err:
+                    cb.chat(MSG, model="tiny", max_tokens=2, request_id="once")
+                assert err.value.code == grpc.StatusCode.ALREADY_EXISTS and "already served" in err.value.message
+
             budget_key, _ = admin_b.create_key("budget", token_budget=60)
             with Client(a.target, api_key=budget_key, retries=0) as ca, \
                     Client(b.target, api_key=budget_key, retries=0) as cb:
