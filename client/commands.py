@@ -113,12 +113,14 @@ def _admin_key(args) -> str | None:
 def _client(args, admin: bool = False):
     from client.client import Client
 
-    c = Client(args.target, api_key=getattr(args, "api_key", None),
-               admin_key=_admin_key(args) if admin else None, timeout=args.timeout)
+    c = Client(args.target, api_key=getattr(args, "api_key", None), timeout=args.timeout)
     if args.wait > 0 and not c.wait_ready(args.wait, service="liveness" if admin else ""):
         c.close()
         what = "answer" if admin else "have a model loaded"
         raise TimeoutError(f"the server at {c.target} did not {what} within {args.wait:.0f} s")
+    if admin:
+        # Read after the wait: a local `sol serve` writes $SOL_HOME/admin.key as it starts.
+        c.admin_key = _admin_key(args)
     return c
 
 
