@@ -39,7 +39,7 @@ class AttentionGroup:
     token_index: torch.Tensor          # (R, Q) index of each row's queries in the packed step
     block_tables: torch.Tensor         # (R * MB,) blocks to gather, row by row
     kv_len: int                        # keys gathered per row (<= MB * block_size)
-    mask: torch.Tensor | None          # (R, 1, Q, kv_len) bool, None when nothing is masked
+    mask: torch.Tensor | None          # (R, 1, Q, kv_len) additive bias (0 / -inf); None = no mask
     dst: torch.Tensor                  # packed positions the valid outputs go to
     src: torch.Tensor | None           # their rows in the flattened (R*Q) output; None = all
     fresh: tuple[int, int] | None = None   # one row computed from position 0: its packed
@@ -54,7 +54,8 @@ class AttentionPlan:
     num_tokens: int
 
 
-def plan_attention(rows: list[RowSpec], block_size: int, device: torch.device) -> AttentionPlan:
+def plan_attention(rows: list[RowSpec], block_size: int, device: torch.device,
+                   dtype: torch.dtype = torch.float32) -> AttentionPlan:
     """Index tensors for one step, built once and shared by every layer."""
     q_lens = torch.tensor([r.q_len for r in rows], dtype=torch.int64)
     starts = torch.tensor([r.start for r in rows], dtype=torch.int64)
@@ -76,13 +77,13 @@ def plan_attention(rows: list[RowSpec], block_size: int, device: torch.device) -
     members_list += [m.view(1) for m in torch.nonzero(fresh).flatten()]
     for members in members_list:
         if members.numel():
-            groups.append(_group(members, q_lens, starts, offsets, tables, block_size, device))
+            groups.append(_group(members, q_lens, starts, offsets, tables, block_size, device, dtype))
     return AttentionPlan(slot_mapping=slots.to(device), positions=pos.to(device), groups=groups,
                          num_tokens=num_tokens)
 
 
 def _group(members: torch.Tensor, q_lens: torch.Tensor, starts: torch.Tensor, offsets: torch.Tensor,
-           tables: torch.Tensor, block_size: int, device: torch.device) -> AttentionGroup:
+           tables: torch.Tensor, block_size: int, device: torch.device, dtype: torch.dtype) -> AttentionGroup:
     ql, st, off = q_lens[members], starts[members], offsets[members]
     ctx = st + ql
     q_max, kv_len = int(ql.max()), int(ctx.max())
@@ -103,7 +104,9 @@ def _group(members: torch.Tensor, q_lens: torch.Tensor, starts: torch.Tensor, of
         token_index=token_index.to(device),
         block_tables=tables[members, :n_blocks].reshape(-1).to(device),
         kv_len=kv_len,
-        mask=mask[:, None].to(device) if mask is not None else None,
+        # An additive bias: the CPU kernel takes it faster than a boolean mask.
+        mask=torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))[:, None].to(device)
+        if mask is not None else None,
         dst=token_index[valid_q].to(device),
         src=None if all_valid else torch.nonzero(valid_q.flatten()).flatten().to(device),
         fresh=fresh,
