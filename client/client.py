@@ -243,3 +243,13 @@ class Client:
     def load_model(self, model: str) -> ModelInfo:
         r = self._unary(self.admin.LoadModel, pb.LoadModelRequest(model=model), admin=True, timeout=600.0)
         return ModelInfo.from_pb(r.info)
+
+    def unload_model(self, model: str) -> bool:
+        return self._unary(self.admin.UnloadModel, pb.UnloadModelRequest(model=model), admin=True,
+                           timeout=600.0).unloaded
+
+    def set_alias(self, model: str, alias: str, version: int) -> ModelInfo:
+        """Promote or roll back: `model:alias` serves `version` from the next request on."""
+        r = self._unary(self.admin.SetAlias, pb.SetAliasRequest(model=model, alias=alias, version=version),
+                        admin=True, timeout=600.0)
+        return ModelInfo.from_pb(r.info)

@@ -21,6 +21,7 @@ from gpt.checkpoint import fsync_dir, read_meta
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 ALIASES_DIR = "aliases"
 LATEST = "latest"
+REWARD_STAGE = "reward"
 
 
 class RegistryError(ValueError):
@@ -150,9 +151,10 @@ class Registry:
         return {"name": name, "aliases": aliases, "versions": versions}
 
     # --- writing ----------------------------------------------------------------------------
-    def publish(self, name: str, write: Callable[[Path], Any], aliases: tuple[str, ...] = ()) -> ResolvedModel:
+    def publish(self, name: str, write: Callable[[Path], Any], aliases: tuple[str, ...] = (),
+                move_latest: bool = True) -> ResolvedModel:
         """`write(tmp_dir)` fills a fresh directory; it is renamed into the next version
-        and `latest` plus `aliases` are pointed at it."""
+        and `aliases` (plus `latest`, unless `move_latest` is off) are pointed at it."""
         model_dir = self.model_dir(name)
         model_dir.mkdir(parents=True, exist_ok=True)
         for alias in aliases:
@@ -176,7 +178,7 @@ class Registry:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        for alias in (*aliases, LATEST):
+        for alias in (*aliases, LATEST) if move_latest else aliases:
             self.set_alias(name, alias, version)
         return ResolvedModel(name, version, model_dir / str(version))
 
@@ -208,8 +210,11 @@ class Registry:
 
 def publish_checkpoint(registry: Registry, name: str, model, tokenizer, meta: dict[str, Any],
                        aliases: tuple[str, ...] = (), heads=None) -> ResolvedModel:
-    """Write a verified checkpoint of `model` as the next version of `name`."""
+    """Write a verified checkpoint of `model` as the next version of `name`. `latest`
+    names the newest servable model, so a reward model (stage "reward", a scoring head
+    rather than a chat model) keeps its own aliases and does not move it."""
     from gpt.checkpoint import write_checkpoint
 
     meta = {"name": name, **meta}
-    return registry.publish(name, lambda tmp: write_checkpoint(tmp, model, tokenizer, meta, heads), aliases)
+    return registry.publish(name, lambda tmp: write_checkpoint(tmp, model, tokenizer, meta, heads), aliases,
+                            move_latest=meta.get("stage") != REWARD_STAGE)

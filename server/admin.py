@@ -3,20 +3,23 @@ lifecycle calls that hot-load builds on."""
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 
 from gpt.checkpoint import CheckpointError
-from gpt.registry import NAME_RE, ModelNotFound, RegistryError
+from gpt.registry import NAME_RE, ModelNotFound, RegistryError, validate_name
 from proto.sol.v1 import sol_pb2 as pb
 from proto.sol.v1 import sol_pb2_grpc as pb_grpc
 from server.accounting import Accountant
 from server.auth import Authenticator, AuthError, hash_key, new_key
-from server.errors import invalid, not_found, unavailable
+from server.errors import failed_precondition, invalid, not_found, unavailable
 from server.ledger import KeyInfo, LedgerStore, Price, StoreUnavailable, UsageRow
 from server.models import ModelManager
 from server.pricing import PriceBook
 from server.servicer import InferenceServicer, auth_error
+
+log = logging.getLogger("sol.admin")
 
 DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 MAX_KEY_NAME = 64
@@ -47,6 +50,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         self.models = models
         self.inference = inference
         self._run = run
+        self.hotloader = None     # set by the app when it follows the registry
 
     async def _call(self, context, method: str, fn):
         """Admin check, then `fn()`, with the same error mapping and metrics as Inference."""
@@ -129,7 +133,12 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def LoadModel(self, request, context):
         async def fn():
             try:
-                model = await self._run(self.models.load, request.model)
+                if self.hotloader is not None:
+                    # Through the hot-load worker, so loads never race each other.
+                    model = await self._run(lambda: self.hotloader.submit(
+                        lambda: self.models.load(request.model)).result())
+                else:
+                    model = await self._run(self.models.load, request.model)
             except ModelNotFound as err:
                 raise not_found(str(err)) from None
             except (RegistryError, CheckpointError) as err:
@@ -151,11 +160,28 @@ class AdminServicer(pb_grpc.AdminServicer):
         return await self._call(context, "UnloadModel", fn)
 
     async def SetAlias(self, request, context):
+        """Promote or roll back: point `model:alias` at `version` for the next request.
+        The registry is updated too where this server may write it, so every replica
+        follows; on a read-only registry the change holds for this server only."""
         async def fn():
+            name, alias, version = request.model, request.alias, request.version
             try:
-                self.models.registry.set_alias(request.model, request.alias, request.version)
-                self.models.set_alias(request.model, request.alias, request.version)
-                model = self.models.resolve(f"{request.model}@{request.version}")
+                validate_name(name)
+                validate_name(alias, "alias")
+                self.models.registry.resolve(f"{name}@{version}")
+                try:
+                    await self._run(self.models.registry.set_alias, name, alias, version)
+                except OSError as err:
+                    log.warning("registry is read-only (%s); %s:%s -> %s holds on this server only",
+                                err, name, alias, version)
+                if self.hotloader is not None:
+                    outcome = await self._run(lambda: self.hotloader.submit(
+                        lambda: self.hotloader.switch(name, alias, version)).result())
+                    if not outcome.ok:
+                        raise failed_precondition(f"cannot serve {outcome.ref}: {outcome.error}")
+                else:
+                    self.models.set_alias(name, alias, version)
+                model = self.models.resolve(f"{name}@{version}")
             except ModelNotFound as err:
                 raise not_found(str(err)) from None
             except RegistryError as err:

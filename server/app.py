@@ -27,6 +27,7 @@ from server.auth import Authenticator, check_pepper, resolve_admin_key, resolve_
 from server.config import ServerConfig
 from server.engine.engine import EngineConfig
 from server.health import Health
+from server.hotload import HotLoadConfig, HotLoader, LoadOutcome
 from server.ledger import LedgerStore, Price
 from server.metrics import ServiceMetrics
 from server.models import EngineFactory, ModelManager, default_engine_factory
@@ -65,6 +66,7 @@ class App:
         self.metrics_port: int | None = None
         self._stopped = asyncio.Event()
         self._metrics_server = None
+        self.hotloader: HotLoader | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -132,6 +134,31 @@ class App:
         for m in loaded:
             print(f"sol: serving {m.ref} ({', '.join(self.models.aliases_of(m)) or 'no aliases'})",
                   file=sys.stderr, flush=True)
+        if self.config.watch and self.hotloader is None:
+            self.hotloader = HotLoader(self.models, self.models.registry,
+                                       HotLoadConfig(follow=list(self.config.models),
+                                                     poll_interval_s=self.config.poll_interval_s),
+                                       on_outcome=self._load_outcome)
+            self.admin.hotloader = self.hotloader
+            self.hotloader.start()
+            how = "filesystem events + polling" if self.hotloader.watcher.events_active else "polling"
+            print(f"sol: watching {self.config.registry} for new versions ({how} every "
+                  f"{self.config.poll_interval_s:g} s)", file=sys.stderr, flush=True)
+
+    def _load_outcome(self, outcome: LoadOutcome) -> None:
+        if outcome.ok:
+            self.metrics.model_loads.labels(outcome.model).inc()
+            self.metrics.model_load_seconds.labels(outcome.model).observe(outcome.seconds)
+            print(f"sol: serving {outcome.ref} ({', '.join(self._aliases_of(outcome)) or 'no aliases'})",
+                  file=sys.stderr, flush=True)
+        else:
+            self.metrics.model_load_failures.labels(outcome.model).inc()
+            print(f"sol: refused {outcome.ref}; the previous version keeps serving: {outcome.error}",
+                  file=sys.stderr, flush=True)
+
+    def _aliases_of(self, outcome: LoadOutcome) -> list[str]:
+        return next((self.models.aliases_of(m) for m in self.models.models()
+                     if (m.name, m.version) == (outcome.model, outcome.version)), [])
 
     def _models_changed(self) -> None:
         models = self.models.models()
@@ -152,6 +179,8 @@ class App:
         grace = self.config.grace_period_s
         await self.health.start_drain()
         self.metrics.ready.set(0)
+        if self.hotloader is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.hotloader.stop)
         self.inference.draining = True
         if not quiet:
             print(f"sol: draining: {len(self.inference.inflight.jobs)} requests in flight, grace {grace:.0f} s",

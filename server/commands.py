@@ -37,6 +37,11 @@ def register(sub, bench_sub) -> None:
                    help="max_tokens when a request sets none (capped by the context; default 256)")
     p.add_argument("--cached-discount", type=float, default=0.5,
                    help="price discount of cached prompt tokens for models without a SetPrice (default 0.5)")
+    p.add_argument("--no-watch", dest="watch", action="store_false",
+                   help="do not follow the registry (default: hot-load new versions and moved aliases)")
+    p.add_argument("--poll-interval", type=float, default=float(os.environ.get("SOL_POLL_INTERVAL") or 2.0),
+                   help="registry rescan period in seconds, the fallback where filesystem events are missing "
+                        "(SOL_POLL_INTERVAL; default 2)")
     p.set_defaults(handler=_serve)
 
     p = bench_sub.add_parser("serve", help="streaming clients over gRPC on loopback vs the in-process engine")
@@ -55,6 +60,9 @@ def register(sub, bench_sub) -> None:
     # The engine's own benchmark lives with the engine.
     if importlib.util.find_spec("server.engine.bench") is not None:
         importlib.import_module("server.engine.bench").register_bench(bench_sub)
+    from server.hotload_bench import register_bench as register_hotload_bench
+
+    register_hotload_bench(bench_sub)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -64,7 +72,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, models=args.model,
                           redis_url=args.redis_url, admin_key_file=args.admin_key_file,
                           grace_period_s=args.grace_period, device=args.device, kv_blocks=args.kv_blocks,
-                          default_max_tokens=args.default_max_tokens, cached_discount=args.cached_discount)
+                          default_max_tokens=args.default_max_tokens, cached_discount=args.cached_discount,
+                          watch=args.watch, poll_interval_s=args.poll_interval)
     if args.registry is not None:
         config.registry = args.registry
     if args.admin_key_file is not None:

@@ -48,6 +48,9 @@ class ServerConfig:
     # Key lookups are cached this long: a revocation reaches other replicas within it.
     auth_cache_s: float = 2.0
     warmup: bool = True
+    # Hot-load: follow the registry (filesystem events, polling as the fallback).
+    watch: bool = True
+    poll_interval_s: float = field(default_factory=lambda: _env_float("SOL_POLL_INTERVAL", 2.0))
 
     @property
     def ledger_path(self) -> Path:

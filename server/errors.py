@@ -35,3 +35,7 @@ def exhausted(message: str, retry_after_s: float | None = None) -> ServiceError:
 
 def unavailable(message: str, retry_after_s: float | None = 1.0) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, message, retry_after_s)
+
+
+def failed_precondition(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, message)

@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from gpt.checkpoint import read_meta
-from gpt.registry import LATEST, ModelRef, Registry
+from gpt.registry import LATEST, REWARD_STAGE, ModelRef, Registry
 from server.models import LoadedModel, ModelManager
 from server.registry_watcher import AliasChange, RegistryWatcher
 
@@ -45,10 +45,15 @@ class HotLoadConfig:
 
 @dataclass
 class LoadOutcome:
-    ref: str
+    model: str
+    version: int
     ok: bool
     seconds: float
     error: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model}@{self.version}"
 
 
 class HotLoader:
@@ -136,17 +141,17 @@ class HotLoader:
         alias, retire what nothing points to any more. Runs on the worker thread."""
         ref = f"{name}@{version}"
         if self._is_reward_model(name, version):
-            return LoadOutcome(ref, ok=False, seconds=0.0, error="reward models are not served")
+            return LoadOutcome(name, version, ok=False, seconds=0.0, error="reward models are not served")
         started = time.monotonic()
         try:
             if not self.manager.is_loaded(name, version):
                 self.manager.load(ref)
             self.manager.set_alias(name, alias, version)
         except Exception as err:  # a broken checkpoint must never take serving down
-            outcome = LoadOutcome(ref, ok=False, seconds=time.monotonic() - started, error=str(err))
+            outcome = LoadOutcome(name, version, ok=False, seconds=time.monotonic() - started, error=str(err))
             log.error("refused %s for %s:%s, old version keeps serving: %s", ref, name, alias, err)
         else:
-            outcome = LoadOutcome(ref, ok=True, seconds=time.monotonic() - started)
+            outcome = LoadOutcome(name, version, ok=True, seconds=time.monotonic() - started)
             log.info("%s:%s now serves %s (%.2fs)", name, alias, ref, outcome.seconds)
         self.retire_unreferenced(name)
         if self.on_outcome is not None:
@@ -155,7 +160,7 @@ class HotLoader:
 
     def _is_reward_model(self, name: str, version: int) -> bool:
         try:
-            return read_meta(self.registry.version_dir(name, version)).get("stage") == "reward"
+            return read_meta(self.registry.version_dir(name, version)).get("stage") == REWARD_STAGE
         except ValueError:
             return False  # unreadable meta: let the verified load refuse it with its own message
 

@@ -96,6 +96,8 @@ class ServiceMetrics:
         self.model_loads = Counter(f"{NS}_model_loads", "Model versions loaded", m, registry=r)
         self.model_load_failures = Counter(f"{NS}_model_load_failures", "Model versions refused at load", m,
                                            registry=r)
+        self.model_load_seconds = Histogram(f"{NS}_model_load_seconds", "Verify + load + warm-up of a new version",
+                                            m, buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
         self.ready = Gauge(f"{NS}_ready", "1 when the server is ready to take requests", registry=r)
 
     def attach(self, stats: Callable[[], Iterable[tuple[str, int, EngineStats]]],

@@ -77,3 +77,9 @@ def test_describe_lists_versions_with_meta(registry, tiny_model, tiny_tokenizer)
     assert info["versions"][0]["stage"] == "base"
     assert info["versions"][0]["aliases"] == ["base", "latest"]
     assert "files" not in info["versions"][0]
+
+
+def test_reward_models_do_not_move_latest(registry, tiny_model, tiny_tokenizer):
+    publish_checkpoint(registry, "m", tiny_model, tiny_tokenizer, {"stage": "sft"}, aliases=("sft",))
+    publish_checkpoint(registry, "m", tiny_model, tiny_tokenizer, {"stage": "reward"}, aliases=("rm",))
+    assert registry.aliases("m") == {"latest": 1, "rm": 2, "sft": 1}
