@@ -192,7 +192,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(home: Path, registry: Path, model: str, device: str | None, admin_key: str, log: Path):
+def _serve(home: Path, registry: Path, model: str, device: str | None, admin_key: str, log: Path,
+           watch: bool = True):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -203,6 +204,8 @@ def _serve(home: Path, registry: Path, model: str, device: str | None, admin_key
            "--metrics-port", "0", "--registry", str(registry), "--model", model]
     if device:
         cmd += ["--device", device]
+    if not watch:
+        cmd += ["--no-watch"]
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -245,7 +248,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
 
         admin_key = "sk-sol-admin-bench"
         proc, target = _serve(home, registry.root, f"{resolved.name}@{resolved.version}", args.device, admin_key,
-                              home / "serve.log")
+                              home / "serve.log", watch=args.watch)
         locals_, remotes = [], []
         try:
             from client.client import Client
@@ -282,6 +285,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     result = {"setup": {"model": model_desc, "clients": args.clients, "requests": args.requests,
                         "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
                         "device": args.device or "default", "cpus": os.cpu_count(), "rounds": args.rounds,
+                        "registry_watch": args.watch,
                         "all_rounds_tokens_per_s": {"in_process": [x.summary()["tokens_per_s"] for x in locals_],
                                                     "grpc": [x.summary()["tokens_per_s"] for x in remotes]}},
               "in_process": {**a, "cpu_s": local_cpu}, "grpc": {**b, **cpu}, "ratios": ratios, "target": {"tokens_per_s_ratio": f">= {TARGET_RATIO}"}}

@@ -52,6 +52,8 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--requests", type=int, default=64, help="requests in all (default 64)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--no-watch", dest="watch", action="store_false",
+                   help="run the server without following the registry (isolates serving from hot-load)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; each side's best counts (default 3)")
     p.add_argument("--device", default=None, help="cpu, cuda ... for both sides (default: CUDA when present)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
