@@ -76,16 +76,17 @@ def _tiny() -> PipelinePreset:
 def _cpu() -> PipelinePreset:
     return PipelinePreset(
         name="cpu", model="small",
-        model_overrides={"d_model": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "d_ff": 704,
+        model_overrides={"d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "d_ff": 352,
                          "max_seq_len": 256},
-        vocab_size=2048, corpus_bytes=3 << 20, task_docs=6000,
-        pretrain=PretrainConfig(LoopConfig(steps=700, batch_size=16, lr=3e-3, warmup_steps=30, log_every=10),
+        vocab_size=1024, corpus_bytes=1 << 20, task_docs=8000,
+        pretrain=PretrainConfig(LoopConfig(steps=600, batch_size=16, lr=3e-3, warmup_steps=30, log_every=10),
                                 seq_len=128),
-        sft_per_family=3000, sft=SFTConfig(LoopConfig(steps=400, batch_size=32, lr=1e-3, warmup_steps=20)),
+        sft_per_family=3000, sft=SFTConfig(LoopConfig(steps=1000, batch_size=32, lr=2e-3, warmup_steps=30,
+                                                      log_every=20)),
         rm_per_family=300, rm_samples=2,
-        reward=RewardConfig(LoopConfig(steps=250, batch_size=16, lr=3e-4, warmup_steps=15, log_every=10)),
+        reward=RewardConfig(LoopConfig(steps=300, batch_size=16, lr=3e-4, warmup_steps=15, log_every=10)),
         rlhf_per_family=1500,
-        rlhf=RLHFConfig(LoopConfig(steps=160, batch_size=32, lr=2e-5, warmup_steps=4, min_lr_ratio=1.0,
+        rlhf=RLHFConfig(LoopConfig(steps=240, batch_size=32, lr=3e-5, warmup_steps=4, min_lr_ratio=1.0,
                                    weight_decay=0.0, log_every=4), rollouts=64, ppo_epochs=2),
         eval_per_family=64, rm_eval_per_family=40,
     )
