@@ -179,9 +179,11 @@ class App:
         grace = self.config.grace_period_s
         await self.health.start_drain()
         self.metrics.ready.set(0)
+        # Refuse new requests in the same loop turn as readiness flips: nothing may slip
+        # in while the hot-loader below takes its time to stop.
+        self.inference.draining = True
         if self.hotloader is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.hotloader.stop)
-        self.inference.draining = True
         if not quiet:
             print(f"sol: draining: {len(self.inference.inflight.jobs)} requests in flight, grace {grace:.0f} s",
                   file=sys.stderr, flush=True)
