@@ -21,7 +21,7 @@ from gpt.checkpoint import fsync_dir, read_meta
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 ALIASES_DIR = "aliases"
 LATEST = "latest"
-REWARD_STAGE = "reward"
+REWARD_STAGE = "rm"
 
 
 class RegistryError(ValueError):
@@ -211,7 +211,7 @@ class Registry:
 def publish_checkpoint(registry: Registry, name: str, model, tokenizer, meta: dict[str, Any],
                        aliases: tuple[str, ...] = (), heads=None) -> ResolvedModel:
     """Write a verified checkpoint of `model` as the next version of `name`. `latest`
-    names the newest servable model, so a reward model (stage "reward", a scoring head
+    names the newest servable model, so a reward model (stage "rm", a scoring head
     rather than a chat model) keeps its own aliases and does not move it."""
     from gpt.checkpoint import write_checkpoint
 

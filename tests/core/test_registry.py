@@ -81,5 +81,5 @@ def test_describe_lists_versions_with_meta(registry, tiny_model, tiny_tokenizer)
 
 def test_reward_models_do_not_move_latest(registry, tiny_model, tiny_tokenizer):
     publish_checkpoint(registry, "m", tiny_model, tiny_tokenizer, {"stage": "sft"}, aliases=("sft",))
-    publish_checkpoint(registry, "m", tiny_model, tiny_tokenizer, {"stage": "reward"}, aliases=("rm",))
+    publish_checkpoint(registry, "m", tiny_model, tiny_tokenizer, {"stage": "rm"}, aliases=("rm",))
     assert registry.aliases("m") == {"latest": 1, "rm": 2, "sft": 1}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The main job, end to end on the embedded defaults (no external service):
+#   set up .venv/ -> sol pipeline (tokenizer, pretrain, SFT, reward model, RLHF, evaluation,
+#   report) -> sol serve (embedded SQLite ledger) -> an API key -> a chat over gRPC through
+#   the CLI -> the metered usage -> a graceful shutdown.
+# Knobs: SOL_HOME (default ~/.sol), SOL_PRESET (default cpu; tiny takes ~3 minutes),
+# SOL_MODEL (default demo), SOL_PORT / SOL_METRICS_PORT (default 50051 / 9400).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+export SOL_HOME=${SOL_HOME:-$HOME/.sol}
+preset=${SOL_PRESET:-cpu}
+name=${SOL_MODEL:-demo}
+port=${SOL_PORT:-50051}
+metrics_port=${SOL_METRICS_PORT:-9400}
+export SOL_TARGET=127.0.0.1:$port
+sol=.venv/bin/sol
+mkdir -p "$SOL_HOME"
+
+echo "== 1. training: sol pipeline --preset $preset --name $name"
+$sol pipeline --preset "$preset" --name "$name"
+$sol models list
+
+echo "== 2. serving: sol serve on $SOL_TARGET (metrics on :$metrics_port), log in $SOL_HOME/serve.log"
+$sol serve --host 127.0.0.1 --port "$port" --metrics-port "$metrics_port" >"$SOL_HOME/serve.log" 2>&1 &
+server=$!
+stop_server() {
+  if kill -0 "$server" 2>/dev/null; then
+    kill -TERM "$server"          # graceful: readiness off, in-flight requests finish, ledger flushed
+    wait "$server" || true
+  fi
+}
+trap stop_server EXIT
+
+key=$($sol keys create --name demo-user --wait 300)
+export SOL_API_KEY=$key
+
+echo "== 3. a chat over gRPC with the RLHF model ($name:rlhf); usage is shown after each answer"
+printf '%s\n' "What is 48 + 27?" "Reverse the word 'planet'." "Is 'level' a palindrome?" \
+  | $sol chat --model "$name:rlhf" --max-tokens 48 --temperature 0
+
+echo "== 4. one completion as JSON (usage and cost included)"
+$sol complete --model "$name:sft" --max-tokens 24 --temperature 0 --json "Sort these numbers: 9, 2, 7"
+
+echo "== 5. the ledger: usage per key and model"
+$sol usage
+
+stop_server
+trap - EXIT
+echo "== done: checkpoints in $SOL_HOME/registry/$name, the training report beside them; server log $SOL_HOME/serve.log"
