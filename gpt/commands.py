@@ -36,6 +36,15 @@ def register(sub, bench_sub) -> None:
     add_json_flag(p)
     p.set_defaults(handler=_models_gc)
 
+    p = models_sub.add_parser("alias", help="point NAME:ALIAS at a version (promote / roll back); servers "
+                              "following the registry switch on their next scan")
+    p.add_argument("name")
+    p.add_argument("alias")
+    p.add_argument("version", type=int)
+    _add_registry_flag(p)
+    add_json_flag(p)
+    p.set_defaults(handler=_models_alias)
+
     p = sub.add_parser("export-hf", help="write a model as a Hugging Face Llama directory")
     p.add_argument("ref", help="NAME, NAME:ALIAS or NAME@VERSION")
     p.add_argument("out_dir", type=Path)
@@ -102,6 +111,15 @@ def _models_show(args) -> int:
 def _models_gc(args) -> int:
     removed = _registry(args).gc(args.name, keep_last=args.keep)
     emit({"removed": removed}, args.json, f"removed versions: {removed or 'none'}")
+    return 0
+
+
+def _models_alias(args) -> int:
+    reg = _registry(args)
+    before = reg.aliases(args.name).get(args.alias)
+    reg.set_alias(args.name, args.alias, args.version)
+    emit({"model": args.name, "alias": args.alias, "version": args.version, "previous": before}, args.json,
+         f"{args.name}:{args.alias} -> {args.version} (was {before if before is not None else 'unset'})")
     return 0
 
 

@@ -34,3 +34,12 @@ def test_export_then_import_publishes_a_new_version(tiny_checkpoint, tmp_path, c
                     "--registry", str(registry.root))
     assert data["ref"] == "imported@1"
     assert registry.resolve("imported:sft").version == 1
+
+
+def test_alias_moves_and_refuses_missing_versions(tiny_checkpoint, capsys):
+    registry, _ = tiny_checkpoint
+    data = run_json(capsys, "models", "alias", "tiny", "prod", "1", "--registry", str(registry.root))
+    assert data == {"model": "tiny", "alias": "prod", "version": 1, "previous": None}
+    assert registry.resolve("tiny:prod").version == 1
+    assert main(["models", "alias", "tiny", "prod", "7", "--registry", str(registry.root)]) == 2
+    assert "version 7" in capsys.readouterr().err
