@@ -19,7 +19,10 @@ class RunningServer:
     def __init__(self, registry_root: Path, home: Path, redis_url: str | None = None, **overrides) -> None:
         settings = {"host": "127.0.0.1", "port": free_port(), "metrics_port": 0, "registry": registry_root,
                     "redis_url": redis_url, "admin_key": ADMIN_KEY, "key_pepper": "test-pepper", "home": home,
-                    "grace_period_s": 10.0, **overrides}
+                    "grace_period_s": 10.0,
+                    # Following the registry is hot-load's subject (tests/hotload); these tests
+                    # publish nothing while serving, and `sol serve` in test_shutdown keeps it on.
+                    "watch": False, **overrides}
         self.config = ServerConfig(**settings)
         self.app = App(self.config)
         self.loop = asyncio.new_event_loop()
@@ -43,6 +46,8 @@ class RunningServer:
             self.call(self.app.drain())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 def wait_for(condition, timeout: float = 30.0, interval: float = 0.02, message: str = "condition"):
