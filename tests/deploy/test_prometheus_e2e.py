@@ -75,7 +75,8 @@ def sol_server(tiny_checkpoint, tmp_path):
     target = f"127.0.0.1:{grpc_port}"
     try:
         _wait(lambda: _healthcheck(target).returncode == 0, 180, "sol serve to become ready", proc, log)
-        yield {"target": target, "metrics_port": metrics_port, "model": resolved.name, "proc": proc, "log": log}
+        yield {"target": target, "metrics_port": metrics_port, "model": resolved.name, "proc": proc, "log": log,
+               "registry": registry.root}
     finally:
         _stop(proc)
 
@@ -199,6 +200,55 @@ def test_prometheus_scrapes_sol_and_reads_back_ttft(sol_server, prometheus):
     for name, query in validate.adapter_queries(matchers='job="sol"', group_by="instance"):
         result = prometheus("query", query=query)["result"]
         assert len(result) == 1 and result[0]["metric"]["instance"].endswith(str(sol_server["metrics_port"])), name
+
+
+def _series(prometheus, query: str) -> list[dict]:
+    return prometheus("query", query=query)["result"]
+
+
+def test_checkpoint_rollout_and_refusal_seen_through_prometheus(sol_server, prometheus, tiny_tokenizer):
+    """The runbook's rollout, observed the way an operator observes it: publishing a new
+    version into the registry moves every replica to it (the "Loaded model versions"
+    panel), and a broken version is refused while the old one keeps serving, which fires
+    SolModelLoadFailed in a real Prometheus."""
+    from gpt.checkpoint import write_checkpoint
+    from gpt.registry import Registry, publish_checkpoint
+    from tests.conftest import make_tiny_model
+
+    registry = Registry(sol_server["registry"])
+    model = sol_server["model"]
+    info = f'sol_model_version_info{{job="sol",model="{model}"}}'
+    _wait(lambda: _series(prometheus, info), 60, "the first version in Prometheus")
+
+    # A good new version: published, hot-loaded, seen by Prometheus.
+    new = publish_checkpoint(registry, model, make_tiny_model(tiny_tokenizer, seed=1), tiny_tokenizer,
+                             {"stage": "sft", "step": 1}, aliases=("sft",))
+    _wait(lambda: any(s["metric"]["version"] == str(new.version) for s in _series(prometheus, info)), 120,
+          f"{model}@{new.version} to be loaded and scraped")
+    assert _healthcheck(sol_server["target"]).returncode == 0
+
+    # A broken one: the weights do not match the sha256 in meta.json.
+    def write_broken(tmp):
+        write_checkpoint(tmp, make_tiny_model(tiny_tokenizer, seed=2), tiny_tokenizer,
+                         {"name": model, "stage": "sft", "step": 2})
+        weights = tmp / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    broken = registry.publish(model, write_broken, ("sft",))
+
+    failures = f'sum(sol_model_load_failures_total{{job="sol",model="{model}"}})'
+    _wait(lambda: (_scalar(_series(prometheus, failures)) or 0) >= 1, 120, "the load failure to be counted")
+
+    def alert_firing():
+        alerts = prometheus("alerts")["alerts"]
+        return [a for a in alerts if a["labels"]["alertname"] == "SolModelLoadFailed" and a["state"] == "firing"]
+    fired = _wait(alert_firing, 60, "SolModelLoadFailed to fire")
+    assert fired[0]["labels"]["model"] == model
+    # The good version keeps serving and the server stays ready.
+    versions = {s["metric"]["version"] for s in _series(prometheus, info)}
+    assert str(broken.version) not in versions and str(new.version) in versions
+    assert _healthcheck(sol_server["target"]).returncode == 0
 
 
 def test_healthcheck_follows_readiness_and_drain(sol_server):
