@@ -647,7 +647,8 @@ def check_compose() -> list[str]:
         problems.append("the server must use the redis service (SOL_REDIS_URL)")
     if not any(a.startswith("--admin-key-file=/run/secrets/") for a in sol["command"]):
         problems.append("the admin key must come from a compose secret")
-    published = {str(p.get("target")) if isinstance(p, dict) else p.split(":")[-1] for p in sol.get("ports", [])}
+    published = {str(p.get("target")) if isinstance(p, dict) else p.split(":")[-1].split("/")[0]
+                 for p in sol.get("ports", [])}
     if not {"50051", "9400"} <= published:
         problems.append("the server must publish 50051 (gRPC) and 9400 (metrics)")
     grace = int(env.get("SOL_GRACE_PERIOD", 30))
