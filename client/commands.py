@@ -134,12 +134,34 @@ def _params(args) -> dict:
 
 def _model(client, args) -> str:
     if args.model:
+        if args.wait > 0:
+            _wait_for_model(client, args.model, args.wait)
         return args.model
     models = client.list_models()
     if not models:
         raise LookupError("the server has no model loaded yet; pass --model once one is")
     m = models[-1]
     return f"{m.name}@{m.version}"
+
+
+def _wait_for_model(client, model: str, seconds: float) -> None:
+    """With --wait, also wait until `model` itself is served: a server that is ready may
+    still be loading the version an alias names (hot-load loads in the background)."""
+    import time
+
+    import grpc
+
+    from client.types import SolError
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            client.count_tokens(model, prompt=".")
+            return
+        except SolError as err:
+            if err.code != grpc.StatusCode.NOT_FOUND or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.5)
 
 
 def _run(fn):

@@ -71,3 +71,10 @@ def test_cli_end_to_end(server, capsys, monkeypatch):
     monkeypatch.setenv("SOL_ADMIN_KEY", "wrong")
     code, _, err = run(capsys, "keys", "list")
     assert code == 1 and "permission denied" in err
+
+
+def test_cli_wait_for_a_model_that_never_comes(server, capsys, monkeypatch):
+    code, out, _ = run(capsys, "keys", "create", "--name", "w")
+    monkeypatch.setenv("SOL_API_KEY", out.strip())
+    code, _, err = run(capsys, "complete", "hi", "--model", "tiny:rlhf", "--wait", "1")
+    assert code == 1 and "not found" in err and "tiny:rlhf" in err
