@@ -281,7 +281,12 @@ def _serving_rules(target: str, objs: list[dict]) -> list[str]:
             problems.append(f"{target}: terminationGracePeriodSeconds {spec.get('terminationGracePeriodSeconds')} "
                             f"< preStop {pre_stop} + SOL_GRACE_PERIOD {grace} + margin")
     strategy = deploy["spec"].get("strategy", {}).get("rollingUpdate", {})
-    if strategy.get("maxUnavailable", 1) != 0 and deploy["spec"].get("replicas", 1) < 2:
+    hpas = [h for h in by_kind.get("HorizontalPodAutoscaler", {}).values()
+            if h["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "sol"}]
+    if hpas and "replicas" in deploy["spec"]:
+        problems.append(f"{target}: the HPA owns the replica count; `replicas` would reset it on every apply")
+    least = hpas[0]["spec"].get("minReplicas", 1) if hpas else deploy["spec"].get("replicas", 1)
+    if strategy.get("maxUnavailable", 1) != 0 and least < 2:
         problems.append(f"{target}: a rollout with maxUnavailable > 0 needs at least 2 replicas")
 
     # Registry read-only in the server; secrets and config the pod names exist.
