@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup-deploy-tools.sh
 .venv/bin/ruff check .
 # pytest exits 5 when it collects no test: that is a failure here, not a pass.
 exec .venv/bin/python -m pytest "$@"

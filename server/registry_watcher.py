@@ -86,8 +86,10 @@ class RegistryWatcher:
             def on_any_event(self, event) -> None:
                 wake.set()
 
-        self.registry.root.mkdir(parents=True, exist_ok=True)
         try:
+            # A registry that does not exist yet (a fresh volume) is watched once created;
+            # on a read-only mount mkdir fails and polling covers it.
+            self.registry.root.mkdir(parents=True, exist_ok=True)
             observer = Observer()
             observer.schedule(_Wake(), str(self.registry.root), recursive=True)
             observer.start()
