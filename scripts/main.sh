@@ -38,10 +38,10 @@ export SOL_API_KEY=$key
 
 echo "== 3. a chat over gRPC with the RLHF model ($name:rlhf); usage is shown after each answer"
 printf '%s\n' "What is 48 + 27?" "Reverse the word 'planet'." "Is 'level' a palindrome?" \
-  | $sol chat --model "$name:rlhf" --max-tokens 48 --temperature 0
+  | $sol chat --wait 300 --model "$name:rlhf" --max-tokens 48 --temperature 0
 
 echo "== 4. one completion as JSON (usage and cost included)"
-$sol complete --model "$name:sft" --max-tokens 24 --temperature 0 --json "Sort these numbers: 9, 2, 7"
+$sol complete --wait 300 --model "$name:sft" --max-tokens 24 --temperature 0 --json "Sort these numbers: 9, 2, 7"
 
 echo "== 5. the ledger: usage per key and model"
 $sol usage

@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 
 Snapshot = dict[str, dict[str, int]]
 
+# watchdog event types that mean the registry changed: publishing renames a directory
+# into place and aliases are replaced by rename, so "moved" and "created" carry every
+# real change; "closed" is a close after writing.
+CHANGE_EVENTS = frozenset({"created", "deleted", "moved", "closed"})
+
 
 @dataclass(frozen=True)
 class AliasChange:
@@ -65,6 +70,7 @@ class RegistryWatcher:
         self._observer = None
         self.current: Snapshot = {}
         self.events_active = False
+        self.scans = 0
 
     def start(self) -> None:
         self.current = snapshot(self.registry)
@@ -84,7 +90,10 @@ class RegistryWatcher:
 
         class _Wake(FileSystemEventHandler):
             def on_any_event(self, event) -> None:
-                wake.set()
+                # Only changes wake the scan: reads (our own rescans open every alias
+                # file) would otherwise wake it again, a busy loop.
+                if event.event_type in CHANGE_EVENTS:
+                    wake.set()
 
         try:
             # A registry that does not exist yet (a fresh volume) is watched once created;
@@ -110,6 +119,7 @@ class RegistryWatcher:
     def check(self) -> list[AliasChange]:
         """Rescan now; report and return the changes since the last scan."""
         new = snapshot(self.registry)
+        self.scans += 1
         changes = diff(self.current, new)
         self.current = new
         if changes:

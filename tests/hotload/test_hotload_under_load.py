@@ -22,7 +22,7 @@ CLIENTS = 8
 @pytest.fixture
 def server(registry, tiny_tokenizer, tmp_path):
     publish_seeded(registry, tiny_tokenizer, seed=1, aliases=("sft",))
-    s = RunningServer(registry.root, tmp_path / "home", poll_interval_s=0.5, kv_blocks=256).start()
+    s = RunningServer(registry.root, tmp_path / "home", watch=True, poll_interval_s=0.5, kv_blocks=256).start()
     yield s
     s.stop()
 

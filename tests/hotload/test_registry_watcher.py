@@ -38,3 +38,25 @@ def test_failing_handler_does_not_kill_the_watcher(registry, tiny_model, tiny_to
     registry.set_alias("m", "x", 1)
     assert watcher.check() == [AliasChange("m", "x", None, 1)]
     assert len(calls) == 2
+
+
+def test_an_idle_registry_is_not_rescanned_in_a_loop(registry, tiny_model, tiny_tokenizer):
+    """Rescans read the alias files; those reads must not wake the watcher again."""
+    import time
+
+    publish_checkpoint(registry, "m", tiny_model, tiny_tokenizer, {}, aliases=("base", "sft"))
+    watcher = RegistryWatcher(registry, lambda changes: None, poll_interval=30.0, use_events=True)
+    watcher.start()
+    try:
+        assert watcher.events_active
+        watcher._wake.set()          # one scan, whose reads must not trigger the next
+        time.sleep(1.0)
+        assert watcher.scans <= 2, f"{watcher.scans} scans of an idle registry in 1 s"
+        before = watcher.scans
+        registry.set_alias("m", "base", 1)   # rewritten by rename: a real change event
+        deadline = time.monotonic() + 5
+        while watcher.scans == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watcher.scans > before, "a change in the registry must wake the watcher"
+    finally:
+        watcher.stop()
