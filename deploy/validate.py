@@ -578,9 +578,7 @@ def exported_metrics(source: str) -> set[str]:
 
 # Metrics the deployment asks of the server that it does not export yet. A panel on one
 # of these shows "No data" until it lands; alerts and the HPA may not use them.
-PENDING_METRICS = {
-    "sol_cost_total": "Counter of metered cost by model (the ledger's per-request cost), for the cost panel",
-}
+PENDING_METRICS: dict[str, str] = {}
 
 
 def check_metrics_contract() -> list[str]:

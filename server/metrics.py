@@ -90,6 +90,7 @@ class ServiceMetrics:
         self.generation_tokens = Counter(f"{NS}_generation_tokens", "Tokens generated", m, registry=r)
         self.cached_tokens = Counter(f"{NS}_cached_tokens", "Prompt tokens served from the prefix cache", m,
                                      registry=r)
+        self.cost = Counter(f"{NS}_cost", "Cost billed for finished requests, in price units", m, registry=r)
         self.model_info = Gauge(f"{NS}_model_version_info", "1 for each loaded model version",
                                 ["model", "version", "stage"], registry=r)
         self.models_loaded = Gauge(f"{NS}_models_loaded", "Model versions loaded and warmed", registry=r)
@@ -110,7 +111,7 @@ class ServiceMetrics:
         return start_http_server(port, addr=host, registry=self.registry)
 
     def observe_finished(self, model: str, timings, usage, finish_reasons: Iterable[str],
-                         token_times: list[float]) -> None:
+                         token_times: list[float], cost: float = 0.0) -> None:
         if timings.first_token is not None:
             self.ttft.labels(model).observe(max(0.0, timings.first_token - timings.arrival))
         if timings.first_scheduled is not None:
@@ -122,5 +123,6 @@ class ServiceMetrics:
         self.prompt_tokens.labels(model).inc(usage.prompt_tokens)
         self.generation_tokens.labels(model).inc(usage.completion_tokens)
         self.cached_tokens.labels(model).inc(usage.cached_tokens)
+        self.cost.labels(model).inc(cost)
         for reason in finish_reasons:
             self.success.labels(model, reason).inc()

@@ -360,7 +360,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens,
                 cost=cost, day=utc_day()))
             self.quota.note_usage(job.key.key_id, u.total_tokens)
-            self.metrics.observe_finished(job.model.name, finished.timings, u, job.finish.values(), job.token_times)
+            self.metrics.observe_finished(job.model.name, finished.timings, u, job.finish.values(), job.token_times,
+                                          cost)
         return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                         cached_tokens=u.cached_tokens, total_tokens=u.total_tokens, cost=cost)
 

@@ -44,10 +44,13 @@ def test_health_metrics_reflection(tiny_checkpoint, tmp_path):
 
         with Client(target, admin_key=ADMIN_KEY) as admin:
             key, info = admin.create_key("metrics")
+            admin.set_price("tiny", prompt_per_1k=1.0, completion_per_1k=2.0)
         with Client(target, api_key=key) as c:
             stream = c.chat_stream([{"role": "user", "content": "hello"}], model="tiny", max_tokens=8, ignore_eos=True)
             list(stream)
-            c.chat([{"role": "user", "content": "hello"}], model="tiny", max_tokens=3)
+            billed = stream.usage.cost
+            billed += c.chat([{"role": "user", "content": "hello"}], model="tiny", max_tokens=3).usage.cost
+        assert billed > 0
         def scrape() -> str:
             return urllib.request.urlopen(f"http://127.0.0.1:{server.app.metrics_port}/metrics", timeout=5).read().decode()
 
@@ -64,12 +67,14 @@ def test_health_metrics_reflection(tiny_checkpoint, tmp_path):
                      "sol_prefix_cache_queries_total", "sol_prefix_cache_hits_total", "sol_prompt_tokens_total",
                      "sol_generation_tokens_total", "sol_cached_tokens_total", "sol_request_success_total",
                      "sol_grpc_requests_total", "sol_model_version_info", "sol_ledger_spool_records",
-                     "sol_models_loaded"):
+                     "sol_models_loaded", "sol_cost_total"):
             assert f"\n{name}" in text, name
         assert 'sol_generation_tokens_total{model="tiny"} 11.0' in text
         assert 'sol_request_success_total{finished_reason="length",model="tiny"} 2.0' in text
         assert 'sol_grpc_requests_total{code="OK",method="ChatCompletionStream",model="tiny"} 1.0' in text
         assert 'sol_model_version_info{model="tiny",stage="base",version="1"} 1.0' in text
+        cost_line = next(line for line in text.splitlines() if line.startswith('sol_cost_total{model="tiny"}'))
+        assert abs(float(cost_line.split()[-1]) - billed) < 1e-9
         assert info.key_id not in text and key not in text
 
         # Drain: readiness flips, liveness stays.
