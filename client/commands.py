@@ -88,6 +88,19 @@ def register(sub, bench_sub) -> None:
     add_json_flag(p)
     p.set_defaults(handler=_keys_list)
 
+    prices = sub.add_parser("prices", help="model prices (admin)")
+    prices_sub = prices.add_subparsers(dest="prices_command", metavar="ACTION", required=True)
+    p = prices_sub.add_parser("set", help="price a model per 1K prompt and completion tokens")
+    p.add_argument("model", help="model name")
+    p.add_argument("--prompt-per-1k", type=float, required=True)
+    p.add_argument("--completion-per-1k", type=float, required=True)
+    p.add_argument("--cached-discount", type=float, default=0.5,
+                   help="fraction taken off the price of prompt tokens served from the prefix cache (default 0.5)")
+    _add_target(p)
+    _add_admin_key(p)
+    add_json_flag(p)
+    p.set_defaults(handler=_prices_set)
+
     p = sub.add_parser("usage", help="metered usage per key, model and day (admin)")
     p.add_argument("--key-id", default="")
     p.add_argument("--model", default="")
@@ -275,6 +288,18 @@ def _keys_list(args) -> int:
         with _client(args, admin=True) as c:
             keys = c.list_keys(include_revoked=args.all)
         emit([dataclasses.asdict(k) for k in keys], args.json, human=table([_key_row(k) for k in keys], KEY_HEADER))
+        return 0
+    return _run(go)
+
+
+def _prices_set(args) -> int:
+    def go() -> int:
+        with _client(args, admin=True) as c:
+            c.set_price(args.model, args.prompt_per_1k, args.completion_per_1k, args.cached_discount)
+        emit({"model": args.model, "prompt_per_1k": args.prompt_per_1k, "completion_per_1k": args.completion_per_1k,
+              "cached_discount": args.cached_discount}, args.json,
+             human=f"{args.model}: {args.prompt_per_1k} per 1K prompt tokens, {args.completion_per_1k} per 1K "
+                   f"completion tokens, cached prompt tokens {args.cached_discount:.0%} off")
         return 0
     return _run(go)
 

@@ -35,6 +35,7 @@ trap stop_server EXIT
 
 key=$($sol keys create --name demo-user --wait 300)
 export SOL_API_KEY=$key
+$sol prices set "$name" --prompt-per-1k 0.5 --completion-per-1k 1.5 --cached-discount 0.5
 
 echo "== 3. a chat over gRPC with the RLHF model ($name:rlhf); usage is shown after each answer"
 printf '%s\n' "What is 48 + 27?" "Reverse the word 'planet'." "Is 'level' a palindrome?" \

@@ -38,12 +38,20 @@ def test_cli_end_to_end(server, capsys, monkeypatch):
     code, out, _ = run(capsys, "keys", "create", "--name", "plain")
     assert code == 0 and out.strip().startswith("sk-sol-") and len(out.strip().splitlines()) == 1
 
+    code, out, _ = run(capsys, "prices", "set", "tiny", "--prompt-per-1k", "0.5", "--completion-per-1k", "1.5",
+                       "--json")
+    assert code == 0 and json.loads(out)["completion_per_1k"] == 1.5
+
     monkeypatch.setenv("SOL_API_KEY", key)
     code, out, _ = run(capsys, "complete", "What is 1 + 1?", "--model", "tiny", "--max-tokens", "4", "--json",
                        "--wait", "10")
     assert code == 0
     r = json.loads(out)
-    assert r["usage"]["completion_tokens"] == r["choices"][0]["completion_tokens"] >= 1
+    u = r["usage"]
+    assert u["completion_tokens"] == r["choices"][0]["completion_tokens"] >= 1
+    expected = ((u["prompt_tokens"] - u["cached_tokens"]) * 0.5 + u["cached_tokens"] * 0.25
+                + u["completion_tokens"] * 1.5) / 1000
+    assert abs(u["cost"] - expected) < 1e-9
     assert r["model"] == "tiny" and r["version"] == 1
 
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\nand again\n"))
