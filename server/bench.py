@@ -192,7 +192,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(home: Path, registry: Path, model: str, device: str | None, admin_key: str, log: Path,
+def start_server(home: Path, registry: Path, model: str, device: str | None, admin_key: str, log: Path,
            watch: bool = True):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -225,6 +225,15 @@ def _serve(home: Path, registry: Path, model: str, device: str | None, admin_key
     raise RuntimeError(f"sol serve did not become ready; see {log}")
 
 
+def stop_server(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM (the graceful drain), then kill if it outlives the grace period."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def run_bench_serve(args: argparse.Namespace) -> int:
     from gpt.registry import Registry, default_home
 
@@ -247,7 +256,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
               f"~{args.prompt_tokens} prompt + {args.max_tokens} generated tokens each", flush=True)
 
         admin_key = "sk-sol-admin-bench"
-        proc, target = _serve(home, registry.root, f"{resolved.name}@{resolved.version}", args.device, admin_key,
+        proc, target = start_server(home, registry.root, f"{resolved.name}@{resolved.version}", args.device, admin_key,
                               home / "serve.log", watch=args.watch)
         locals_, remotes = [], []
         try:
@@ -269,11 +278,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
                 print(f"round {r + 1}/{args.rounds}: in-process {local.summary()['tokens_per_s']:.1f} tokens/s, "
                       f"gRPC {remote.summary()['tokens_per_s']:.1f} tokens/s", flush=True)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
     local = max(locals_, key=lambda x: x.summary()["tokens_per_s"])
     remote = max(remotes, key=lambda x: x.summary()["tokens_per_s"])

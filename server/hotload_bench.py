@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -88,7 +86,7 @@ def run_bench_hotload(args: argparse.Namespace) -> int:
     from gpt.config import preset as model_preset
     from gpt.registry import Registry, default_home
     from gpt.tokenizer import train_tokenizer
-    from server.bench import _serve
+    from server.bench import start_server, stop_server
     from training.data.corpus import build_corpus
 
     out_dir = Path(args.out) if args.out else default_home() / "bench" / "hotload"
@@ -100,7 +98,7 @@ def run_bench_hotload(args: argparse.Namespace) -> int:
                                     show_progress=False)
         _publish(registry, tokenizer, args.preset, seed=1)
         admin_key = "sk-sol-admin-bench"
-        proc, target = _serve(home, registry.root, "bench", None, admin_key, home / "serve.log")
+        proc, target = start_server(home, registry.root, "bench", None, admin_key, home / "serve.log")
         samples: list[Sample] = []
         publishes: list[tuple[float, int]] = []
         stop = threading.Event()
@@ -124,11 +122,7 @@ def run_bench_hotload(args: argparse.Namespace) -> int:
             thread.join(timeout=120)
             t_end = time.monotonic()
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
     result = summarise(samples, publishes, t_steady, t_end, args)
     (out_dir / "hotload.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
