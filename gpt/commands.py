@@ -45,6 +45,15 @@ def register(sub, bench_sub) -> None:
     add_json_flag(p)
     p.set_defaults(handler=_models_alias)
 
+    tok = sub.add_parser("tokenizer", help="inspect a model's tokenizer")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    p = tok_sub.add_parser("stats", help="vocabulary and compression (bytes per token) on the local held-out "
+                           "corpus, and agreement of the trainer's encoder with tiktoken's")
+    p.add_argument("ref", help="NAME, NAME:ALIAS or NAME@VERSION, or a directory with a tokenizer.json")
+    _add_registry_flag(p)
+    add_json_flag(p)
+    p.set_defaults(handler=_tokenizer_stats)
+
     p = sub.add_parser("export-hf", help="write a model as a Hugging Face Llama directory")
     p.add_argument("ref", help="NAME, NAME:ALIAS or NAME@VERSION")
     p.add_argument("out_dir", type=Path)
@@ -121,6 +130,25 @@ def _models_alias(args) -> int:
     emit({"model": args.name, "alias": args.alias, "version": args.version, "previous": before}, args.json,
          f"{args.name}:{args.alias} -> {args.version} (was {before if before is not None else 'unset'})")
     return 0
+
+
+def _tokenizer_stats(args) -> int:
+    from gpt.tokenizer import SPECIAL_TOKENS, SolTokenizer
+    from training.data.corpus import build_corpus
+
+    path = Path(args.ref)
+    tokenizer = SolTokenizer.load(path if path.is_dir() else _registry(args).resolve(args.ref).path)
+    corpus = build_corpus()
+    # Texts that spell a special token encode differently by design (sol: plain text).
+    heldout = [t for t in corpus.heldout if not any(s in t for s in SPECIAL_TOKENS)]
+    hf = tokenizer.hf_tokenizer()
+    agree = sum(tokenizer.encode(t) == hf.encode(t, add_special_tokens=False).ids for t in heldout)
+    data = {"vocab_size": tokenizer.vocab_size, "heldout_documents": len(heldout),
+            "heldout_bytes": sum(len(t.encode()) for t in heldout),
+            "bytes_per_token": round(tokenizer.bytes_per_token(heldout), 3),
+            "tiktoken_matches_trainer": f"{agree}/{len(heldout)}"}
+    emit(data, args.json, "\n".join(f"{k:26} {v}" for k, v in data.items()))
+    return 0 if agree == len(heldout) else 1
 
 
 def _export_hf(args) -> int:

@@ -114,6 +114,12 @@ class SolTokenizer:
     def hf_tokenizer(self) -> Tokenizer:
         return Tokenizer.from_str(self.json)
 
+    def bytes_per_token(self, texts: Iterable[str]) -> float:
+        """Compression on `texts`: UTF-8 bytes per token (higher packs more text per step)."""
+        texts = list(texts)
+        tokens = sum(len(ids) for ids in self.encode_batch(texts))
+        return sum(len(t.encode()) for t in texts) / max(1, tokens)
+
 
 def _split_pattern(spec: dict) -> str:
     """The pre-tokenizer regex stored in tokenizer.json (ours, or GPT-2's for plain ByteLevel)."""

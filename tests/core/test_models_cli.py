@@ -43,3 +43,11 @@ def test_alias_moves_and_refuses_missing_versions(tiny_checkpoint, capsys):
     assert registry.resolve("tiny:prod").version == 1
     assert main(["models", "alias", "tiny", "prod", "7", "--registry", str(registry.root)]) == 2
     assert "version 7" in capsys.readouterr().err
+
+
+def test_tokenizer_stats_reports_compression_and_agreement(tiny_checkpoint, capsys):
+    registry, _ = tiny_checkpoint
+    data = run_json(capsys, "tokenizer", "stats", "tiny", "--registry", str(registry.root))
+    assert data["vocab_size"] == 512 and data["bytes_per_token"] > 1.5
+    done, total = map(int, data["tiktoken_matches_trainer"].split("/"))
+    assert done == total > 10
