@@ -13,7 +13,8 @@ from proto.sol.v1 import sol_pb2 as pb
 from proto.sol.v1 import sol_pb2_grpc as pb_grpc
 from server.accounting import Accountant
 from server.auth import Authenticator, AuthError, hash_key, new_key
-from server.errors import failed_precondition, invalid, not_found, unavailable
+from server.errors import exhausted, failed_precondition, invalid, not_found, unavailable
+from server.kv_budget import KVBudgetExhausted
 from server.ledger import KeyInfo, LedgerStore, Price, StoreUnavailable, UsageRow
 from server.models import ModelManager
 from server.pricing import PriceBook
@@ -143,6 +144,8 @@ class AdminServicer(pb_grpc.AdminServicer):
                 raise not_found(str(err)) from None
             except (RegistryError, CheckpointError) as err:
                 raise invalid(str(err)) from None
+            except KVBudgetExhausted as err:
+                raise exhausted(str(err)) from None
             return pb.LoadModelResponse(info=self.inference.model_info(model))
         return await self._call(context, "LoadModel", fn)
 
@@ -194,5 +197,5 @@ def _shutdown_when_idle(model, timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
     while model.in_flight > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    model.engine.shutdown()
+    model.close()
 

@@ -28,6 +28,7 @@ from server.config import ServerConfig
 from server.engine.engine import EngineConfig
 from server.health import Health
 from server.hotload import HotLoadConfig, HotLoader, LoadOutcome
+from server.kv_budget import KVBudget
 from server.ledger import LedgerStore, Price
 from server.metrics import ServiceMetrics
 from server.models import EngineFactory, ModelManager, default_engine_factory
@@ -77,7 +78,8 @@ class App:
         self.spool = Spool(c.spool_path)
         self.metrics = ServiceMetrics()
         self.health = Health()
-        self.models = ModelManager(Registry(c.registry), self.engine_factory, warmup=c.warmup)
+        budget = None if c.kv_blocks is not None else KVBudget(c.kv_budget_mb << 20, c.kv_per_model_mb << 20)
+        self.models = ModelManager(Registry(c.registry), self.engine_factory, warmup=c.warmup, kv_budget=budget)
         pepper = resolve_pepper(c.key_pepper, c.home)
         check_pepper(self.store, pepper)
         self.auth = Authenticator(self.store, pepper,

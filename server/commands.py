@@ -32,7 +32,13 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--grace-period", type=float, default=float(os.environ.get("SOL_GRACE_PERIOD") or 30.0),
                    help="seconds running requests get to finish after SIGTERM (SOL_GRACE_PERIOD; default 30)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    p.add_argument("--kv-blocks", type=int, default=None, help="KV cache size in blocks (default: the engine's)")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="KV pool per model version in blocks (default: sized by the engine within the KV budget)")
+    p.add_argument("--kv-budget-mb", type=int, default=int(os.environ.get("SOL_KV_BUDGET_MB") or 1024),
+                   help="KV memory shared by every loaded model version, swaps included (SOL_KV_BUDGET_MB; "
+                        "default 1024)")
+    p.add_argument("--kv-per-model-mb", type=int, default=int(os.environ.get("SOL_KV_PER_MODEL_MB") or 256),
+                   help="the most one version's KV pool may take (SOL_KV_PER_MODEL_MB; default 256)")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_tokens when a request sets none (capped by the context; default 256)")
     p.add_argument("--cached-discount", type=float, default=0.5,
@@ -75,7 +81,8 @@ def _serve(args: argparse.Namespace) -> int:
                           redis_url=args.redis_url, admin_key_file=args.admin_key_file,
                           grace_period_s=args.grace_period, device=args.device, kv_blocks=args.kv_blocks,
                           default_max_tokens=args.default_max_tokens, cached_discount=args.cached_discount,
-                          watch=args.watch, poll_interval_s=args.poll_interval)
+                          watch=args.watch, poll_interval_s=args.poll_interval,
+                          kv_budget_mb=args.kv_budget_mb, kv_per_model_mb=args.kv_per_model_mb)
     if args.registry is not None:
         config.registry = args.registry
     if args.admin_key_file is not None:

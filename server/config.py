@@ -40,7 +40,11 @@ class ServerConfig:
     max_messages: int = 1024
     # Engine sizing (None = the engine's defaults).
     device: str | None = None
-    kv_blocks: int | None = None
+    kv_blocks: int | None = None                 # an explicit pool per engine; turns the budget off
+    # KV memory shared by every loaded model version (hot-load included), and the most
+    # one version's pool may take.
+    kv_budget_mb: int = field(default_factory=lambda: _env_int("SOL_KV_BUDGET_MB", 1024))
+    kv_per_model_mb: int = field(default_factory=lambda: _env_int("SOL_KV_PER_MODEL_MB", 256))
     max_waiting: int | None = None
     # Pricing default for models without a price, and the cached prompt token discount.
     cached_discount: float = 0.5

@@ -145,6 +145,9 @@ class HotLoader:
         started = time.monotonic()
         try:
             if not self.manager.is_loaded(name, version):
+                # At most two versions of a model in memory: the one serving and the one
+                # loading. Older ones still finishing their requests go first.
+                self.wait_retired(self.config.retire_timeout_s, name)
                 self.manager.load(ref)
             self.manager.set_alias(name, alias, version)
         except Exception as err:  # a broken checkpoint must never take serving down
@@ -195,18 +198,19 @@ class HotLoader:
                         if m.in_flight == 0 or now - t > self.config.retire_timeout_s]
                 self._retiring = [item for item in self._retiring if item not in done]
             for model, _ in done:
-                model.engine.shutdown()
+                model.close()
                 log.info("retired %s: engine stopped, weights and KV blocks released", model.ref)
             # Drop this frame's references too, or the last retired engine (its weights
             # and KV pool) lives on until the next turn of the loop.
             del done
             model = None
 
-    def wait_retired(self, timeout_s: float = 30.0) -> bool:
+    def wait_retired(self, timeout_s: float = 30.0, name: str | None = None) -> bool:
+        """Wait until no version (of `name`, or of any model) is still retiring."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._retired:
-                if not self._retiring:
+                if not any(name is None or m.name == name for m, _ in self._retiring):
                     return True
             time.sleep(0.02)
         return False

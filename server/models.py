@@ -10,6 +10,7 @@ last request ends (`LoadedModel.in_flight`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import threading
@@ -19,12 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gpt.chat import chat_stop_ids
 from gpt.checkpoint import Checkpoint, load_checkpoint
+from gpt.config import ModelConfig
 from gpt.registry import LATEST, ModelNotFound, ModelRef, Registry
 from gpt.tokenizer import SolTokenizer
 from server.engine.api import EngineRequest, EngineStats, RequestFinished, SamplingParams
-from server.engine.engine import Engine, EngineConfig
+from server.engine.engine import Engine, EngineConfig, kv_pool_blocks
+from server.engine.kv_cache import kv_bytes_per_block
+from server.kv_budget import KVBudget
 
 log = logging.getLogger("sol.models")
 
@@ -44,6 +50,8 @@ class LoadedModel:
     loaded_at: str
     stop_ids: list[int]
     in_flight: int = 0
+    kv_reserved: int = 0                     # bytes held in the server's KV budget
+    budget: KVBudget | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -66,11 +74,40 @@ class LoadedModel:
         with self._lock:
             self.in_flight -= 1
 
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the engine and give its KV pool back to the budget (once)."""
+        self.engine.shutdown(timeout_s)
+        with self._lock:
+            reserved, self.kv_reserved = self.kv_reserved, 0
+        if self.budget is not None and reserved:
+            self.budget.release(reserved)
 
-def default_engine_factory(config: EngineConfig | None = None) -> EngineFactory:
-    def make(ckpt: Checkpoint) -> Engine:
+
+class EngineBuilder:
+    """Makes one Engine per model version, and says beforehand how much KV memory it
+    will allocate, so the manager can reserve it in the server's budget first."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+
+    def pool_bytes(self, model_config: ModelConfig) -> int:
+        from gpt.device import default_device, default_dtype
+
+        device = torch.device(self.config.device) if self.config.device else default_device()
+        dtype = self.config.dtype or default_dtype(device)
+        per_block = kv_bytes_per_block(model_config, self.config.block_size, dtype)
+        return kv_pool_blocks(model_config, self.config, dtype) * per_block
+
+    def __call__(self, ckpt: Checkpoint, kv_cache_bytes: int | None = None) -> Engine:
+        config = self.config
+        if kv_cache_bytes is not None:
+            # The pool is exactly what the budget reserved for this version.
+            config = dataclasses.replace(config, kv_cache_bytes=kv_cache_bytes, num_blocks=None)
         return Engine(ckpt.model, ckpt.tokenizer, config)
-    return make
+
+
+def default_engine_factory(config: EngineConfig | None = None) -> EngineBuilder:
+    return EngineBuilder(config)
 
 
 def warm_up(engine: Engine, tokenizer: SolTokenizer, timeout_s: float = 120.0) -> None:
@@ -92,10 +129,13 @@ def warm_up(engine: Engine, tokenizer: SolTokenizer, timeout_s: float = 120.0) -
 
 
 class ModelManager:
-    def __init__(self, registry: Registry, engine_factory: EngineFactory, warmup: bool = True) -> None:
+    def __init__(self, registry: Registry, engine_factory: EngineFactory, warmup: bool = True,
+                 kv_budget: KVBudget | None = None, kv_wait_s: float = 120.0) -> None:
         self.registry = registry
         self.engine_factory = engine_factory
         self.warmup = warmup
+        self.kv_budget = kv_budget
+        self.kv_wait_s = kv_wait_s
         self._lock = threading.RLock()
         self._loaded: dict[tuple[str, int], LoadedModel] = {}
         self._aliases: dict[str, dict[str, int]] = {}     # name -> alias -> version
@@ -111,19 +151,30 @@ class ModelManager:
         if existing is None:
             # Loaded on the CPU in fp32; the engine moves it to its device and dtype.
             ckpt = load_checkpoint(resolved.path, device="cpu")
-            engine = self.engine_factory(ckpt)
+            # Reserve the KV pool before allocating it: a load waits for retiring versions
+            # to give theirs back rather than over-commit memory.
+            reserved = 0
+            if self.kv_budget is not None:
+                sizing = getattr(self.engine_factory, "pool_bytes", None)
+                wanted = sizing(ckpt.config) if sizing else self.kv_budget.per_model_bytes
+                reserved = self.kv_budget.reserve(wanted, self.kv_wait_s)
+            engine = None
             try:
+                engine = self.engine_factory(ckpt, reserved) if reserved else self.engine_factory(ckpt)
                 if self.warmup:
                     warm_up(engine, ckpt.tokenizer)
             except BaseException:
-                engine.shutdown()
+                if engine is not None:
+                    engine.shutdown()
+                if reserved:
+                    self.kv_budget.release(reserved)
                 raise
             existing = LoadedModel(
                 name=resolved.name, version=resolved.version, path=resolved.path, tokenizer=ckpt.tokenizer,
                 engine=engine, meta=ckpt.meta, max_context=ckpt.config.max_seq_len,
                 num_parameters=ckpt.config.num_parameters(),
                 loaded_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                stop_ids=chat_stop_ids(ckpt.tokenizer))
+                stop_ids=chat_stop_ids(ckpt.tokenizer), kv_reserved=reserved, budget=self.kv_budget)
             with self._lock:
                 self._loaded[(resolved.name, resolved.version)] = existing
             log.info("loaded %s from %s", existing.ref, resolved.path)
@@ -237,4 +288,4 @@ class ModelManager:
             self._loaded.clear()
             self._aliases.clear()
         for m in models:
-            m.engine.shutdown(timeout_s)
+            m.close(timeout_s)

@@ -63,6 +63,18 @@ class EngineConfig:
     dtype: torch.dtype | None = None       # default: bf16 on CUDA, fp32 on CPU
 
 
+def kv_pool_blocks(mc, config: EngineConfig, dtype: torch.dtype) -> int:
+    """Blocks in the KV pool: `num_blocks`, else `kv_cache_bytes` worth, else the default
+    budget capped at what `max_num_seqs` full-context sequences can use."""
+    if config.num_blocks is not None:
+        return config.num_blocks
+    per_block = kv_bytes_per_block(mc, config.block_size, dtype)
+    if config.kv_cache_bytes is not None:
+        return max(1, config.kv_cache_bytes // per_block)
+    full = config.max_num_seqs * -(-mc.max_seq_len // config.block_size)
+    return max(1, min(DEFAULT_KV_BUDGET_BYTES // per_block, full))
+
+
 class Engine:
     def __init__(self, model: GPT, tokenizer: SolTokenizer, config: EngineConfig | None = None,
                  start: bool = True) -> None:
@@ -79,14 +91,7 @@ class Engine:
         self.model = model.eval()
         mc = model.config
         self.max_seq_len = mc.max_seq_len
-        if config.num_blocks is not None:
-            num_blocks = config.num_blocks
-        else:
-            per_block = kv_bytes_per_block(mc, config.block_size, self.dtype)
-            budget = config.kv_cache_bytes or DEFAULT_KV_BUDGET_BYTES
-            full = config.max_num_seqs * -(-mc.max_seq_len // config.block_size)
-            num_blocks = max(1, min(budget // per_block, full) if config.kv_cache_bytes is None
-                             else budget // per_block)
+        num_blocks = kv_pool_blocks(mc, config, self.dtype)
         self.cache = PagedKVCache(mc, num_blocks, config.block_size, self.device, self.dtype)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),

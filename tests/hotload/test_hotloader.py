@@ -112,3 +112,40 @@ def test_models_appearing_after_start_are_loaded(registry, tiny_tokenizer, manag
     publish_seeded(registry, tiny_tokenizer, seed=1, name="fresh", aliases=("base",))
     wait_for(lambda: manager.ready, message="a model loaded")
     assert served_version(manager, "fresh:base") == 1
+
+
+def test_kv_budget_is_never_over_committed_across_a_swap(registry, tiny_tokenizer):
+    """Room for two versions' pools: a swap fits (serving + loading), a third version
+    waits for the retired one to give its pool back, and the total never exceeds it."""
+    from server.kv_budget import KVBudget, KVBudgetExhausted
+
+    builder = default_engine_factory(EngineConfig(max_num_seqs=4, block_size=8))
+    publish_seeded(registry, tiny_tokenizer, seed=1)
+    from gpt.checkpoint import load_checkpoint
+
+    pool = builder.pool_bytes(load_checkpoint(registry.resolve("m").path).config)
+    budget = KVBudget(total_bytes=2 * pool, per_model_bytes=pool)
+    manager = ModelManager(registry, builder, kv_budget=budget, kv_wait_s=0.5)
+    peak = []
+    h = HotLoader(manager, registry, HotLoadConfig(poll_interval_s=0.2))
+    try:
+        manager.load_default([])
+        assert budget.used_bytes == pool
+        assert manager.resolve("m").kv_reserved == pool     # the engine's pool is exactly the reservation
+        h.start()
+        for seed in (2, 3, 4):
+            published = publish_seeded(registry, tiny_tokenizer, seed=seed)
+            wait_for(lambda v=published.version: served_version(manager) == v, timeout=60,
+                     message=f"version {published.version} served")
+            peak.append(budget.used_bytes)
+        assert h.wait_retired()
+        assert budget.used_bytes == pool and max(peak) <= 2 * pool
+        # Two versions pinned by hand fill the budget; a third is refused with a clear error.
+        manager.load("m@1")
+        with pytest.raises(KVBudgetExhausted, match="KV budget exhausted"):
+            manager.load("m@2")
+        assert budget.used_bytes == 2 * pool
+    finally:
+        h.stop()
+        manager.shutdown()
+    assert budget.used_bytes == 0
