@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -105,6 +106,18 @@ class Inflight:
             self.empty.set()
 
 
+def flatten_metrics(tree: Any, prefix: str = "") -> dict[str, float]:
+    """The numbers of a checkpoint's eval metrics as dotted keys (`tasks.per_family.add`);
+    lists (samples, curves) stay in meta.json."""
+    out: dict[str, float] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(flatten_metrics(value, f"{prefix}{key}."))
+    elif isinstance(tree, int | float) and not isinstance(tree, bool):
+        out[prefix.rstrip(".")] = float(tree)
+    return out
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, config: ServerConfig, models: ModelManager, auth: Authenticator, quota: QuotaGate,
                  accountant: Accountant, prices: PriceBook, metrics: ServiceMetrics) -> None:
@@ -187,8 +200,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # --- shared plumbing ------------------------------------------------------------------
     def model_info(self, m: LoadedModel) -> pb.ModelInfo:
-        evals = m.meta.get("eval") or m.meta.get("eval_metrics") or {}
-        metrics = {k: float(v) for k, v in evals.items() if isinstance(v, int | float)} if isinstance(evals, dict) else {}
+        metrics = flatten_metrics(m.meta.get("metrics") or {})
         price = self.prices.get(m.name)
         return pb.ModelInfo(name=m.name, version=m.version, aliases=self.models.aliases_of(m), stage=m.stage,
                             parent=m.parent, max_context=m.max_context, num_parameters=m.num_parameters,

@@ -97,6 +97,20 @@ def test_list_models(client):
     assert set(m.aliases) >= {"base", "latest"}
 
 
+def test_list_models_shows_lineage_and_eval_metrics(client, tiny_checkpoint, tiny_model, tiny_tokenizer):
+    from gpt.registry import publish_checkpoint
+
+    registry, _ = tiny_checkpoint
+    publish_checkpoint(registry, "tiny", tiny_model, tiny_tokenizer,
+                       {"stage": "sft", "parent": "tiny@1",
+                        "metrics": {"tasks": {"accuracy": 0.5, "per_family": {"add": 1.0}}, "curve": [1, 2]}},
+                       aliases=("sft",))
+    loaded = client.load_model("tiny:sft")
+    assert (loaded.version, loaded.stage, loaded.parent) == (2, "sft", "tiny@1")
+    assert loaded.eval_metrics == {"tasks.accuracy": 0.5, "tasks.per_family.add": 1.0}
+    assert {m.version: bool(m.loaded_at) for m in client.list_models()} == {1: True, 2: True}
+
+
 def test_logprobs_and_stop_strings(client):
     r = client.chat(MESSAGES, model="tiny", max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
     lps = r.choices[0].logprobs
