@@ -169,7 +169,8 @@ def _run_stage(args, ctx, registry):
         if args.tokenizer:
             tokenizer = SolTokenizer.load(args.tokenizer)
             corpus = build_corpus(ctx.preset.corpus_bytes)
-            docs = pretraining_documents(ctx.preset.task_docs, ctx.preset.task_doc_problems, ctx.seed)
+            docs = pretraining_documents(ctx.preset.task_docs, ctx.preset.task_doc_problems, ctx.seed,
+                                         ctx.preset.families)
         else:
             tokenizer, corpus, docs = pipeline.stage_tokenizer(ctx)
         return pipeline.stage_pretrain(ctx, tokenizer, corpus, docs)

@@ -180,6 +180,10 @@ def train(model: nn.Module, stage: Stage, cfg: LoopConfig, run_dir: Path | None 
                dynamic_ncols=True, leave=False)
     began = time.perf_counter()
     window_start, window_tokens = began, 0.0
+    # Logged values are means over the steps since the last record, so curves are not
+    # single-batch noise.
+    window: dict[str, float] = {}
+    window_steps = 0
     model.train()
     try:
         for step in range(start, cfg.steps):
@@ -203,12 +207,16 @@ def train(model: nn.Module, stage: Stage, cfg: LoopConfig, run_dir: Path | None 
             if hasattr(stage, "after_step"):
                 stage.after_step(step)
             window_tokens += sums.get("tokens", 0.0)
+            for k, v in sums.items():
+                window[k] = window.get(k, 0.0) + v
+            window_steps += 1
             done = step + 1
             bar.update(1)
             if "loss" in sums:
                 bar.set_postfix(loss=f"{sums['loss']:.3f}", refresh=False)
             if done % cfg.log_every == 0 or done == cfg.steps:
-                record = mean_across_ranks(sums, info)
+                record = mean_across_ranks({k: v / window_steps for k, v in window.items()}, info)
+                window, window_steps = {}, 0
                 now = time.perf_counter()
                 if window_tokens:
                     record["tokens_per_s"] = window_tokens * info.world / max(now - window_start, 1e-9)

@@ -91,7 +91,7 @@ def _ref(resolved: ResolvedModel | None) -> str | None:
 def stage_tokenizer(ctx: Context) -> tuple[SolTokenizer, Corpus, list[str]]:
     p = ctx.preset
     corpus = build_corpus(p.corpus_bytes)
-    task_docs = pretraining_documents(p.task_docs, p.task_doc_problems, ctx.seed)
+    task_docs = pretraining_documents(p.task_docs, p.task_doc_problems, ctx.seed, p.families)
     tokenizer = train_tokenizer(corpus.train + task_docs[: max(1, len(task_docs) // 4)], p.vocab_size,
                                 show_progress=False)
     if ctx.info.is_main:
@@ -122,7 +122,7 @@ def stage_sft(ctx: Context, tokenizer: SolTokenizer, base: GPT, parent: str | No
     p = ctx.preset
     began = time.perf_counter()
     model = copy.deepcopy(base)
-    tasks = sample_problems(p.sft_per_family, "train", ctx.seed)
+    tasks = sample_problems(p.sft_per_family, "train", ctx.seed, p.families)
     stage = SFTStage(tokenizer, [q.conversation() for q in tasks.problems], p.sft, ctx.info.device)
     result = train(model, stage, p.sft.loop, ctx.stage_dir("sft"), ctx.info, ctx.progress, ctx.resume)
     metrics = {"tasks": _task_eval(ctx, model, tokenizer, "chat"), "train_loss": result.last("loss")}
@@ -135,8 +135,8 @@ def preference_data(ctx: Context, tokenizer: SolTokenizer, sft: GPT) -> tuple[Pr
     """Training pairs from training-split problems and held-out pairs from held-out ones;
     rejected replies are the SFT model's own wrong samples where it made some."""
     p = ctx.preset
-    train_problems = sample_problems(p.rm_per_family, "train", ctx.seed + 17).problems
-    eval_problems = sample_problems(p.rm_eval_per_family, "heldout", RM_EVAL_SEED, unique=True).problems
+    train_problems = sample_problems(p.rm_per_family, "train", ctx.seed + 17, p.families).problems
+    eval_problems = sample_problems(p.rm_eval_per_family, "heldout", RM_EVAL_SEED, p.families, unique=True).problems
     wrong_train = sample_wrong_replies(sft, tokenizer, train_problems, p.rm_samples, ctx.seed)
     wrong_eval = sample_wrong_replies(sft, tokenizer, eval_problems, p.rm_samples, RM_EVAL_SEED)
     return (preference_pairs(train_problems, ctx.seed, wrong_train),
@@ -165,7 +165,7 @@ def stage_rlhf(ctx: Context, tokenizer: SolTokenizer, sft: GPT, rm: RewardModel,
     p = ctx.preset
     began = time.perf_counter()
     policy = PolicyWithValue(copy.deepcopy(sft)).to(ctx.info.device)
-    prompts = sample_problems(p.rlhf_per_family, "train", ctx.seed + 29)
+    prompts = sample_problems(p.rlhf_per_family, "train", ctx.seed + 29, p.families)
     stage = RLHFStage(policy, copy.deepcopy(sft), rm, tokenizer, prompts.problems, p.rlhf, ctx.info.device)
     result = train(policy, stage, p.rlhf.loop, ctx.stage_dir("rlhf"), ctx.info, ctx.progress, ctx.resume)
     if ctx.info.is_main:
@@ -183,7 +183,7 @@ def stage_rlhf(ctx: Context, tokenizer: SolTokenizer, sft: GPT, rm: RewardModel,
 # --- evaluation helpers -----------------------------------------------------------------------
 
 def eval_problems(ctx: Context):
-    return sample_problems(ctx.preset.eval_per_family, "heldout", EVAL_SEED, unique=True).problems
+    return sample_problems(ctx.preset.eval_per_family, "heldout", EVAL_SEED, ctx.preset.families, unique=True).problems
 
 
 def _task_eval(ctx: Context, model: GPT, tokenizer: SolTokenizer, mode: str) -> dict[str, Any]:

@@ -242,9 +242,10 @@ def few_shot_prompt(shots: list[Problem], problem: Problem) -> str:
     return "".join(plain_text(s) + "\n" for s in shots) + f"Question: {problem.prompt}\nAnswer:"
 
 
-def pretraining_documents(n_docs: int, per_doc: int, seed: int) -> list[str]:
+def pretraining_documents(n_docs: int, per_doc: int, seed: int, families: Iterable[str] | None = None) -> list[str]:
     """Documents of `per_doc` question/answer blocks from the training split."""
-    problems = sample_problems(n_docs * per_doc // len(FAMILIES) + 1, "train", seed + 1_000_003).problems
+    names = list(families or FAMILIES)
+    problems = sample_problems(n_docs * per_doc // len(names) + 1, "train", seed + 1_000_003, names).problems
     random.Random(seed).shuffle(problems)
     return ["\n".join(plain_text(p) for p in problems[i * per_doc:(i + 1) * per_doc]) for i in range(n_docs)]
 

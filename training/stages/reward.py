@@ -30,15 +30,21 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_coef: flo
     return loss
 
 
-def reply_ids(tokenizer: SolTokenizer, prompt: str, reply: str) -> list[int]:
-    """A scored sequence: the conversation through the reply's end-of-turn token."""
-    return render_chat(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]).ids
+def reply_ids(tokenizer: SolTokenizer, prompt: str, reply: str) -> tuple[list[int], int]:
+    """A scored sequence (the conversation through the reply's end-of-turn token) and
+    the index where the reply starts."""
+    start = len(render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True).ids)
+    ids = render_chat(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]).ids
+    return ids, start
 
 
-def score_batch(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = pad_right(seqs, pad).to(device)
-    last = torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long, device=device)
-    return ids, last
+def score_batch(seqs: list[tuple[list[int], int]], pad: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, last index, reply start) for the reward model."""
+    ids = pad_right([s for s, _ in seqs], pad).to(device)
+    last = torch.tensor([len(s) - 1 for s, _ in seqs], dtype=torch.long, device=device)
+    start = torch.tensor([b for _, b in seqs], dtype=torch.long, device=device)
+    return ids, last, start
 
 
 class RewardStage:
@@ -54,16 +60,18 @@ class RewardStage:
         self.pad = tokenizer.eot_id
         self.device = torch.device(device)
 
-    def micro_batch(self, step: int, micro: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def micro_batch(self, step: int, micro: int, rank: int, world: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         picks = global_indices(len(self.pairs), self.cfg.loop.batch_size, world, self.cfg.loop.seed, step,
                                micro, rank)
         # Chosen replies first, rejected second, in one forward.
         seqs = [self.pairs[i][0] for i in picks] + [self.pairs[i][1] for i in picks]
         return score_batch(seqs, self.pad, self.device)
 
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        ids, last = batch
-        scores = model(ids, last)
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        ids, last, start = batch
+        scores = model(ids, last, start)
         chosen, rejected = scores.chunk(2)
         loss = pairwise_loss(chosen, rejected, self.cfg.center_coef)
         return loss, {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),

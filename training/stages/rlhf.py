@@ -147,7 +147,8 @@ class RLHFStage:
         rows = torch.arange(seqs.shape[0], device=self.device)[:, None]
         values = values_all[rows, index] * mask
         last = torch.tensor([len(p) + len(r) - 1 for p, r in zip(prompts, replies, strict=True)], device=self.device)
-        raw = self.reward_model(seqs, last).float()
+        starts = torch.tensor([len(p) for p in prompts], device=self.device)
+        raw = self.reward_model(seqs, last, starts).float()
         if self.score_mean is None:
             self.score_mean, self.score_std = raw.mean().item(), max(raw.std().item(), 1e-3)
         score = (raw - self.score_mean) / self.score_std
