@@ -86,13 +86,14 @@ def _cpu() -> PipelinePreset:
                                 seq_len=128),
         sft_per_family=6000, sft=SFTConfig(LoopConfig(steps=2500, batch_size=32, lr=2e-3, warmup_steps=30,
                                                       log_every=20)),
-        rm_per_family=400, rm_samples=2,
-        reward=RewardConfig(LoopConfig(steps=400, batch_size=16, lr=5e-4, warmup_steps=15, log_every=10)),
+        rm_per_family=1500, rm_samples=2,
+        reward=RewardConfig(LoopConfig(steps=1200, batch_size=32, lr=1e-3, warmup_steps=30, log_every=20)),
         rlhf_per_family=1500,
         # A 1M-parameter policy fine-tuned at lr 2e-3 barely moves at the 1e-5 rates used for
         # large models; the KL controller's horizon is scaled to this run's few thousand replies.
-        rlhf=RLHFConfig(LoopConfig(steps=160, batch_size=32, lr=1e-4, warmup_steps=4, min_lr_ratio=1.0,
-                                   weight_decay=0.0, log_every=4), rollouts=64, ppo_epochs=2, kl_horizon=1000),
+        rlhf=RLHFConfig(LoopConfig(steps=800, batch_size=64, lr=5e-5, warmup_steps=4, min_lr_ratio=1.0,
+                                   weight_decay=0.0, log_every=8), rollouts=128, samples_per_prompt=8,
+                        ppo_epochs=2, kl_horizon=1000),
         eval_per_family=64, rm_eval_per_family=40,
     )
 

@@ -42,7 +42,8 @@ class RLHFConfig:
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=2e-5, warmup_steps=4, batch_size=32,
                                                                 min_lr_ratio=1.0, weight_decay=0.0,
                                                                 log_every=4))
-    rollouts: int = 64                # prompts per rollout batch per rank
+    rollouts: int = 64                # replies per rollout batch per rank
+    samples_per_prompt: int = 1       # replies drawn per prompt; > 1 centres scores per prompt
     ppo_epochs: int = 2
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -58,6 +59,8 @@ class RLHFConfig:
 
     @property
     def steps_per_rollout(self) -> int:
+        if self.rollouts % self.samples_per_prompt:
+            raise ValueError(f"rollouts {self.rollouts} must be a multiple of samples_per_prompt")
         if self.rollouts % self.loop.batch_size:
             raise ValueError(f"rollouts {self.rollouts} must be a multiple of the minibatch {self.loop.batch_size}")
         return self.ppo_epochs * self.rollouts // self.loop.batch_size
@@ -125,8 +128,10 @@ class RLHFStage:
     def make_rollout(self, iteration: int, rank: int, world: int) -> Rollout:
         cfg = self.cfg
         g = step_generator(cfg.loop.seed, iteration, 7)
-        picks = torch.randint(0, len(self.problems), (cfg.rollouts * world,), generator=g)
-        picks = picks[rank * cfg.rollouts:(rank + 1) * cfg.rollouts].tolist()
+        k = cfg.samples_per_prompt
+        n_prompts = cfg.rollouts // k
+        picks = torch.randint(0, len(self.problems), (n_prompts * world,), generator=g)
+        picks = picks[rank * n_prompts:(rank + 1) * n_prompts].repeat_interleave(k).tolist()
         prompts = [self.prompts[i] for i in picks]
         seeds = [(cfg.loop.seed * 1_000_003 + iteration) * 65_537 + rank * cfg.rollouts + i for i in range(len(picks))]
         self.policy.eval()
@@ -149,9 +154,15 @@ class RLHFStage:
         last = torch.tensor([len(p) + len(r) - 1 for p, r in zip(prompts, replies, strict=True)], device=self.device)
         starts = torch.tensor([len(p) for p in prompts], device=self.device)
         raw = self.reward_model(seqs, last, starts).float()
+        centred = raw
+        if k > 1:
+            # Several replies to one prompt: their mean is the prompt's baseline, so that the
+            # advantage says which reply is better, not which prompt is easier (RLOO-style
+            # variance reduction in front of the value head and GAE).
+            centred = raw - raw.view(-1, k).mean(1).repeat_interleave(k)
         if self.score_mean is None:
-            self.score_mean, self.score_std = raw.mean().item(), max(raw.std().item(), 1e-3)
-        score = (raw - self.score_mean) / self.score_std
+            self.score_mean, self.score_std = centred.mean().item(), max(centred.std().item(), 1e-3)
+        score = (centred - self.score_mean) / self.score_std
         finished = torch.tensor(gen.finished, dtype=torch.bool, device=self.device)
         score = torch.where(finished, score, score - cfg.missing_eos_penalty)
         logp, ref_logp = logp * mask, ref_logp * mask
