@@ -20,15 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gpt.chat import chat_stop_ids
 from gpt.checkpoint import Checkpoint, load_checkpoint
 from gpt.config import ModelConfig
 from gpt.registry import LATEST, ModelNotFound, ModelRef, Registry
 from gpt.tokenizer import SolTokenizer
 from server.engine.api import EngineRequest, EngineStats, RequestFinished, SamplingParams
-from server.engine.engine import Engine, EngineConfig, kv_pool_blocks
+from server.engine.engine import Engine, EngineConfig, kv_pool_blocks, resolve_device_dtype
 from server.engine.kv_cache import kv_bytes_per_block
 from server.kv_budget import KVBudget
 
@@ -91,10 +89,7 @@ class EngineBuilder:
         self.config = config or EngineConfig()
 
     def pool_bytes(self, model_config: ModelConfig) -> int:
-        from gpt.device import default_device, default_dtype
-
-        device = torch.device(self.config.device) if self.config.device else default_device()
-        dtype = self.config.dtype or default_dtype(device)
+        _, dtype = resolve_device_dtype(self.config)
         per_block = kv_bytes_per_block(model_config, self.config.block_size, dtype)
         return kv_pool_blocks(model_config, self.config, dtype) * per_block
 

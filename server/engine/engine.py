@@ -63,6 +63,14 @@ class EngineConfig:
     dtype: torch.dtype | None = None       # default: bf16 on CUDA, fp32 on CPU
 
 
+def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    """The engine's device and dtype: as configured, else CUDA + bf16 when present."""
+    from gpt.device import default_device, default_dtype
+
+    device = torch.device(config.device) if config.device else default_device()
+    return device, config.dtype or default_dtype(device)
+
+
 def kv_pool_blocks(mc, config: EngineConfig, dtype: torch.dtype) -> int:
     """Blocks in the KV pool: `num_blocks`, else `kv_cache_bytes` worth, else the default
     budget capped at what `max_num_seqs` full-context sequences can use."""
@@ -78,12 +86,9 @@ def kv_pool_blocks(mc, config: EngineConfig, dtype: torch.dtype) -> int:
 class Engine:
     def __init__(self, model: GPT, tokenizer: SolTokenizer, config: EngineConfig | None = None,
                  start: bool = True) -> None:
-        from gpt.device import default_device, default_dtype
-
         self.config = config = config or EngineConfig()
         self.tokenizer = tokenizer
-        self.device = torch.device(config.device) if config.device else default_device()
-        self.dtype = config.dtype or default_dtype(self.device)
+        self.device, self.dtype = resolve_device_dtype(config)
         param = next(model.parameters())
         if param.device != self.device or param.dtype != self.dtype:
             # Convert a copy: the caller's model (a training policy, say) stays as it was.
