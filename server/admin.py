@@ -158,7 +158,12 @@ class AdminServicer(pb_grpc.AdminServicer):
             except RegistryError as err:
                 raise invalid(str(err)) from None
             self.models.unload(model.name, model.version)
-            await self._run(_shutdown_when_idle, model)
+            if self.hotloader is not None:
+                # The same retirement as a swap: closed when its last request ends, and
+                # counted by the next load of this model (at most two versions in memory).
+                self.hotloader.retire([model])
+            else:
+                await self._run(_shutdown_when_idle, model)
             return pb.UnloadModelResponse(unloaded=True)
         return await self._call(context, "UnloadModel", fn)
 

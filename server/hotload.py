@@ -109,18 +109,23 @@ class HotLoader:
         self._jobs.put((job, future))
         return future
 
+    # The worker and reaper loops hand each turn to a method, so nothing a turn touched
+    # (a loaded or retired version, its weights and KV pool) outlives the turn in a frame.
     def _work(self) -> None:
-        while True:
-            item = self._jobs.get()
-            if item is None:
-                return
-            job, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
+        while self._run_next_job():
+            pass
+
+    def _run_next_job(self) -> bool:
+        item = self._jobs.get()
+        if item is None:
+            return False
+        job, future = item
+        if future.set_running_or_notify_cancel():
             try:
                 future.set_result(job())
             except BaseException as err:  # reported through the future and the log
                 future.set_exception(err)
+        return True
 
     # --- reacting to the registry -----------------------------------------------------------
     def _on_changes(self, changes: list[AliasChange]) -> None:
@@ -177,12 +182,18 @@ class HotLoader:
                 unloaded = self.manager.unload(name, model.version)
                 if unloaded is not None:
                     retired.append(unloaded)
-                    log.info("retiring %s once its %d running request(s) end", unloaded.ref, unloaded.in_flight)
-        if retired:
-            with self._retired:
-                self._retiring.extend((m, time.monotonic()) for m in retired)
-                self._retired.notify_all()
+        self.retire(retired)
         return retired
+
+    def retire(self, models: list[LoadedModel]) -> None:
+        """Close these (already unloaded) versions once their running requests end."""
+        if not models:
+            return
+        for model in models:
+            log.info("retiring %s once its %d running request(s) end", model.ref, model.in_flight)
+        with self._retired:
+            self._retiring.extend((m, time.monotonic()) for m in models)
+            self._retired.notify_all()
 
     def _has_other_version(self, model: LoadedModel) -> bool:
         return any(m.name == model.name and m.version != model.version for m in self.manager.models())
@@ -190,20 +201,19 @@ class HotLoader:
     def _reap(self) -> None:
         """Shut engines down once their last request has ended (or after the timeout)."""
         while not self._stop.is_set():
-            with self._retired:
-                # Poll in-flight counts briskly only while something is retiring.
-                self._retired.wait(timeout=0.05 if self._retiring else 1.0)
-                now = time.monotonic()
-                done = [(m, t) for m, t in self._retiring
-                        if m.in_flight == 0 or now - t > self.config.retire_timeout_s]
-                self._retiring = [item for item in self._retiring if item not in done]
-            for model, _ in done:
-                model.close()
-                log.info("retired %s: engine stopped, weights and KV blocks released", model.ref)
-            # Drop this frame's references too, or the last retired engine (its weights
-            # and KV pool) lives on until the next turn of the loop.
-            del done
-            model = None
+            self._close_drained()
+
+    def _close_drained(self) -> None:
+        with self._retired:
+            # Poll in-flight counts briskly only while something is retiring.
+            self._retired.wait(timeout=0.05 if self._retiring else 1.0)
+            now = time.monotonic()
+            done = [(m, t) for m, t in self._retiring
+                    if m.in_flight == 0 or now - t > self.config.retire_timeout_s]
+            self._retiring = [item for item in self._retiring if item not in done]
+        for model, _ in done:
+            model.close()
+            log.info("retired %s: engine stopped, weights and KV blocks released", model.ref)
 
     def wait_retired(self, timeout_s: float = 30.0, name: str | None = None) -> bool:
         """Wait until no version (of `name`, or of any model) is still retiring."""

@@ -99,3 +99,18 @@ def test_set_alias_rolls_back_for_the_next_request(server, registry, tiny_tokeni
             assert admin.set_alias("m", "sft", 1).version == 1
             assert c.chat(PROMPT, model="m:sft", max_tokens=2).version == 1   # the very next request
             assert registry.aliases("m")["sft"] == 1                          # persisted for every replica
+
+
+def test_unload_model_retires_the_version_through_hot_load(server, registry, tiny_tokenizer):
+    with Client(server.target, admin_key=ADMIN_KEY) as admin:
+        publish_seeded(registry, tiny_tokenizer, seed=2, aliases=("sft",))
+        wait_for(lambda: server.app.models.resolve("m").version == 2, timeout=60, message="version 2 served")
+        assert server.app.hotloader.wait_retired()
+        assert admin.load_model("m@1").version == 1
+        engine = weakref.ref(server.app.models.resolve("m@1").engine)
+        assert admin.unload_model("m@1")
+        assert not server.app.models.is_loaded("m", 1)
+        assert server.app.hotloader.wait_retired()
+        gc.collect()
+        assert engine() is None
+        assert [m.version for m in server.app.models.models()] == [2]
