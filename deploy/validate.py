@@ -503,18 +503,24 @@ def check_adapter() -> list[str]:
         overrides = rule.get("resources", {}).get("overrides", {})
         if {v.get("resource") for v in overrides.values()} != {"namespace", "pod"}:
             problems.append(f"rule for {series}: must map the namespace and pod labels (a Pods metric)")
-    rules = {"groups": [{"name": "adapter", "rules": [
-        {"record": f"adapter:{name}", "expr": q} for name, q in adapter_queries()]}]}
+    queries = adapter_queries()
+    problems += promql_problems(promtool, "adapter", {f"adapter:{name}": q for name, q in queries})
+    if problems:
+        raise Failed(problems)
+    return [f"{len(queries)} adapter rules: names match, Pods resources, queries parse as PromQL"]
+
+
+def promql_problems(promtool: str, group: str, exprs: dict[str, str]) -> list[str]:
+    """promtool parses PromQL only in rule files: check each query as a recording rule."""
+    rules = {"groups": [{"name": group, "rules": [{"record": name, "expr": e} for name, e in exprs.items()]}]}
     with tempfile.NamedTemporaryFile("w", suffix=".yml") as f:
         _yaml().safe_dump(rules, f)
         f.flush()
         try:
             _run([promtool, "check", "rules", f.name])
         except Failed as err:
-            problems += err.problems
-    if problems:
-        raise Failed(problems)
-    return [f"{len(rules['groups'][0]['rules'])} adapter rules: names match, Pods resources, queries parse as PromQL"]
+            return err.problems
+    return []
 
 
 def check_dashboards() -> list[str]:
@@ -529,16 +535,8 @@ def check_dashboards() -> list[str]:
             if p["type"] != "row" and p.get("datasource", {}).get("uid") != "${datasource}":
                 problems.append(f"{path.name}: panel {p['title']!r} must use the $datasource variable")
     queries = dashboard_queries()
-    # promtool parses PromQL in rule files: each query becomes a recording rule.
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": grafana_to_promql(e)} for i, (_, e) in enumerate(queries)]}]}
-    with tempfile.NamedTemporaryFile("w", suffix=".yml") as f:
-        _yaml().safe_dump(rules, f)
-        f.flush()
-        try:
-            _run([promtool, "check", "rules", f.name])
-        except Failed as err:
-            problems += err.problems
+    problems += promql_problems(promtool, "dashboard", {f"dashboard:query_{i}": grafana_to_promql(e)
+                                                        for i, (_, e) in enumerate(queries)})
     if problems:
         raise Failed(problems)
     return [f"{len(queries)} dashboard queries parse as PromQL"]
