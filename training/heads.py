@@ -52,9 +52,11 @@ class RewardModel(nn.Module):
         self.head = _scalar_head(gpt.config.d_model)
         self.lm_weight = nn.Parameter(torch.ones(1))
 
-    def forward(self, input_ids: torch.Tensor, last_index: torch.Tensor, reply_start: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, last_index: torch.Tensor, reply_start: torch.Tensor,
+                with_likelihood: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores (B,) of right-padded sequences whose reply occupies
-        [reply_start, last_index] in each row."""
+        [reply_start, last_index] in each row; `with_likelihood` also returns the
+        backbone's summed log-likelihood of each reply and the reply lengths."""
         hidden = self.gpt.hidden_states(input_ids)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         logp = torch.log_softmax(self.gpt.lm_head(hidden[:, :-1]).float(), dim=-1)
@@ -62,7 +64,8 @@ class RewardModel(nn.Module):
         pos = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)[None, :]
         in_reply = (pos >= reply_start[:, None] - 1) & (pos <= last_index[:, None] - 1)
         likelihood = (logp * in_reply).sum(1)
-        return self.head(hidden[rows, last_index]).squeeze(-1).float() + self.lm_weight * likelihood
+        score = self.head(hidden[rows, last_index]).squeeze(-1).float() + self.lm_weight * likelihood
+        return (score, likelihood, in_reply.sum(1)) if with_likelihood else score
 
     def heads(self) -> dict[str, torch.Tensor]:
         return {**head_tensors(REWARD_HEAD, self.head), f"{REWARD_HEAD}.lm_weight": self.lm_weight.detach().cpu()}
@@ -77,7 +80,14 @@ class RewardModel(nn.Module):
 
 
 class PolicyWithValue(nn.Module):
-    """The PPO policy: the LM and a value head sharing one trunk (one forward for both)."""
+    """The PPO policy: the LM and a value head on one trunk (one forward for both).
+
+    The value head reads the trunk's features without sending gradients into them: its
+    regression targets are the (noisy) returns, and on a small trunk that noise reaches
+    the policy through the shared weights (measured on the `cpu` preset: with a perfect
+    verifier as reward, lr 3e-4, 40 updates, held-out reverse accuracy fell from 0.95 to
+    0.78 with a shared trunk and to 0.88 without the critic's gradient). The critic is
+    then a linear probe of the policy's features."""
 
     def __init__(self, gpt: GPT) -> None:
         super().__init__()
@@ -86,7 +96,7 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.gpt.hidden_states(input_ids)
-        return self.gpt.lm_head(hidden), self.head(hidden).squeeze(-1).float()
+        return self.gpt.lm_head(hidden), self.head(hidden.detach()).squeeze(-1).float()
 
     def heads(self) -> dict[str, torch.Tensor]:
         return head_tensors(VALUE_HEAD, self.head)

@@ -80,23 +80,29 @@ def _cpu() -> PipelinePreset:
         model_overrides={"d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "d_ff": 352,
                          "max_seq_len": 256},
         vocab_size=1024, corpus_bytes=1 << 20, task_docs=6000,
-        # Multiplication is left out: the 1M-parameter model does not learn it in this budget.
-        families=("add", "sub", "compare", "sort", "reverse", "count", "palindrome"),
+        # Multiplication and counting are left out: the 1M-parameter model does not learn
+        # them in this budget (counting stayed at 42-55% held-out, much of it the common
+        # answers 1 and 2), so neither a reward model on this backbone can judge them nor
+        # can RL improve them; they only add noise to every stage's measurement.
+        families=("add", "sub", "compare", "sort", "reverse", "palindrome"),
         pretrain=PretrainConfig(LoopConfig(steps=500, batch_size=16, lr=3e-3, warmup_steps=20, log_every=10),
                                 seq_len=128),
         sft_per_family=6000, sft=SFTConfig(LoopConfig(steps=2500, batch_size=32, lr=2e-3, warmup_steps=30,
                                                       log_every=20)),
         rm_per_family=1500, rm_samples=2,
-        reward=RewardConfig(LoopConfig(steps=1200, batch_size=32, lr=1e-3, warmup_steps=30, log_every=20)),
+        reward=RewardConfig(LoopConfig(steps=1200, batch_size=32, lr=1e-3, warmup_steps=30, log_every=20),
+                            lm_coef=1.0),
         rlhf_per_family=1500,
-        # A 1M-parameter policy fine-tuned at lr 2e-3 barely moves at the 1e-5 rates used for
-        # large models; the KL controller's horizon is scaled to this run's few thousand replies.
-        # lr 5e-5 with a 1-nat KL target cost 8-12 points against SFT on two seeds; lr 1e-5
-        # with a 0.3-nat target left it level (68.3% vs 68.5%, seed 0, stage rerun).
-        rlhf=RLHFConfig(LoopConfig(steps=800, batch_size=64, lr=1e-5, warmup_steps=4, min_lr_ratio=1.0,
-                                   weight_decay=0.0, log_every=8), rollouts=128, samples_per_prompt=8,
+        # Large rollout batches (64 prompts x 8 replies, two minibatches of 256): with 16
+        # prompts per batch the few prompts whose replies disagree set the whole update and
+        # the policy wandered (held-out accuracy fell even with a perfect verifier as the
+        # reward). lr 5e-5 decays to 5e-6 so that the last updates settle.
+        rlhf=RLHFConfig(LoopConfig(steps=160, batch_size=256, lr=5e-5, warmup_steps=4, min_lr_ratio=0.1,
+                                   weight_decay=0.0, log_every=4), rollouts=512, samples_per_prompt=8,
                         ppo_epochs=2, target_kl=0.3, kl_horizon=1000),
-        eval_per_family=64, rm_eval_per_family=40,
+        # 256 held-out problems per family: a standard error of about 1.2 points on the
+        # total, small enough to see a 3-point difference between stages.
+        eval_per_family=256, rm_eval_per_family=100,
     )
 
 
@@ -105,11 +111,11 @@ def _gpu_small() -> PipelinePreset:
     p = _cpu()
     return dataclasses.replace(
         p, name="gpu-small", model="small", model_overrides={}, vocab_size=4096, corpus_bytes=8 << 20,
-        task_docs=40_000,
+        task_docs=40_000, families=None,
         pretrain=PretrainConfig(LoopConfig(steps=5000, batch_size=64, lr=2e-3, warmup_steps=200), seq_len=512),
         sft_per_family=20_000, sft=SFTConfig(LoopConfig(steps=2000, batch_size=64, lr=5e-4, warmup_steps=50)),
         rm_per_family=2000, rm_samples=4,
-        reward=RewardConfig(LoopConfig(steps=1500, batch_size=32, lr=1e-4, warmup_steps=50)),
+        reward=RewardConfig(LoopConfig(steps=1500, batch_size=32, lr=1e-4, warmup_steps=50), lm_coef=1.0),
         rlhf_per_family=10_000,
         rlhf=RLHFConfig(LoopConfig(steps=2000, batch_size=64, lr=1e-5, warmup_steps=10, min_lr_ratio=1.0,
                                    weight_decay=0.0, log_every=8), rollouts=256, ppo_epochs=2),

@@ -21,6 +21,10 @@ from training.loop import LoopConfig
 class RewardConfig:
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=3e-4, warmup_steps=10, batch_size=16))
     center_coef: float = 0.01
+    # Weight of the language-model loss on the chosen replies. The pairwise loss alone
+    # lets the backbone drift into a poor model of correct answers; this keeps training it
+    # as one, and its likelihood is part of the score (see heads.RewardModel).
+    lm_coef: float = 0.0
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_coef: float = 0.0) -> torch.Tensor:
@@ -71,10 +75,13 @@ class RewardStage:
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, float]]:
         ids, last, start = batch
-        scores = model(ids, last, start)
+        scores, likelihood, lengths = model(ids, last, start, with_likelihood=True)
         chosen, rejected = scores.chunk(2)
-        loss = pairwise_loss(chosen, rejected, self.cfg.center_coef)
-        return loss, {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
+        pairwise = pairwise_loss(chosen, rejected, self.cfg.center_coef)
+        chosen_nll = -(likelihood.chunk(2)[0] / lengths.chunk(2)[0].clamp(min=1)).mean()
+        loss = pairwise + self.cfg.lm_coef * chosen_nll if self.cfg.lm_coef else pairwise
+        return loss, {"loss": loss.item(), "pairwise_loss": pairwise.item(), "chosen_nll": chosen_nll.item(),
+                      "accuracy": (chosen > rejected).float().mean().item(),
                       "margin": (chosen - rejected).mean().item(), "tokens": float(ids.numel())}
 
 
