@@ -2,7 +2,7 @@
 
 `tiny` is the end-to-end test (about 3 minutes on 2 CPU cores). `cpu` is the default
 demo sized to finish within 30 minutes on 2 CPU cores: its model is the `small` preset
-narrowed and shortened (about 3.5M parameters), which is what 2 cores can pretrain
+narrowed and shortened (0.87M parameters), which is what 2 cores can pretrain
 usefully in the time. `gpu-small` and `gpu-medium` are sized for one GPU and are
 unverified in this project's CPU-only environment.
 """

@@ -111,6 +111,7 @@ def test_unload_model_retires_the_version_through_hot_load(server, registry, tin
         assert admin.unload_model("m@1")
         assert not server.app.models.is_loaded("m", 1)
         assert server.app.hotloader.wait_retired()
-        gc.collect()
-        assert engine() is None
+        # Freed soon, not necessarily at once: a worker thread's frame can hold the last
+        # reference for a moment after the retirement is recorded.
+        wait_for(lambda: gc.collect() >= 0 and engine() is None, timeout=10, message="engine of m@1 freed")
         assert [m.version for m in server.app.models.models()] == [2]
