@@ -79,7 +79,7 @@ class RewardStage:
         chosen, rejected = scores.chunk(2)
         pairwise = pairwise_loss(chosen, rejected, self.cfg.center_coef)
         chosen_nll = -(likelihood.chunk(2)[0] / lengths.chunk(2)[0].clamp(min=1)).mean()
-        loss = pairwise + self.cfg.lm_coef * chosen_nll if self.cfg.lm_coef else pairwise
+        loss = pairwise + self.cfg.lm_coef * chosen_nll
         return loss, {"loss": loss.item(), "pairwise_loss": pairwise.item(), "chosen_nll": chosen_nll.item(),
                       "accuracy": (chosen > rejected).float().mean().item(),
                       "margin": (chosen - rejected).mean().item(), "tokens": float(ids.numel())}
