@@ -89,8 +89,8 @@ def _cpu() -> PipelinePreset:
                                 seq_len=128),
         sft_per_family=6000, sft=SFTConfig(LoopConfig(steps=2500, batch_size=32, lr=2e-3, warmup_steps=30,
                                                       log_every=20)),
-        rm_per_family=1500, rm_samples=2,
-        reward=RewardConfig(LoopConfig(steps=1200, batch_size=32, lr=1e-3, warmup_steps=30, log_every=20),
+        rm_per_family=3000, rm_samples=2,
+        reward=RewardConfig(LoopConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=30, log_every=20),
                             lm_coef=1.0),
         rlhf_per_family=1500,
         # Large rollout batches (64 prompts x 8 replies, two minibatches of 256): with 16
