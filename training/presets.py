@@ -66,7 +66,7 @@ def _tiny() -> PipelinePreset:
                                 seq_len=96),
         sft_per_family=200, sft=SFTConfig(LoopConfig(steps=40, batch_size=32, lr=2e-3, warmup_steps=4)),
         rm_per_family=24, rm_samples=1,
-        reward=RewardConfig(LoopConfig(steps=20, batch_size=16, lr=5e-4, warmup_steps=2, log_every=5)),
+        reward=RewardConfig(LoopConfig(steps=20, batch_size=16, lr=5e-4, warmup_steps=2, log_every=5), lm_coef=1.0),
         rlhf_per_family=50,
         rlhf=RLHFConfig(LoopConfig(steps=8, batch_size=16, lr=2e-5, warmup_steps=1, min_lr_ratio=1.0,
                                    weight_decay=0.0, log_every=2), rollouts=32, ppo_epochs=1, max_new_tokens=12),
