@@ -87,7 +87,9 @@ def _cpu() -> PipelinePreset:
         families=("add", "sub", "compare", "sort", "reverse", "palindrome"),
         pretrain=PretrainConfig(LoopConfig(steps=500, batch_size=16, lr=3e-3, warmup_steps=20, log_every=10),
                                 seq_len=128),
-        sft_per_family=6000, sft=SFTConfig(LoopConfig(steps=2500, batch_size=32, lr=2e-3, warmup_steps=30,
+        # 4000 SFT steps: at 2500 the loss was still falling (0.16), and 1500 more steps on
+        # the same data took held-out accuracy from 64.5% / 70.1% to 71.6% / 88.4% (seeds 0 / 1).
+        sft_per_family=6000, sft=SFTConfig(LoopConfig(steps=4000, batch_size=32, lr=2e-3, warmup_steps=30,
                                                       log_every=20)),
         rm_per_family=3000, rm_samples=2,
         reward=RewardConfig(LoopConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=30, log_every=20),
