@@ -23,7 +23,13 @@ from gpt.registry import Registry, ResolvedModel, publish_checkpoint
 from gpt.tokenizer import SolTokenizer, train_tokenizer
 from training import distributed
 from training.data.corpus import Corpus, build_corpus
-from training.data.tasks import PreferenceSet, preference_pairs, pretraining_documents, sample_problems
+from training.data.tasks import (
+    PreferenceSet,
+    TaskSet,
+    preference_pairs,
+    pretraining_documents,
+    sample_problems,
+)
 from training.evaluate import perplexity, reward_accuracy, task_accuracy
 from training.heads import REWARD_HEAD, PolicyWithValue, RewardModel
 from training.loop import LoopResult, train
@@ -160,12 +166,17 @@ def stage_reward(ctx: Context, tokenizer: SolTokenizer, sft: GPT, parent: str | 
     return StageOutcome("rm", rm, resolved, metrics, time.perf_counter() - began, result)
 
 
+def rlhf_prompts(p: PipelinePreset, seed: int) -> TaskSet:
+    """Training-split prompts for the rollouts, from the preset's RL families only."""
+    return sample_problems(p.rlhf_per_family, "train", seed + 29, p.rl_families)
+
+
 def stage_rlhf(ctx: Context, tokenizer: SolTokenizer, sft: GPT, rm: RewardModel, parent: str | None,
                rm_ref: str | None) -> StageOutcome:
     p = ctx.preset
     began = time.perf_counter()
     policy = PolicyWithValue(copy.deepcopy(sft)).to(ctx.info.device)
-    prompts = sample_problems(p.rlhf_per_family, "train", ctx.seed + 29, p.families)
+    prompts = rlhf_prompts(p, ctx.seed)
     stage = RLHFStage(policy, copy.deepcopy(sft), rm, tokenizer, prompts.problems, p.rlhf, ctx.info.device)
     result = train(policy, stage, p.rlhf.loop, ctx.stage_dir("rlhf"), ctx.info, ctx.progress, ctx.resume)
     if ctx.info.is_main:
@@ -176,7 +187,7 @@ def stage_rlhf(ctx: Context, tokenizer: SolTokenizer, sft: GPT, rm: RewardModel,
                "final_kl": stage.history[-1]["kl"] if stage.history else None, "kl_coef": stage.kl.value}
     resolved = _publish(ctx, policy.gpt, tokenizer, "rlhf", {
         "parent": parent, "reward_model": rm_ref, "step": result.step, "data_fingerprint": prompts.fingerprint,
-        "metrics": metrics}, heads=policy.heads())
+        "prompt_families": sorted({q.family for q in prompts.problems}), "metrics": metrics}, heads=policy.heads())
     return StageOutcome("rlhf", policy.gpt, resolved, metrics, time.perf_counter() - began, result)
 
 
