@@ -184,10 +184,11 @@ def stage_rlhf(ctx: Context, tokenizer: SolTokenizer, sft: GPT, rm: RewardModel,
             for record in stage.history:
                 f.write(json.dumps(record) + "\n")
     metrics = {"tasks": _task_eval(ctx, policy.gpt, tokenizer, "chat"), "rollouts": stage.history[-1:],
-               "final_kl": stage.history[-1]["kl"] if stage.history else None, "kl_coef": stage.kl.value}
+               "final_kl": stage.history[-1]["kl"] if stage.history else None, "kl_coef": stage.kl.value,
+               "prompt_families": sorted({q.family for q in prompts.problems})}
     resolved = _publish(ctx, policy.gpt, tokenizer, "rlhf", {
         "parent": parent, "reward_model": rm_ref, "step": result.step, "data_fingerprint": prompts.fingerprint,
-        "prompt_families": sorted({q.family for q in prompts.problems}), "metrics": metrics}, heads=policy.heads())
+        "metrics": metrics}, heads=policy.heads())
     return StageOutcome("rlhf", policy.gpt, resolved, metrics, time.perf_counter() - began, result)
 
 

@@ -89,10 +89,11 @@ def plot_accuracy(summary: dict[str, Any], out: Path) -> Path:
         values = [tasks["per_family"].get(f, 0.0) for f in families] + [tasks["accuracy"]]
         ax.bar([x + i * width for x in range(len(labels))], values, width, label=f"{stage} ({tasks['accuracy']:.1%})")
     ax.set_xticks([x + width for x in range(len(labels))], labels)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.2)     # headroom for the legend above the bars
+    ax.set_yticks([i / 5 for i in range(6)])
     ax.set_ylabel("held-out accuracy (greedy)")
     ax.set_title(f"Held-out task accuracy per stage (seed {summary['seed']})")
-    ax.legend()
+    ax.legend(loc="upper center", ncol=len(STAGES))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -127,6 +128,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
               f"| reward model held-out pairwise accuracy | {rm['accuracy']:.3f} (n={int(rm['n'])}) |"]
     for key in sorted(k for k in rm if k.startswith("accuracy_")):
         lines.append(f"| ... rejected reply from `{key.removeprefix('accuracy_')}` | {rm[key]:.3f} |")
+    if m["rlhf"].get("prompt_families"):
+        lines.append(f"| RLHF prompt families | {', '.join(m['rlhf']['prompt_families'])} |")
     lines += [f"| final KL to SFT (nats per reply, rollout estimate) | {m['rlhf']['final_kl']:.3f} |",
               f"| final KL coefficient | {m['rlhf']['kl_coef']:.4f} |"]
     for stage, seconds in summary["seconds"].items():
