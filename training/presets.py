@@ -106,7 +106,7 @@ def _cpu() -> PipelinePreset:
         rlhf_per_family=1500,
         # No palindrome prompts in RL: it is a yes/no question the policy answers near its
         # decision boundary (SFT 67-70%, 75% of 8-sample groups mixed), and PPO on it raised
-        # the policy's sampled palindrome accuracy while its greedy accuracy fell (70.3 ->
+        # the policy's sampled palindrome accuracy while its greedy accuracy fell (69.9 ->
         # 64.1, seed 0), taking the whole RLHF stage below SFT. The held-out evaluation
         # still covers palindromes.
         rlhf_families=("add", "sub", "compare", "sort", "reverse"),
