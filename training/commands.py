@@ -100,6 +100,9 @@ def _pipeline(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     summary = run_pipeline(pipeline_preset(args.preset), args.name, args.seed, registry, _runs_root(registry),
                            progress=not args.quiet, log=log)
+    from training import distributed
+
+    distributed.teardown()
     if "report" not in summary:      # not rank 0
         return 0
     m = summary["metrics"]
@@ -144,6 +147,7 @@ def _train(args) -> int:
     ctx = Context(preset, args.name, args.seed, registry, Path(run_dir), info, not args.quiet,
                   log if info.is_main else (lambda _m: None), resume=not args.fresh)
     outcome = _run_stage(args, ctx, registry)
+    distributed.teardown()
     if info.is_main:
         resolved = outcome.resolved
         emit({"stage": outcome.stage, "ref": resolved.ref, "path": str(resolved.path), "metrics": outcome.metrics},

@@ -67,3 +67,12 @@ def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, flo
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def teardown() -> None:
+    """Leave the process group once every rank is done: the barrier keeps one rank from
+    closing its gloo connections while a peer still uses them, and an explicit destroy
+    keeps gloo's worker threads from outliving the interpreter (both end in SIGABRT)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

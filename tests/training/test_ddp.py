@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gpt.config import preset
 from gpt.model import GPT
 from tests.conftest import free_port
-from training.distributed import setup
+from training.distributed import setup, teardown
 from training.loop import LoopConfig, train
 from training.stages.pretrain import PretrainConfig, PretrainStage
 
@@ -37,7 +36,7 @@ def _worker(rank: int, world: int, port: int, tokens: torch.Tensor, vocab: int, 
     result = train(model, stage, stage.cfg.loop, info=info, progress=False)
     if rank == 0:
         torch.save({"state": model.state_dict(), "loss": result.history[-1]["loss"]}, out)
-    dist.destroy_process_group()
+    teardown()
 
 
 def test_two_process_ddp_matches_single_process_with_doubled_batch(tmp_path):
