@@ -92,6 +92,7 @@ def _runs_root(registry) -> Path:
 def _pipeline(args) -> int:
     _threads(args)
     from gpt.registry import validate_name
+    from training import distributed
     from training.pipeline import run_pipeline
     from training.presets import pipeline_preset
 
@@ -100,8 +101,6 @@ def _pipeline(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     summary = run_pipeline(pipeline_preset(args.preset), args.name, args.seed, registry, _runs_root(registry),
                            progress=not args.quiet, log=log)
-    from training import distributed
-
     distributed.teardown()
     if "report" not in summary:      # not rank 0
         return 0
