@@ -49,7 +49,10 @@ def test_health_metrics_reflection(tiny_checkpoint, tmp_path):
             stream = c.chat_stream([{"role": "user", "content": "hello"}], model="tiny", max_tokens=8, ignore_eos=True)
             list(stream)
             billed = stream.usage.cost
-            billed += c.chat([{"role": "user", "content": "hello"}], model="tiny", max_tokens=3).usage.cost
+            # ignore_eos: both replies run to max_tokens (8 + 3 tokens), whatever the sampled
+            # tokens, so the counters below are exact.
+            billed += c.chat([{"role": "user", "content": "hello"}], model="tiny", max_tokens=3,
+                             ignore_eos=True).usage.cost
         assert billed > 0
         def scrape() -> str:
             return urllib.request.urlopen(f"http://127.0.0.1:{server.app.metrics_port}/metrics", timeout=5).read().decode()
