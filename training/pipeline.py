@@ -124,11 +124,16 @@ def stage_pretrain(ctx: Context, tokenizer: SolTokenizer, corpus: Corpus, task_d
     return StageOutcome("base", model, resolved, metrics, time.perf_counter() - began, result)
 
 
+def sft_problems(p: PipelinePreset, seed: int) -> TaskSet:
+    """The demonstrations: SFT trains on them, and RLHF's PPO-ptx term reuses them."""
+    return sample_problems(p.sft_per_family, "train", seed, p.families)
+
+
 def stage_sft(ctx: Context, tokenizer: SolTokenizer, base: GPT, parent: str | None) -> StageOutcome:
     p = ctx.preset
     began = time.perf_counter()
     model = copy.deepcopy(base)
-    tasks = sample_problems(p.sft_per_family, "train", ctx.seed, p.families)
+    tasks = sft_problems(p, ctx.seed)
     stage = SFTStage(tokenizer, [q.conversation() for q in tasks.problems], p.sft, ctx.info.device)
     result = train(model, stage, p.sft.loop, ctx.stage_dir("sft"), ctx.info, ctx.progress, ctx.resume)
     metrics = {"tasks": _task_eval(ctx, model, tokenizer, "chat"), "train_loss": result.last("loss")}
@@ -177,7 +182,14 @@ def stage_rlhf(ctx: Context, tokenizer: SolTokenizer, sft: GPT, rm: RewardModel,
     began = time.perf_counter()
     policy = PolicyWithValue(copy.deepcopy(sft)).to(ctx.info.device)
     prompts = rlhf_prompts(p, ctx.seed)
-    stage = RLHFStage(policy, copy.deepcopy(sft), rm, tokenizer, prompts.problems, p.rlhf, ctx.info.device)
+    fingerprint = prompts.fingerprint
+    demonstrations = None
+    if p.rlhf.ptx_coef > 0:
+        demos = sft_problems(p, ctx.seed)
+        demonstrations = [q.conversation() for q in demos.problems]
+        fingerprint = _digest(prompts.fingerprint, demos.fingerprint)
+    stage = RLHFStage(policy, copy.deepcopy(sft), rm, tokenizer, prompts.problems, p.rlhf, ctx.info.device,
+                      demonstrations)
     result = train(policy, stage, p.rlhf.loop, ctx.stage_dir("rlhf"), ctx.info, ctx.progress, ctx.resume)
     if ctx.info.is_main:
         with (ctx.stage_dir("rlhf") / "rollouts.jsonl").open("a", encoding="utf-8") as f:
@@ -185,9 +197,9 @@ def stage_rlhf(ctx: Context, tokenizer: SolTokenizer, sft: GPT, rm: RewardModel,
                 f.write(json.dumps(record) + "\n")
     metrics = {"tasks": _task_eval(ctx, policy.gpt, tokenizer, "chat"), "rollouts": stage.history[-1:],
                "final_kl": stage.history[-1]["kl"] if stage.history else None, "kl_coef": stage.kl.value,
-               "prompt_families": sorted({q.family for q in prompts.problems})}
+               "prompt_families": sorted({q.family for q in prompts.problems}), "ptx_coef": p.rlhf.ptx_coef}
     resolved = _publish(ctx, policy.gpt, tokenizer, "rlhf", {
-        "parent": parent, "reward_model": rm_ref, "step": result.step, "data_fingerprint": prompts.fingerprint,
+        "parent": parent, "reward_model": rm_ref, "step": result.step, "data_fingerprint": fingerprint,
         "metrics": metrics}, heads=policy.heads())
     return StageOutcome("rlhf", policy.gpt, resolved, metrics, time.perf_counter() - began, result)
 

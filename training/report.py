@@ -65,6 +65,8 @@ def plot_rlhf(run_dir: Path, out: Path) -> Path:
     axes[3].plot([r["step"] for r in steps], [r.get("entropy", 0) for r in steps], label="entropy")
     axes[3].plot([r["step"] for r in steps], [r.get("clip_fraction", 0) for r in steps], label="clip fraction")
     axes[3].plot([r["step"] for r in steps], [r.get("value_loss", 0) for r in steps], label="value loss")
+    if any("ptx_loss" in r for r in steps):
+        axes[3].plot([r["step"] for r in steps], [r.get("ptx_loss", 0) for r in steps], label="ptx (demos LM loss)")
     axes[3].legend(fontsize=8)
     axes[3].set_title("PPO")
     for ax in axes[:3]:
@@ -130,6 +132,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| ... rejected reply from `{key.removeprefix('accuracy_')}` | {rm[key]:.3f} |")
     if m["rlhf"].get("prompt_families"):
         lines.append(f"| RLHF prompt families | {', '.join(m['rlhf']['prompt_families'])} |")
+    if m["rlhf"].get("ptx_coef"):
+        lines.append(f"| PPO-ptx coefficient (demonstrations' LM loss in each PPO minibatch) | {m['rlhf']['ptx_coef']} |")
     lines += [f"| final KL to SFT (nats per reply, rollout estimate) | {m['rlhf']['final_kl']:.3f} |",
               f"| final KL coefficient | {m['rlhf']['kl_coef']:.4f} |"]
     for stage, seconds in summary["seconds"].items():

@@ -7,6 +7,11 @@ One optimizer step of the shared loop is one PPO minibatch. Every `steps_per_rol
 steps the stage draws a fresh batch of rollouts with the current policy, through the
 serving engine's sampler at temperature 1 with top_k=0 and top_p=1 (truncated sampling
 makes the KL estimate meaningless: the sampled distribution is no longer the policy's).
+
+With `ptx_coef` > 0 each minibatch also carries the language-model loss on a batch of
+demonstrations (InstructGPT's PPO-ptx, with the SFT conversations where InstructGPT used
+pretraining text): it anchors what the policy already does right, so PPO can take larger
+steps without the drift that a KL penalty alone lets through.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gpt.chat import chat_prompt_ids, chat_stop_ids
@@ -35,6 +41,7 @@ from training.ppo import (
     policy_loss,
     value_loss,
 )
+from training.stages.sft import SFTConfig, SFTStage, assistant_lm_loss
 
 
 @dataclass
@@ -56,6 +63,8 @@ class RLHFConfig:
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     missing_eos_penalty: float = 1.0  # subtracted from the (normalised) score of an unfinished reply
+    ptx_coef: float = 0.0             # weight of the demonstrations' LM loss in each minibatch (0 = off)
+    ptx_batch_size: int = 64          # demonstrations per minibatch
 
     @property
     def steps_per_rollout(self) -> int:
@@ -96,7 +105,8 @@ class RLHFStage:
 
     def __init__(self, policy: PolicyWithValue, reference: GPT, reward_model: RewardModel,
                  tokenizer: SolTokenizer, problems: list[Problem], cfg: RLHFConfig,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu",
+                 demonstrations: list[list[dict[str, str]]] | None = None) -> None:
         self.policy = policy
         self.reference = reference.eval().requires_grad_(False)
         self.reward_model = reward_model.eval().requires_grad_(False)
@@ -106,6 +116,13 @@ class RLHFStage:
         self.cfg = cfg
         self.device = torch.device(device)
         self.kl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+        self.ptx: SFTStage | None = None
+        if cfg.ptx_coef > 0:
+            if not demonstrations:
+                raise ValueError("ptx_coef > 0 needs demonstrations (the SFT conversations)")
+            # Its own seed stream, so that the demonstrations drawn do not mirror the rollout draws.
+            loop = LoopConfig(batch_size=cfg.ptx_batch_size, seed=cfg.loop.seed + 5)
+            self.ptx = SFTStage(tokenizer, demonstrations, SFTConfig(loop), device)
         # The RM's raw scale is arbitrary: scores are normalised with the mean and std of
         # the first rollout batch (the SFT policy's replies), as in Ziegler et al.
         self.score_mean: float | None = None
@@ -186,7 +203,8 @@ class RLHFStage:
         return Rollout(seqs, index, targets, mask, logp, values, advantages, returns, stats)
 
     # --- the loop's interface ---------------------------------------------------------------
-    def micro_batch(self, step: int, micro: int, rank: int, world: int) -> tuple[Rollout, torch.Tensor]:
+    def micro_batch(self, step: int, micro: int, rank: int, world: int
+                    ) -> tuple[Rollout, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         cfg = self.cfg
         per = cfg.steps_per_rollout
         iteration, within = divmod(step, per)
@@ -199,12 +217,24 @@ class RLHFStage:
         epoch, mb = divmod(within, minibatches)
         order = torch.randperm(cfg.rollouts, generator=step_generator(cfg.loop.seed, iteration, 100 + epoch))
         rows = order[mb * cfg.loop.batch_size:(mb + 1) * cfg.loop.batch_size].to(self.device)
-        return self.rollout, rows
+        demos = self.ptx.micro_batch(step, micro, rank, world) if self.ptx else None
+        return self.rollout, rows, demos
 
-    def loss(self, model: nn.Module, batch: tuple[Rollout, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        ro, rows = batch
+    def loss(self, model: nn.Module, batch: tuple[Rollout, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        ro, rows, demos = batch
         cfg = self.cfg
-        logits, values_all = model(ro.seqs[rows])
+        seqs = ro.seqs[rows]
+        n = seqs.shape[0]
+        if demos is not None:
+            # One forward for rollouts and demonstrations together (DDP expects one per
+            # backward); right padding leaves every real position's logits as they were.
+            inputs = demos[0]
+            width = max(seqs.shape[1], inputs.shape[1])
+            seqs = torch.cat([F.pad(seqs, (0, width - seqs.shape[1]), value=self.tokenizer.eot_id),
+                              F.pad(inputs, (0, width - inputs.shape[1]), value=self.tokenizer.eot_id)])
+        logits_all, values_all = model(seqs)
+        logits, values_all = logits_all[:n], values_all[:n]
         index, targets, mask = ro.index[rows], ro.targets[rows], ro.mask[rows]
         logp, picked = reply_logprobs(logits, index, targets, cfg.temperature)
         sel = torch.arange(rows.numel(), device=rows.device)[:, None]
@@ -212,9 +242,14 @@ class RLHFStage:
         pg = policy_loss(logp, ro.logp[rows], ro.advantages[rows], mask, cfg.cliprange)
         vf, vf_clip = value_loss(values, ro.values[rows], ro.returns[rows], mask, cfg.cliprange_value)
         loss = pg.loss + cfg.vf_coef * vf
+        extra: dict[str, float] = {}
+        if demos is not None:
+            ptx = assistant_lm_loss(logits_all[n:, :demos[0].shape[1]], demos[1])
+            loss = loss + cfg.ptx_coef * ptx
+            extra["ptx_loss"] = ptx.item()
         with torch.no_grad():
             entropy = masked_mean(entropy_from_logits(picked), mask).item()
-        return loss, {"loss": loss.item(), "policy_loss": pg.loss.item(), "value_loss": vf.item(),
+        return loss, {**extra, "loss": loss.item(), "policy_loss": pg.loss.item(), "value_loss": vf.item(),
                       "clip_fraction": pg.clip_fraction.item(), "value_clip_fraction": vf_clip.item(),
                       "approx_kl": pg.approx_kl.item(), "entropy": entropy,
                       "tokens": float(mask.sum().item()), **ro.stats}

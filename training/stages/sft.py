@@ -27,6 +27,11 @@ def sft_example(tokenizer: SolTokenizer, messages: list[dict[str, str]]) -> tupl
     return chat.ids[:-1], targets
 
 
+def assistant_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose target is not IGNORE_INDEX."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
 class SFTStage:
     name = "sft"
 
@@ -48,6 +53,5 @@ class SFTStage:
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets = batch
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = assistant_lm_loss(model(inputs), targets)
         return loss, {"loss": loss.item(), "tokens": float(inputs.numel())}
