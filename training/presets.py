@@ -115,7 +115,7 @@ def _cpu() -> PipelinePreset:
         # prompts per batch the few prompts whose replies disagree set the whole update and
         # the policy wandered (held-out accuracy fell even with a perfect verifier as the
         # reward). PPO-ptx (the SFT demonstrations' LM loss in every minibatch) lets the
-        # policy take 6x larger steps without that drift: lr 3e-4 with ptx gave +1.4 / +3.9
+        # policy take 6x larger steps without that drift: lr 3e-4 with ptx gave +1.5 / +3.9
         # over SFT (seeds 0 / 1) where lr 5e-5 without it gave +0.7 / +2.4 from the same
         # checkpoints. The lr decays to a tenth so that the last updates settle.
         rlhf=RLHFConfig(LoopConfig(steps=160, batch_size=256, lr=3e-4, warmup_steps=4, min_lr_ratio=0.1,
