@@ -16,7 +16,7 @@ from gpt.model import GPT
 from gpt.tokenizer import SolTokenizer
 from training.data.tasks import PreferencePair, Problem, few_shot_prompt, sample_problems
 from training.generate import generate
-from training.stages.reward import score_replies
+from training.stages.reward import sample_replies, score_replies
 
 N_SHOTS = 3
 
@@ -119,3 +119,30 @@ def reward_accuracy(rm: torch.nn.Module, tokenizer: SolTokenizer, pairs: list[Pr
         picked = [w for w, p in zip(wins, pairs, strict=True) if p.source == source]
         out[f"accuracy_{source}"] = sum(picked) / len(picked)
     return out
+
+
+@torch.no_grad()
+def reward_ranking(policy: GPT, rm: torch.nn.Module, tokenizer: SolTokenizer, problems: list[Problem],
+                   samples_per_problem: int, seed: int) -> dict[str, dict[str, float | None]]:
+    """How well the reward model ranks the policy's own samples, per task family: what
+    RL against it can reach. For each problem, `samples_per_problem` replies at
+    temperature 1 are scored; reported are the share of samples that are correct, the
+    share of problems whose samples are mixed (some right, some wrong: the only ones that
+    carry a learning signal), the share of (right, wrong) pairs within a problem that the
+    reward model orders correctly, and best-of-n accuracy (the top-scored sample
+    correct). Best-of-n at or below the policy's greedy accuracy means the reward cannot
+    lead RL past it on that family. Unfinished replies count as wrong."""
+    replies = sample_replies(policy, tokenizer, [p.prompt for p in problems], samples_per_problem, seed)
+    items = [(p.prompt, text or "") for p, texts in zip(problems, replies, strict=True) for text in texts]
+    scores = score_replies(rm, tokenizer, items).view(len(problems), samples_per_problem).tolist()
+    stats: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for p, texts, row in zip(problems, replies, scores, strict=True):
+        right = [text is not None and p.check(text) for text in texts]
+        fam = stats[p.family]
+        fam["sample_accuracy"] += [float(r) for r in right]
+        fam["mixed"].append(float(0 < sum(right) < len(right)))
+        fam["pair_accuracy"] += [float(a > b) for a, ra in zip(row, right, strict=True) if ra
+                                 for b, rb in zip(row, right, strict=True) if not rb]
+        fam["best_of_n"].append(float(right[max(range(len(row)), key=row.__getitem__)]))
+    return {family: {key: (sum(v) / len(v) if v else None) for key, v in sorted(fam.items())}
+            for family, fam in sorted(stats.items())}

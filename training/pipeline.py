@@ -25,12 +25,13 @@ from training import distributed
 from training.data.corpus import Corpus, build_corpus
 from training.data.tasks import (
     PreferenceSet,
+    Problem,
     TaskSet,
     preference_pairs,
     pretraining_documents,
     sample_problems,
 )
-from training.evaluate import perplexity, reward_accuracy, task_accuracy
+from training.evaluate import perplexity, reward_accuracy, reward_ranking, task_accuracy
 from training.heads import REWARD_HEAD, PolicyWithValue, RewardModel
 from training.loop import LoopResult, train
 from training.presets import PipelinePreset
@@ -142,16 +143,20 @@ def stage_sft(ctx: Context, tokenizer: SolTokenizer, base: GPT, parent: str | No
     return StageOutcome("sft", model, resolved, metrics, time.perf_counter() - began, result)
 
 
+def rm_eval_problems(p: PipelinePreset) -> list[Problem]:
+    return sample_problems(p.rm_eval_per_family, "heldout", RM_EVAL_SEED, p.families, unique=True).problems
+
+
 def preference_data(ctx: Context, tokenizer: SolTokenizer, sft: GPT) -> tuple[PreferenceSet, PreferenceSet]:
     """Training pairs from training-split problems and held-out pairs from held-out ones;
     rejected replies are the SFT model's own wrong samples where it made some."""
     p = ctx.preset
     train_problems = sample_problems(p.rm_per_family, "train", ctx.seed + 17, p.families).problems
-    eval_problems = sample_problems(p.rm_eval_per_family, "heldout", RM_EVAL_SEED, p.families, unique=True).problems
+    eval_problems = rm_eval_problems(p)
     wrong_train = sample_wrong_replies(sft, tokenizer, train_problems, p.rm_samples, ctx.seed)
     wrong_eval = sample_wrong_replies(sft, tokenizer, eval_problems, p.rm_samples, RM_EVAL_SEED)
-    return (preference_pairs(train_problems, ctx.seed, wrong_train),
-            preference_pairs(eval_problems, RM_EVAL_SEED, wrong_eval))
+    return (preference_pairs(train_problems, ctx.seed, wrong_train, p.rm_model_pairs),
+            preference_pairs(eval_problems, RM_EVAL_SEED, wrong_eval, p.rm_model_pairs))
 
 
 def stage_reward(ctx: Context, tokenizer: SolTokenizer, sft: GPT, parent: str | None) -> StageOutcome:
@@ -165,6 +170,13 @@ def stage_reward(ctx: Context, tokenizer: SolTokenizer, sft: GPT, parent: str | 
                "train_pairs": len(train_pairs.pairs),
                "train_model_negatives": sum(pair.source == "model" for pair in train_pairs.pairs)}
     ctx.log(f"reward model held-out pairwise accuracy {metrics['pairwise']['accuracy']:.3f}")
+    if p.rm_ranking_samples:
+        # On the held-out problems whose greedy accuracy measures every stage, so that
+        # best-of-n compares with the SFT row of the report.
+        metrics["ranking"] = reward_ranking(sft, rm, tokenizer, eval_problems(ctx), p.rm_ranking_samples,
+                                            EVAL_SEED + 1)
+        ctx.log(f"reward model best-of-{p.rm_ranking_samples} on the SFT policy's samples: " +
+                " ".join(f"{f}={r['best_of_n']:.2f}" for f, r in metrics["ranking"].items()))
     resolved = _publish(ctx, rm.gpt, tokenizer, "rm", {
         "parent": parent, "step": result.step, "data_fingerprint": train_pairs.fingerprint, "metrics": metrics,
         "head": REWARD_HEAD}, heads=rm.heads())

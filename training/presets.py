@@ -36,6 +36,8 @@ class PipelinePreset:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm_per_family: int = 250                              # training problems for preference pairs
     rm_samples: int = 2                                   # policy samples per problem mined for wrong replies
+    rm_model_pairs: int = 1                               # pairs per problem from distinct wrong samples
+    rm_ranking_samples: int = 8                           # SFT samples per held-out problem the RM ranks (0 = skip)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rlhf_per_family: int = 1000                           # training prompts per family for rollouts
     rlhf_families: tuple[str, ...] | None = None          # RL prompt families (None = `families`)
@@ -74,7 +76,7 @@ def _tiny() -> PipelinePreset:
         pretrain=PretrainConfig(LoopConfig(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, log_every=10),
                                 seq_len=96),
         sft_per_family=200, sft=SFTConfig(LoopConfig(steps=40, batch_size=32, lr=2e-3, warmup_steps=4)),
-        rm_per_family=24, rm_samples=1,
+        rm_per_family=24, rm_samples=1, rm_ranking_samples=4,
         reward=RewardConfig(LoopConfig(steps=20, batch_size=16, lr=5e-4, warmup_steps=2, log_every=5), lm_coef=1.0),
         rlhf_per_family=50,
         rlhf=RLHFConfig(LoopConfig(steps=8, batch_size=16, lr=2e-5, warmup_steps=1, min_lr_ratio=1.0,

@@ -138,6 +138,18 @@ def render_markdown(summary: dict[str, Any]) -> str:
               f"| final KL coefficient | {m['rlhf']['kl_coef']:.4f} |"]
     for stage, seconds in summary["seconds"].items():
         lines.append(f"| time: {stage} | {seconds:.0f} s |")
+    ranking = m["rm"].get("ranking")
+    if ranking:
+        lines += ["", "## How the reward model ranks the SFT policy's own samples (the same held-out problems)", "",
+                  "Best-of-n at or below the SFT model's greedy accuracy means RL against this reward "
+                  "cannot lift that family; only mixed problems (some samples right, some wrong) carry a "
+                  "learning signal.", "",
+                  "| family | SFT greedy | one sample right | mixed problems | right-over-wrong pairs | best-of-n |",
+                  "|---|---|---|---|---|---|"]
+        for family, r in ranking.items():
+            pairs = "n/a" if r["pair_accuracy"] is None else f"{r['pair_accuracy']:.3f}"
+            lines.append(f"| {family} | {_pct(m['sft']['tasks']['per_family'].get(family))} | "
+                         f"{_pct(r['sample_accuracy'])} | {_pct(r['mixed'])} | {pairs} | {_pct(r['best_of_n'])} |")
     lines += ["", "## Plots", "", "![accuracy](accuracy.png)", "", "![losses](losses.png)", "",
               "![rlhf](rlhf.png)", "", "## Sample replies (held-out)", "",
               "| stage | prompt | reply | answer | ok |", "|---|---|---|---|---|"]

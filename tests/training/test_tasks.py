@@ -91,6 +91,23 @@ def test_preference_pairs_prefer_correct_and_use_model_mistakes():
     assert preference_pairs(problems, seed=0).fingerprint == preference_pairs(problems, seed=0).fingerprint
 
 
+def test_preference_pairs_take_several_distinct_model_mistakes_per_problem():
+    problems = sample_problems(3, "train", seed=0).problems
+    target = problems[0]
+    mistakes = {(target.family, target.key): ["999999", "888888", "999999", target.answer]}
+    one = preference_pairs(problems, seed=0, model_wrong=mistakes)
+    two = preference_pairs(problems, seed=0, model_wrong=mistakes, model_pairs_per_problem=2)
+    three = preference_pairs(problems, seed=0, model_wrong=mistakes, model_pairs_per_problem=3)
+    assert len(one.pairs) == len(problems)
+    model = [p for p in two.pairs if p.source == "model"]
+    assert sorted(p.rejected for p in model) == ["888888", "999999"]
+    assert all(p.problem is target and p.chosen == target.answer for p in model)
+    assert len(two.pairs) == len(problems) + 1
+    # Only two distinct mistakes exist: asking for three pairs gives the same two.
+    assert [p.rejected for p in three.pairs] == [p.rejected for p in two.pairs]
+    assert one.fingerprint != two.fingerprint
+
+
 def test_few_shot_prompt_ends_where_the_answer_starts():
     shots = sample_problems(3, "train", seed=0, families=["add"]).problems
     target = sample_problems(1, "heldout", seed=0, families=["add"]).problems[0]

@@ -265,17 +265,25 @@ class PreferenceSet:
 
 
 def preference_pairs(problems: list[Problem], seed: int,
-                     model_wrong: dict[tuple[str, str], list[str]] | None = None) -> PreferenceSet:
-    """One pair per problem: the canonical answer preferred over a wrong one. Where the
-    policy produced wrong answers for the problem (`model_wrong[(family, key)]`), one of
-    those is the rejected answer; otherwise a corruption of the canonical answer."""
+                     model_wrong: dict[tuple[str, str], list[str]] | None = None,
+                     model_pairs_per_problem: int = 1) -> PreferenceSet:
+    """The canonical answer preferred over a wrong one, per problem. Where the policy
+    produced wrong answers for the problem (`model_wrong[(family, key)]`), up to
+    `model_pairs_per_problem` distinct ones are rejected answers, one pair each;
+    otherwise one corruption of the canonical answer is."""
     rng = random.Random(f"pairs:{seed}")
     model_wrong = model_wrong or {}
     pairs = []
     for p in problems:
         wrong = [w for w in model_wrong.get((p.family, p.key), []) if w.strip() and not p.check(w)]
         if wrong:
-            pairs.append(PreferencePair(p, p.answer, rng.choice(wrong), "model"))
+            # Drawn with the samples' multiplicity, so the policy's common mistakes come first.
+            for _ in range(model_pairs_per_problem):
+                if not wrong:
+                    break
+                rejected = rng.choice(wrong)
+                pairs.append(PreferencePair(p, p.answer, rejected, "model"))
+                wrong = [w for w in wrong if w != rejected]
         else:
             pairs.append(PreferencePair(p, p.answer, corrupt(p, rng), "corrupt"))
     digest = hashlib.sha256(fingerprint(problems).encode())

@@ -98,11 +98,10 @@ def score_replies(rm: nn.Module, tokenizer: SolTokenizer, items: list[tuple[str,
 
 
 @torch.no_grad()
-def sample_wrong_replies(policy: nn.Module, tokenizer: SolTokenizer, problems: list,
-                         samples_per_problem: int, seed: int, max_new_tokens: int = 24,
-                         batch_size: int = 128) -> dict[tuple[str, str], list[str]]:
-    """The policy's own sampled replies (temperature 1, through the engine's sampler) that
-    fail the verifier, keyed by (family, key): the hard negatives for the reward model."""
+def sample_replies(policy: nn.Module, tokenizer: SolTokenizer, prompts: list[str], samples_per_prompt: int,
+                   seed: int, max_new_tokens: int = 24, batch_size: int = 128) -> list[list[str | None]]:
+    """`samples_per_prompt` replies per user prompt, sampled at temperature 1 through the
+    engine's sampler; None where a reply hit the token limit before its end-of-turn."""
     from gpt.chat import chat_prompt_ids, chat_stop_ids
     from server.engine.api import SamplingParams
     from training.generate import generate
@@ -110,18 +109,29 @@ def sample_wrong_replies(policy: nn.Module, tokenizer: SolTokenizer, problems: l
     policy.eval()
     params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_tokens=max_new_tokens)
     stops = chat_stop_ids(tokenizer)
-    jobs = [(i, s) for i in range(len(problems)) for s in range(samples_per_problem)]
-    wrong: dict[tuple[str, str], list[str]] = {}
+    jobs = [(i, s) for i in range(len(prompts)) for s in range(samples_per_prompt)]
+    replies: list[list[str | None]] = [[] for _ in prompts]
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": problems[i].prompt}]) for i, _ in chunk]
+        ids = [chat_prompt_ids(tokenizer, [{"role": "user", "content": prompts[i]}]) for i, _ in chunk]
         seeds = [seed * 1_000_003 + i * 131 + s for i, s in chunk]
-        gen = generate(policy, prompts, max_new_tokens, stops, params, seeds=seeds, pad_id=tokenizer.eot_id)
+        gen = generate(policy, ids, max_new_tokens, stops, params, seeds=seeds, pad_id=tokenizer.eot_id)
         for (i, _), toks, finished in zip(chunk, gen.tokens, gen.finished, strict=True):
-            if not finished:
-                continue   # unfinished replies are not scored like finished ones; leave them out
-            text = tokenizer.decode([t for t in toks if t not in stops])
-            p = problems[i]
-            if text.strip() and not p.check(text):
+            replies[i].append(tokenizer.decode([t for t in toks if t not in stops]) if finished else None)
+    return replies
+
+
+def sample_wrong_replies(policy: nn.Module, tokenizer: SolTokenizer, problems: list,
+                         samples_per_problem: int, seed: int, max_new_tokens: int = 24,
+                         batch_size: int = 128) -> dict[tuple[str, str], list[str]]:
+    """The policy's own sampled replies that fail the verifier, keyed by (family, key): the
+    hard negatives for the reward model. Unfinished replies are left out: they are not
+    scored like finished ones."""
+    replies = sample_replies(policy, tokenizer, [p.prompt for p in problems], samples_per_problem, seed,
+                             max_new_tokens, batch_size)
+    wrong: dict[tuple[str, str], list[str]] = {}
+    for p, texts in zip(problems, replies, strict=True):
+        for text in texts:
+            if text is not None and text.strip() and not p.check(text):
                 wrong.setdefault((p.family, p.key), []).append(text)
     return wrong
