@@ -144,7 +144,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
                   "Best-of-n at or below the SFT model's greedy accuracy means RL against this reward "
                   "cannot lift that family; only mixed problems (some samples right, some wrong) carry a "
                   "learning signal.", "",
-                  "| family | SFT greedy | one sample right | mixed problems | right-over-wrong pairs | best-of-n |",
+                  "| family | SFT greedy | SFT sample at temperature 1 | mixed problems | right-over-wrong pairs | best-of-n |",
                   "|---|---|---|---|---|---|"]
         for family, r in ranking.items():
             pairs = "n/a" if r["pair_accuracy"] is None else f"{r['pair_accuracy']:.3f}"
