@@ -25,7 +25,6 @@ from training import distributed
 from training.data.corpus import Corpus, build_corpus
 from training.data.tasks import (
     PreferenceSet,
-    Problem,
     TaskSet,
     preference_pairs,
     pretraining_documents,
@@ -143,16 +142,12 @@ def stage_sft(ctx: Context, tokenizer: SolTokenizer, base: GPT, parent: str | No
     return StageOutcome("sft", model, resolved, metrics, time.perf_counter() - began, result)
 
 
-def rm_eval_problems(p: PipelinePreset) -> list[Problem]:
-    return sample_problems(p.rm_eval_per_family, "heldout", RM_EVAL_SEED, p.families, unique=True).problems
-
-
 def preference_data(ctx: Context, tokenizer: SolTokenizer, sft: GPT) -> tuple[PreferenceSet, PreferenceSet]:
     """Training pairs from training-split problems and held-out pairs from held-out ones;
     rejected replies are the SFT model's own wrong samples where it made some."""
     p = ctx.preset
     train_problems = sample_problems(p.rm_per_family, "train", ctx.seed + 17, p.families).problems
-    eval_problems = rm_eval_problems(p)
+    eval_problems = sample_problems(p.rm_eval_per_family, "heldout", RM_EVAL_SEED, p.families, unique=True).problems
     wrong_train = sample_wrong_replies(sft, tokenizer, train_problems, p.rm_samples, ctx.seed)
     wrong_eval = sample_wrong_replies(sft, tokenizer, eval_problems, p.rm_samples, RM_EVAL_SEED)
     return (preference_pairs(train_problems, ctx.seed, wrong_train, p.rm_model_pairs),
