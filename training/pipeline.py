@@ -179,8 +179,13 @@ def stage_reward(ctx: Context, tokenizer: SolTokenizer, sft: GPT, parent: str | 
 
 
 def rlhf_prompts(p: PipelinePreset, seed: int) -> TaskSet:
-    """Training-split prompts for the rollouts, from the preset's RL families only."""
-    return sample_problems(p.rlhf_per_family, "train", seed + 29, p.rl_families)
+    """Training-split prompts for the rollouts, from the preset's RL families only, and
+    (with `rlhf_unseen_prompts`) none of them an SFT demonstration: the SFT policy has
+    memorised those answers, so its replies to them agree and carry no signal, and what
+    PPO learns on them does not carry over to problems it has not seen."""
+    exclude = ({(q.family, q.key) for q in sft_problems(p, seed).problems} if p.rlhf_unseen_prompts
+               else frozenset())
+    return sample_problems(p.rlhf_per_family, "train", seed + 29, p.rl_families, exclude=exclude)
 
 
 def stage_rlhf(ctx: Context, tokenizer: SolTokenizer, sft: GPT, rm: RewardModel, parent: str | None,

@@ -202,9 +202,10 @@ def fingerprint(problems: Iterable[Problem]) -> str:
 
 
 def sample_problems(n_per_family: int, split: str, seed: int, families: Iterable[str] | None = None,
-                    unique: bool = False) -> TaskSet:
+                    unique: bool = False, exclude: set[tuple[str, str]] | frozenset = frozenset()) -> TaskSet:
     """`n_per_family` problems of each family from `split` ("train" or "heldout"),
-    interleaved family by family. `unique` drops repeats (used for evaluation sets)."""
+    interleaved family by family. `unique` drops repeats (used for evaluation sets);
+    `exclude` skips the problems whose (family, key) it holds."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     names = list(families or FAMILIES)
@@ -222,7 +223,8 @@ def sample_problems(n_per_family: int, split: str, seed: int, families: Iterable
             if attempts > 200 * n_per_family + 1000:
                 raise ValueError(f"family {name!r} has too few distinct {split} problems for {n_per_family}")
             key, prompt, answer = family.generate(rng)
-            if is_heldout(name, key) != (split == "heldout") or (unique and key in seen):
+            if (is_heldout(name, key) != (split == "heldout") or (unique and key in seen)
+                    or (name, key) in exclude):
                 continue
             seen.add(key)
             out.append(Problem(name, key, prompt, answer))

@@ -51,6 +51,11 @@ class RLHFConfig:
                                                                 log_every=4))
     rollouts: int = 64                # replies per rollout batch per rank
     samples_per_prompt: int = 1       # replies drawn per prompt; > 1 centres scores per prompt
+    # Prompts drawn per prompt kept (with samples_per_prompt > 1): the batch keeps the
+    # prompts whose replies differ first, since a group of identical replies has a
+    # centred score of zero and teaches nothing (DAPO's dynamic sampling, judged by the
+    # replies themselves rather than a verifier). 1 = keep every prompt drawn.
+    prompt_oversample: int = 1
     ppo_epochs: int = 2
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -100,6 +105,17 @@ def reply_logprobs(logits: torch.Tensor, index: torch.Tensor, targets: torch.Ten
     return logp, picked
 
 
+def varied_groups_first(replies: list[list[int]], group: int, keep: int) -> tuple[list[int], list[bool]]:
+    """Which replies a rollout batch keeps when more prompts were drawn than it holds.
+    `replies` come in consecutive groups of `group` per prompt; the first `keep` groups
+    are taken, those whose replies differ first (in drawing order), then the others.
+    Returns the kept reply indices and, per drawn group, whether its replies differ."""
+    n_groups = len(replies) // group
+    varied = [len({tuple(replies[i]) for i in range(j * group, (j + 1) * group)}) > 1 for j in range(n_groups)]
+    order = sorted(range(n_groups), key=lambda j: not varied[j])[:keep]   # stable: drawing order kept
+    return [i for j in order for i in range(j * group, (j + 1) * group)], varied
+
+
 class RLHFStage:
     name = "rlhf"
 
@@ -115,6 +131,9 @@ class RLHFStage:
         self.prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p.prompt}]) for p in problems]
         self.cfg = cfg
         self.device = torch.device(device)
+        if cfg.prompt_oversample < 1 or (cfg.prompt_oversample > 1 and cfg.samples_per_prompt < 2):
+            raise ValueError("prompt_oversample must be 1, or above 1 with samples_per_prompt of 2 or more "
+                             f"(got {cfg.prompt_oversample} and {cfg.samples_per_prompt})")
         self.kl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.ptx: SFTStage | None = None
         if cfg.ptx_coef > 0:
@@ -147,15 +166,19 @@ class RLHFStage:
         g = step_generator(cfg.loop.seed, iteration, 7)
         k = cfg.samples_per_prompt
         n_prompts = cfg.rollouts // k
-        picks = torch.randint(0, len(self.problems), (n_prompts * world,), generator=g)
-        picks = picks[rank * n_prompts:(rank + 1) * n_prompts].repeat_interleave(k).tolist()
+        drawn = n_prompts * cfg.prompt_oversample
+        picks = torch.randint(0, len(self.problems), (drawn * world,), generator=g)
+        picks = picks[rank * drawn:(rank + 1) * drawn].repeat_interleave(k).tolist()
         prompts = [self.prompts[i] for i in picks]
-        seeds = [(cfg.loop.seed * 1_000_003 + iteration) * 65_537 + rank * cfg.rollouts + i for i in range(len(picks))]
+        seeds = [(cfg.loop.seed * 1_000_003 + iteration) * 65_537 + rank * drawn * k + i for i in range(len(picks))]
         self.policy.eval()
         params = SamplingParams(temperature=cfg.temperature, top_k=0, top_p=1.0, max_tokens=cfg.max_new_tokens)
         gen = generate(self.policy.gpt, prompts, cfg.max_new_tokens, chat_stop_ids(self.tokenizer), params,
                        seeds=seeds, pad_id=self.tokenizer.eot_id)
         replies = [r if r else [self.tokenizer.end_of_turn_id] for r in gen.tokens]
+        keep, varied = varied_groups_first(replies, k, n_prompts)
+        picks, prompts, replies = [picks[i] for i in keep], [prompts[i] for i in keep], [replies[i] for i in keep]
+        finished_kept = [gen.finished[i] for i in keep]
         seqs = pad_right([p + r for p, r in zip(prompts, replies, strict=True)], self.tokenizer.eot_id)
         index = pad_right([list(range(len(p) - 1, len(p) - 1 + len(r))) for p, r in zip(prompts, replies,
                                                                                          strict=True)], 0)
@@ -180,7 +203,7 @@ class RLHFStage:
         if self.score_mean is None:
             self.score_mean, self.score_std = centred.mean().item(), max(centred.std().item(), 1e-3)
         score = (centred - self.score_mean) / self.score_std
-        finished = torch.tensor(gen.finished, dtype=torch.bool, device=self.device)
+        finished = torch.tensor(finished_kept, dtype=torch.bool, device=self.device)
         score = torch.where(finished, score, score - cfg.missing_eos_penalty)
         logp, ref_logp = logp * mask, ref_logp * mask
         rewards, kl = kl_rewards(score, logp, ref_logp, mask, self.kl.value)
@@ -197,6 +220,8 @@ class RLHFStage:
             "reply_tokens": mask.sum(1).mean().item(),
             "finished": finished.float().mean().item(),
             "sample_accuracy": sum(correct) / len(correct),
+            "varied_groups_drawn": sum(varied) / len(varied),
+            "varied_groups_kept": sum(sorted(varied, reverse=True)[:n_prompts]) / n_prompts,
             "value_mean": masked_mean(values, mask).item(),
         }
         self.kl.update(kl_per_reply, cfg.rollouts * world)
