@@ -13,7 +13,7 @@ import hashlib
 import random
 import re
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 HELDOUT_BUCKETS = 8          # 1 problem in 8 (by hash) belongs to the held-out split
@@ -202,7 +202,7 @@ def fingerprint(problems: Iterable[Problem]) -> str:
 
 
 def sample_problems(n_per_family: int, split: str, seed: int, families: Iterable[str] | None = None,
-                    unique: bool = False, exclude: set[tuple[str, str]] | frozenset = frozenset()) -> TaskSet:
+                    unique: bool = False, exclude: Collection[tuple[str, str]] = frozenset()) -> TaskSet:
     """`n_per_family` problems of each family from `split` ("train" or "heldout"),
     interleaved family by family. `unique` drops repeats (used for evaluation sets);
     `exclude` skips the problems whose (family, key) it holds."""

@@ -221,7 +221,7 @@ class RLHFStage:
             "finished": finished.float().mean().item(),
             "sample_accuracy": sum(correct) / len(correct),
             "varied_groups_drawn": sum(varied) / len(varied),
-            "varied_groups_kept": sum(sorted(varied, reverse=True)[:n_prompts]) / n_prompts,
+            "varied_groups_kept": sum(varied[i // k] for i in keep[::k]) / n_prompts,
             "value_mean": masked_mean(values, mask).item(),
         }
         self.kl.update(kl_per_reply, cfg.rollouts * world)
