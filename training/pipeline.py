@@ -24,12 +24,15 @@ from gpt.tokenizer import SolTokenizer, train_tokenizer
 from training import distributed
 from training.data.corpus import Corpus, build_corpus
 from training.data.tasks import (
+    FAMILIES,
+    YES_NO_FAMILIES,
     PreferenceSet,
     TaskSet,
     preference_pairs,
     pretraining_documents,
     sample_problems,
 )
+from training.data.tasks import fingerprint as task_fingerprint
 from training.evaluate import perplexity, reward_accuracy, reward_ranking, task_accuracy
 from training.heads import REWARD_HEAD, PolicyWithValue, RewardModel
 from training.loop import LoopResult, train
@@ -182,10 +185,30 @@ def rlhf_prompts(p: PipelinePreset, seed: int) -> TaskSet:
     """Training-split prompts for the rollouts, from the preset's RL families only, and
     (with `rlhf_unseen_prompts`) none of them an SFT demonstration: the SFT policy has
     memorised those answers, so its replies to them agree and carry no signal, and what
-    PPO learns on them does not carry over to problems it has not seen."""
+    PPO learns on them does not carry over to problems it has not seen.
+
+    With `rlhf_balanced_answers`, a family whose answers are yes / no draws half of its
+    prompts of each answer (after the other families'): leaving out the SFT
+    demonstrations leaves few "yes" palindromes (SFT covers nearly every short one; 15% of
+    the unseen draws are "yes" against 39% of the held-out problems), and PPO on such a
+    set teaches the policy to say "no"."""
     exclude = ({(q.family, q.key) for q in sft_problems(p, seed).problems} if p.rlhf_unseen_prompts
                else frozenset())
-    return sample_problems(p.rlhf_per_family, "train", seed + 29, p.rl_families, exclude=exclude)
+    families = list(p.rl_families or FAMILIES)
+    balanced = [f for f in families if p.rlhf_balanced_answers and f in YES_NO_FAMILIES]
+    others = [f for f in families if f not in balanced]
+    problems = sample_problems(p.rlhf_per_family, "train", seed + 29, others, exclude=exclude).problems if others \
+        else []
+    half = p.rlhf_per_family // 2
+    for family in balanced:
+        # Repeats are allowed: the unseen "yes" problems are few, and each is drawn again.
+        pool = sample_problems(8 * p.rlhf_per_family, "train", seed + 29, [family], exclude=exclude).problems
+        for answer in ("yes", "no"):
+            picked = [q for q in pool if q.answer == answer][:half]
+            if len(picked) < half:
+                raise ValueError(f"too few {answer!r} problems in family {family!r} for {half} RL prompts")
+            problems += picked
+    return TaskSet(problems, task_fingerprint(problems))
 
 
 def stage_rlhf(ctx: Context, tokenizer: SolTokenizer, sft: GPT, rm: RewardModel, parent: str | None,

@@ -65,3 +65,21 @@ def test_sample_problems_skips_excluded_keys():
     again = sample_problems(5, "train", seed=2, families=["add"], exclude=exclude).problems
     assert first[0].key not in {q.key for q in again}
     assert [q.key for q in again[:4]] == [q.key for q in first[1:5] if q.key != first[0].key][:4]
+
+
+def test_balanced_rl_prompts_give_yes_no_families_both_answers_equally():
+    p = dataclasses.replace(pipeline_preset("tiny"), families=("add", "palindrome"), rlhf_unseen_prompts=True,
+                            rlhf_balanced_answers=True)
+    demos = {(q.family, q.key) for q in sft_problems(p, seed=0).problems}
+    prompts = rlhf_prompts(p, seed=0).problems
+    palindromes = [q for q in prompts if q.family == "palindrome"]
+    answers = [q.answer for q in palindromes]
+    assert len(palindromes) == p.rlhf_per_family
+    assert answers.count("yes") == answers.count("no") == p.rlhf_per_family // 2
+    assert not {(q.family, q.key) for q in prompts} & demos
+    # Other families draw exactly as without the option.
+    unbalanced = rlhf_prompts(dataclasses.replace(p, rlhf_balanced_answers=False), seed=0).problems
+    assert [q for q in prompts if q.family == "add"] == [q for q in unbalanced if q.family == "add"]
+    # Unbalanced, the unseen palindromes are mostly "no": SFT has drawn most "yes" ones.
+    skewed = [q.answer for q in unbalanced if q.family == "palindrome"]
+    assert skewed.count("yes") < skewed.count("no")

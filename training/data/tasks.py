@@ -147,6 +147,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("palindrome", gen_palindrome),
 )}
 
+# Families whose answer is "yes" or "no": a skewed prompt set teaches a model the skew.
+YES_NO_FAMILIES = frozenset({"palindrome"})
+
 
 # --- wrong answers -------------------------------------------------------------------------
 
