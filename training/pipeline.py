@@ -27,6 +27,7 @@ from training.data.tasks import (
     FAMILIES,
     YES_NO_FAMILIES,
     PreferenceSet,
+    Problem,
     TaskSet,
     preference_pairs,
     pretraining_documents,
@@ -145,16 +146,21 @@ def stage_sft(ctx: Context, tokenizer: SolTokenizer, base: GPT, parent: str | No
     return StageOutcome("sft", model, resolved, metrics, time.perf_counter() - began, result)
 
 
+def preference_problems(p: PipelinePreset, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """The reward model's training problems (training split) and held-out ones."""
+    return (sample_problems(p.rm_per_family, "train", seed + 17, p.families).problems,
+            sample_problems(p.rm_eval_per_family, "heldout", RM_EVAL_SEED, p.families, unique=True).problems)
+
+
 def preference_data(ctx: Context, tokenizer: SolTokenizer, sft: GPT) -> tuple[PreferenceSet, PreferenceSet]:
     """Training pairs from training-split problems and held-out pairs from held-out ones;
     rejected replies are the SFT model's own wrong samples where it made some."""
     p = ctx.preset
-    train_problems = sample_problems(p.rm_per_family, "train", ctx.seed + 17, p.families).problems
-    eval_problems = sample_problems(p.rm_eval_per_family, "heldout", RM_EVAL_SEED, p.families, unique=True).problems
+    train_problems, heldout_problems = preference_problems(p, ctx.seed)
     wrong_train = sample_wrong_replies(sft, tokenizer, train_problems, p.rm_samples, ctx.seed)
-    wrong_eval = sample_wrong_replies(sft, tokenizer, eval_problems, p.rm_samples, RM_EVAL_SEED)
+    wrong_eval = sample_wrong_replies(sft, tokenizer, heldout_problems, p.rm_samples, RM_EVAL_SEED)
     return (preference_pairs(train_problems, ctx.seed, wrong_train, p.rm_model_pairs),
-            preference_pairs(eval_problems, RM_EVAL_SEED, wrong_eval, p.rm_model_pairs))
+            preference_pairs(heldout_problems, RM_EVAL_SEED, wrong_eval, p.rm_model_pairs))
 
 
 def stage_reward(ctx: Context, tokenizer: SolTokenizer, sft: GPT, parent: str | None) -> StageOutcome:
@@ -171,7 +177,7 @@ def stage_reward(ctx: Context, tokenizer: SolTokenizer, sft: GPT, parent: str | 
     if p.rm_ranking_samples:
         # On the held-out problems whose greedy accuracy measures every stage, so that
         # best-of-n compares with the SFT row of the report.
-        metrics["ranking"] = reward_ranking(sft, rm, tokenizer, eval_problems(ctx), p.rm_ranking_samples,
+        metrics["ranking"] = reward_ranking(sft, rm, tokenizer, eval_problems(ctx.preset), p.rm_ranking_samples,
                                             EVAL_SEED + 1)
         ctx.log(f"reward model best-of-{p.rm_ranking_samples} on the SFT policy's samples: " +
                 " ".join(f"{f}={r['best_of_n']:.2f}" for f, r in metrics["ranking"].items()))
@@ -241,12 +247,12 @@ def stage_rlhf(ctx: Context, tokenizer: SolTokenizer, sft: GPT, rm: RewardModel,
 
 # --- evaluation helpers -----------------------------------------------------------------------
 
-def eval_problems(ctx: Context):
-    return sample_problems(ctx.preset.eval_per_family, "heldout", EVAL_SEED, ctx.preset.families, unique=True).problems
+def eval_problems(p: PipelinePreset) -> list[Problem]:
+    return sample_problems(p.eval_per_family, "heldout", EVAL_SEED, p.families, unique=True).problems
 
 
 def _task_eval(ctx: Context, model: GPT, tokenizer: SolTokenizer, mode: str) -> dict[str, Any]:
-    acc = task_accuracy(model, tokenizer, eval_problems(ctx), mode, shots_seed=EVAL_SEED)
+    acc = task_accuracy(model, tokenizer, eval_problems(ctx.preset), mode, shots_seed=EVAL_SEED)
     ctx.log(f"held-out task accuracy ({mode}): {acc.accuracy:.3f} " +
             " ".join(f"{k}={v:.2f}" for k, v in acc.per_family.items()))
     return {**acc.to_dict(), "samples": acc.samples}

@@ -1,5 +1,5 @@
-"""Pipeline presets: RL prompt families are a subset of the preset's families, and the
-RLHF stage draws its prompts from them alone."""
+"""Pipeline presets: RL prompt families are a subset of the preset's families, the RLHF
+stage draws its prompts from them alone, and every stage's problem sets can be drawn."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 
-from training.pipeline import rlhf_prompts
+from training.data.tasks import FAMILIES
+from training.pipeline import eval_problems, preference_problems, rlhf_prompts, sft_problems
 from training.presets import PRESETS, pipeline_preset
 
 
@@ -35,3 +36,22 @@ def test_rlhf_prompts_come_from_the_rl_families_only():
 def test_rl_family_outside_the_preset_is_refused():
     with pytest.raises(ValueError, match="rlhf_families"):
         dataclasses.replace(pipeline_preset("cpu"), rlhf_families=("mul",))
+
+
+DATA_FIELDS = ("families", "sft_per_family", "rm_per_family", "rm_eval_per_family", "rlhf_per_family",
+               "rlhf_families", "rlhf_unseen_prompts", "rlhf_balanced_answers", "eval_per_family")
+
+
+def test_every_stage_of_the_gpu_presets_can_draw_its_problems():
+    # The GPU presets are not run here (tiny runs in the end-to-end test, cpu in the main
+    # job): a family too small for one of their draws fails here, not hours into a GPU run.
+    # gpu-medium draws what gpu-small does.
+    p = pipeline_preset("gpu-small")
+    medium = pipeline_preset("gpu-medium")
+    assert all(getattr(p, f) == getattr(medium, f) for f in DATA_FIELDS)
+    families = len(p.families or FAMILIES)
+    assert len(sft_problems(p, seed=0).problems) == p.sft_per_family * families
+    train, heldout = preference_problems(p, seed=0)
+    assert len(train) == p.rm_per_family * families and len(heldout) == p.rm_eval_per_family * families
+    assert len(rlhf_prompts(p, seed=0).problems) == p.rlhf_per_family * len(p.rl_families or FAMILIES)
+    assert len(eval_problems(p)) == p.eval_per_family * families
