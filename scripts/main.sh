@@ -38,11 +38,17 @@ export SOL_API_KEY=$key
 $sol prices set "$name" --prompt-per-1k 0.5 --completion-per-1k 1.5 --cached-discount 0.5
 
 echo "== 3. a chat over gRPC with the RLHF model ($name:rlhf); usage is shown after each answer"
-printf '%s\n' "What is 48 + 27?" "Reverse the word 'planet'." "Is 'level' a palindrome?" \
-  | $sol chat --wait 300 --model "$name:rlhf" --max-tokens 48 --temperature 0
+# One question per chat, in the task families' own wording: the demo model learned
+# single-turn conversations of those tasks and nothing else. The repeated question shows
+# prompt tokens served from the prefix cache (its first 16-token block).
+for question in "What is 48 + 27?" "Reverse the letters: r a d i o" "Is 12321 a palindrome? Answer yes or no." \
+  "Which is larger, 58 or 85?" "Is 12321 a palindrome? Answer yes or no."; do
+  echo "> $question"
+  printf '%s\n' "$question" | $sol chat --wait 300 --model "$name:rlhf" --max-tokens 48 --temperature 0
+done
 
 echo "== 4. one completion as JSON (usage and cost included)"
-$sol complete --wait 300 --model "$name:sft" --max-tokens 24 --temperature 0 --json "Sort these numbers: 9, 2, 7"
+$sol complete --wait 300 --model "$name:sft" --max-tokens 24 --temperature 0 --json "Sort in ascending order: 9, 2, 7"
 
 echo "== 5. the ledger: usage per key and model"
 $sol usage
