@@ -72,10 +72,14 @@ def test_completion_and_n_choices(client, tiny_tokenizer):
 def test_graceful_cancel_delivers_usage_and_bills_it(client, server):
     stream = client.chat_stream(MESSAGES, model="tiny", max_tokens=200, ignore_eos=True)
     got = 0
+    cancelled = False
     for chunk in stream:
         got += sum(len(d.token_ids) for d in chunk.deltas)
-        if got >= 3 and not chunk.final:
+        if got >= 3 and not chunk.final and not cancelled:
+            # Once: tokens already on their way still arrive before the final chunk, and a
+            # second cancel of the same request rightly answers False.
             assert stream.cancel()
+            cancelled = True
     assert stream.finish_reasons[0] == "abort"
     assert 3 <= stream.usage.completion_tokens < 200
     assert stream.usage.completion_tokens == got
