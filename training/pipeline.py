@@ -203,8 +203,9 @@ def rlhf_prompts(p: PipelinePreset, seed: int) -> TaskSet:
     families = list(p.rl_families or FAMILIES)
     balanced = [f for f in families if p.rlhf_balanced_answers and f in YES_NO_FAMILIES]
     others = [f for f in families if f not in balanced]
-    problems = sample_problems(p.rlhf_per_family, "train", seed + 29, others, exclude=exclude).problems if others \
-        else []
+    problems: list[Problem] = []
+    if others:     # (no families at all would mean every family to sample_problems)
+        problems = sample_problems(p.rlhf_per_family, "train", seed + 29, others, exclude=exclude).problems
     half = p.rlhf_per_family // 2
     for family in balanced:
         # Repeats are allowed: the unseen "yes" problems are few, and each is drawn again.
