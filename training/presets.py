@@ -155,8 +155,8 @@ def _gpu_small() -> PipelinePreset:
         rm_per_family=2000, rm_samples=4,
         reward=RewardConfig(LoopConfig(steps=1500, batch_size=32, lr=1e-4, warmup_steps=50), lm_coef=1.0),
         # Every training problem of the small families (mul has 800) is among 20 000 SFT
-        # demonstrations per family, so unseen RL prompts cannot be drawn; the rollout
-        # batches' varied-groups filter still skips the prompts the policy answers from memory.
+        # demonstrations per family, so unseen RL prompts cannot be drawn: the RL prompts
+        # come from the whole training split (unmeasured, like the rest of this preset).
         rlhf_per_family=10_000, rlhf_unseen_prompts=False,
         rlhf=RLHFConfig(LoopConfig(steps=2000, batch_size=64, lr=1e-5, warmup_steps=10, min_lr_ratio=1.0,
                                    weight_decay=0.0, log_every=8), rollouts=256, ppo_epochs=2),
