@@ -135,8 +135,8 @@ def _cpu() -> PipelinePreset:
         # over six families; on seed 0, 0.3 gave +2.73 over SFT (two RL seeds), 0.4 +2.75 (six:
         # +1.7 to +3.5), the previous default +2.36 (four).
         # 4 PPO epochs per rollout batch (320 steps for the same 40 batches), not 2: with 2
-        # the slow RL seeds were still climbing when the run ended (the clip fraction about
-        # 3%). On seed 0 six RL seeds gave +2.7 to +4.3 (mean +3.38) against +1.7 to +3.5
+        # the slow RL seeds were still climbing when the run ended (the clip fraction 2%
+        # over the run). On seed 0 six RL seeds gave +2.7 to +4.3 (mean +3.38) against +1.7 to +3.5
         # (mean +2.75), on seed 1 +6.2 / +5.1 against +4.5 / +3.7; twice the lr with 2 epochs
         # gave +2.8 / +2.3. It costs about half again the RLHF stage's time. See the training README.
         rlhf=RLHFConfig(LoopConfig(steps=320, batch_size=256, lr=3e-4, warmup_steps=4, min_lr_ratio=0.1,
