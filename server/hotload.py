@@ -65,7 +65,10 @@ class HotLoader:
         self.on_outcome = on_outcome
         self._jobs: queue.Queue[tuple[Callable[[], object], Future] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
+        # Versions unloaded but not yet closed (their engine stopped, weights and KV pool
+        # released); one stays listed until its close has returned.
         self._retiring: list[tuple[LoadedModel, float]] = []
+        self._switching = 0          # switches under way (they may add to _retiring)
         self._retire_lock = threading.Lock()
         self._retired = threading.Condition(self._retire_lock)
         self._stop = threading.Event()
@@ -144,6 +147,16 @@ class HotLoader:
     def switch(self, name: str, alias: str, version: int) -> LoadOutcome:
         """Make `name:alias` serve `version`: load (verify + warm) if needed, move the
         alias, retire what nothing points to any more. Runs on the worker thread."""
+        with self._retired:
+            self._switching += 1
+        try:
+            return self._switch(name, alias, version)
+        finally:
+            with self._retired:
+                self._switching -= 1
+                self._retired.notify_all()
+
+    def _switch(self, name: str, alias: str, version: int) -> LoadOutcome:
         ref = f"{name}@{version}"
         if self._is_reward_model(name, version):
             return LoadOutcome(name, version, ok=False, seconds=0.0, error="reward models are not served")
@@ -152,7 +165,7 @@ class HotLoader:
             if not self.manager.is_loaded(name, version):
                 # At most two versions of a model in memory: the one serving and the one
                 # loading. Older ones still finishing their requests go first.
-                self.wait_retired(self.config.retire_timeout_s, name)
+                self._wait_until(lambda: not self._retiring_of(name), self.config.retire_timeout_s)
                 self.manager.load(ref)
             self.manager.set_alias(name, alias, version)
         except Exception as err:  # a broken checkpoint must never take serving down
@@ -210,17 +223,26 @@ class HotLoader:
             now = time.monotonic()
             done = [(m, t) for m, t in self._retiring
                     if m.in_flight == 0 or now - t > self.config.retire_timeout_s]
-            self._retiring = [item for item in self._retiring if item not in done]
+        if not done:
+            return
         for model, _ in done:
             model.close()
             log.info("retired %s: engine stopped, weights and KV blocks released", model.ref)
+        # Only now, with the pools given back to the KV budget, do they stop counting as
+        # retiring: a waiter may load the next version into the room they held.
+        with self._retired:
+            self._retiring = [item for item in self._retiring if item not in done]
+            self._retired.notify_all()
+
+    def _retiring_of(self, name: str | None) -> bool:
+        return any(name is None or m.name == name for m, _ in self._retiring)
+
+    def _wait_until(self, done: Callable[[], bool], timeout_s: float) -> bool:
+        with self._retired:
+            return self._retired.wait_for(done, timeout=timeout_s)
 
     def wait_retired(self, timeout_s: float = 30.0, name: str | None = None) -> bool:
-        """Wait until no version (of `name`, or of any model) is still retiring."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._retired:
-                if not any(name is None or m.name == name for m, _ in self._retiring):
-                    return True
-            time.sleep(0.02)
-        return False
+        """Wait until no switch is under way and no version (of `name`, or of any model)
+        is still retiring: every retired engine has stopped and released its weights and
+        KV pool."""
+        return self._wait_until(lambda: self._switching == 0 and not self._retiring_of(name), timeout_s)

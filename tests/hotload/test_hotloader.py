@@ -114,6 +114,40 @@ def test_models_appearing_after_start_are_loaded(registry, tiny_tokenizer, manag
     assert served_version(manager, "fresh:base") == 1
 
 
+def test_wait_retired_returns_only_once_the_retired_pool_is_back(registry, tiny_tokenizer, monkeypatch):
+    """A retired version counts as retiring until its close has returned: a slow engine
+    shutdown must not let wait_retired report the KV pool free while it is still held."""
+    import time
+
+    from gpt.checkpoint import load_checkpoint
+    from server.kv_budget import KVBudget
+    from server.models import LoadedModel
+
+    builder = default_engine_factory(EngineConfig(max_num_seqs=4, block_size=8))
+    publish_seeded(registry, tiny_tokenizer, seed=1)
+    pool = builder.pool_bytes(load_checkpoint(registry.resolve("m").path).config)
+    budget = KVBudget(total_bytes=2 * pool, per_model_bytes=pool)
+    manager = ModelManager(registry, builder, kv_budget=budget)
+    close = LoadedModel.close
+
+    def slow_close(self, timeout_s=30.0):
+        time.sleep(0.5)
+        close(self, timeout_s)
+
+    monkeypatch.setattr(LoadedModel, "close", slow_close)
+    h = HotLoader(manager, registry, HotLoadConfig(poll_interval_s=0.2))
+    try:
+        manager.load_default([])
+        h.start()
+        publish_seeded(registry, tiny_tokenizer, seed=2)
+        wait_for(lambda: served_version(manager) == 2, timeout=60, message="version 2 served")
+        assert h.wait_retired()
+        assert budget.used_bytes == pool
+    finally:
+        h.stop()
+        manager.shutdown()
+
+
 def test_kv_budget_is_never_over_committed_across_a_swap(registry, tiny_tokenizer):
     """Room for two versions' pools: a swap fits (serving + loading), a third version
     waits for the retired one to give its pool back, and the total never exceeds it."""
