@@ -124,7 +124,7 @@ def _cpu() -> PipelinePreset:
         # that skew lowered greedy palindrome accuracy (seed 0: 77.0 -> 74.2 against the
         # default without palindrome prompts); balanced, it rose to 79-83. See the training README.
         rlhf_balanced_answers=True,
-        # Large rollout batches (64 prompts x 8 replies, two minibatches of 256): with 16
+        # Large rollout batches (64 prompts x 8 replies, four minibatches of 128): with 16
         # prompts per batch the few prompts whose replies disagree set the whole update and
         # the policy wandered (held-out accuracy fell even with a perfect verifier as the
         # reward). PPO-ptx (the SFT demonstrations' LM loss in every minibatch) lets the
@@ -134,12 +134,14 @@ def _cpu() -> PipelinePreset:
         # Target KL 0.4 nats per reply: with palindromes among the prompts the budget spreads
         # over six families; on seed 0, 0.3 gave +2.73 over SFT (two RL seeds), 0.4 +2.75 (six:
         # +1.7 to +3.5), the previous default +2.36 (four).
-        # 4 PPO epochs per rollout batch (320 steps for the same 40 batches), not 2: with 2
-        # the slow RL seeds were still climbing when the run ended (the clip fraction 2%
-        # over the run). On seed 0 six RL seeds gave +2.7 to +4.3 (mean +3.38) against +1.7 to +3.5
-        # (mean +2.75), on seed 1 +6.2 / +5.1 against +4.5 / +3.7; twice the lr with 2 epochs
-        # gave +2.8 / +2.3. It costs about half again the RLHF stage's time. See the training README.
-        rlhf=RLHFConfig(LoopConfig(steps=320, batch_size=256, lr=3e-4, warmup_steps=4, min_lr_ratio=0.1,
+        # 4 PPO epochs of 4 minibatches per rollout batch (640 steps for the same 40 batches),
+        # not 2 epochs of 2: with 2 x 2 the slow RL seeds were still climbing when the run
+        # ended (the clip fraction 2% over the run). On seed 0, RL seeds 0 / 100 / 300 / 500
+        # gave +4.3 / +3.8 / +4.9 / +4.4 over SFT where 2 x 2 gave +3.5 / +3.3 / +1.7 / +2.2
+        # and 4 epochs of 2 minibatches +4.3 / +2.8 / +2.7 / +2.9; seed 1 gave +6.1 (2 x 2:
+        # +4.5). Twice the lr with 2 x 2 gave +2.8 / +2.3 (RL seeds 0 / 300). It costs about
+        # 60% more RLHF time. See the training README.
+        rlhf=RLHFConfig(LoopConfig(steps=640, batch_size=128, lr=3e-4, warmup_steps=4, min_lr_ratio=0.1,
                                    weight_decay=0.0, log_every=4), rollouts=512, samples_per_prompt=8,
                         prompt_oversample=4, ppo_epochs=4, target_kl=0.4, kl_horizon=1000, ptx_coef=1.0,
                         ptx_batch_size=64),
