@@ -226,8 +226,12 @@ class HotLoader:
         if not done:
             return
         for model, _ in done:
-            model.close()
-            log.info("retired %s: engine stopped, weights and KV blocks released", model.ref)
+            try:
+                model.close()
+            except Exception:  # the reaper must outlive one bad shutdown, and the list must drain
+                log.exception("closing retired %s failed", model.ref)
+            else:
+                log.info("retired %s: engine stopped, weights and KV blocks released", model.ref)
         # Only now, with the pools given back to the KV budget, do they stop counting as
         # retiring: a waiter may load the next version into the room they held.
         with self._retired:
