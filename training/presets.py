@@ -136,10 +136,9 @@ def _cpu() -> PipelinePreset:
         # +1.7 to +3.5), the previous default +2.36 (four).
         # 4 PPO epochs of 4 minibatches per rollout batch (640 steps for the same 40 batches),
         # not 2 epochs of 2: with 2 x 2 the slow RL seeds were still climbing when the run
-        # ended (the clip fraction 2% over the run). On seed 0, RL seeds 0 / 100 / 300 / 500
-        # gave +4.3 / +3.8 / +4.9 / +4.4 over SFT where 2 x 2 gave +3.5 / +3.3 / +1.7 / +2.2
-        # and 4 epochs of 2 minibatches +4.3 / +2.8 / +2.7 / +2.9; seed 1 gave +6.1 (2 x 2:
-        # +4.5). Twice the lr with 2 x 2 gave +2.8 / +2.3 (RL seeds 0 / 300). It costs about
+        # ended (the clip fraction 2% over the run). On seed 0, six RL seeds gave +3.8 to +4.9
+        # over SFT (mean +4.36) where 2 x 2 gave +1.7 to +3.5 (mean +2.75) and 4 epochs of 2
+        # minibatches +2.7 to +4.3 (mean +3.38); seed 1 gave +6.1 (2 x 2: +4.5). Twice the lr with 2 x 2 gave +2.8 / +2.3 (RL seeds 0 / 300). It costs about
         # 60% more RLHF time. See the training README.
         rlhf=RLHFConfig(LoopConfig(steps=640, batch_size=128, lr=3e-4, warmup_steps=4, min_lr_ratio=0.1,
                                    weight_decay=0.0, log_every=4), rollouts=512, samples_per_prompt=8,
