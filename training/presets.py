@@ -138,8 +138,9 @@ def _cpu() -> PipelinePreset:
         # not 2 epochs of 2: with 2 x 2 the slow RL seeds were still climbing when the run
         # ended (the clip fraction 2% over the run). On seed 0, six RL seeds gave +3.8 to +4.9
         # over SFT (mean +4.36) where 2 x 2 gave +1.7 to +3.5 (mean +2.75) and 4 epochs of 2
-        # minibatches +2.7 to +4.3 (mean +3.38); seed 1 gave +6.1 (2 x 2: +4.5). Twice the lr with 2 x 2 gave +2.8 / +2.3 (RL seeds 0 / 300). It costs about
-        # 60% more RLHF time. See the training README.
+        # minibatches +2.7 to +4.3 (mean +3.38); seed 1 gave +6.1 (2 x 2: +4.5). Twice the
+        # lr with 2 x 2 gave +2.8 / +2.3 (RL seeds 0 / 300). It costs about 60% more RLHF
+        # time. See the training README.
         rlhf=RLHFConfig(LoopConfig(steps=640, batch_size=128, lr=3e-4, warmup_steps=4, min_lr_ratio=0.1,
                                    weight_decay=0.0, log_every=4), rollouts=512, samples_per_prompt=8,
                         prompt_oversample=4, ppo_epochs=4, target_kl=0.4, kl_horizon=1000, ptx_coef=1.0,
