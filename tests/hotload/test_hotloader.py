@@ -115,9 +115,9 @@ def test_models_appearing_after_start_are_loaded(registry, tiny_tokenizer, manag
 
 
 def test_wait_retired_returns_only_once_the_retired_pool_is_back(registry, tiny_tokenizer, monkeypatch):
-    """A retired version counts as retiring until its close has returned: a slow engine
-    shutdown must not let wait_retired report the KV pool free while it is still held."""
-    import time
+    """A retired version counts as retiring until its close has returned: an engine
+    shutdown still under way must not let wait_retired report the KV pool free."""
+    import threading
 
     from gpt.checkpoint import load_checkpoint
     from server.kv_budget import KVBudget
@@ -129,21 +129,26 @@ def test_wait_retired_returns_only_once_the_retired_pool_is_back(registry, tiny_
     budget = KVBudget(total_bytes=2 * pool, per_model_bytes=pool)
     manager = ModelManager(registry, builder, kv_budget=budget)
     close = LoadedModel.close
+    let_close = threading.Event()
 
-    def slow_close(self, timeout_s=30.0):
-        time.sleep(0.5)
+    def held_close(self, timeout_s=30.0):
+        let_close.wait(timeout=30)          # the shutdown takes as long as the test says
         close(self, timeout_s)
 
-    monkeypatch.setattr(LoadedModel, "close", slow_close)
+    monkeypatch.setattr(LoadedModel, "close", held_close)
     h = HotLoader(manager, registry, HotLoadConfig(poll_interval_s=0.2))
     try:
         manager.load_default([])
         h.start()
         publish_seeded(registry, tiny_tokenizer, seed=2)
         wait_for(lambda: served_version(manager) == 2, timeout=60, message="version 2 served")
+        assert not h.wait_retired(timeout_s=0.3), "version 1's close has not returned yet"
+        assert budget.used_bytes == 2 * pool
+        let_close.set()
         assert h.wait_retired()
         assert budget.used_bytes == pool
     finally:
+        let_close.set()
         h.stop()
         manager.shutdown()
 
