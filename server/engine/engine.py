@@ -200,6 +200,33 @@ class Engine:
                 "shorten the prompt or lower max_tokens")
 
     # --- the step loop (engine thread) ----------------------------------------------------
+    def run_until_idle(self) -> None:
+        """Synchronous mode (an engine made with start=False, e.g. for training rollouts
+        and evaluation): run steps on the calling thread until every submitted request
+        has finished. Streams are then complete and can be read without blocking."""
+        if self.thread is not None:
+            raise RuntimeError("run_until_idle is for an engine without its own thread (start=False)")
+        while True:
+            with self._cond:
+                inbox = list(self._inbox)
+                self._inbox.clear()
+            self._apply(inbox)
+            if not self.scheduler.has_work():
+                return
+            self.step()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block: call it after the model's weights changed in
+        place (a training step), since cached keys/values were computed by the old ones."""
+        self.blocks.reset_prefix_cache()
+
+    def _apply(self, inbox: list[tuple[str, object]]) -> None:
+        for kind, payload in inbox:
+            if kind == "submit":
+                self._admit(*payload)  # type: ignore[misc]
+            else:
+                self._abort_now(payload)  # type: ignore[arg-type]
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -208,11 +235,7 @@ class Engine:
                 inbox = list(self._inbox)
                 self._inbox.clear()
                 stopping = self._stopping
-            for kind, payload in inbox:
-                if kind == "submit":
-                    self._admit(*payload)  # type: ignore[misc]
-                else:
-                    self._abort_now(payload)  # type: ignore[arg-type]
+            self._apply(inbox)
             if stopping:
                 for request_id in list(self._requests):
                     self._abort_now(request_id)
