@@ -54,8 +54,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         self.hotloader = None     # set by the app when it follows the registry
 
     async def _call(self, context, method: str, fn):
-        """Admin check, then `fn()`, with the same error mapping and metrics as Inference."""
-        async def run(_labels):
+        """Admin check, then `fn()`, in the same frame (errors, metrics) as Inference."""
+        async with self.inference.call(context, method):
             try:
                 self.auth.check_admin(context.invocation_metadata())
             except AuthError as err:
@@ -64,7 +64,6 @@ class AdminServicer(pb_grpc.AdminServicer):
                 return await fn()
             except StoreUnavailable as err:
                 raise unavailable(f"the ledger store is unreachable ({err}); retry shortly") from None
-        return await self.inference._guard(context, method, run)
 
     async def CreateKey(self, request, context):
         async def fn():

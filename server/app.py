@@ -25,9 +25,10 @@ from server.accounting import Accountant
 from server.admin import AdminServicer
 from server.auth import Authenticator, check_pepper, resolve_admin_key, resolve_pepper, run_blocking
 from server.config import ServerConfig
-from server.engine.engine import EngineConfig
+from server.engine.config import EngineConfig
 from server.health import Health
 from server.hotload import HotLoadConfig, HotLoader, LoadOutcome
+from server.inference import InferenceService
 from server.kv_budget import KVBudget
 from server.ledger import LedgerStore, Price
 from server.metrics import ServiceMetrics
@@ -87,8 +88,8 @@ class App:
         self.accountant = Accountant(self.store, self.spool, run)
         self.prices = PriceBook(self.store, run, Price(cached_discount=c.cached_discount))
         self.quota = QuotaGate(self.store, run)
-        self.inference = InferenceServicer(c, self.models, self.auth, self.quota, self.accountant, self.prices,
-                                           self.metrics)
+        self.service = InferenceService(c, self.models, self.quota, self.accountant, self.prices, self.metrics)
+        self.inference = InferenceServicer(self.service, self.auth, self.prices)
         self.admin = AdminServicer(self.store, self.auth, self.accountant, self.prices, self.models,
                                    self.inference, run)
         self.metrics.attach(self.models.stats, lambda: (len(self.spool), self.accountant.store_up))
@@ -169,7 +170,7 @@ class App:
             self.metrics.model_info.labels(m.name, str(m.version), m.stage).set(1)
         self.metrics.models_loaded.set(len(models))
         ready = bool(models)
-        self.metrics.ready.set(1 if ready and not self.inference.draining else 0)
+        self.metrics.ready.set(1 if ready and not self.service.draining else 0)
         if _other_thread(self._loop):
             asyncio.run_coroutine_threadsafe(self.health.set_models_ready(ready), self._loop)
         else:
@@ -183,25 +184,25 @@ class App:
         self.metrics.ready.set(0)
         # Refuse new requests in the same loop turn as readiness flips: nothing may slip
         # in while the hot-loader below takes its time to stop.
-        self.inference.draining = True
+        self.service.draining = True
         if self.hotloader is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.hotloader.stop)
         if not quiet:
-            print(f"sol: draining: {len(self.inference.inflight.jobs)} requests in flight, grace {grace:.0f} s",
+            print(f"sol: draining: {len(self.service.inflight.jobs)} requests in flight, grace {grace:.0f} s",
                   file=sys.stderr, flush=True)
         try:
-            await asyncio.wait_for(self.inference.inflight.empty.wait(), timeout=grace)
+            await asyncio.wait_for(self.service.inflight.empty.wait(), timeout=grace)
         except TimeoutError:
             log.warning("grace period over with %d requests in flight; cancelling them",
-                        len(self.inference.inflight.jobs))
+                        len(self.service.inflight.jobs))
         await self.server.stop(grace=1.0)
         # Handlers cut off by the stop finish their cleanup on later loop turns: wait for
         # every request to leave and for the billing of the cut-off ones.
         deadline = asyncio.get_running_loop().time() + 10.0
-        while (self.inference.inflight.jobs or self.inference.background) and \
+        while (self.service.inflight.jobs or self.service.background) and \
                 asyncio.get_running_loop().time() < deadline:
-            if self.inference.background:
-                await asyncio.wait(list(self.inference.background), timeout=0.1)
+            if self.service.background:
+                await asyncio.wait(list(self.service.background), timeout=0.1)
             else:
                 await asyncio.sleep(0.01)
         await self.prices.close()

@@ -97,10 +97,11 @@ def run_in_process(ckpt_path: Path, device: str | None, prompts: list[str], clie
     from gpt.chat import chat_prompt_ids, chat_stop_ids
     from gpt.checkpoint import load_checkpoint
     from server.engine.api import Delta, EngineRequest, SamplingParams
-    from server.engine.engine import Engine, EngineConfig
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
 
     ckpt = load_checkpoint(ckpt_path, device="cpu")
-    engine = Engine(ckpt.model, ckpt.tokenizer, EngineConfig(device=device))
+    engine = Engine(ckpt.model, EngineConfig(device=device))
     run = Run()
     counter = iter(range(1 << 30))
 

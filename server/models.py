@@ -26,8 +26,10 @@ from gpt.config import ModelConfig
 from gpt.registry import LATEST, ModelNotFound, ModelRef, Registry
 from gpt.tokenizer import SolTokenizer
 from server.engine.api import EngineRequest, EngineStats, RequestFinished, SamplingParams
-from server.engine.engine import Engine, EngineConfig, kv_pool_blocks, resolve_device_dtype
+from server.engine.config import EngineConfig, kv_pool_blocks, resolve_device_dtype
+from server.engine.engine import Engine
 from server.engine.kv_cache import kv_bytes_per_block
+from server.engine.output import TokenTexts
 from server.kv_budget import KVBudget
 
 log = logging.getLogger("sol.models")
@@ -44,9 +46,11 @@ class LoadedModel:
     engine: Engine
     meta: dict[str, Any]
     max_context: int
+    vocab_size: int
     num_parameters: int
     loaded_at: str
     stop_ids: list[int]
+    texts: TokenTexts                        # token text cache for the output processors
     in_flight: int = 0
     kv_reserved: int = 0                     # bytes held in the server's KV budget
     budget: KVBudget | None = field(default=None, repr=False)
@@ -98,7 +102,7 @@ class EngineBuilder:
         if kv_cache_bytes is not None:
             # The pool is exactly what the budget reserved for this version.
             config = dataclasses.replace(config, kv_cache_bytes=kv_cache_bytes, num_blocks=None)
-        return Engine(ckpt.model, ckpt.tokenizer, config)
+        return Engine(ckpt.model, config)
 
 
 def default_engine_factory(config: EngineConfig | None = None) -> EngineBuilder:
@@ -167,9 +171,11 @@ class ModelManager:
             existing = LoadedModel(
                 name=resolved.name, version=resolved.version, path=resolved.path, tokenizer=ckpt.tokenizer,
                 engine=engine, meta=ckpt.meta, max_context=ckpt.config.max_seq_len,
+                vocab_size=ckpt.config.vocab_size,
                 num_parameters=ckpt.config.num_parameters(),
                 loaded_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                stop_ids=chat_stop_ids(ckpt.tokenizer), kv_reserved=reserved, budget=self.kv_budget)
+                stop_ids=chat_stop_ids(ckpt.tokenizer),
+                texts=TokenTexts(ckpt.tokenizer.decode_bytes), kv_reserved=reserved, budget=self.kv_budget)
             with self._lock:
                 self._loaded[(resolved.name, resolved.version)] = existing
             log.info("loaded %s from %s", existing.ref, resolved.path)

@@ -3,57 +3,49 @@ INVALID_ARGUMENT with a message naming the field, the limit and the value."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
-from gpt.chat import ROLES, Message, chat_prompt_ids
+from gpt.chat import ROLES, Message
 from gpt.tokenizer import SolTokenizer
 from proto.sol.v1 import sol_pb2 as pb
-from server.engine.api import MAX_CHOICES, SamplingParams
+from server.engine.api import SamplingParams
 from server.errors import invalid
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-MAX_STOP_TOKEN_IDS = 16
 
 
-def _opt(msg, name: str, default):
-    return getattr(msg, name) if msg.HasField(name) else default
+def _field_value(msg, desc):
+    """A field of the request's SamplingParams as the engine's dataclass holds it, or
+    None when the request left it unset (the dataclass default applies)."""
+    if desc.message_type is not None and desc.message_type.GetOptions().map_entry:
+        return dict(getattr(msg, desc.name)) or None
+    if desc.is_repeated:
+        return list(getattr(msg, desc.name)) or None
+    return getattr(msg, desc.name) if msg.HasField(desc.name) else None
 
 
-def sampling_params(p: pb.SamplingParams, vocab_size: int) -> tuple[SamplingParams, bool]:
-    """The engine's parameters from the request; returns (params, max_tokens_given).
-    max_tokens is resolved against the context later, once the prompt is counted."""
-    params = SamplingParams(
-        max_tokens=_opt(p, "max_tokens", 1),
-        min_tokens=_opt(p, "min_tokens", 0),
-        temperature=_opt(p, "temperature", 1.0),
-        top_p=_opt(p, "top_p", 1.0),
-        top_k=_opt(p, "top_k", 0),
-        min_p=_opt(p, "min_p", 0.0),
-        seed=_opt(p, "seed", None),
-        stop=list(p.stop),
-        stop_token_ids=list(p.stop_token_ids),
-        ignore_eos=_opt(p, "ignore_eos", False),
-        presence_penalty=_opt(p, "presence_penalty", 0.0),
-        frequency_penalty=_opt(p, "frequency_penalty", 0.0),
-        repetition_penalty=_opt(p, "repetition_penalty", 1.0),
-        logprobs=_opt(p, "logprobs", 0),
-        n=_opt(p, "n", 1),
-    )
-    problems = []
+def sampling_params(p: pb.SamplingParams) -> tuple[SamplingParams, bool]:
+    """The engine's parameters from the request, field by field of the same name (the
+    proto and the dataclass are the one definition; tests/service/test_proto.py checks
+    they list the same fields). Returns (params, max_tokens_given): max_tokens is
+    resolved against the context once the prompt is counted, then `check` validates."""
+    fields = p.DESCRIPTOR.fields_by_name
+    values = {}
+    for f in dataclasses.fields(SamplingParams):
+        value = _field_value(p, fields[f.name])
+        if value is not None:
+            values[f.name] = value
+    return SamplingParams(**values), p.HasField("max_tokens")
+
+
+def check(params: SamplingParams, vocab_size: int) -> SamplingParams:
+    """Every limit of every parameter, once: INVALID_ARGUMENT naming each bad field."""
     try:
-        params.validate()
+        params.validate(vocab_size)
     except ValueError as err:
-        problems.append(str(err))
-    if params.min_tokens and not p.HasField("max_tokens"):
-        problems = [x for x in problems if not x.startswith("min_tokens")]
-    if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-        problems.append(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids (got {len(params.stop_token_ids)})")
-    bad_ids = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
-    if bad_ids:
-        problems.append(f"stop_token_ids must be in [0, {vocab_size}) (got {bad_ids[:3]})")
-    if problems:
-        raise invalid("; ".join(problems))
-    return params, p.HasField("max_tokens")
+        raise invalid(str(err)) from None
+    return params
 
 
 def messages(msgs, max_messages: int, max_chars: int) -> list[Message]:
@@ -70,10 +62,6 @@ def messages(msgs, max_messages: int, max_chars: int) -> list[Message]:
     if total > max_chars:
         raise invalid(f"messages are {total} characters long (at most {max_chars}); shorten the conversation")
     return out
-
-
-def chat_prompt(tokenizer: SolTokenizer, msgs: list[Message]) -> list[int]:
-    return chat_prompt_ids(tokenizer, msgs)
 
 
 def raw_prompt(tokenizer: SolTokenizer, prompt: str, max_chars: int) -> list[int]:
@@ -97,9 +85,6 @@ def fit_context(params: SamplingParams, max_tokens_given: bool, prompt_len: int,
                           f"context of {max_context} tokens; lower max_tokens to at most {room}")
     else:
         params.max_tokens = min(default_max_tokens, room)
-        if params.min_tokens > params.max_tokens:
-            raise invalid(f"min_tokens ({params.min_tokens}) is more than the {params.max_tokens} tokens left in "
-                          "the context; lower min_tokens")
     return params
 
 
@@ -110,4 +95,3 @@ def request_id(value: str) -> str:
     return value
 
 
-__all__ = ["MAX_CHOICES", "chat_prompt", "fit_context", "messages", "raw_prompt", "request_id", "sampling_params"]

@@ -13,8 +13,11 @@ FinishReason = Literal["stop", "length", "abort"]
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_STRING_CHARS = 64
+MAX_STOP_TOKEN_IDS = 16
 MAX_LOGPROBS = 20
 MAX_CHOICES = 8
+MAX_LOGIT_BIAS = 300                  # entries, as OpenAI allows
+LOGIT_BIAS_RANGE = 100.0              # each bias in [-100, 100]
 
 
 class RequestRejected(ValueError):
@@ -28,6 +31,10 @@ class EngineOverloaded(RuntimeError):
 
 @dataclass
 class SamplingParams:
+    """Everything a request may ask of the sampler. The API's SamplingParams message has a
+    field of the same name for each of these (the service maps them by name), so a new
+    parameter is added here, in the proto, in the sampler and in their tests."""
+
     max_tokens: int = 256
     min_tokens: int = 0
     temperature: float = 1.0          # 0 = greedy
@@ -43,9 +50,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # (0, 2]
     logprobs: int = 0                 # top-N alternatives per token; 0 = none
     n: int = 1                        # choices sharing the prompt's KV blocks
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
 
-    def validate(self) -> None:
-        """Raise ValueError with a message a user can act on."""
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming every field out of its range, with the range. Token
+        ids are checked against `vocab_size` when given. The only place that knows the
+        limits: the service calls it once per request."""
         problems = []
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             problems.append(f"max_tokens must be >= 1 (got {self.max_tokens})")
@@ -73,6 +83,19 @@ class SamplingParams:
             problems.append(f"at most {MAX_STOP_STRINGS} stop strings (got {len(self.stop)})")
         if any(not s or len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
             problems.append(f"stop strings must be 1-{MAX_STOP_STRING_CHARS} characters")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            problems.append(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids (got {len(self.stop_token_ids)})")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            problems.append(f"at most {MAX_LOGIT_BIAS} logit_bias entries (got {len(self.logit_bias)})")
+        bad_bias = [v for v in self.logit_bias.values() if not -LOGIT_BIAS_RANGE <= v <= LOGIT_BIAS_RANGE]
+        if bad_bias:
+            problems.append(f"logit_bias values must be in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}] "
+                            f"(got {bad_bias[:3]})")
+        if vocab_size is not None:
+            for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias token ids", self.logit_bias)):
+                bad_ids = [t for t in ids if not 0 <= t < vocab_size]
+                if bad_ids:
+                    problems.append(f"{name} must be in [0, {vocab_size}) (got {bad_ids[:3]})")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -89,16 +112,16 @@ class EngineRequest:
 @dataclass
 class TopLogprob:
     token_id: int
-    text: str
     logprob: float
+    text: str = ""                   # filled in by the output processor
 
 
 @dataclass
 class TokenLogprob:
     token_id: int
-    text: str
     logprob: float
     top: list[TopLogprob] = field(default_factory=list)
+    text: str = ""                   # filled in by the output processor
 
 
 @dataclass
@@ -124,8 +147,19 @@ class RequestTimings:
 
 @dataclass
 class Delta:
-    """New output of one choice: token ids and the text they complete (stop strings and
-    incomplete UTF-8 held back until resolved)."""
+    """New tokens of one choice, as the engine core produced them (ids and log-probs,
+    no text: turning them into text is the output processor's job)."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class TextDelta:
+    """New output of one choice after the output processor: the text its tokens complete
+    (stop strings and incomplete UTF-8 held back until resolved), log-probs with text."""
 
     request_id: str
     index: int
@@ -151,6 +185,15 @@ class RequestFinished:
 
 
 Event = Delta | ChoiceFinished | RequestFinished
+OutputEvent = TextDelta | ChoiceFinished | RequestFinished
+
+
+def stop_token_ids(request: EngineRequest) -> frozenset[int]:
+    """The token ids that end a choice of `request` (and whose text is not output)."""
+    ids = set(request.params.stop_token_ids)
+    if not request.params.ignore_eos:
+        ids.update(request.eos_token_ids)
+    return frozenset(ids)
 
 
 @dataclass

@@ -111,12 +111,13 @@ def _dtype(model: GPT) -> torch.dtype:
 
 
 def _engine(model: GPT, tokenizer: SolTokenizer, **config: Any):
-    from server.engine.engine import Engine, EngineConfig
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
 
     config.setdefault("device", "cpu")
     config.setdefault("dtype", _dtype(model))
     config.setdefault("num_blocks", 1024)
-    return Engine(model, tokenizer, EngineConfig(**config))
+    return Engine(model, EngineConfig(**config))
 
 
 def run_engine(engine, work: list[Work], clients: int | None = None) -> dict[str, float]:
@@ -126,8 +127,7 @@ def run_engine(engine, work: list[Work], clients: int | None = None) -> dict[str
     import queue
     import threading
 
-    from server.engine.api import EngineRequest, SamplingParams
-    from server.engine.offline import collect
+    from server.engine.api import EngineRequest, RequestFinished, SamplingParams
 
     todo: queue.SimpleQueue[Work] = queue.SimpleQueue()
     for w in work:
@@ -142,7 +142,7 @@ def run_engine(engine, work: list[Work], clients: int | None = None) -> dict[str
                 return
             params = SamplingParams(temperature=0.0, max_tokens=w.max_tokens, ignore_eos=True)
             s = engine.submit(EngineRequest(request_id=uuid.uuid4().hex, prompt_ids=w.prompt_ids, params=params))
-            produced.append(collect(s, w.prompt_ids, 1).usage.completion_tokens)
+            produced.extend(e.usage.completion_tokens for e in s if isinstance(e, RequestFinished))
 
     start, cpu_start = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=client) for _ in range(clients or len(work))]

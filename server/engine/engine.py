@@ -1,9 +1,13 @@
-"""The Engine: one thread, one step loop, requests in and token events out.
+"""The Engine core: one step loop, requests in and token events out.
 
-Callers (the gRPC servicer, evaluation, training rollouts) `submit` a request from any
-thread or asyncio loop and read its RequestStream. Submissions and aborts go through an
-inbox that the step loop drains between steps, so every piece of scheduling state is
-touched by the engine thread only and needs no lock.
+Callers (the service, evaluation, training rollouts) `submit` a request from any thread
+or asyncio loop and read its RequestStream. Submissions and aborts go through an inbox
+that the step loop drains between steps, so every piece of scheduling state is touched
+by the stepping thread only and needs no lock. The loop runs on the engine's own thread
+(serving) or on the caller's thread through `run_until_idle` (training, evaluation).
+
+The core works in token ids: text (detokenisation, stop strings, log-prob text) is the
+output processor's job, on the reader's side (`server.engine.output`).
 """
 
 from __future__ import annotations
@@ -14,12 +18,10 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 
 from gpt.model import GPT
-from gpt.tokenizer import SolTokenizer
 from server.engine.api import (
     ChoiceFinished,
     Delta,
@@ -27,89 +29,51 @@ from server.engine.api import (
     EngineRequest,
     EngineStats,
     Event,
-    FinishReason,
     RequestFinished,
     RequestRejected,
     RequestTimings,
     TokenLogprob,
     TopLogprob,
     Usage,
+    stop_token_ids,
 )
 from server.engine.block_manager import BlockManager
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.kv_cache import PagedKVCache, kv_bytes_per_block
+from server.engine.config import EngineConfig, kv_pool_blocks, resolve_device_dtype
+from server.engine.kv_cache import PagedKVCache
 from server.engine.runner import ModelRunner
-from server.engine.sampler import SamplingTensors, derive_seed, sample
-from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.sequence import RequestState, SeqStatus, Sequence
+from server.engine.sampler import SampleOutput, SamplingTensors, derive_seed, sample
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import RequestState, Sequence
 from server.engine.stream import RequestStream
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KV_BUDGET_BYTES = 256 << 20
-
-
-@dataclass
-class EngineConfig:
-    block_size: int = 16
-    num_blocks: int | None = None          # KV pool size in blocks; or
-    kv_cache_bytes: int | None = None      # a memory budget (default: 256 MiB, capped at what
-                                           # max_num_seqs full-context sequences need)
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_waiting: int = 4096                # beyond this, submit raises EngineOverloaded
-    enable_prefix_caching: bool = True
-    device: str | None = None              # default: gpt.device.default_device()
-    dtype: torch.dtype | None = None       # default: bf16 on CUDA, fp32 on CPU
-
-
-def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    """The engine's device and dtype: as configured, else CUDA + bf16 when present."""
-    from gpt.device import default_device, default_dtype
-
-    device = torch.device(config.device) if config.device else default_device()
-    return device, config.dtype or default_dtype(device)
-
-
-def kv_pool_blocks(mc, config: EngineConfig, dtype: torch.dtype) -> int:
-    """Blocks in the KV pool: `num_blocks`, else `kv_cache_bytes` worth, else the default
-    budget capped at what `max_num_seqs` full-context sequences can use."""
-    if config.num_blocks is not None:
-        return config.num_blocks
-    per_block = kv_bytes_per_block(mc, config.block_size, dtype)
-    if config.kv_cache_bytes is not None:
-        return max(1, config.kv_cache_bytes // per_block)
-    full = config.max_num_seqs * -(-mc.max_seq_len // config.block_size)
-    return max(1, min(DEFAULT_KV_BUDGET_BYTES // per_block, full))
-
 
 class Engine:
-    def __init__(self, model: GPT, tokenizer: SolTokenizer, config: EngineConfig | None = None,
-                 start: bool = True) -> None:
+    def __init__(self, model: GPT, config: EngineConfig | None = None, start: bool = True) -> None:
         self.config = config = config or EngineConfig()
-        self.tokenizer = tokenizer
         self.device, self.dtype = resolve_device_dtype(config)
         param = next(model.parameters())
         if param.device != self.device or param.dtype != self.dtype:
             # Convert a copy: the caller's model (a training policy, say) stays as it was.
             model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
+        # On the same device and dtype the engine runs the caller's module itself: a
+        # training policy updated in place is what the next rollout samples from.
         self.model = model.eval()
         mc = model.config
         self.max_seq_len = mc.max_seq_len
+        self.vocab_size = mc.vocab_size
         num_blocks = kv_pool_blocks(mc, config, self.dtype)
         self.cache = PagedKVCache(mc, num_blocks, config.block_size, self.device, self.dtype)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
-                                   self.blocks)
+        self.scheduler = Scheduler(config, self.blocks, self.max_seq_len)
         self.runner = ModelRunner(self.model, self.cache)
-        self._token_bytes_cache: dict[int, bytes] = {}
         self._requests: dict[str, RequestState] = {}
         self._streams: dict[str, RequestStream] = {}
         self._inbox: deque[tuple[str, object]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._num_waiting_hint = 0
-        self.steps = 0
         self.thread: threading.Thread | None = None
         if start:
             self.start()
@@ -121,9 +85,10 @@ class Engine:
             self.thread.start()
 
     def submit(self, request: EngineRequest) -> RequestStream:
-        """Queue a request; its events arrive on the returned stream. Raises ValueError
-        for bad parameters, RequestRejected when it can never fit, EngineOverloaded when
-        the queue is full."""
+        """Queue a request; its events arrive on the returned stream. Parameters are the
+        service's to validate; the engine refuses only what it alone can judge: ValueError
+        for a prompt its model cannot read, RequestRejected when the request can never fit,
+        EngineOverloaded when the queue is full."""
         self._check(request)
         stream = RequestStream(request.request_id, self.abort)
         with self._cond:
@@ -139,11 +104,31 @@ class Engine:
             self._cond.notify()
         return stream
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request; its blocks are freed before the next step runs."""
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stop a request, or one choice of it; blocks are freed before the next step."""
         with self._cond:
-            self._inbox.append(("abort", request_id))
+            self._inbox.append(("abort", (request_id, index)))
             self._cond.notify()
+
+    def run_until_idle(self) -> None:
+        """Synchronous mode (an engine made with start=False, e.g. for training rollouts
+        and evaluation): run steps on the calling thread until every submitted request
+        has finished. Streams are then complete and can be read without blocking."""
+        if self.thread is not None:
+            raise RuntimeError("run_until_idle is for an engine without its own thread (start=False)")
+        while True:
+            with self._cond:
+                inbox = list(self._inbox)
+                self._inbox.clear()
+            self._apply(inbox)
+            if not self.scheduler.has_work():
+                return
+            self.step()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block: call it, while idle, after the model's weights
+        changed in place (a training step), since cached keys/values came from the old ones."""
+        self.blocks.reset_prefix_cache()
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -170,62 +155,33 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_block(self.model.config, 1, self.dtype)
-
     def _check(self, request: EngineRequest) -> None:
-        params = request.params
-        params.validate()
         if not request.request_id:
             raise ValueError("request_id must not be empty")
         prompt = request.prompt_ids
         if not prompt:
             raise ValueError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        bad_ids = [t for t in [*params.stop_token_ids, *request.eos_token_ids] if not 0 <= t < vocab]
-        if bad_ids:
-            raise ValueError(f"stop/eos token ids must be in [0, {vocab}) (got {bad_ids[:4]})")
-        total = len(prompt) + params.max_tokens
+        # An id outside the embedding would fail the whole step, and every request in it.
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        total = len(prompt) + request.params.max_tokens
         if total > self.max_seq_len:
             raise RequestRejected(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
-                f"model's context of {self.max_seq_len} tokens; shorten the prompt or lower max_tokens")
+                f"prompt ({len(prompt)} tokens) + max_tokens ({request.params.max_tokens}) = {total} exceeds "
+                f"the model's context of {self.max_seq_len} tokens; shorten the prompt or lower max_tokens")
         if self.blocks.blocks_for(total) > self.blocks.num_blocks:
             cap = self.blocks.num_blocks * self.blocks.block_size
             raise RequestRejected(
                 f"prompt + max_tokens = {total} tokens exceeds the whole KV cache ({cap} tokens); "
                 "shorten the prompt or lower max_tokens")
 
-    # --- the step loop (engine thread) ----------------------------------------------------
-    def run_until_idle(self) -> None:
-        """Synchronous mode (an engine made with start=False, e.g. for training rollouts
-        and evaluation): run steps on the calling thread until every submitted request
-        has finished. Streams are then complete and can be read without blocking."""
-        if self.thread is not None:
-            raise RuntimeError("run_until_idle is for an engine without its own thread (start=False)")
-        while True:
-            with self._cond:
-                inbox = list(self._inbox)
-                self._inbox.clear()
-            self._apply(inbox)
-            if not self.scheduler.has_work():
-                return
-            self.step()
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix block: call it after the model's weights changed in
-        place (a training step), since cached keys/values were computed by the old ones."""
-        self.blocks.reset_prefix_cache()
-
+    # --- the step loop (stepping thread) --------------------------------------------------
     def _apply(self, inbox: list[tuple[str, object]]) -> None:
         for kind, payload in inbox:
             if kind == "submit":
                 self._admit(*payload)  # type: ignore[misc]
             else:
-                self._abort_now(payload)  # type: ignore[arg-type]
+                self._abort_now(*payload)  # type: ignore[misc]
 
     def _loop(self) -> None:
         while True:
@@ -255,40 +211,38 @@ class Engine:
                     len(s.held_choices) for s in self._requests.values())
 
     def _admit(self, request: EngineRequest, arrival: float) -> None:
-        params = request.params
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids.update(request.eos_token_ids)
         state = RequestState(request=request, timings=RequestTimings(arrival=arrival),
-                             stop_ids=frozenset(stop_ids))
-        base_seed = params.seed if params.seed is not None else secrets.randbits(62)
-        for index in range(params.n):
-            seq = Sequence(
+                             stop_ids=stop_token_ids(request))
+        base_seed = request.params.seed if request.params.seed is not None else secrets.randbits(62)
+        for index in range(request.params.n):
+            state.sequences.append(Sequence(
                 request=state, index=index, token_ids=list(request.prompt_ids),
-                num_prompt_tokens=len(request.prompt_ids), seed=derive_seed(base_seed, index),
-                detok=IncrementalDetokenizer(self._token_bytes, params.stop))
-            state.sequences.append(seq)
+                num_prompt_tokens=len(request.prompt_ids), seed=derive_seed(base_seed, index)))
         self._requests[request.request_id] = state
         self.scheduler.add(state.sequences[0])
         # The other choices wait until the first has computed the prompt, then find its
         # full blocks in the prefix cache instead of computing them again.
         state.held_choices = state.sequences[1:]
 
-    def _abort_now(self, request_id: str) -> None:
+    def _abort_now(self, request_id: str, index: int | None = None) -> None:
         state = self._requests.get(request_id)
         if state is None:
             return
         events: list[Event] = []
-        state.held_choices = []
         for seq in state.sequences:
-            if not seq.is_finished:
+            if (index is None or seq.index == index) and not seq.is_finished:
+                if seq in state.held_choices:
+                    state.held_choices.remove(seq)
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
                 events.append(ChoiceFinished(request_id, seq.index, "abort"))
-        self._finish_request(state, events)
+        if state.all_finished:
+            self._finish_request(state, events)
+        elif events:
+            self._streams[request_id].push(events)
 
     def step(self) -> None:
-        """One iteration: schedule, run the model, sample, emit events."""
+        """One iteration: schedule, run the model, sample, emit token events."""
         batch = self.scheduler.schedule()
         if not batch:
             return
@@ -304,77 +258,65 @@ class Engine:
             seq.num_computed += n
             if self.config.enable_prefix_caching:
                 self.blocks.register_full_blocks(seq)
-        self.steps += 1
         if not sampling_idx:
             return
         seqs = [batch[i][0] for i in sampling_idx]
-        out = self._sample(logits, seqs)
-        self._emit(seqs, out)
+        self._emit(seqs, self._sample(logits, seqs))
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
         params = [s.params for s in seqs]
         tensors = SamplingTensors.from_params(params, logits.device)
         needs_history = tensors.any_output_penalty or tensors.any_repetition
-        banned_rows: list[int] = []
-        banned_ids: list[int] = []
+        # One sparse additive mask: stop tokens banned (-inf) before min_tokens, and each
+        # request's logit_bias.
+        rows: list[int] = []
+        ids: list[int] = []
+        values: list[float] = []
         for row, s in enumerate(seqs):
             if s.num_output_tokens < s.params.min_tokens and s.request.stop_ids:
-                banned_rows.extend([row] * len(s.request.stop_ids))
-                banned_ids.extend(s.request.stop_ids)
-        banned = (torch.tensor(banned_rows, dtype=torch.int64), torch.tensor(banned_ids, dtype=torch.int64)) \
-            if banned_rows else None
+                rows.extend([row] * len(s.request.stop_ids))
+                ids.extend(s.request.stop_ids)
+                values.extend([float("-inf")] * len(s.request.stop_ids))
+            if s.params.logit_bias:
+                rows.extend([row] * len(s.params.logit_bias))
+                ids.extend(s.params.logit_bias)
+                values.extend(s.params.logit_bias.values())
+        bias = (torch.tensor(rows, dtype=torch.int64), torch.tensor(ids, dtype=torch.int64),
+                torch.tensor(values, dtype=torch.float32)) if rows else None
         return sample(
             logits, tensors,
             seeds=[s.seed for s in seqs],
             steps=[s.num_output_tokens for s in seqs],
             output_ids=[s.output_ids for s in seqs] if needs_history else None,
             prompt_ids=[s.token_ids[:s.num_prompt_tokens] for s in seqs] if tensors.any_repetition else None,
-            banned=banned,
+            bias=bias,
             num_logprobs=max(p.logprobs for p in params),
         )
 
-    def _emit(self, seqs: list[Sequence], out) -> None:
+    def _emit(self, seqs: list[Sequence], out: SampleOutput) -> None:
         token_ids = out.token_ids.tolist()
-        chosen_lp = out.logprobs.tolist() if any(s.params.logprobs for s in seqs) else None
+        reasons = self.scheduler.postprocess(seqs, token_ids)
+        want_logprobs = any(s.params.logprobs for s in seqs)
+        chosen_lp = out.logprobs.tolist() if want_logprobs else None
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         now = time.monotonic()
         per_request: dict[str, list[Event]] = {}
-        for row, (seq, token) in enumerate(zip(seqs, token_ids, strict=True)):
+        for row, (seq, token, reason) in enumerate(zip(seqs, token_ids, reasons, strict=True)):
             state = seq.request
-            params = seq.params
-            first = seq.num_output_tokens == 0
-            seq.token_ids.append(token)
-            produced = seq.num_output_tokens
-            is_stop_token = token in state.stop_ids
-            reason: FinishReason | None = None
-            text = seq.detok.add(token, hide=is_stop_token, check_stop=produced >= params.min_tokens)
-            if is_stop_token or seq.detok.stopped:
-                reason = "stop"
-            elif produced >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
-                reason = "length"
-            if reason is not None:
-                text += seq.detok.flush()
             logprobs = []
-            if params.logprobs and chosen_lp is not None:
-                n_top = params.logprobs
+            if seq.params.logprobs and chosen_lp is not None:
+                n_top = seq.params.logprobs
                 logprobs.append(TokenLogprob(
-                    token_id=token, text=self._token_text(token), logprob=chosen_lp[row],
-                    top=[TopLogprob(t, self._token_text(t), lp)
-                         for t, lp in zip(top_ids[row][:n_top], top_lp[row][:n_top], strict=True)
+                    token_id=token, logprob=chosen_lp[row],
+                    top=[TopLogprob(t, lp) for t, lp in zip(top_ids[row][:n_top], top_lp[row][:n_top], strict=True)
                          if lp != float("-inf")]))
             events = per_request.setdefault(state.request_id, [])
-            events.append(Delta(state.request_id, seq.index, [token], text, logprobs))
+            events.append(Delta(state.request_id, seq.index, [token], logprobs))
             if state.timings.first_token is None:
                 state.timings.first_token = now
             if reason is not None:
-                seq.finish_reason = reason
-                self.scheduler.finish(seq)
                 events.append(ChoiceFinished(state.request_id, seq.index, reason))
-            if first and seq.index == 0 and state.held_choices:
-                for held in reversed(state.held_choices):
-                    self.scheduler.add(held, front=True)
-                state.held_choices = []
         for request_id, events in per_request.items():
             state = self._requests[request_id]
             if state.all_finished:
@@ -395,14 +337,5 @@ class Engine:
             stream = self._streams.pop(state.request_id)
         stream.push(events)
 
-    def _token_bytes(self, token_id: int) -> bytes:
-        b = self._token_bytes_cache.get(token_id)
-        if b is None:
-            b = self._token_bytes_cache[token_id] = self.tokenizer.decode_bytes([token_id])
-        return b
 
-    def _token_text(self, token_id: int) -> str:
-        return self._token_bytes(token_id).decode("utf-8", errors="replace")
-
-
-__all__ = ["Engine", "EngineConfig", "RequestStream", "SeqStatus"]
+__all__ = ["Engine"]

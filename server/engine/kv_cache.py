@@ -51,7 +51,6 @@ class AttentionPlan:
     slot_mapping: torch.Tensor         # (T,) cache slot of each new token
     positions: torch.Tensor            # (T,) position of each new token in its sequence
     groups: list[AttentionGroup]
-    num_tokens: int
 
 
 def plan_attention(rows: list[RowSpec], block_size: int, device: torch.device,
@@ -78,8 +77,7 @@ def plan_attention(rows: list[RowSpec], block_size: int, device: torch.device,
     for members in members_list:
         if members.numel():
             groups.append(_group(members, q_lens, starts, offsets, tables, block_size, device, dtype))
-    return AttentionPlan(slot_mapping=slots.to(device), positions=pos.to(device), groups=groups,
-                         num_tokens=num_tokens)
+    return AttentionPlan(slot_mapping=slots.to(device), positions=pos.to(device), groups=groups)
 
 
 def _group(members: torch.Tensor, q_lens: torch.Tensor, starts: torch.Tensor, offsets: torch.Tensor,
@@ -126,14 +124,6 @@ class PagedKVCache:
         self.dtype = dtype
         shape = (2, config.n_layers, num_blocks, block_size, config.n_kv_heads, config.head_dim)
         self.pool = torch.zeros(shape, dtype=dtype, device=self.device)
-
-    @property
-    def nbytes(self) -> int:
-        return self.pool.numel() * self.pool.element_size()
-
-    @classmethod
-    def blocks_for_budget(cls, config: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
-        return max(1, budget_bytes // kv_bytes_per_block(config, block_size, dtype))
 
     def hook(self, plan: AttentionPlan):
         k_pool, v_pool = self.pool[0], self.pool[1]

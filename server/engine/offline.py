@@ -9,8 +9,17 @@ from dataclasses import dataclass, field
 from gpt.chat import Message, chat_prompt_ids, chat_stop_ids
 from gpt.model import GPT
 from gpt.tokenizer import SolTokenizer
-from server.engine.api import ChoiceFinished, Delta, EngineRequest, RequestFinished, SamplingParams, Usage
-from server.engine.engine import Engine, EngineConfig
+from server.engine.api import (
+    ChoiceFinished,
+    EngineRequest,
+    RequestFinished,
+    SamplingParams,
+    TextDelta,
+    Usage,
+)
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.output import OutputProcessor, TokenTexts
 
 
 @dataclass
@@ -38,12 +47,12 @@ class GenerationOutput:
         return self.choices[0].token_ids
 
 
-def collect(stream, prompt_ids: list[int], n: int) -> GenerationOutput:
-    """Drain a RequestStream into a GenerationOutput (blocking)."""
+def collect(stream, processor: OutputProcessor, prompt_ids: list[int], n: int) -> GenerationOutput:
+    """Drain a RequestStream through its output processor into a GenerationOutput (blocking)."""
     choices = [ChoiceOutput(index=i) for i in range(n)]
     usage = Usage()
-    for event in stream:
-        if isinstance(event, Delta):
+    for event in (e for raw in stream for e in processor.process([raw])):
+        if isinstance(event, TextDelta):
             c = choices[event.index]
             c.text += event.text
             c.token_ids += event.token_ids
@@ -78,18 +87,19 @@ def generate(model: GPT, tokenizer: SolTokenizer, prompts: list[Prompt],
     if len(params_list) != len(prompts):
         raise ValueError("give one SamplingParams per prompt, or one for all")
     own = engine is None
-    engine = engine or Engine(model, tokenizer, config)
+    engine = engine or Engine(model, config)
+    texts = TokenTexts(tokenizer.decode_bytes)
     try:
-        rendered = [_prompt_ids(tokenizer, p) for p in prompts]
-        ids = [r[0] for r in rendered]
-        streams = [
-            engine.submit(EngineRequest(
-                request_id=f"gen-{uuid.uuid4().hex[:12]}", prompt_ids=p, params=sp,
+        submitted = []
+        for prompt, sp in zip(prompts, params_list, strict=True):
+            ids, is_chat = _prompt_ids(tokenizer, prompt)
+            request = EngineRequest(
+                request_id=f"gen-{uuid.uuid4().hex[:12]}", prompt_ids=ids, params=sp,
                 eos_token_ids=list(eos_token_ids if eos_token_ids is not None
-                                   else chat_stop_ids(tokenizer) if is_chat else [])))
-            for (p, is_chat), sp in zip(rendered, params_list, strict=True)
-        ]
-        return [collect(s, p, sp.n) for s, p, sp in zip(streams, ids, params_list, strict=True)]
+                                   else chat_stop_ids(tokenizer) if is_chat else []))
+            stream = engine.submit(request)
+            submitted.append((stream, OutputProcessor(request, texts, stream.abort_choice), ids, sp.n))
+        return [collect(*s) for s in submitted]
     finally:
         if own:
             engine.shutdown()

@@ -188,7 +188,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams] | SamplingTens
            steps: torch.Tensor | Sequence[int] | None = None,
            output_ids: Sequence[Sequence[int]] | None = None,
            prompt_ids: Sequence[Sequence[int]] | None = None,
-           banned: tuple[torch.Tensor, torch.Tensor] | None = None,
+           bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
            num_logprobs: int = 0) -> SampleOutput:
     """Draw one token per row of `logits` (B, V).
 
@@ -197,10 +197,12 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams] | SamplingTens
         output; the draw is a pure function of (seed, step, logits row). `seeds=None` draws
         fresh seeds from torch's global generator (reproducible under torch.manual_seed).
     output_ids / prompt_ids: per-row token histories for the penalties (None = no penalty).
-    banned: (rows, token_ids) pairs forced to -inf first (e.g. EOS before min_tokens).
+    bias: a sparse additive mask (rows, token_ids, values) added to the logits first:
+        -inf bans a token (a stop token before min_tokens), a finite value is a
+        logit_bias. Entries for the same (row, token) add up.
     num_logprobs: also return the top-N tokens and their log-probs.
 
-    Order: penalties, temperature, top-k, top-p, min-p, then the draw. Temperature 0 is
+    Order: bias, penalties, temperature, top-k, top-p, min-p, then the draw. Temperature 0 is
     greedy. `logprobs` come from the distribution actually sampled from (after
     temperature and truncation, renormalised); for greedy rows, from the penalised
     logits at temperature 1.
@@ -209,9 +211,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams] | SamplingTens
     device = logits.device
     t = params if isinstance(params, SamplingTensors) else SamplingTensors.from_params(params, device)
     x = logits.float()
-    if banned is not None and banned[0].numel():
-        x = x.index_put((banned[0].to(device), banned[1].to(device)),
-                        torch.tensor(float("-inf"), device=device))
+    if bias is not None and bias[0].numel():
+        rows, ids, values = (t.to(device) for t in bias)
+        x = x.index_put((rows, ids), values.to(x.dtype), accumulate=True)
     x = apply_penalties(x, t, output_ids, prompt_ids)
     sampled = t.temperature > 0
     if t.any_sampled:

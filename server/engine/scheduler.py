@@ -1,4 +1,5 @@
-"""The scheduler: which sequences run in the next step, and how many tokens each.
+"""The scheduler: which sequences run in the next step, how many tokens each, and which
+of them a sampled token finishes.
 
 Iteration-level batching: every step, running sequences go first (oldest first: a
 decode needs one token, an unfinished prefill gets its next chunk), then waiting ones
@@ -7,29 +8,30 @@ blocks allow. When a running sequence needs a new block and none is free, the ne
 running sequence is preempted: its blocks are released (full ones stay in the prefix
 cache) and it goes back to the front of the queue to be recomputed later. Sampling is
 a pure function of (seed, position), so a preempted sequence's output is unchanged.
+
+Finishes decided here are the ones the token ids alone settle: a stop token (eos unless
+ignored, or one of stop_token_ids) and the length limits. Stop strings need text; the
+output processor finds them and aborts the choice.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import deque
-from dataclasses import dataclass
 
+from server.engine.api import FinishReason
 from server.engine.block_manager import BlockManager
+from server.engine.config import EngineConfig
 from server.engine.sequence import SeqStatus, Sequence
 
 
-@dataclass
-class SchedulerConfig:
-    max_num_seqs: int = 64               # sequences in one step
-    max_num_batched_tokens: int = 512    # tokens in one step (the prefill chunk bound)
-
-
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, blocks: BlockManager, max_seq_len: int) -> None:
         if config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
-        self.config = config
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_seq_len = max_seq_len
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -46,7 +48,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
-        budget = self.config.max_num_batched_tokens
+        budget = self.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
         preempted = False
         i = 0
@@ -65,7 +67,7 @@ class Scheduler:
             budget -= n
             i += 1
         # While memory is short, admitting more would only cause more preemptions.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self.blocks.allocate(seq) is None:
                 break
@@ -76,6 +78,31 @@ class Scheduler:
             batch.append((seq, n))
             budget -= n
         return batch
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[FinishReason | None]:
+        """Append each sequence's sampled token and finish the sequences it ends; returns
+        each one's finish reason (None = goes on)."""
+        reasons: list[FinishReason | None] = []
+        for seq, token in zip(seqs, token_ids, strict=True):
+            first = seq.num_output_tokens == 0
+            seq.token_ids.append(token)
+            reason: FinishReason | None = None
+            if token in seq.request.stop_ids:
+                reason = "stop"
+            elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_seq_len:
+                reason = "length"
+            if reason is not None:
+                seq.finish_reason = reason
+                self.finish(seq)
+            state = seq.request
+            if first and seq.index == 0 and state.held_choices:
+                # The prompt's blocks are now computed and cached: the other choices start
+                # from them instead of computing the prompt again.
+                for held in reversed(state.held_choices):
+                    self.add(held, front=True)
+                state.held_choices = []
+            reasons.append(reason)
+        return reasons
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

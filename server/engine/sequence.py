@@ -12,7 +12,6 @@ import itertools
 from dataclasses import dataclass, field
 
 from server.engine.api import EngineRequest, FinishReason, RequestTimings, SamplingParams
-from server.engine.detokenizer import IncrementalDetokenizer
 
 _seq_ids = itertools.count()
 
@@ -30,7 +29,6 @@ class Sequence:
     token_ids: list[int]
     num_prompt_tokens: int
     seed: int
-    detok: IncrementalDetokenizer
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SeqStatus = SeqStatus.WAITING
     num_computed: int = 0                   # tokens whose keys/values are in the cache
@@ -69,7 +67,6 @@ class RequestState:
     cached_recorded: bool = False
     # Choices 1..n-1 wait until choice 0 has computed the prompt, then reuse its blocks.
     held_choices: list[Sequence] = field(default_factory=list)
-    finished_sent: bool = False
 
     @property
     def request_id(self) -> str:

@@ -13,21 +13,18 @@ from server.engine.api import Event, RequestFinished
 
 
 class RequestStream:
-    def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
+    def __init__(self, request_id: str, abort: Callable[[str, int | None], None]) -> None:
         self.request_id = request_id
         self._abort = abort
         self._events: deque[Event] = deque()
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._closed = False           # RequestFinished was delivered to the reader
-        self.finished = threading.Event()
 
     # --- engine side ----------------------------------------------------------------------
     def push(self, events: list[Event]) -> None:
         with self._cond:
             self._events.extend(events)
-            if any(isinstance(e, RequestFinished) for e in events):
-                self.finished.set()
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
         for loop, fut in waiters:
@@ -39,7 +36,11 @@ class RequestStream:
     def abort(self) -> None:
         """Stop generating; the stream still ends with ChoiceFinished(abort) events and a
         RequestFinished carrying the usage so far."""
-        self._abort(self.request_id)
+        self._abort(self.request_id, None)
+
+    def abort_choice(self, index: int) -> None:
+        """Stop one choice (its stop string was found); the others go on."""
+        self._abort(self.request_id, index)
 
     def _pop(self) -> Event | None:
         if self._closed:

@@ -10,7 +10,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from server.engine.engine import Engine, EngineConfig
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.output import TokenTexts
 from tests.conftest import make_tiny_model
 
 
@@ -58,7 +60,9 @@ def make_engine(tiny_tokenizer) -> Callable[..., Engine]:
     def factory(model, **config) -> Engine:
         config.setdefault("device", "cpu")
         config.setdefault("dtype", torch.float32)
-        engine = Engine(model, tiny_tokenizer, EngineConfig(**config))
+        engine = Engine(model, EngineConfig(**config))
+        # The tests read text through an output processor, as the service does.
+        engine.test_texts = TokenTexts(tiny_tokenizer.decode_bytes)
         engines.append(engine)
         return engine
 

@@ -65,7 +65,7 @@ def test_block_manager_prefix_reuse_and_eviction():
 
     def seq(tokens):
         return Sequence(request=_Req(), index=0, token_ids=list(tokens), num_prompt_tokens=len(tokens),
-                        seed=0, detok=None)
+                        seed=0)
 
     bm = BlockManager(num_blocks=5, block_size=4)
     a = seq(range(10))                       # blocks: [0..3] [4..7] [8, 9]
@@ -100,9 +100,9 @@ def test_prefix_hit_verifies_tokens_not_only_hashes(monkeypatch):
 
     monkeypatch.setattr(bm_mod, "block_hash", lambda parent, tokens: 7)   # every block collides
     bm = BlockManager(num_blocks=8, block_size=2)
-    a = Sequence(request=None, index=0, token_ids=[1, 2, 3], num_prompt_tokens=3, seed=0, detok=None)
+    a = Sequence(request=None, index=0, token_ids=[1, 2, 3], num_prompt_tokens=3, seed=0)
     bm.allocate(a)
     a.num_computed = 3
     bm.register_full_blocks(a)
-    b = Sequence(request=None, index=0, token_ids=[5, 6, 3], num_prompt_tokens=3, seed=0, detok=None)
+    b = Sequence(request=None, index=0, token_ids=[5, 6, 3], num_prompt_tokens=3, seed=0)
     assert bm.allocate(b) == 0

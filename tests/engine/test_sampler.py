@@ -120,9 +120,32 @@ def test_penalties_and_banned_tokens():
     # presence: 1 - 2 < 0; frequency: 1 - 1.2 < 0; repetition: 1 / 2 still the max.
     assert out.token_ids.tolist()[:2] != [2, 2]
     assert out.token_ids.tolist()[2] == 2
-    banned = (torch.tensor([2]), torch.tensor([2]))
-    out = sample(logits, [SamplingParams(temperature=0.0)] * 3, banned=banned)
+    banned = (torch.tensor([2]), torch.tensor([2]), torch.tensor([float("-inf")]))
+    out = sample(logits, [SamplingParams(temperature=0.0)] * 3, bias=banned)
     assert out.token_ids.tolist()[2] != 2 and out.token_ids.tolist()[:2] == [2, 2]
+
+
+def test_logit_bias_shifts_the_distribution_it_samples_from():
+    torch.manual_seed(3)
+    logits = torch.randn(3, 10)
+    # Row 0: +5 on token 7 and -100 on token 1; row 2: a ban and a bias on the same token add up.
+    rows, ids, values = torch.tensor([0, 0, 2, 2]), torch.tensor([7, 1, 4, 4]), \
+        torch.tensor([5.0, -100.0, 3.0, float("-inf")])
+    out = sample(logits, [SamplingParams(temperature=1.0)] * 3, seeds=[1, 2, 3], steps=[0] * 3,
+                 bias=(rows, ids, values), num_logprobs=10)
+    expected = logits.clone()
+    expected[0, 7] += 5.0
+    expected[0, 1] -= 100.0
+    expected[2, 4] = float("-inf")
+    ref = torch.log_softmax(expected, -1)
+    got = torch.full_like(ref, float("-inf")).scatter(1, out.top_ids, out.top_logprobs)
+    assert torch.allclose(got[torch.isfinite(ref)], ref[torch.isfinite(ref)], atol=1e-5)
+    assert out.token_ids[2].item() != 4
+    # A large bias wins a greedy row; an unbiased row in the same batch is untouched.
+    greedy = sample(logits, [SamplingParams(temperature=0.0)] * 2 + [SamplingParams(temperature=0.0)],
+                    bias=(torch.tensor([1]), torch.tensor([3]), torch.tensor([100.0])))
+    assert greedy.token_ids[1].item() == 3
+    assert greedy.token_ids[0].item() == int(logits[0].argmax())
 
 
 def test_top_logprobs_are_sorted_and_normalised():

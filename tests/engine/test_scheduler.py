@@ -6,12 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.engine.block_manager import BlockManager
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.config import EngineConfig
+from server.engine.scheduler import Scheduler
 from server.engine.sequence import SeqStatus, Sequence
 
 
 def seq(tokens: list[int]) -> Sequence:
-    return Sequence(request=None, index=0, token_ids=list(tokens), num_prompt_tokens=len(tokens), seed=0, detok=None)
+    return Sequence(request=None, index=0, token_ids=list(tokens), num_prompt_tokens=len(tokens), seed=0)
 
 
 def advance(batch) -> None:
@@ -25,7 +26,7 @@ def advance(batch) -> None:
 
 def test_long_prompt_is_chunked_and_does_not_stall_decodes():
     blocks = BlockManager(num_blocks=64, block_size=4)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10), blocks)
+    sched = Scheduler(EngineConfig(max_num_seqs=8, max_num_batched_tokens=10), blocks, max_seq_len=4096)
     short = seq([1, 2, 3])
     sched.add(short)
     advance(sched.schedule())                       # prefill of the short prompt
@@ -44,7 +45,7 @@ def test_long_prompt_is_chunked_and_does_not_stall_decodes():
 
 def test_newest_sequence_is_preempted_and_resumes_with_its_tokens():
     blocks = BlockManager(num_blocks=4, block_size=4)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), blocks)
+    sched = Scheduler(EngineConfig(max_num_seqs=8, max_num_batched_tokens=64), blocks, max_seq_len=4096)
     old, new = seq([1, 2, 3, 4, 5, 6, 7]), seq([9, 9, 9, 9, 9, 9])
     sched.add(old)
     sched.add(new)

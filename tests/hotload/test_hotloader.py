@@ -6,7 +6,7 @@ import weakref
 
 import pytest
 
-from server.engine.engine import EngineConfig
+from server.engine.config import EngineConfig
 from server.hotload import HotLoadConfig, HotLoader
 from server.models import ModelManager, default_engine_factory
 from tests.hotload.helpers import expected_text, publish_broken, publish_seeded

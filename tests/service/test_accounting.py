@@ -136,7 +136,7 @@ def test_ledger_totals_equal_what_clients_received(ledger, tiny_checkpoint, tmp_
             assert not unexpected, unexpected
             # Everything the server accepted is finished and billed (background billing of
             # dropped clients included) before the client asks what dropped requests cost.
-            inference = server.app.inference
+            inference = server.app.service
             wait_for(lambda: not inference.inflight.jobs and not inference.background, message="requests to settle")
             # Every checkout of the model was given back (hot-load retires versions on this count).
             assert [m.in_flight for m in server.app.models.models()] == [0]

@@ -52,7 +52,7 @@ def test_disconnect_aborts_and_bills_once(server, key):
                     stream.close()
         assert err.value.code == grpc.StatusCode.CANCELLED
         wait_for(lambda: engine_idle(server), message="the engine to drop the request and free its blocks")
-        wait_for(lambda: not server.app.inference.background, message="background billing")
+        wait_for(lambda: not server.app.service.background, message="background billing")
         billed = c.request_usage("dropped")
         assert seen <= billed.completion_tokens < 1800
         assert c.request_usage("dropped") == billed
@@ -66,7 +66,7 @@ def test_deadline_aborts(server, key):
             c.chat(MSG, model="tiny", max_tokens=1800, ignore_eos=True, request_id="late", timeout=0.3)
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_for(lambda: engine_idle(server), message="the engine to drop the request")
-        wait_for(lambda: not server.app.inference.background, message="background billing")
+        wait_for(lambda: not server.app.service.background, message="background billing")
         billed = c.request_usage("late")
         assert 0 < billed.completion_tokens < 1800
 

@@ -204,11 +204,11 @@ def test_unavailable_while_draining(tiny_checkpoint, tmp_path):
     try:
         with Client(s.target, admin_key=ADMIN_KEY) as admin:
             key, _ = admin.create_key("drain")
-        s.app.inference.draining = True
+        s.app.service.draining = True
         with Client(s.target, api_key=key, retries=0) as c:
             refused(lambda: c.chat(MSG, model="tiny"), grpc.StatusCode.UNAVAILABLE, "shutting down", "retry")
     finally:
-        s.app.inference.draining = False
+        s.app.service.draining = False
         s.stop()
 
 

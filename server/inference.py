@@ -1,0 +1,344 @@
+"""The one request path behind every protocol adapter (the gRPC servicer; an HTTP route
+speaks through the same calls):
+
+    model -> validation -> chat template + tokenizer -> idempotency -> quota -> engine
+          -> output processor -> choices (+ usage) -> ledger and metrics
+
+Every request the engine accepted is billed exactly once with the usage the output kept,
+whether it finished, was cancelled (CancelRequest: the stream then ends normally with
+usage), or lost its client (disconnect, deadline: the engine request is aborted and
+billed in the background). Errors are ServiceErrors: a status and a message that says
+what to change; adapters translate them to their protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from gpt.chat import Message, chat_prompt_ids
+from gpt.registry import ModelNotFound, RegistryError
+from server import validation
+from server.accounting import Accountant
+from server.config import ServerConfig
+from server.engine.api import (
+    ChoiceFinished,
+    EngineOverloaded,
+    EngineRequest,
+    OutputEvent,
+    RequestFinished,
+    RequestRejected,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+    Usage,
+)
+from server.engine.output import OutputProcessor
+from server.engine.stream import RequestStream
+from server.errors import ServiceError, exhausted, invalid, not_found, unavailable
+from server.ledger import KeyInfo, StoreUnavailable, UsageRecord, utc_day
+from server.metrics import ServiceMetrics
+from server.models import LoadedModel, ModelManager
+from server.pricing import PriceBook
+from server.quota import QuotaGate
+
+log = logging.getLogger("sol.inference")
+
+
+@dataclass
+class ChoiceUpdate:
+    """What one batch of output added to one choice."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class BilledUsage:
+    usage: Usage
+    cost: float
+
+
+@dataclass
+class Job:
+    """One admitted request on its way through the engine."""
+
+    key: KeyInfo
+    model: LoadedModel
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    chat: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+    stream: RequestStream | None = None
+    processor: OutputProcessor | None = None
+    billed: bool = False
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)
+    finish: dict[int, str] = field(default_factory=dict)
+    token_times: list[float] = field(default_factory=list)
+
+    def text(self, index: int) -> str:
+        return "".join(self.texts.get(index, []))
+
+
+class Inflight:
+    """Requests running on this server, by (key id, request id): for idempotency,
+    cancellation, and the drain on shutdown."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[tuple[str, str], Job] = {}
+        self.empty = asyncio.Event()
+        self.empty.set()
+
+    def add(self, job: Job) -> bool:
+        k = (job.key.key_id, job.request_id)
+        if k in self.jobs:
+            return False
+        self.jobs[k] = job
+        self.empty.clear()
+        return True
+
+    def remove(self, job: Job) -> None:
+        if self.jobs.get((job.key.key_id, job.request_id)) is job:
+            del self.jobs[(job.key.key_id, job.request_id)]
+        if not self.jobs:
+            self.empty.set()
+
+
+class InferenceService:
+    def __init__(self, config: ServerConfig, models: ModelManager, quota: QuotaGate, accountant: Accountant,
+                 prices: PriceBook, metrics: ServiceMetrics) -> None:
+        self.config = config
+        self.models = models
+        self.quota = quota
+        self.accountant = accountant
+        self.prices = prices
+        self.metrics = metrics
+        self.inflight = Inflight()
+        self.draining = False
+        # Billing of requests whose client went away; awaited before shutdown.
+        self.background: set[asyncio.Task] = set()
+
+    # --- lookups ------------------------------------------------------------------------------
+    def resolve(self, ref: str, checkout: bool = False) -> LoadedModel:
+        """The loaded version `ref` names; with `checkout`, counted as in use (hot-load
+        retires a version only after its last user released it)."""
+        if not ref:
+            raise invalid("model is empty: name one, e.g. NAME, NAME:ALIAS or NAME@VERSION "
+                          "(ListModels shows what is served)")
+        try:
+            return self.models.checkout(ref) if checkout else self.models.resolve(ref)
+        except ModelNotFound as err:
+            raise not_found(str(err)) from None
+        except RegistryError as err:
+            raise invalid(str(err)) from None
+
+    def prompt_ids(self, model: LoadedModel, messages: list[Message] | None, prompt: str | None) -> list[int]:
+        """The prompt's token ids: messages through the chat template, or raw text."""
+        if messages is not None:
+            msgs = validation.messages(messages, self.config.max_messages, self.config.max_prompt_chars)
+            return chat_prompt_ids(model.tokenizer, msgs)
+        if prompt is not None:
+            return validation.raw_prompt(model.tokenizer, prompt, self.config.max_prompt_chars)
+        raise invalid("send messages (rendered with the chat template) or a prompt")
+
+    def job(self, key: KeyInfo, request_id: str) -> Job | None:
+        return self.inflight.jobs.get((key.key_id, request_id))
+
+    def cancel(self, key: KeyInfo, request_id: str) -> bool:
+        """Stop one of this key's running requests; it still ends with its usage."""
+        job = self.job(key, request_id)
+        if job is None or job.stream is None:
+            return False
+        job.stream.abort()
+        return True
+
+    # --- the request path ---------------------------------------------------------------------
+    async def admit(self, key: KeyInfo, model_ref: str, params: SamplingParams, max_tokens_given: bool,
+                    messages: list[Message] | None = None, prompt: str | None = None, request_id: str = "",
+                    labels: dict | None = None) -> Job:
+        """Everything before the first token: a job running in the engine, or a
+        ServiceError. `messages` make a chat request, `prompt` a completion."""
+        if self.draining:
+            raise unavailable("this server is shutting down and takes no new requests; retry (another "
+                              "replica will answer)")
+        model = self.resolve(model_ref, checkout=True)
+        if labels is not None:
+            labels["model"] = model.name
+        admitting = claimed = False
+        job: Job | None = None
+        try:
+            ids = self.prompt_ids(model, messages, prompt)
+            params = validation.fit_context(params, max_tokens_given, len(ids), model.max_context,
+                                            self.config.default_max_tokens)
+            validation.check(params, model.vocab_size)
+            request_id = validation.request_id(request_id) if request_id else uuid.uuid4().hex
+            job = Job(key=key, model=model, request_id=request_id, prompt_ids=ids, params=params,
+                      chat=messages is not None)
+            if not self.inflight.add(job):
+                job = None
+                raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running; "
+                                                                   "wait for it or send a new request_id")
+            claim = await self.accountant.claim(key.key_id, request_id)
+            if claim == "billed":
+                raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
+                                   f"request_id {request_id!r} was already served and billed; send a new "
+                                   "request_id to generate again")
+            if claim == "running":
+                raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running "
+                                                                   "(on another replica); wait for it or send a "
+                                                                   "new request_id")
+            claimed = True
+            estimate = len(ids) + params.max_tokens * params.n
+            admitting = True
+            admission = await self.quota.admit(key, request_id, estimate)
+            if not admission.admitted:
+                admitting = False
+                raise exhausted(admission.reason, admission.retry_after_s)
+            self._submit(job)
+        except BaseException:
+            model.release()
+            if job is not None:
+                self.inflight.remove(job)
+            if admitting:
+                # Admitted (or possibly admitted: the caller left mid-call) but never run:
+                # give the budget reservation back, off this cancelled task.
+                self._spawn(self.quota.release(key, job.request_id))
+            if claimed:
+                self._spawn(self.accountant.unclaim(key.key_id, job.request_id))
+            raise
+        return job
+
+    def _submit(self, job: Job) -> None:
+        model = job.model
+        eos = model.stop_ids if job.chat else [model.tokenizer.eot_id]
+        request = EngineRequest(request_id=uuid.uuid4().hex, prompt_ids=job.prompt_ids, params=job.params,
+                                eos_token_ids=eos)
+        try:
+            job.stream = model.engine.submit(request)
+        except RequestRejected as err:
+            raise invalid(str(err)) from None
+        except EngineOverloaded as err:
+            raise exhausted(f"model {model.ref} is overloaded ({err}); retry with backoff", 1.0) from None
+        except ValueError as err:
+            raise invalid(str(err)) from None
+        job.processor = OutputProcessor(request, model.texts, job.stream.abort_choice)
+
+    async def updates(self, job: Job) -> AsyncIterator[tuple[list[ChoiceUpdate], RequestFinished | None]]:
+        """The job's output in batches: whatever the engine has ready is taken at once (a
+        slow reader catches up in one message instead of one per token), run through the
+        output processor and folded into the job. Yields (per-choice updates in index
+        order, the end of the request or None)."""
+        stream, processor = job.stream, job.processor
+        assert stream is not None and processor is not None
+        async for ev in stream:
+            batch = [ev]
+            while not isinstance(batch[-1], RequestFinished):
+                try:
+                    nxt = stream.get(0)
+                except StopIteration:
+                    break
+                if nxt is None:
+                    break
+                batch.append(nxt)
+            yield self._absorb(job, processor.process(batch))
+
+    def _absorb(self, job: Job, events: list[OutputEvent]) -> tuple[list[ChoiceUpdate], RequestFinished | None]:
+        updates: dict[int, ChoiceUpdate] = {}
+        finished = None
+        now = time.monotonic()
+        for ev in events:
+            if isinstance(ev, TextDelta):
+                u = updates.setdefault(ev.index, ChoiceUpdate(ev.index))
+                u.text += ev.text
+                u.token_ids.extend(ev.token_ids)
+                u.logprobs.extend(ev.logprobs)
+                job.texts.setdefault(ev.index, []).append(ev.text)
+                job.logprobs.setdefault(ev.index, []).extend(ev.logprobs)
+                job.tokens[ev.index] = job.tokens.get(ev.index, 0) + len(ev.token_ids)
+                if ev.index == 0 and ev.token_ids:
+                    job.token_times.append(now)
+            elif isinstance(ev, ChoiceFinished):
+                updates.setdefault(ev.index, ChoiceUpdate(ev.index)).finish_reason = ev.finish_reason
+                job.finish[ev.index] = ev.finish_reason
+            elif isinstance(ev, RequestFinished):
+                finished = ev
+        return [updates[i] for i in sorted(updates)], finished
+
+    async def run_to_end(self, job: Job) -> BilledUsage:
+        """Wait for the whole output (unary calls) and bill it."""
+        finished = None
+        async for _, f in self.updates(job):
+            finished = f or finished
+        assert finished is not None
+        return await self.bill(job, finished)
+
+    async def bill(self, job: Job, finished: RequestFinished) -> BilledUsage:
+        """Record the request's usage, once."""
+        u = finished.usage
+        cost = self.prices.get(job.model.name).cost(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+        if not job.billed:
+            job.billed = True
+            job.model.release()
+            await self.accountant.record(UsageRecord(
+                key_id=job.key.key_id, request_id=job.request_id, model=job.model.name, version=job.model.version,
+                prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens,
+                cost=cost, day=utc_day()))
+            self.quota.note_usage(job.key.key_id, u.total_tokens)
+            self.metrics.observe_finished(job.model.name, finished.timings, u, job.finish.values(), job.token_times,
+                                          cost)
+        return BilledUsage(u, cost)
+
+    async def billed_usage(self, key: KeyInfo, request_id: str):
+        """The ledger's record of one of this key's requests."""
+        try:
+            rec = await self.accountant.lookup(key.key_id, request_id)
+        except StoreUnavailable:
+            raise unavailable("the ledger store is unreachable; retry shortly") from None
+        if rec is None:
+            running = self.job(key, request_id) is not None
+            raise not_found(f"request {request_id!r} is " + (
+                "still running; ask again when it ends" if running else
+                "not billed to this key (unknown, refused before admission, or older than the ledger keeps)"))
+        return rec
+
+    def done(self, job: Job | None) -> None:
+        """The adapter is finished with `job` (answered, failed or cut off): a request
+        whose output was not billed yet is aborted and billed in the background."""
+        if job is None:
+            return
+        if job.billed or job.stream is None:
+            self.inflight.remove(job)
+            return
+        self._spawn(self._abandon(job))
+
+    async def _abandon(self, job: Job) -> None:
+        try:
+            if job.stream is None or job.billed:
+                return
+            job.stream.abort()
+            finished = None
+            async for _, f in self.updates(job):
+                finished = f or finished
+            if finished is not None:
+                await self.bill(job, finished)
+        except Exception:  # noqa: BLE001 - background task: log, never lose the loop
+            log.exception("billing an abandoned request failed")
+        finally:
+            self.inflight.remove(job)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
