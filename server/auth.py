@@ -123,6 +123,12 @@ class Authenticator:
         if not token:
             raise AuthError("unauthenticated", "malformed authorization metadata: use 'Bearer <key>'")
         digest = hash_key(self.pepper, token)
+        if hmac.compare_digest(digest, self._admin_hash):
+            # Not in the key store, so it would read as "unknown", which sends people
+            # checking a key that is fine: say what it is and what inference needs.
+            raise AuthError("permission_denied", "this is the admin key, which is for the Admin service only; "
+                                                 "inference needs an API key: create one with `sol keys create` "
+                                                 "and send it (--api-key or SOL_API_KEY)")
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is None or now - cached[1] > self.cache_s:

@@ -202,7 +202,8 @@ class InferenceService:
             claimed = True
             estimate = len(ids) + params.max_tokens * params.n
             admitting = True
-            admission = await self.quota.admit(key, request_id, estimate)
+            admission = await self.quota.admit(key, request_id, estimate, max_tokens=params.max_tokens,
+                                               n=params.n, max_tokens_given=max_tokens_given)
             if not admission.admitted:
                 admitting = False
                 raise exhausted(admission.reason, admission.retry_after_s)
@@ -295,7 +296,7 @@ class InferenceService:
                 key_id=job.key.key_id, request_id=job.request_id, model=job.model.name, version=job.model.version,
                 prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens,
                 cost=cost, day=utc_day()))
-            self.quota.note_usage(job.key.key_id, u.total_tokens)
+            self.quota.note_usage(job.key.key_id, u.total_tokens, job.request_id)
             self.metrics.observe_finished(job.model.name, finished.timings, u, job.finish.values(), job.token_times,
                                           cost)
         return BilledUsage(u, cost)

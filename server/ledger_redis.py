@@ -13,7 +13,9 @@ the ledger is billing data. Key layout (prefix `sol:`):
                                 after IDEMPOTENCY_TTL_S
     usage:{day}:{id}:{m}  hash  requests, prompt_tokens, completion_tokens, cached_tokens, cost
     usage-index           set   "day|key id|model" of every usage hash
-    win:{id}:{minute}     hash  requests, tokens in that minute (rate limits)
+    rl:{id}               zset  request id -> admission time: the sliding rate window
+    rlt:{id}              hash  request id -> its tokens in the window (reservation, then usage),
+                                and "#tokens", their total (request ids cannot hold a '#')
     resv:{id}             hash  request id -> "tokens expires" (budget reservations)
     run:{id}:{request}    str   a replica runs this request id (single-flight), until recorded
 """
@@ -29,6 +31,7 @@ from redis.retry import Retry
 
 from server.ledger import (
     IDEMPOTENCY_TTL_S,
+    RATE_WINDOW_S,
     RESERVATION_TTL_S,
     Admission,
     KeyInfo,
@@ -36,7 +39,7 @@ from server.ledger import (
     StoreUnavailable,
     UsageRecord,
     UsageRow,
-    minute_window,
+    WindowState,
     refusal,
 )
 
@@ -54,8 +57,12 @@ redis.call('HINCRBY', KEYS[2], 'cached_tokens', ARGV[5])
 redis.call('HINCRBYFLOAT', KEYS[2], 'cost', ARGV[6])
 redis.call('SADD', KEYS[6], ARGV[7])
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HINCRBY', KEYS[3], 'tokens_used', ARGV[8]) end
-redis.call('HINCRBY', KEYS[4], 'tokens', ARGV[8])
-redis.call('EXPIRE', KEYS[4], 180)
+-- Settle the rate window: the reservation becomes the actual usage, freeing the rest.
+local held = redis.call('HGET', KEYS[4], ARGV[1])
+if held then
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[8])
+  redis.call('HINCRBY', KEYS[4], '#tokens', tonumber(ARGV[8]) - tonumber(held))
+end
 return 1
 """
 
@@ -65,10 +72,28 @@ if redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[1])) then return 'o
 return 'running'
 """
 
-# Returns {admitted, requests this minute, tokens this minute, reserved, tokens used}.
+# Shared by the scripts below: take one request's entry out of a key's rate window (the
+# zset `log` and the hash `toks` with its "#tokens" total, kept equal to the entries' sum).
+DROP_ENTRY_LUA = """
+local function drop_entry(log, toks, id)
+  redis.call('ZREM', log, id)
+  local held = redis.call('HGET', toks, id)
+  if not held then return end
+  redis.call('HDEL', toks, id)
+  redis.call('HINCRBY', toks, '#tokens', -tonumber(held))
+end
+"""
+
+# Admission in one round trip: expire budget reservations and window entries, check
+# rpm, tpm (window total + this request's reservation) and the budget, then reserve and
+# count, or, when refused, find when the window frees enough (the oldest entries holding
+# the excess leave it RATE_WINDOW_S after their admission).
+# Returns {admitted, requests in window, tokens in window, reserved, tokens used,
+# request wait, token wait}; waits are strings (Lua numbers would come back as integers).
 # The rule matches server.ledger.refusal, which words the refusal.
-ADMIT_LUA = """
-local now = tonumber(ARGV[3])
+ADMIT_LUA = DROP_ENTRY_LUA + """
+local now, window = tonumber(ARGV[3]), tonumber(ARGV[8])
+local cutoff = string.format('%.17g', now - window)
 local reserved = 0
 local resv = redis.call('HGETALL', KEYS[3])
 for i = 1, #resv, 2 do
@@ -76,20 +101,68 @@ for i = 1, #resv, 2 do
   if tonumber(expires) < now then redis.call('HDEL', KEYS[3], resv[i])
   else reserved = reserved + tonumber(tokens) end
 end
-local used = tonumber(redis.call('HGET', KEYS[1], 'tokens_used') or '0')
-local rq = tonumber(redis.call('HGET', KEYS[2], 'requests') or '0')
-local tk = tonumber(redis.call('HGET', KEYS[2], 'tokens') or '0')
 local estimate = tonumber(ARGV[2])
 local rpm, tpm, budget = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-if (rpm >= 0 and rq >= rpm) or (tpm >= 0 and tk >= tpm) or (budget >= 0 and used + reserved + estimate > budget) then
-  return {0, rq, tk, reserved, used}
+local limited = rpm >= 0 or tpm >= 0
+local rq, tk = 0, 0
+if limited then
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)) do
+    drop_entry(KEYS[2], KEYS[4], id)
+  end
+  -- A request id admitted again replaces its own entry rather than adding to it.
+  drop_entry(KEYS[2], KEYS[4], ARGV[1])
+  rq = redis.call('ZCARD', KEYS[2])
+  tk = tonumber(redis.call('HGET', KEYS[4], '#tokens') or '0')
 end
-redis.call('HINCRBY', KEYS[2], 'requests', 1)
-redis.call('EXPIRE', KEYS[2], 180)
+local used = tonumber(redis.call('HGET', KEYS[1], 'tokens_used') or '0')
+local rpm_out = rpm >= 0 and rq >= rpm
+local tpm_out = tpm >= 0 and tk + estimate > tpm
+if rpm_out or tpm_out or (budget >= 0 and used + reserved + estimate > budget) then
+  local rwait, twait = 0, 0
+  if rpm_out then
+    local e = redis.call('ZRANGE', KEYS[2], rq - rpm, rq - rpm, 'WITHSCORES')
+    rwait = tonumber(e[2]) + window - now
+  end
+  if tpm_out and estimate <= tpm then
+    local excess, start = tk + estimate - tpm, 0
+    twait = window
+    while excess > 0 do
+      local batch = redis.call('ZRANGE', KEYS[2], start, start + 99, 'WITHSCORES')
+      if #batch == 0 then break end
+      for i = 1, #batch, 2 do
+        excess = excess - tonumber(redis.call('HGET', KEYS[4], batch[i]) or '0')
+        if excess <= 0 then
+          twait = tonumber(batch[i + 1]) + window - now
+          break
+        end
+      end
+      start = start + 100
+    end
+  end
+  return {0, rq, tk, reserved, used, tostring(rwait), tostring(twait)}
+end
+if limited then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  redis.call('HSET', KEYS[4], ARGV[1], estimate)
+  redis.call('HINCRBY', KEYS[4], '#tokens', estimate)
+  -- Both expire together, two windows after the last admission: by then nothing in
+  -- them counts any more.
+  redis.call('EXPIRE', KEYS[2], 2 * math.ceil(window))
+  redis.call('EXPIRE', KEYS[4], 2 * math.ceil(window))
+end
 if budget >= 0 then
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. ' ' .. tostring(now + tonumber(ARGV[7])))
 end
-return {1, rq, tk, reserved, used}
+return {1, rq, tk, reserved, used, '0', '0'}
+"""
+
+# Give back what a request that never ran holds: its budget reservation, and its entry
+# in the rate window (tokens and request count) unless it was billed (then it ran).
+RELEASE_LUA = DROP_ENTRY_LUA + """
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+drop_entry(KEYS[2], KEYS[3], ARGV[1])
+return 1
 """
 
 
@@ -139,6 +212,7 @@ class RedisStore:
         self._record = self._r.register_script(RECORD_LUA)
         self._admit = self._r.register_script(ADMIT_LUA)
         self._claim = self._r.register_script(CLAIM_LUA)
+        self._release = self._r.register_script(RELEASE_LUA)
 
     @_unavailable
     def ping(self) -> None:
@@ -212,28 +286,28 @@ class RedisStore:
     # --- quotas -----------------------------------------------------------------------------
     @_unavailable
     def admit(self, key: KeyInfo, request_id: str, estimate_tokens: int, now: float) -> Admission:
-        minute, _ = minute_window(now)
-        keys = [f"{P}key:{key.key_id}", f"{P}win:{key.key_id}:{minute}", f"{P}resv:{key.key_id}"]
+        keys = [f"{P}key:{key.key_id}", f"{P}rl:{key.key_id}", f"{P}resv:{key.key_id}", f"{P}rlt:{key.key_id}"]
         args = [request_id, estimate_tokens, repr(now), -1 if key.rpm is None else key.rpm,
                 -1 if key.tpm is None else key.tpm, -1 if key.token_budget is None else key.token_budget,
-                RESERVATION_TTL_S]
-        ok, rq, tk, reserved, used = (int(x) for x in self._admit(keys=keys, args=args))
-        if ok:
+                RESERVATION_TTL_S, repr(RATE_WINDOW_S)]
+        ok, rq, tk, reserved, used, rwait, twait = self._admit(keys=keys, args=args)
+        if int(ok):
             return Admission(True)
-        fresh = KeyInfo(**{**key.__dict__, "tokens_used": used})
-        return refusal(fresh, rq, tk, reserved, estimate_tokens, now) or Admission(
+        fresh = KeyInfo(**{**key.__dict__, "tokens_used": int(used)})
+        window = WindowState(int(rq), int(tk), float(rwait), float(twait))
+        return refusal(fresh, window, int(reserved), estimate_tokens) or Admission(
             False, f"quota of key {key.key_id} reached; retry shortly", 1.0)
 
     @_unavailable
     def release(self, key_id: str, request_id: str) -> None:
-        self._r.hdel(f"{P}resv:{key_id}", request_id)
+        self._release(keys=[f"{P}resv:{key_id}", f"{P}rl:{key_id}", f"{P}rlt:{key_id}",
+                            f"{P}req:{key_id}:{request_id}"], args=[request_id])
 
     # --- usage ------------------------------------------------------------------------------
     @_unavailable
     def record(self, rec: UsageRecord) -> bool:
-        minute, _ = minute_window(rec.ts)
         keys = [f"{P}req:{rec.key_id}:{rec.request_id}", f"{P}usage:{rec.day}:{rec.key_id}:{rec.model}",
-                f"{P}key:{rec.key_id}", f"{P}win:{rec.key_id}:{minute}", f"{P}resv:{rec.key_id}",
+                f"{P}key:{rec.key_id}", f"{P}rlt:{rec.key_id}", f"{P}resv:{rec.key_id}",
                 f"{P}usage-index", f"{P}run:{rec.key_id}:{rec.request_id}"]
         args = [rec.request_id, IDEMPOTENCY_TTL_S, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens,
                 repr(float(rec.cost)), f"{rec.day}|{rec.key_id}|{rec.model}", rec.total_tokens,

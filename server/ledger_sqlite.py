@@ -12,14 +12,16 @@ from pathlib import Path
 
 from server.ledger import (
     IDEMPOTENCY_TTL_S,
+    RATE_WINDOW_S,
     RESERVATION_TTL_S,
     Admission,
     KeyInfo,
     Price,
     UsageRecord,
     UsageRow,
-    minute_window,
+    WindowState,
     refusal,
+    window_state,
 )
 
 SCHEMA = """
@@ -38,9 +40,15 @@ CREATE TABLE IF NOT EXISTS usage (
     day TEXT NOT NULL, key_id TEXT NOT NULL, model TEXT NOT NULL, requests INTEGER NOT NULL,
     prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL,
     cost REAL NOT NULL, PRIMARY KEY (day, key_id, model));
-CREATE TABLE IF NOT EXISTS windows (
-    key_id TEXT NOT NULL, minute INTEGER NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,
-    PRIMARY KEY (key_id, minute));
+-- The rate limits' sliding window: one row per request admitted in the last minute, with
+-- its reservation (then its usage, once recorded).
+CREATE TABLE IF NOT EXISTS rate_window (
+    key_id TEXT NOT NULL, request_id TEXT NOT NULL, ts REAL NOT NULL, tokens INTEGER NOT NULL,
+    PRIMARY KEY (key_id, request_id));
+CREATE INDEX IF NOT EXISTS rate_window_key_ts ON rate_window (key_id, ts);
+CREATE INDEX IF NOT EXISTS rate_window_ts ON rate_window (ts);
+-- Fixed-minute counters of earlier versions, replaced by rate_window.
+DROP TABLE IF EXISTS windows;
 CREATE TABLE IF NOT EXISTS running (
     key_id TEXT NOT NULL, request_id TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (key_id, request_id));
 CREATE TABLE IF NOT EXISTS reservations (
@@ -132,22 +140,35 @@ class SqliteStore:
 
     # --- quotas -----------------------------------------------------------------------------
     def admit(self, key: KeyInfo, request_id: str, estimate_tokens: int, now: float) -> Admission:
-        minute, _ = minute_window(now)
+        # BEGIN IMMEDIATE takes SQLite's write lock before reading, so check-and-reserve is
+        # one step for every connection and process sharing the file.
+        limited = key.rpm is not None or key.tpm is not None
         with self._tx() as db:
             db.execute("DELETE FROM reservations WHERE expires < ?", (now,))
-            db.execute("DELETE FROM windows WHERE minute < ?", (minute - 1,))
+            db.execute("DELETE FROM rate_window WHERE ts <= ?", (now - RATE_WINDOW_S,))
             row = db.execute("SELECT tokens_used FROM keys WHERE key_id=?", (key.key_id,)).fetchone()
             used = row[0] if row else 0
-            win = db.execute("SELECT requests, tokens FROM windows WHERE key_id=? AND minute=?",
-                             (key.key_id, minute)).fetchone() or (0, 0)
             reserved = db.execute("SELECT COALESCE(SUM(tokens), 0) FROM reservations WHERE key_id=?",
                                   (key.key_id,)).fetchone()[0]
             fresh = KeyInfo(**{**key.__dict__, "tokens_used": used})
-            refused = refusal(fresh, win[0], win[1], reserved, estimate_tokens, now)
+            window = WindowState()
+            if limited:
+                requests, tokens = db.execute("SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM rate_window "
+                                              "WHERE key_id=? AND request_id != ?",
+                                              (key.key_id, request_id)).fetchone()
+                window = WindowState(requests, tokens)
+            refused = refusal(fresh, window, reserved, estimate_tokens)
             if refused:
+                if refused.limit in ("rpm", "tpm"):
+                    # Only a refusal needs the entries themselves, for a truthful retry-after.
+                    entries = db.execute("SELECT ts, tokens FROM rate_window WHERE key_id=? AND request_id != ? "
+                                         "ORDER BY ts", (key.key_id, request_id)).fetchall()
+                    refused = refusal(fresh, window_state(entries, key, estimate_tokens, now), reserved,
+                                      estimate_tokens)
                 return refused
-            db.execute("INSERT INTO windows VALUES (?,?,1,0) ON CONFLICT(key_id, minute) "
-                       "DO UPDATE SET requests=requests+1", (key.key_id, minute))
+            if limited:
+                db.execute("INSERT OR REPLACE INTO rate_window VALUES (?,?,?,?)",
+                           (key.key_id, request_id, now, estimate_tokens))
             if key.token_budget is not None:
                 db.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?,?)",
                            (key.key_id, request_id, estimate_tokens, now + RESERVATION_TTL_S))
@@ -156,10 +177,13 @@ class SqliteStore:
     def release(self, key_id: str, request_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM reservations WHERE key_id=? AND request_id=?", (key_id, request_id))
+            # A request that ran is settled by `record` and stays in the window.
+            if not db.execute("SELECT 1 FROM requests WHERE key_id=? AND request_id=?",
+                              (key_id, request_id)).fetchone():
+                db.execute("DELETE FROM rate_window WHERE key_id=? AND request_id=?", (key_id, request_id))
 
     # --- usage ------------------------------------------------------------------------------
     def record(self, rec: UsageRecord) -> bool:
-        minute, _ = minute_window(rec.ts)
         with self._tx() as db:
             db.execute("DELETE FROM reservations WHERE key_id=? AND request_id=?", (rec.key_id, rec.request_id))
             db.execute("DELETE FROM running WHERE key_id=? AND request_id=?", (rec.key_id, rec.request_id))
@@ -174,8 +198,9 @@ class SqliteStore:
                        (rec.day, rec.key_id, rec.model, rec.prompt_tokens, rec.completion_tokens,
                         rec.cached_tokens, rec.cost))
             db.execute("UPDATE keys SET tokens_used=tokens_used+? WHERE key_id=?", (rec.total_tokens, rec.key_id))
-            db.execute("INSERT INTO windows VALUES (?,?,0,?) ON CONFLICT(key_id, minute) "
-                       "DO UPDATE SET tokens=tokens+excluded.tokens", (rec.key_id, minute, rec.total_tokens))
+            # Settle the rate window: the reservation becomes the actual usage, freeing the rest.
+            db.execute("UPDATE rate_window SET tokens=? WHERE key_id=? AND request_id=?",
+                       (rec.total_tokens, rec.key_id, rec.request_id))
             db.execute("DELETE FROM requests WHERE ts < ?", (rec.ts - IDEMPOTENCY_TTL_S,))
         return True
 
