@@ -1,10 +1,8 @@
-"""CLI: `sol serve`, `sol bench serve` (and `sol bench engine` from the engine's module)."""
+"""CLI: `sol serve`."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
 from pathlib import Path
 
@@ -50,28 +48,6 @@ def register(sub, bench_sub) -> None:
                         "(SOL_POLL_INTERVAL; default 2)")
     p.set_defaults(handler=_serve)
 
-    p = bench_sub.add_parser("serve", help="streaming clients over gRPC on loopback vs the in-process engine")
-    p.add_argument("--model", default=None, help="model reference (default: a random tiny/small model)")
-    p.add_argument("--registry", type=Path, default=None)
-    p.add_argument("--preset", default="small", help="model preset when no --model is given (default small)")
-    p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (default 16)")
-    p.add_argument("--requests", type=int, default=64, help="requests in all (default 64)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--no-watch", dest="watch", action="store_false",
-                   help="run the server without following the registry (isolates serving from hot-load)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; each side's best counts (default 3)")
-    p.add_argument("--device", default=None, help="cpu, cuda ... for both sides (default: CUDA when present)")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(handler=_bench_serve)
-
-    # The engine's own benchmark lives with the engine.
-    if importlib.util.find_spec("server.engine.bench") is not None:
-        importlib.import_module("server.engine.bench").register_bench(bench_sub)
-    from server.hotload_bench import register_bench as register_hotload_bench
-
-    register_hotload_bench(bench_sub)
-
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import serve
@@ -88,9 +64,3 @@ def _serve(args: argparse.Namespace) -> int:
     if args.admin_key_file is not None:
         config.admin_key = None          # an explicit file beats the environment
     return serve(config)
-
-
-def _bench_serve(args: argparse.Namespace) -> int:
-    from server.bench import run_bench_serve
-
-    return run_bench_serve(args)
