@@ -10,6 +10,7 @@ its value names. Message-typed fields have no flag (the library takes them as di
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,7 @@ def _value_type(field: FieldDescriptor) -> tuple[type | None, tuple[str, ...]]:
     return _PY_TYPES.get(field.cpp_type), ()
 
 
+@functools.cache     # per message type; build_message runs on every request
 def describe(message: Descriptor) -> tuple[Param, ...]:
     """The parameters of a message type, in field order."""
     out = []
