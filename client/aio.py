@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from client.client import backoff_s
+from client.params import sampling_pb
 from client.types import (
     Chunk,
     Completion,
@@ -31,7 +32,6 @@ from client.types import (
     UsageRow,
     default_target,
     messages_pb,
-    sampling_pb,
 )
 from proto.sol.v1 import sol_pb2 as pb
 from proto.sol.v1 import sol_pb2_grpc as pb_grpc

@@ -1,4 +1,5 @@
-"""CLI: `sol chat`, `sol complete`, `sol keys create|revoke|list`, `sol usage`.
+"""CLI: `sol chat`, `sol complete`, `sol served`, `sol keys create|revoke|list`, `sol prices set`,
+`sol usage`: the commands that talk to a server, the ones the client distribution ships.
 
 Every command talks to a server: --target (SOL_TARGET, default localhost:50051).
 Inference commands take --api-key (SOL_API_KEY); admin commands --admin-key
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from client.output import add_json_flag, emit, table
+from client.params import add_flags, from_args
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
@@ -32,37 +34,39 @@ def _add_admin_key(p: argparse.ArgumentParser) -> None:
                    help="admin key (SOL_ADMIN_KEY; default: $SOL_HOME/admin.key written by a local `sol serve`)")
 
 
-def _add_sampling(p: argparse.ArgumentParser) -> None:
+def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=os.environ.get("SOL_MODEL"),
                    help="NAME, NAME:ALIAS or NAME@VERSION (SOL_MODEL; default: the server's first model)")
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
 def register(sub, bench_sub) -> None:
     p = sub.add_parser("chat", help="talk to a served model: streams answers, keeps the conversation")
     _add_target(p)
     _add_api_key(p)
-    _add_sampling(p)
+    _add_model(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--no-usage", action="store_true", help="do not print token usage after each answer")
+    add_flags(p)
     p.set_defaults(handler=_chat)
 
     p = sub.add_parser("complete", help="one answer to one prompt (a chat turn; --raw for a base-model completion)")
     p.add_argument("prompt", help="the prompt ('-' reads stdin)")
     _add_target(p)
     _add_api_key(p)
-    _add_sampling(p)
+    _add_model(p)
     p.add_argument("--system", default=None, help="system prompt (chat only)")
     p.add_argument("--raw", action="store_true", help="raw completion of the prompt, no chat template")
-    p.add_argument("--n", type=int, default=None, help="number of choices")
     p.add_argument("--request-id", default=None, help="idempotency key (default: a new one)")
     add_json_flag(p)
+    add_flags(p)
     p.set_defaults(handler=_complete)
+
+    p = sub.add_parser("served", help="the models the server at --target serves now (ListModels); "
+                       "`sol models` is the local registry")
+    _add_target(p)
+    _add_api_key(p)
+    add_json_flag(p)
+    p.set_defaults(handler=_served)
 
     keys = sub.add_parser("keys", help="API keys (admin)")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
@@ -117,9 +121,9 @@ def register(sub, bench_sub) -> None:
 def _admin_key(args) -> str | None:
     if args.admin_key or os.environ.get("SOL_ADMIN_KEY"):
         return args.admin_key or os.environ["SOL_ADMIN_KEY"]
-    from gpt.registry import default_home
-
-    path = Path(default_home()) / "admin.key"
+    # $SOL_HOME as gpt.registry.default_home reads it, restated here: the client installs
+    # without the shared core (and torch).
+    path = Path(os.environ.get("SOL_HOME") or Path.home() / ".sol") / "admin.key"
     return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 
 
@@ -135,14 +139,6 @@ def _client(args, admin: bool = False):
         # Read after the wait: a local `sol serve` writes $SOL_HOME/admin.key as it starts.
         c.admin_key = _admin_key(args)
     return c
-
-
-def _params(args) -> dict:
-    out = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-           "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
-    if getattr(args, "n", None) is not None:
-        out["n"] = args.n
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def _model(client, args) -> str:
@@ -212,7 +208,7 @@ def _chat(args) -> int:
                 if not line.strip():
                     continue
                 messages.append({"role": "user", "content": line.rstrip("\n")})
-                stream = c.chat_stream(messages, model=model, **_params(args))
+                stream = c.chat_stream(messages, model=model, **from_args(args))
                 try:
                     for chunk in stream:
                         print(chunk.text, end="", flush=True)
@@ -234,17 +230,30 @@ def _complete(args) -> int:
         with _client(args) as c:
             model = _model(c, args)
             if args.raw:
-                r = c.complete(prompt, model=model, request_id=args.request_id, **_params(args))
+                r = c.complete(prompt, model=model, request_id=args.request_id, **from_args(args))
             else:
                 messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
                     {"role": "user", "content": prompt}]
-                r = c.chat(messages, model=model, request_id=args.request_id, **_params(args))
+                r = c.chat(messages, model=model, request_id=args.request_id, **from_args(args))
         if args.json:
             emit(dataclasses.asdict(r), True)
         else:
             for ch in r.choices:
                 print(ch.text)
             print(_usage_line(r.usage) + f" {r.model}@{r.version}", file=sys.stderr)
+        return 0
+    return _run(go)
+
+
+def _served(args) -> int:
+    def go() -> int:
+        with _client(args) as c:
+            models = c.list_models()
+        rows = [[m.name, m.version, ",".join(m.aliases) or "-", m.stage or "-", m.max_context,
+                 f"{m.num_parameters / 1e6:.2f}M", m.loaded_at or "-"] for m in models]
+        human = table(rows, ["MODEL", "VERSION", "ALIASES", "STAGE", "CONTEXT", "PARAMETERS", "LOADED"]) \
+            if rows else f"{c.target} serves no model yet"
+        emit([dataclasses.asdict(m) for m in models], args.json, human=human)
         return 0
     return _run(go)
 

@@ -193,18 +193,6 @@ class UsageReport:
     spooled_records: int
 
 
-SAMPLING_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-                   "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                   "logprobs", "n")
-
-
-def sampling_pb(params: dict[str, Any]) -> pb.SamplingParams:
-    unknown = sorted(set(params) - set(SAMPLING_FIELDS))
-    if unknown:
-        raise TypeError(f"unknown sampling parameters {unknown}; use {list(SAMPLING_FIELDS)}")
-    return pb.SamplingParams(**{k: v for k, v in params.items() if v is not None})
-
-
 def messages_pb(messages) -> list[pb.ChatMessage]:
     out = []
     for m in messages:

@@ -1,60 +1,125 @@
-"""The server's settings: one dataclass, filled from `sol serve` flags with environment
-fallbacks (the same names everywhere: SOL_REDIS_URL, SOL_ADMIN_KEY, ...)."""
+"""The server's settings, in one place: a dataclass whose fields carry their `sol serve`
+flag, environment variable and help. The flags are generated from it (`add_flags`), and
+the environment is read only here, when a ServerConfig is made, for the fields a flag did
+not set. Precedence: flag > environment > default.
+
+Adding a setting is one field; README's configuration table lists the public ones."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gpt.registry import default_home, default_registry_root
 
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
+_NO_DEFAULT: Any = dataclasses.MISSING
 
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value not in (None, "") else default
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one ServerConfig field is set from outside the process."""
+
+    help: str
+    env: str | None = None
+    flag: str | bool = True              # True: --field-name; False: no flag (environment or code only)
+    parse: Callable[[str], Any] = str
+    repeat: bool = False                 # a list field: the flag is repeatable
+    metavar: str | None = None
+    default_text: str = ""               # the default as help shows it
+
+
+def setting(default: Any = _NO_DEFAULT, *, help: str, env: str | None = None, flag: str | bool = True,
+            parse: Callable[[str], Any] | None = None, factory: Callable[[], Any] | None = None,
+            repeat: bool = False, metavar: str | None = None, default_text: str | None = None) -> Any:
+    """A dataclass field with a flag (`--field-name` unless named; False for none) and,
+    with `env`, an environment fallback read when the config is made."""
+    if parse is None:
+        # bool before int: a bool is an int to isinstance.
+        parse = next((p for t, p in ((bool, parse_bool), (int, int), (float, float), (Path, Path))
+                      if isinstance(default, t)), str)
+    if default_text is None:
+        default_text = "unset" if default is None or default is _NO_DEFAULT else str(default)
+    meta = {"setting": Setting(help, env, flag, parse, repeat, metavar, default_text)}
+    fallback = factory if factory is not None else (list if repeat else (lambda: default))
+    if env is None:
+        return field(default_factory=fallback, metadata=meta) if factory or repeat else \
+            field(default=default, metadata=meta)
+
+    def from_env() -> Any:
+        raw = os.environ.get(env)
+        if raw in (None, ""):
+            return fallback()
+        try:
+            return parse(raw)
+        except ValueError as err:
+            raise ValueError(f"{env}={raw!r}: {err}") from None
+    return field(default_factory=from_env, metadata=meta)
 
 
 @dataclass
 class ServerConfig:
-    host: str = field(default_factory=lambda: os.environ.get("SOL_HOST", "0.0.0.0"))
-    port: int = field(default_factory=lambda: _env_int("SOL_PORT", 50051))
-    metrics_port: int = field(default_factory=lambda: _env_int("SOL_METRICS_PORT", 9400))  # 0 = off
-    registry: Path = field(default_factory=lambda: Path(os.environ.get("SOL_REGISTRY") or default_registry_root()))
-    models: list[str] = field(default_factory=list)   # refs; empty = every model's latest
-    redis_url: str | None = field(default_factory=lambda: os.environ.get("SOL_REDIS_URL") or None)
-    admin_key: str | None = field(default_factory=lambda: os.environ.get("SOL_ADMIN_KEY") or None)
-    admin_key_file: Path | None = None
+    host: str = setting("0.0.0.0", env="SOL_HOST", help="address to bind")
+    port: int = setting(50051, env="SOL_PORT", help="gRPC port")
+    metrics_port: int = setting(9400, env="SOL_METRICS_PORT", help="Prometheus port, 0 = off")
+    registry: Path = setting(env="SOL_REGISTRY", parse=Path, factory=default_registry_root,
+                             help="registry directory", default_text="$SOL_HOME/registry")
+    models: list[str] = setting(flag="--model", repeat=True, metavar="REF",
+                                help="model to serve: NAME, NAME:ALIAS or NAME@VERSION (repeatable)",
+                                default_text="every model's latest, base, sft and rlhf")
+    redis_url: str | None = setting(None, env="SOL_REDIS_URL",
+                                    help="Redis for the ledger, quotas and keys, shared by replicas",
+                                    default_text="the embedded SQLite ledger under $SOL_HOME")
+    admin_key: str | None = setting(None, env="SOL_ADMIN_KEY", flag=False, help="the admin key")
+    admin_key_file: Path | None = setting(None, parse=Path, help="file holding the admin key "
+                                          "(beats SOL_ADMIN_KEY)", default_text="$SOL_HOME/admin.key, generated")
     # HMAC pepper for stored key hashes; every replica sharing a ledger needs the same one.
-    key_pepper: str | None = field(default_factory=lambda: os.environ.get("SOL_KEY_PEPPER") or None)
-    home: Path = field(default_factory=default_home)
-    grace_period_s: float = field(default_factory=lambda: _env_float("SOL_GRACE_PERIOD", 30.0))
-    default_max_tokens: int = 256
+    key_pepper: str | None = setting(None, env="SOL_KEY_PEPPER", flag=False, help="HMAC pepper of key hashes")
+    home: Path = setting(env="SOL_HOME", flag=False, parse=Path, factory=default_home,
+                         help="ledger, spool, admin key and pepper files", default_text="~/.sol")
+    grace_period_s: float = setting(30.0, env="SOL_GRACE_PERIOD", flag="--grace-period",
+                                    help="seconds running requests get to finish after SIGTERM")
+    default_max_tokens: int = setting(256, help="max_tokens when a request sets none (capped by the context)")
     max_prompt_chars: int = 1 << 20
     max_messages: int = 1024
     # Engine sizing (None = the engine's defaults).
-    device: str | None = None
-    kv_blocks: int | None = None                 # an explicit pool per engine; turns the budget off
+    device: str | None = setting(None, help="cpu, cuda, cuda:1 ...", default_text="CUDA when present")
+    # An explicit pool per engine; turns the budget off.
+    kv_blocks: int | None = setting(None, parse=int, help="KV pool per model version in blocks",
+                                    default_text="sized by the engine within the KV budget")
     # KV memory shared by every loaded model version (hot-load included), and the most
     # one version's pool may take.
-    kv_budget_mb: int = field(default_factory=lambda: _env_int("SOL_KV_BUDGET_MB", 1024))
-    kv_per_model_mb: int = field(default_factory=lambda: _env_int("SOL_KV_PER_MODEL_MB", 256))
+    kv_budget_mb: int = setting(1024, env="SOL_KV_BUDGET_MB",
+                                help="KV memory shared by every loaded model version, swaps included")
+    kv_per_model_mb: int = setting(256, env="SOL_KV_PER_MODEL_MB", help="the most one version's KV pool may take")
     max_waiting: int | None = None
     # Pricing default for models without a price, and the cached prompt token discount.
-    cached_discount: float = 0.5
+    cached_discount: float = setting(0.5, help="price discount of cached prompt tokens for models without a "
+                                               "SetPrice")
     store_timeout_s: float = 1.0
     # Key lookups are cached this long: a revocation reaches other replicas within it.
     auth_cache_s: float = 2.0
     warmup: bool = True
     # Hot-load: follow the registry (filesystem events, polling as the fallback).
-    watch: bool = True
-    poll_interval_s: float = field(default_factory=lambda: _env_float("SOL_POLL_INTERVAL", 2.0))
+    watch: bool = setting(True, help="follow the registry: hot-load new versions and moved aliases",
+                          default_text="on")
+    poll_interval_s: float = setting(2.0, env="SOL_POLL_INTERVAL", flag="--poll-interval",
+                                     help="registry rescan period in seconds, the fallback where filesystem "
+                                          "events are missing")
 
     @property
     def ledger_path(self) -> Path:
@@ -64,3 +129,40 @@ class ServerConfig:
     def spool_path(self) -> Path:
         # One spool per host and port: replicas sharing a volume never interleave writes.
         return self.home / "spool" / f"{socket.gethostname()}-{self.port}.jsonl"
+
+
+def settings() -> list[tuple[dataclasses.Field, Setting]]:
+    return [(f, f.metadata["setting"]) for f in dataclasses.fields(ServerConfig) if "setting" in f.metadata]
+
+
+def _flag(f: dataclasses.Field, s: Setting) -> str:
+    return s.flag if isinstance(s.flag, str) else "--" + f.name.replace("_", "-")
+
+
+def _help(s: Setting) -> str:
+    where = f"{s.env}; " if s.env else ""
+    return f"{s.help} ({where}default {s.default_text})"
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """`sol serve`'s flags. An absent flag leaves its field to the environment and the
+    default (argparse.SUPPRESS keeps it out of the namespace)."""
+    for f, s in settings():
+        if not s.flag:
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": _help(s)}
+        if s.parse is parse_bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            metavar = s.metavar or _flag(f, s).removeprefix("--").replace("-", "_").upper()
+            kwargs.update(type=s.parse, metavar=metavar, action="append" if s.repeat else "store")
+        parser.add_argument(_flag(f, s), **kwargs)
+
+
+def from_flags(args: argparse.Namespace) -> ServerConfig:
+    """The config from parsed `sol serve` flags, the environment filling the rest."""
+    given = {f.name: getattr(args, f.name) for f, s in settings() if s.flag and hasattr(args, f.name)}
+    config = ServerConfig(**given)
+    if "admin_key_file" in given:
+        config.admin_key = None          # an explicit file beats the environment
+    return config

@@ -1,4 +1,4 @@
-"""CLI: `sol train {tokenizer,pretrain,sft,reward,rlhf}`, `sol pipeline`, `sol bench train`.
+"""CLI: `sol train {tokenizer,pretrain,sft,reward,rlhf}`, `sol pipeline`.
 
 Every command works alone or under torchrun, e.g.
 `torchrun --nproc_per_node 2 .venv/bin/sol train pretrain --name demo` (rank 0 logs and
@@ -60,15 +60,6 @@ def register(subparsers, bench_subparsers) -> None:
             p.add_argument("--reward", default=None, help="reward model checkpoint (default NAME:rm)")
         add_json_flag(p)
         p.set_defaults(handler=_train)
-
-    bench = bench_subparsers.add_parser(
-        "train", help="pretraining tokens/s of the shared loop vs a bare forward+backward+step loop")
-    bench.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
-    bench.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
-    bench.add_argument("--rounds", type=int, default=3, help="alternating measurements of each loop")
-    bench.add_argument("--threads", type=int, default=None)
-    add_json_flag(bench)
-    bench.set_defaults(handler=_bench)
 
 
 def _threads(args) -> None:
@@ -185,22 +176,3 @@ def _run_stage(args, ctx, registry):
     rm_resolved, rm_ckpt = load(args.reward or "NAME:rm")
     rm = RewardModel.from_parts(rm_ckpt.model, rm_ckpt.heads)
     return pipeline.stage_rlhf(ctx, ckpt.tokenizer, ckpt.model, rm, parent.ref, rm_resolved.ref)
-
-
-def _bench(args) -> int:
-    _threads(args)
-    from training.bench import run_bench
-    from training.presets import pipeline_preset
-
-    result = run_bench(pipeline_preset(args.preset), steps=args.steps, rounds=args.rounds)
-    mfu = "n/a (device peak unknown)" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
-    human = "\n".join([
-        f"device {result['device']} ({result['threads']} threads), model {result['num_parameters'] / 1e6:.2f}M "
-        f"parameters, batch {result['batch_size']} x {result['seq_len']} tokens",
-        table([["bare forward+backward+step", f"{result['bare_tokens_per_s']:.0f}"],
-               ["sol training loop", f"{result['loop_tokens_per_s']:.0f}"]], ["loop", "tokens/s"]),
-        f"ratio loop/bare: {result['ratio']:.3f} (target >= 0.9)",
-        f"MFU: {mfu}",
-    ])
-    emit(result, args.json, human)
-    return 0

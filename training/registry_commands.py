@@ -1,4 +1,8 @@
-"""CLI: `sol models list|show|gc`, `sol export-hf`, `sol import-hf`."""
+"""CLI over the local checkpoint registry: `sol models list|show|gc|alias`, `sol tokenizer
+stats`, `sol export-hf`, `sol import-hf`. (`sol served` asks a running server instead.)
+
+It lives in training/, not in the shared core: the core imports nothing of the CLI's
+client package, and `tokenizer stats` measures on the training corpus."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ def _add_registry_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub, bench_sub) -> None:
-    models = sub.add_parser("models", help="inspect the checkpoint registry")
+    models = sub.add_parser("models", help="the local checkpoint registry (`sol served`: what a server serves)")
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
     p = models_sub.add_parser("list", help="every model with its versions and aliases")

@@ -11,7 +11,7 @@ same weights and prompts, reported as ratios.
                        max-length reservation
 
 Writes engine.json and engine_throughput.png (tokens/s against concurrency) to --out.
-Also runnable as `python -m server.engine.bench`.
+Also runnable as `python -m bench.engine`.
 """
 
 from __future__ import annotations
@@ -446,34 +446,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", help="output directory (default $SOL_HOME/bench/engine)")
-    parser.add_argument("--quick", action="store_true", help="shorter prompts and outputs, fewer sweep points")
-    parser.add_argument("--preset", default="small", help="model preset when no --model is given")
-    parser.add_argument("--model", help="benchmark a published model instead (name, name:alias, name@version)")
-    parser.add_argument("--registry", help="registry directory (default $SOL_HOME/registry)")
-    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients (default 32)")
-    parser.add_argument("--requests", type=int, default=0,
-                        help="requests in all (default: 3 per client, 2 with --quick)")
-    parser.add_argument("--kv-budget-mib", type=int, default=64, help="KV budget for the capacity ratio")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="weights and KV cache dtype for every contender (default float32)")
-    parser.add_argument("--clock", choices=["cpu", "wall"],
-                        help="time basis of the ratios (default: cpu with --threads 1, else wall)")
-
-
-def register_bench(bench_subparsers) -> None:
-    """Add `engine` to `sol bench`."""
-    p = bench_subparsers.add_parser("engine", help="serving engine throughput, latency and KV capacity ratios")
-    add_arguments(p)
-    p.set_defaults(handler=run)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.engine.bench", description=__doc__.split("\n")[0])
-    add_arguments(parser)
+    from bench.commands import engine_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n")[0])
+    engine_arguments(parser)
     return run(parser.parse_args(argv))
 
 

@@ -82,11 +82,11 @@ def _clients(target: str, key: str, clients: int, max_tokens: int, stop: threadi
 
 
 def run_bench_hotload(args: argparse.Namespace) -> int:
+    from bench.serve import start_server, stop_server
     from client.client import Client
     from gpt.config import preset as model_preset
     from gpt.registry import Registry, default_home
     from gpt.tokenizer import train_tokenizer
-    from server.bench import start_server, stop_server
     from training.data.corpus import build_corpus
 
     out_dir = Path(args.out) if args.out else default_home() / "bench" / "hotload"
@@ -194,17 +194,3 @@ def plot(samples: list[Sample], publishes: list[tuple[float, int]], t0: float, p
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def register_bench(bench_sub) -> None:
-    p = bench_sub.add_parser("hotload", help="latency during model swaps vs steady state; publish-to-serve time")
-    p.add_argument("--preset", default="small", help="model preset of the published versions (default small)")
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--warmup-s", type=float, default=3.0)
-    p.add_argument("--steady-s", type=float, default=20.0)
-    p.add_argument("--swaps", type=int, default=3)
-    p.add_argument("--swap-interval-s", type=float, default=10.0)
-    p.add_argument("--out", default=None, help="output directory (default $SOL_HOME/bench/hotload)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=run_bench_hotload)

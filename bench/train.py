@@ -103,3 +103,24 @@ def run_bench(preset: PipelinePreset, steps: int = 20, rounds: int = 3) -> dict[
             "batch_size": pcfg.loop.batch_size, "seq_len": pcfg.seq_len, "bare_tokens_per_s": best_bare,
             "loop_tokens_per_s": best_loop, "ratio": best_loop / best_bare, "mfu": mfu,
             "rounds": {"bare": bare, "loop": loop}}
+
+
+def run_cli(args) -> int:
+    """`sol bench train`: run, print the table (or JSON) and return the exit status."""
+    from client.output import emit, table
+    from training.presets import pipeline_preset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_bench(pipeline_preset(args.preset), steps=args.steps, rounds=args.rounds)
+    mfu = "n/a (device peak unknown)" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
+    human = "\n".join([
+        f"device {result['device']} ({result['threads']} threads), model {result['num_parameters'] / 1e6:.2f}M "
+        f"parameters, batch {result['batch_size']} x {result['seq_len']} tokens",
+        table([["bare forward+backward+step", f"{result['bare_tokens_per_s']:.0f}"],
+               ["sol training loop", f"{result['loop_tokens_per_s']:.0f}"]], ["loop", "tokens/s"]),
+        f"ratio loop/bare: {result['ratio']:.3f} (target >= 0.9)",
+        f"MFU: {mfu}",
+    ])
+    emit(result, args.json, human)
+    return 0

@@ -1,0 +1,95 @@
+"""CLI: `sol bench engine|serve|hotload|train`. The flags live here and each benchmark
+module is imported only when it runs, so `sol --help` does not pay for torch twice."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from client.output import add_json_flag
+
+
+def engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", help="output directory (default $SOL_HOME/bench/engine)")
+    parser.add_argument("--quick", action="store_true", help="shorter prompts and outputs, fewer sweep points")
+    parser.add_argument("--preset", default="small", help="model preset when no --model is given")
+    parser.add_argument("--model", help="benchmark a published model instead (name, name:alias, name@version)")
+    parser.add_argument("--registry", help="registry directory (default $SOL_HOME/registry)")
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients (default 32)")
+    parser.add_argument("--requests", type=int, default=0,
+                        help="requests in all (default: 3 per client, 2 with --quick)")
+    parser.add_argument("--kv-budget-mib", type=int, default=64, help="KV budget for the capacity ratio")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights and KV cache dtype for every contender (default float32)")
+    parser.add_argument("--clock", choices=["cpu", "wall"],
+                        help="time basis of the ratios (default: cpu with --threads 1, else wall)")
+
+
+def register(sub, bench_sub) -> None:
+    p = bench_sub.add_parser("engine", help="serving engine throughput, latency and KV capacity ratios")
+    engine_arguments(p)
+    p.set_defaults(handler=_engine)
+
+    p = bench_sub.add_parser("serve", help="streaming clients over gRPC on loopback vs the in-process engine")
+    p.add_argument("--model", default=None, help="model reference (default: a random tiny/small model)")
+    p.add_argument("--registry", type=Path, default=None)
+    p.add_argument("--preset", default="small", help="model preset when no --model is given (default small)")
+    p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (default 16)")
+    p.add_argument("--requests", type=int, default=64, help="requests in all (default 64)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--no-watch", dest="watch", action="store_false",
+                   help="run the server without following the registry (isolates serving from hot-load)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; each side's best counts (default 3)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... for both sides (default: CUDA when present)")
+    add_json_flag(p)
+    p.set_defaults(handler=_serve)
+
+    p = bench_sub.add_parser("hotload", help="latency during model swaps vs steady state; publish-to-serve time")
+    p.add_argument("--preset", default="small", help="model preset of the published versions (default small)")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--warmup-s", type=float, default=3.0)
+    p.add_argument("--steady-s", type=float, default=20.0)
+    p.add_argument("--swaps", type=int, default=3)
+    p.add_argument("--swap-interval-s", type=float, default=10.0)
+    p.add_argument("--out", default=None, help="output directory (default $SOL_HOME/bench/hotload)")
+    add_json_flag(p)
+    p.set_defaults(handler=_hotload)
+
+    from training.presets import DEFAULT_PRESET, PRESETS
+
+    p = bench_sub.add_parser(
+        "train", help="pretraining tokens/s of the shared loop vs a bare forward+backward+step loop")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurements of each loop")
+    p.add_argument("--threads", type=int, default=None)
+    add_json_flag(p)
+    p.set_defaults(handler=_train)
+
+
+def _engine(args: argparse.Namespace) -> int:
+    from bench.engine import run
+
+    return run(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from bench.serve import run_bench_serve
+
+    return run_bench_serve(args)
+
+
+def _hotload(args: argparse.Namespace) -> int:
+    from bench.hotload import run_bench_hotload
+
+    return run_bench_hotload(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from bench.train import run_cli
+
+    return run_cli(args)
