@@ -1,0 +1,725 @@
+"""`sol bench vs-vllm`: sol against vLLM's CPU build on the same weights, side by side in
+one run, reported as sol/vLLM ratios.
+
+  offline  vLLM's `LLM.generate` (a subprocess in vLLM's own venv) vs sol's engine driven
+           in-process (a fresh spawned process, synchronous mode): every request submitted
+           at once, wall time to the last token
+  online   `vllm serve` (OpenAI HTTP, SSE) vs `sol serve` (gRPC), N closed-loop streaming
+           clients each
+
+Both get the same Hugging Face export of one random sol checkpoint, the same prompt token
+ids, greedy, exactly T new tokens (EOS ignored), the same cores (CPU affinity, inherited
+by every subprocess) and the same thread counts. Prints tokens/s, TTFT and ITL
+percentiles, sol/vLLM ratios and the share of greedy tokens on which the two agree.
+Writes vs_vllm.json and vs_vllm.png to --out.
+
+vLLM lives in .bench/vllm-venv (`bash scripts/setup-vllm.sh`); sol never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.vllm_stats import (
+    Shape,
+    agreement,
+    best_round,
+    latency_summary,
+    mixed_shapes,
+    per_request_tpot,
+    sol_over_vllm,
+    uniform_shapes,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_VENV = ROOT / ".bench" / "vllm-venv"
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+MODELS = ("small", "demo")
+RATIO_KEYS = ("tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms")
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    new_tokens: int
+
+
+@dataclass
+class Prepared:
+    """One random model: its sol checkpoint (served by sol), its Hugging Face export
+    (loaded by vLLM) and what the workloads need."""
+
+    name: str
+    description: str
+    parameters: int
+    context: int
+    registry: Path
+    ref: str
+    ckpt_path: Path
+    hf_dir: Path
+    kv_bytes_per_token_fp32: int
+
+
+# --- models ---------------------------------------------------------------------------------
+def model_config(name: str):
+    """(config, tokenizer vocabulary) for `small` (gpt.config, 11M) or `demo` (the cpu
+    pipeline preset's model, 0.87M)."""
+    from gpt.config import preset
+    from training.presets import PRESETS
+
+    if name == "small":
+        return preset("small"), preset("small").vocab_size
+    if name == "demo":
+        p = PRESETS["cpu"]()
+        return p.model_config(p.vocab_size), p.vocab_size
+    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+
+
+def lively_init(model, seed: int) -> None:
+    """Re-draw the weights so greedy decoding depends on the context: sol's training init
+    (std 0.02 everywhere) gives near-uniform logits whose argmax is one token repeated,
+    which would make the agreement check pass for any engine. Scaled like a trained model
+    instead: embeddings std 0.5, matrices std 1/sqrt(fan_in). Throughput does not depend
+    on the values."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                std = 0.5 if "embed" in name else p.shape[1] ** -0.5
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def prepare_model(name: str, work: Path, corpus_texts: list[str], seed: int) -> tuple[Prepared, Any]:
+    import torch
+
+    from gpt.checkpoint import load_checkpoint
+    from gpt.hf import export_hf
+    from gpt.model import GPT
+    from gpt.registry import Registry, publish_checkpoint
+    from gpt.tokenizer import train_tokenizer
+
+    config, vocab = model_config(name)
+    tokenizer = train_tokenizer(corpus_texts, vocab_size=vocab, show_progress=False)
+    config = config.replace(vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    lively_init(model, seed)
+    registry = Registry(work / "registry")
+    resolved = publish_checkpoint(registry, f"vsvllm-{name}", model, tokenizer, {"stage": "base"})
+    # Export what sol serves (the published checkpoint, read back), as `sol export-hf` does.
+    ckpt = load_checkpoint(resolved.path, device="cpu")
+    hf_dir = work / f"hf-{name}"
+    export_hf(ckpt.model, ckpt.tokenizer, hf_dir)
+    prepared = Prepared(
+        name=name, description=f"{name}: {config.n_layers} layers, d_model {config.d_model}, "
+        f"vocab {config.vocab_size}, context {config.max_seq_len}, random weights (seed {seed})",
+        parameters=model.num_parameters(), context=config.max_seq_len, registry=registry.root,
+        ref=f"{resolved.name}@{resolved.version}", ckpt_path=Path(resolved.path), hf_dir=hf_dir,
+        kv_bytes_per_token_fp32=config.kv_bytes_per_token(4))
+    return prepared, ckpt.tokenizer
+
+
+# --- workloads ------------------------------------------------------------------------------
+def token_stream(tokenizer, texts: list[str], need: int) -> list[int]:
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer.encode(t)
+        if len(ids) >= need:
+            break
+    return ids
+
+
+def stable_prompt(tokenizer, stream: list[int], length: int, rng: random.Random) -> list[int]:
+    """`length` ids whose text encodes back to the same ids: the online sol client sends
+    text (sol's Completion API takes a string) and vLLM gets ids, so both must see the
+    same tokens. A window cut inside a merge or a UTF-8 sequence does not round-trip;
+    another window is tried."""
+    ids: list[int] = []
+    for _ in range(200):
+        start = rng.randint(0, len(stream) - length - 1)
+        ids = stream[start:start + length]
+        if tokenizer.encode(tokenizer.decode(ids)) == ids:
+            return ids
+    raise RuntimeError(f"no window of {length} tokens round-trips through the tokenizer")
+
+
+def build_workloads(args: argparse.Namespace, context: int, tokenizer, texts: list[str]) -> dict[str, list[Request]]:
+    stream = token_stream(tokenizer, texts, 60_000)
+    rng = random.Random(args.seed)
+    shapes: dict[str, list[Shape]] = {}
+    if args.workload in ("uniform", "all"):
+        new = min(args.uniform_new, context // 2)
+        shapes["uniform"] = uniform_shapes(args.uniform_requests, min(args.uniform_prompt, context - new), new)
+    if args.workload in ("mixed", "all"):
+        scale = 0.5 if args.quick else 1.0
+        shapes["mixed"] = mixed_shapes(args.mixed_requests, args.seed, context, prompt_median=48 * scale,
+                                       new_median=48 * scale)
+    return {name: [Request(stable_prompt(tokenizer, stream, s.prompt_len, rng), s.new_tokens) for s in ss]
+            for name, ss in shapes.items()}
+
+
+def warmup_requests(tokenizer, texts: list[str], seed: int) -> list[Request]:
+    """A few requests of other text (so they warm kernels, not the prefix cache)."""
+    stream = token_stream(tokenizer, list(reversed(texts)), 4000)
+    rng = random.Random(seed + 1)
+    return [Request(stable_prompt(tokenizer, stream, 24 + 8 * i, rng), 16) for i in range(4)]
+
+
+def _wire(requests: list[Request]) -> list[list[Any]]:
+    return [[r.prompt_ids, r.new_tokens] for r in requests]
+
+
+# --- environment ----------------------------------------------------------------------------
+def pin(cores: list[int], threads: int) -> dict[str, str]:
+    """Pin this process (and so every subprocess: affinity is inherited) to `cores`, and
+    set the thread environment both engines read. Returns what was set."""
+    os.sched_setaffinity(0, cores)
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           # vLLM's CPU worker binds its OpenMP threads to these cores itself.
+           "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
+           "TOKENIZERS_PARALLELISM": "false"}
+    os.environ.update(env)
+    return env
+
+
+def vllm_env(args: argparse.Namespace) -> dict[str, str]:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib), "VLLM_LOGGING_LEVEL": "WARNING",
+           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    if TCMALLOC.exists():
+        # vLLM's CPU docs: preload tcmalloc (its allocator is faster for the many small
+        # per-step tensors). sol's side runs with glibc malloc, as `sol serve` does.
+        env["LD_PRELOAD"] = ":".join(x for x in (str(TCMALLOC), env.get("LD_PRELOAD", "")) if x)
+    return env
+
+
+def vllm_python(args: argparse.Namespace) -> Path:
+    py = Path(args.vllm_venv) / "bin" / "python"
+    if not py.exists():
+        raise SystemExit(f"no vLLM venv at {args.vllm_venv}; run `bash scripts/setup-vllm.sh` first")
+    return py
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+# --- offline --------------------------------------------------------------------------------
+def _sol_offline_child(ckpt_path: str, dtype: str, threads: int, max_num_seqs: int, max_num_batched_tokens: int,
+                       warmup: list[list[Any]], workloads: dict[str, list[list[Any]]], rounds_n: int) -> dict[str, Any]:
+    """In a fresh process: sol's engine on its own thread, as `server.engine.offline.generate`
+    runs it (submit everything, read every stream to the end), the in-process counterpart
+    of `LLM.generate`. Not the synchronous mode (run_until_idle on the caller's thread):
+    on the main thread with 2 torch threads it ran 10-40x slower on a loaded machine."""
+    import torch
+
+    from gpt.checkpoint import load_checkpoint
+    from server.engine.api import Delta, EngineRequest, RequestFinished, SamplingParams
+    from server.engine.engine import Engine, EngineConfig
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(Path(ckpt_path), device="cpu")
+    engine = Engine(ckpt.model, ckpt.tokenizer, EngineConfig(
+        device="cpu", dtype=getattr(torch, dtype), max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens))
+    load_s = time.perf_counter() - t0
+    counter = iter(range(1 << 30))
+
+    def run(requests: list[list[Any]]) -> dict[str, Any]:
+        start = time.perf_counter()
+        streams = [engine.submit(EngineRequest(f"r{next(counter)}", ids, SamplingParams(
+            temperature=0.0, max_tokens=new, ignore_eos=True))) for ids, new in requests]
+        events = [list(s) for s in streams]   # each blocks until its request is done
+        wall = time.perf_counter() - start
+        rows = []
+        for evs in events:
+            ids: list[int] = []
+            timings = None
+            for ev in evs:
+                if isinstance(ev, Delta):
+                    ids += ev.token_ids
+                elif isinstance(ev, RequestFinished):
+                    timings = ev.timings
+            ttft = tpot = None
+            if timings is not None and timings.first_token is not None:
+                ttft = timings.first_token - timings.arrival
+                tpot = per_request_tpot(timings.first_token, timings.finished or timings.first_token, len(ids))
+            rows.append({"token_ids": ids, "ttft_s": ttft, "tpot_s": tpot})
+        return {"wall_s": wall, "tokens": sum(len(r["token_ids"]) for r in rows), "requests": rows}
+
+    run(warmup)
+    out: dict[str, Any] = {"load_s": load_s, "workloads": {}, "kv_bytes_per_token": engine.kv_bytes_per_token,
+                           "kv_blocks": engine.blocks.num_blocks, "steps": 0}
+    for name, requests in workloads.items():
+        rounds = []
+        for _ in range(max(1, rounds_n)):
+            steps0 = engine.steps
+            rounds.append({**run(requests), "steps": engine.steps - steps0})
+        out["workloads"][name] = best_round(rounds)
+    engine.shutdown()
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def sol_offline(args: argparse.Namespace, m: Prepared, dtype: str, warmup: list[Request],
+                workloads: dict[str, list[Request]]) -> dict[str, Any]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_sol_offline_child, str(m.ckpt_path), DTYPES[dtype], args.threads, args.max_num_seqs,
+                           args.max_num_batched_tokens, _wire(warmup),
+                           {k: _wire(v) for k, v in workloads.items()}, args.rounds).result()
+
+
+def vllm_offline(args: argparse.Namespace, m: Prepared, dtype: str, warmup: list[Request],
+                 workloads: dict[str, list[Request]], work: Path) -> dict[str, Any]:
+    spec = {"model_dir": str(m.hf_dir), "dtype": DTYPES[dtype], "max_model_len": m.context,
+            "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+            "enforce_eager": args.enforce_eager, "warmup": _wire(warmup), "rounds": args.rounds,
+            "workloads": {k: _wire(v) for k, v in workloads.items()}}
+    spec_path, result_path = work / f"spec-{m.name}-{dtype}.json", work / f"result-{m.name}-{dtype}.json"
+    log_path = work / f"vllm-offline-{m.name}-{dtype}.log"
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    with open(log_path, "w") as log:
+        rc = subprocess.run([str(vllm_python(args)), str(Path(__file__).with_name("vllm_offline_worker.py")),
+                             str(spec_path), str(result_path)], env=vllm_env(args), stdout=log,
+                            stderr=subprocess.STDOUT, timeout=args.vllm_timeout_s).returncode
+    if rc != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"vLLM offline worker failed ({rc}); log {log_path}:\n{tail}")
+    return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+def summarize_offline(run: dict[str, Any]) -> dict[str, float]:
+    """Offline: tokens/s over the whole batch, TTFT per request from submission, and ITL as
+    each request's mean time per output token after the first (TPOT)."""
+    rows = run["requests"]
+    ttft = [r["ttft_s"] for r in rows if r["ttft_s"] is not None]
+    tpot = [r["tpot_s"] for r in rows if r["tpot_s"] is not None]
+    return {"tokens_per_s": run["tokens"] / run["wall_s"], "tokens": run["tokens"], "wall_s": run["wall_s"],
+            "requests": len(rows), **latency_summary(ttft, "ttft"), **latency_summary(tpot, "itl"),
+            "rounds_tokens_per_s": run.get("rounds_tokens_per_s", [])}
+
+
+# --- online ---------------------------------------------------------------------------------
+def _closed_loop(clients: int, requests: list[Request], one) -> tuple[float, list[Any]]:
+    return asyncio.run(_closed_loop_async(clients, requests, one))
+
+
+def summarize_online(wall_s: float, results: list[tuple[float, list[tuple[float, list[int]]]]]) -> dict[str, float]:
+    """results: per request (start time, [(arrival, token ids of that message)]). ITL: the
+    gaps between messages, a message of k tokens standing for k equal gaps."""
+    ttft: list[float] = []
+    itl: list[float] = []
+    tokens = 0
+    for start, arrivals in results:
+        if not arrivals:
+            continue
+        ttft.append(arrivals[0][0] - start)
+        tokens += sum(len(ids) for _, ids in arrivals)
+        for (t0, _), (t1, ids) in zip(arrivals, arrivals[1:], strict=False):
+            itl.extend([(t1 - t0) / len(ids)] * len(ids))
+    return {"tokens_per_s": tokens / wall_s, "tokens": tokens, "wall_s": wall_s, "requests": len(results),
+            **latency_summary(ttft, "ttft"), **latency_summary(itl, "itl")}
+
+
+def sol_online(args: argparse.Namespace, m: Prepared, tokenizer, warmup: list[Request],
+               workloads: dict[str, list[Request]], work: Path) -> dict[str, Any]:
+    from client.aio import AsyncClient
+    from client.client import Client
+    from server.bench import _cpu_seconds, start_server, stop_server
+
+    admin_key = "sk-sol-admin-vs-vllm"
+    home = work / f"sol-home-{m.name}"
+    home.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    proc, target = start_server(home, m.registry, m.ref, "cpu", admin_key, work / f"sol-serve-{m.name}.log",
+                                watch=False)
+    load_s = time.perf_counter() - t0
+    out: dict[str, Any] = {"load_s": load_s, "workloads": {}}
+    try:
+        with Client(target, admin_key=admin_key) as admin:
+            key, _ = admin.create_key("vs-vllm")
+
+        def make_one(client: AsyncClient):
+            async def one(r: Request) -> tuple[float, list[tuple[float, list[int]]]]:
+                start = time.perf_counter()
+                arrivals = []
+                async for chunk in client.complete_stream(tokenizer.decode(r.prompt_ids), model=m.ref,
+                                                          max_tokens=r.new_tokens, temperature=0.0,
+                                                          ignore_eos=True):
+                    ids = [t for d in chunk.deltas for t in d.token_ids]
+                    if ids:
+                        arrivals.append((time.perf_counter(), ids))
+                return start, arrivals
+            return one
+
+        def run(requests: list[Request], clients: int) -> tuple[float, list[Any]]:
+            async def main() -> tuple[float, list[Any]]:
+                async with AsyncClient(target, api_key=key, retries=0, timeout=3600) as client:
+                    one = make_one(client)
+                    return await _closed_loop_async(clients, requests, one)
+            return asyncio.run(main())
+
+        run(warmup, 4)
+        for name, requests in workloads.items():
+            rounds = []
+            for _ in range(max(1, args.rounds)):
+                cpu0 = _cpu_seconds(proc.pid)
+                wall, results = run(requests, args.clients)
+                rounds.append({"wall_s": wall, "results": results, "tokens": _tokens(results),
+                               "server_cpu_s": _cpu_seconds(proc.pid) - cpu0})
+            out["workloads"][name] = best_round(rounds)
+        out["server_peak_rss_mib"] = _peak_rss_mib(proc.pid)
+    finally:
+        stop_server(proc)
+    return out
+
+
+async def _closed_loop_async(clients: int, requests: list[Request], one) -> tuple[float, list[Any]]:
+    """`clients` workers take requests in order until none is left; (wall time, results by
+    request index)."""
+    results: list[Any] = [None] * len(requests)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(requests)):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            results[i] = await one(requests[i])
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return time.perf_counter() - t0, results
+
+
+def _tokens(results: list[tuple[float, list[tuple[float, list[int]]]]]) -> int:
+    return sum(len(ids) for _, arrivals in results for _, ids in arrivals)
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """VmHWM of a live process (Linux), NaN where unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_online(args: argparse.Namespace, m: Prepared, warmup: list[Request], workloads: dict[str, list[Request]],
+                work: Path) -> dict[str, Any]:
+    from bench.openai_stream import stream_completion, wait_healthy
+
+    port = _free_port()
+    # `vllm serve` itself fails in this install (its CLI looks up the distribution "vllm",
+    # installed as "vllm-cpu"); the API server module takes the same arguments.
+    cmd = [str(vllm_python(args)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(m.hf_dir),
+           "--served-model-name", m.name, "--dtype", "float32", "--max-model-len", str(m.context),
+           "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
+           "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if args.enforce_eager:
+        cmd.append("--enforce-eager")
+    log_path = work / f"vllm-serve-{m.name}.log"
+    t0 = time.perf_counter()
+    # Its own session, so the API server, engine core and worker go down together.
+    proc = subprocess.Popen(cmd, env=vllm_env(args), stdout=open(log_path, "w"),  # noqa: SIM115
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    out: dict[str, Any] = {"workloads": {}}
+    try:
+        asyncio.run(wait_healthy("127.0.0.1", port, args.vllm_timeout_s, lambda: proc.poll() is None))
+        out["load_s"] = time.perf_counter() - t0
+
+        async def one(r: Request) -> tuple[float, list[tuple[float, list[int]]]]:
+            start = time.perf_counter()
+            arrivals = await stream_completion("127.0.0.1", port, {
+                "model": m.name, "prompt": r.prompt_ids, "max_tokens": r.new_tokens, "min_tokens": r.new_tokens,
+                "temperature": 0.0, "ignore_eos": True, "stream": True, "return_token_ids": True})
+            return start, arrivals
+
+        _closed_loop(4, warmup, one)
+        for name, requests in workloads.items():
+            rounds = []
+            for _ in range(max(1, args.rounds)):
+                wall, results = _closed_loop(args.clients, requests, one)
+                rounds.append({"wall_s": wall, "results": results, "tokens": _tokens(results)})
+            out["workloads"][name] = best_round(rounds)
+    except Exception as err:
+        raise RuntimeError(f"vLLM server run failed: {err}; log {log_path}:\n"
+                           f"{log_path.read_text(errors='replace')[-3000:]}") from err
+    finally:
+        _stop_group(proc)
+    return out
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM the process group this benchmark started, then SIGKILL it if it lingers."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+# --- report ---------------------------------------------------------------------------------
+def compare(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        row["sol_over_vllm"] = sol_over_vllm(row["sol"], row["vllm"], RATIO_KEYS)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = (f"{'model':6} {'dtype':5} {'workload':8} {'mode':7} | {'vLLM tok/s':>10} {'sol tok/s':>9} {'sol/vLLM':>8} | "
+            f"{'TTFT p50 ms v/s':>17} | {'ITL p50 ms v/s':>15} | {'ITL p99 ms v/s':>15} | agree req/tok")
+    print("\n" + head)
+    print("-" * len(head))
+    for r in rows:
+        v, s, a = r["vllm"], r["sol"], r["agreement"]
+        print(f"{r['model']:6} {r['dtype']:5} {r['workload']:8} {r['mode']:7} | {v['tokens_per_s']:10.0f} "
+              f"{s['tokens_per_s']:9.0f} {r['sol_over_vllm']['tokens_per_s']:8.2f} | "
+              f"{v['ttft_p50_ms']:8.1f}/{s['ttft_p50_ms']:<8.1f} | {v['itl_p50_ms']:7.2f}/{s['itl_p50_ms']:<7.2f} | "
+              f"{v['itl_p99_ms']:7.2f}/{s['itl_p99_ms']:<7.2f} | "
+              f"{a['requests_identical']:.0%}/{a['tokens_agree']:.1%}")
+
+
+def draw(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']} {r['dtype']}\n{r['workload']} {r['mode']}" for r in rows]
+    xs = range(len(rows))
+    width = 0.38
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(rows) + 2), 8), sharex=True)
+    for ax, key, ylabel in ((top, "tokens_per_s", "generated tokens / s"), (bottom, "ttft_p50_ms", "TTFT p50 (ms)")):
+        for shift, engine, color in ((-width / 2, "vllm", "tab:blue"), (width / 2, "sol", "tab:orange")):
+            vals = [r[engine][key] for r in rows]
+            bars = ax.bar([x + shift for x in xs], vals, width, label="vLLM CPU" if engine == "vllm" else "sol",
+                          color=color)
+            ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    bottom.set_yscale("log")
+    top.legend()
+    peak = max(max(r["vllm"]["tokens_per_s"], r["sol"]["tokens_per_s"]) for r in rows)
+    top.set_ylim(0, peak * 1.22)   # room for the ratio above each pair
+    for x, r in zip(xs, rows, strict=True):
+        height = max(r["vllm"]["tokens_per_s"], r["sol"]["tokens_per_s"])
+        top.annotate(f"sol/vLLM\nx{r['sol_over_vllm']['tokens_per_s']:.2f}", (x, height), xytext=(0, 12),
+                     textcoords="offset points", ha="center", va="bottom", fontsize=8, weight="bold")
+    bottom.set_xticks(list(xs), labels, fontsize=8)
+    top.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- driver ---------------------------------------------------------------------------------
+def _selected(value: str, choices: tuple[str, ...]) -> list[str]:
+    return list(choices) if value == "all" else [value]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.data.corpus import build_corpus
+
+    if args.quick:
+        args.uniform_requests, args.uniform_prompt, args.uniform_new = 16, 64, 32
+        args.mixed_requests = min(args.mixed_requests, 32)
+        args.clients = min(args.clients, 8)
+    available = sorted(os.sched_getaffinity(0))
+    cores = [int(c) for c in args.cores.split(",")] if args.cores else available[:args.threads]
+    args.threads = args.threads or len(cores)
+    env_set = pin(cores, args.threads)
+    torch.set_num_threads(args.threads)
+    vllm_python(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    setup = {"cores": cores, "threads": args.threads, "env": env_set, "quick": args.quick, "clients": args.clients,
+             "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+             "vllm_kv_space_gib": args.kv_space_gib, "vllm_enforce_eager": args.enforce_eager,
+             "tcmalloc_for_vllm": TCMALLOC.exists(), "torch": torch.__version__, "python": platform.python_version(),
+             "cpu": _cpu_name(), "load_average_at_start": load_average(), "uptime_at_start": _uptime(),
+             "rounds": args.rounds, "seed": args.seed, "command": " ".join(sys.argv)}
+    print(f"sol vs vLLM: cores {cores}, {args.threads} threads, load {setup['load_average_at_start']:.2f}", flush=True)
+    corpus = build_corpus(max_bytes=2 << 20)
+    texts = corpus.heldout or corpus.train
+    rows: list[dict[str, Any]] = []
+    models: dict[str, Any] = {}
+    skipped: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="sol-vs-vllm-") as tmp:
+        work = Path(tmp)
+        for name in _selected(args.model, MODELS):
+            m, tokenizer = prepare_model(name, work, corpus.train, args.seed)
+            workloads = build_workloads(args, m.context, tokenizer, texts)
+            warmup = warmup_requests(tokenizer, texts, args.seed)
+            models[name] = {"description": m.description, "parameters": m.parameters,
+                            "kv_bytes_per_token_fp32": m.kv_bytes_per_token_fp32,
+                            "workloads": {k: {"requests": len(v), "prompt_tokens": sum(len(r.prompt_ids) for r in v),
+                                              "new_tokens": sum(r.new_tokens for r in v),
+                                              "prompt_lens": [len(r.prompt_ids) for r in v],
+                                              "new_lens": [r.new_tokens for r in v]} for k, v in workloads.items()}}
+            print(f"\n{m.description}; {m.parameters / 1e6:.2f}M parameters", flush=True)
+            if args.mode in ("offline", "all"):
+                for dtype in _selected(args.dtype, tuple(DTYPES)):
+                    print(f"[{name} {dtype} offline] sol engine...", flush=True)
+                    s = sol_offline(args, m, dtype, warmup, workloads)
+                    print(f"[{name} {dtype} offline] vLLM LLM.generate...", flush=True)
+                    v = vllm_offline(args, m, dtype, warmup, workloads, work)
+                    for wl in workloads:
+                        sw, vw = s["workloads"][wl], v["workloads"][wl]
+                        rows.append({"model": name, "dtype": dtype, "workload": wl, "mode": "offline",
+                                     "sol": {**summarize_offline(sw), "steps": sw["steps"],
+                                             "peak_rss_mib": s["peak_rss_mib"],
+                                             "kv_bytes_per_token": s["kv_bytes_per_token"]},
+                                     "vllm": {**summarize_offline(vw), "load_s": v["load_s"]},
+                                     "engine_versions": {"vllm": v["vllm"]},
+                                     "agreement": agreement([r["token_ids"] for r in sw["requests"]],
+                                                            [r["token_ids"] for r in vw["requests"]])})
+                        _progress(rows[-1])
+            if args.mode in ("online", "all"):
+                if args.dtype == "bf16":
+                    skipped.append(f"{name} online bf16: `sol serve` has no dtype option (fp32 on CPU)")
+                else:
+                    if args.dtype == "all":
+                        skipped.append(f"{name} online bf16: `sol serve` has no dtype option (fp32 on CPU)")
+                    print(f"[{name} fp32 online] sol serve, {args.clients} gRPC clients...", flush=True)
+                    s = sol_online(args, m, tokenizer, warmup, workloads, work)
+                    print(f"[{name} fp32 online] vLLM server, {args.clients} HTTP clients...", flush=True)
+                    v = vllm_online(args, m, warmup, workloads, work)
+                    for wl in workloads:
+                        sw, vw = s["workloads"][wl], v["workloads"][wl]
+                        rows.append({"model": name, "dtype": "fp32", "workload": wl, "mode": "online",
+                                     "sol": {**summarize_online(sw["wall_s"], sw["results"]),
+                                             "server_cpu_s": sw["server_cpu_s"],
+                                             "server_peak_rss_mib": s["server_peak_rss_mib"],
+                                             "rounds_tokens_per_s": sw["rounds_tokens_per_s"]},
+                                     "vllm": {**summarize_online(vw["wall_s"], vw["results"]), "load_s": v["load_s"],
+                                              "rounds_tokens_per_s": vw["rounds_tokens_per_s"]},
+                                     "agreement": agreement(_online_ids(sw["results"]), _online_ids(vw["results"]))})
+                        _progress(rows[-1])
+    compare(rows)
+    setup["load_average_at_end"] = load_average()
+    setup["uptime_at_end"] = _uptime()
+    setup["wall_s"] = time.perf_counter() - t_start
+    setup["peak_rss_mib_bench_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {"setup": setup, "models": models, "rows": rows, "skipped": skipped,
+              "notes": {"offline_itl": "per-request mean time per output token after the first (TPOT)",
+                        "online_itl": "gaps between streamed messages, per token",
+                        "ratios": "sol / vLLM: above 1 is better for tokens_per_s, worse for latencies",
+                        "agreement": "tokens_agree counts tokens before each request's first divergence"}}
+    (out / "vs_vllm.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    if rows:
+        draw(rows, out / "vs_vllm.png", f"sol vs vLLM CPU build: cores {cores}, {args.threads} "
+             f"threads, load {setup['load_average_at_start']:.1f}->{setup['load_average_at_end']:.1f}")
+    print_table(rows)
+    for s in skipped:
+        print(f"skipped: {s}")
+    print(f"\nload average {setup['load_average_at_start']:.2f} at start, {setup['load_average_at_end']:.2f} at end; "
+          f"wrote {out / 'vs_vllm.json'} and {out / 'vs_vllm.png'} ({setup['wall_s']:.0f} s)")
+    return 0
+
+
+def _online_ids(results: list[tuple[float, list[tuple[float, list[int]]]]]) -> list[list[int]]:
+    return [[t for _, ids in arrivals for t in ids] for _, arrivals in results]
+
+
+def _progress(row: dict[str, Any]) -> None:
+    v, s, a = row["vllm"], row["sol"], row["agreement"]
+    print(f"  {row['workload']:8} vLLM {v['tokens_per_s']:7.0f} tok/s, sol {s['tokens_per_s']:7.0f} tok/s "
+          f"(x{s['tokens_per_s'] / v['tokens_per_s']:.2f}); TTFT p50 {v['ttft_p50_ms']:.0f}/{s['ttft_p50_ms']:.0f} ms; "
+          f"agree {a['requests_identical']:.0%} of requests, {a['tokens_agree']:.1%} of tokens", flush=True)
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output directory for vs_vllm.json and vs_vllm.png")
+    parser.add_argument("--quick", action="store_true", help="small workloads (16 x 64 -> 32, 32 mixed, 8 clients)")
+    parser.add_argument("--workload", choices=["uniform", "mixed", "all"], default="all")
+    parser.add_argument("--mode", choices=["offline", "online", "all"], default="all")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "all"], default="all")
+    parser.add_argument("--model", choices=[*MODELS, "all"], default="all",
+                        help="small (11M, gpt.config) or demo (0.87M, the cpu pipeline preset's model)")
+    parser.add_argument("--threads", type=int, default=2, help="threads per engine (default 2)")
+    parser.add_argument("--cores", help="comma-separated CPU ids to pin to (default: the first --threads allowed)")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent streaming clients online (default 32)")
+    parser.add_argument("--uniform-requests", type=int, default=64)
+    parser.add_argument("--uniform-prompt", type=int, default=128)
+    parser.add_argument("--uniform-new", type=int, default=128)
+    parser.add_argument("--mixed-requests", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="both engines' batch limit offline and "
+                        "vLLM's online (sol serve keeps its own defaults)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    parser.add_argument("--kv-space-gib", type=float, default=2, help="VLLM_CPU_KVCACHE_SPACE")
+    parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
+    parser.add_argument("--vllm-venv", default=str(DEFAULT_VENV))
+    parser.add_argument("--vllm-timeout-s", type=float, default=900)
+    parser.add_argument("--rounds", type=int, default=2, help="repeat each measurement, keep each engine's "
+                        "fastest (a shared machine's other work only ever slows a run down)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def register_bench(bench_subparsers) -> None:
+    """Add `vs-vllm` to `sol bench`."""
+    p = bench_subparsers.add_parser("vs-vllm", help="sol vs vLLM's CPU build on the same weights, side by side")
+    add_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.vs_vllm", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
