@@ -1,4 +1,4 @@
-"""CLI: `sol bench engine|serve|hotload|train`. The flags live here and each benchmark
+"""CLI: `sol bench engine|serve|hotload|train|vs-vllm`. The flags live here and each benchmark
 module is imported only when it runs, so `sol --help` does not pay for torch twice."""
 
 from __future__ import annotations
@@ -58,6 +58,10 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--out", default=None, help="output directory (default $SOL_HOME/bench/hotload)")
     add_json_flag(p)
     p.set_defaults(handler=_hotload)
+
+    from bench.vs_vllm import register_bench as register_vs_vllm
+
+    register_vs_vllm(bench_sub)
 
     from training.presets import DEFAULT_PRESET, PRESETS
 

@@ -231,12 +231,13 @@ def _sol_offline_child(ckpt_path: str, dtype: str, threads: int, max_num_seqs: i
 
     from gpt.checkpoint import load_checkpoint
     from server.engine.api import Delta, EngineRequest, RequestFinished, SamplingParams
-    from server.engine.engine import Engine, EngineConfig
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     ckpt = load_checkpoint(Path(ckpt_path), device="cpu")
-    engine = Engine(ckpt.model, ckpt.tokenizer, EngineConfig(
+    engine = Engine(ckpt.model, EngineConfig(
         device="cpu", dtype=getattr(torch, dtype), max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens))
     load_s = time.perf_counter() - t0
@@ -343,9 +344,9 @@ def summarize_online(wall_s: float, results: list[tuple[float, list[tuple[float,
 
 def sol_online(args: argparse.Namespace, m: Prepared, tokenizer, warmup: list[Request],
                workloads: dict[str, list[Request]], work: Path) -> dict[str, Any]:
+    from bench.serve import _cpu_seconds, start_server, stop_server
     from client.aio import AsyncClient
     from client.client import Client
-    from server.bench import _cpu_seconds, start_server, stop_server
 
     admin_key = "sk-sol-admin-vs-vllm"
     home = work / f"sol-home-{m.name}"
