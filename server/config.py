@@ -94,6 +94,10 @@ class ServerConfig:
     grace_period_s: float = setting(30.0, env="SOL_GRACE_PERIOD", flag="--grace-period",
                                     help="seconds running requests get to finish after SIGTERM")
     default_max_tokens: int = setting(256, help="max_tokens when a request sets none (capped by the context)")
+    stream_buffer_tokens: int = setting(
+        32, env="SOL_STREAM_BUFFER_TOKENS",
+        help="backpressure: tokens per choice a request may generate ahead of what its client has read; "
+             "beyond it the request pauses until the client reads")
     max_prompt_chars: int = 1 << 20
     max_messages: int = 1024
     # Engine sizing (None = the engine's defaults).

@@ -225,7 +225,7 @@ class InferenceService:
         model = job.model
         eos = model.stop_ids if job.chat else [model.tokenizer.eot_id]
         request = EngineRequest(request_id=uuid.uuid4().hex, prompt_ids=job.prompt_ids, params=job.params,
-                                eos_token_ids=eos)
+                                eos_token_ids=eos, max_buffered_tokens=self.config.stream_buffer_tokens)
         try:
             job.stream = model.engine.submit(request)
         except RequestRejected as err:

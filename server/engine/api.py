@@ -107,6 +107,9 @@ class EngineRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     # Token ids that end the turn unless ignore_eos (e.g. <|end|> for chat models).
     eos_token_ids: list[int] = field(default_factory=list)
+    # Backpressure: the most tokens per choice generated ahead of the reader before the
+    # request pauses; None = unbounded (an in-process reader that collects everything).
+    max_buffered_tokens: int | None = None
 
 
 @dataclass
@@ -205,6 +208,7 @@ class EngineStats:
     prefix_cache_queries: int        # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int           # of those, tokens found (cumulative)
     preemptions: int
+    paused: int = 0                  # sequences paused because their reader lags
 
     @property
     def kv_usage(self) -> float:

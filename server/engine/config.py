@@ -22,6 +22,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512      # tokens in one step (the prefill chunk bound)
     max_waiting: int = 4096                # beyond this, submit raises EngineOverloaded
     enable_prefix_caching: bool = True
+    # A sequence paused by backpressure keeps its KV blocks this long, then gives them up
+    # (full ones stay in the prefix cache) and is recomputed when its reader catches up.
+    pause_grace_s: float = 2.0
     device: str | None = None              # default: gpt.device.default_device()
     dtype: torch.dtype | None = None       # default: bf16 on CUDA, fp32 on CPU
 

@@ -90,7 +90,8 @@ class Engine:
         for a prompt its model cannot read, RequestRejected when the request can never fit,
         EngineOverloaded when the queue is full."""
         self._check(request)
-        stream = RequestStream(request.request_id, self.abort)
+        bound = request.max_buffered_tokens * request.params.n if request.max_buffered_tokens else None
+        stream = RequestStream(request.request_id, self.abort, bound, self.resume)
         with self._cond:
             if self._stopping:
                 raise EngineOverloaded("the engine is shutting down")
@@ -108,6 +109,12 @@ class Engine:
         """Stop a request, or one choice of it; blocks are freed before the next step."""
         with self._cond:
             self._inbox.append(("abort", (request_id, index)))
+            self._cond.notify()
+
+    def resume(self, request_id: str) -> None:
+        """The reader caught up with a paused request: schedule it again."""
+        with self._cond:
+            self._inbox.append(("resume", (request_id,)))
             self._cond.notify()
 
     def run_until_idle(self) -> None:
@@ -139,6 +146,7 @@ class Engine:
             prefix_cache_queries=self.blocks.queries,
             prefix_cache_hits=self.blocks.hits,
             preemptions=self.scheduler.num_preemptions,
+            paused=len(self.scheduler.paused),
         )
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -180,8 +188,10 @@ class Engine:
         for kind, payload in inbox:
             if kind == "submit":
                 self._admit(*payload)  # type: ignore[misc]
-            else:
+            elif kind == "abort":
                 self._abort_now(*payload)  # type: ignore[misc]
+            else:
+                self._resume_now(*payload)  # type: ignore[misc]
 
     def _loop(self) -> None:
         while True:
@@ -240,6 +250,12 @@ class Engine:
             self._finish_request(state, events)
         elif events:
             self._streams[request_id].push(events)
+
+    def _resume_now(self, request_id: str) -> None:
+        state = self._requests.get(request_id)
+        if state is not None:
+            for seq in state.sequences:
+                self.scheduler.resume(seq)
 
     def step(self) -> None:
         """One iteration: schedule, run the model, sample, emit token events."""
@@ -321,8 +337,11 @@ class Engine:
             state = self._requests[request_id]
             if state.all_finished:
                 self._finish_request(state, events)
-            else:
-                self._streams[request_id].push(events)
+            elif self._streams[request_id].push(events):
+                # The reader is a bound behind: stop generating until it catches up.
+                for seq in state.sequences:
+                    if not seq.is_finished and seq not in state.held_choices:
+                        self.scheduler.pause(seq)
 
     def _finish_request(self, state: RequestState, events: list[Event]) -> None:
         state.timings.finished = time.monotonic()

@@ -12,11 +12,17 @@ a pure function of (seed, position), so a preempted sequence's output is unchang
 Finishes decided here are the ones the token ids alone settle: a stop token (eos unless
 ignored, or one of stop_token_ids) and the length limits. Stop strings need text; the
 output processor finds them and aborts the choice.
+
+Backpressure: a sequence whose reader lags is paused: it leaves the running set and is
+not scheduled, keeping its blocks for `pause_grace_s`; after that (or at once when
+memory is short: paused sequences are the first to give blocks up) its blocks are freed
+and it recomputes on resume, as after a preemption.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
 
 from server.engine.api import FinishReason
@@ -32,9 +38,11 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_seq_len = max_seq_len
+        self.pause_grace_s = config.pause_grace_s
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.paused: list[Sequence] = []        # oldest pause first
         self.num_preemptions = 0
 
     def add(self, seq: Sequence, front: bool = False) -> None:
@@ -48,6 +56,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
+        now = time.monotonic()
+        for seq in self.paused:
+            if seq.block_table and now - seq.paused_at >= self.pause_grace_s:
+                self._release_paused(seq)
         budget = self.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
         preempted = False
@@ -56,6 +68,10 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self.blocks.ensure_capacity(seq, seq.num_computed + n):
+                holder = next((p for p in self.paused if p.block_table), None)
+                if holder is not None:
+                    self._release_paused(holder)
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -70,7 +86,11 @@ class Scheduler:
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self.blocks.allocate(seq) is None:
-                break
+                holder = next((p for p in self.paused if p.block_table), None)
+                if holder is None:
+                    break
+                self._release_paused(holder)
+                continue
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -104,6 +124,35 @@ class Scheduler:
             reasons.append(reason)
         return reasons
 
+    def pause(self, seq: Sequence) -> None:
+        """Stop scheduling `seq` until `resume` (its reader lags)."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(seq)
+        else:
+            return
+        seq.status = SeqStatus.PAUSED
+        seq.paused_at = time.monotonic()
+        self.paused.append(seq)
+
+    def resume(self, seq: Sequence) -> None:
+        if seq.status is not SeqStatus.PAUSED:
+            return
+        self.paused.remove(seq)
+        if seq.block_table and len(self.running) < self.max_num_seqs:
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+        else:
+            if seq.block_table:
+                self.blocks.free(seq)
+            self.add(seq, front=True)
+
+    def _release_paused(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        self.num_preemptions += 1
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
@@ -114,6 +163,8 @@ class Scheduler:
         """Remove a finished or aborted sequence wherever it is and release its blocks."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+        elif seq.status is SeqStatus.PAUSED:
+            self.paused.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             # A held choice (n > 1) may never have entered the queue.
             with contextlib.suppress(ValueError):

@@ -19,6 +19,7 @@ _seq_ids = itertools.count()
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PAUSED = "paused"                       # its reader lags (backpressure); not scheduled
     FINISHED = "finished"
 
 
@@ -35,6 +36,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0              # leading blocks already registered for reuse
     finish_reason: FinishReason | None = None
+    paused_at: float = 0.0                  # monotonic time of the last pause
 
     @property
     def params(self) -> SamplingParams:

@@ -1,5 +1,10 @@
 """The event stream of one request: filled by the engine thread, read by a blocking
-iterator or by `async for` on any asyncio loop."""
+iterator or by `async for` on any asyncio loop.
+
+Backpressure: a stream with a token bound counts the tokens pushed and not yet read.
+The engine pauses the request when that backlog reaches the bound (high water); the
+reader resumes it once it has read the backlog down to a quarter of the bound (low
+water), so a client that stops reading stops the generation instead of filling memory."""
 
 from __future__ import annotations
 
@@ -9,28 +14,41 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from server.engine.api import Event, RequestFinished
+from server.engine.api import Delta, Event, RequestFinished
 
 
 class RequestStream:
-    def __init__(self, request_id: str, abort: Callable[[str, int | None], None]) -> None:
+    def __init__(self, request_id: str, abort: Callable[[str, int | None], None],
+                 bound: int | None = None, resume: Callable[[str], None] | None = None) -> None:
         self.request_id = request_id
         self._abort = abort
         self._events: deque[Event] = deque()
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._closed = False           # RequestFinished was delivered to the reader
+        self.bound = bound             # tokens; None = unbounded (in-process readers)
+        self._resume = resume
+        self.backlog = 0               # tokens pushed and not yet read
+        self.paused = False            # set by the engine at high water, cleared at low water
 
     # --- engine side ----------------------------------------------------------------------
-    def push(self, events: list[Event]) -> None:
+    def push(self, events: list[Event]) -> bool:
+        """Queue events for the reader; True when the backlog reached the bound and the
+        engine should pause the request (the stream then remembers it is paused)."""
         with self._cond:
             self._events.extend(events)
+            if self.bound is not None:
+                self.backlog += sum(len(e.token_ids) for e in events if isinstance(e, Delta))
+            pause = self.bound is not None and not self.paused and self.backlog >= self.bound
+            if pause:
+                self.paused = True
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
         for loop, fut in waiters:
             # The reader's loop may already be closed (its task was cancelled): nothing to wake.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_wake, fut)
+        return pause
 
     # --- reader side ----------------------------------------------------------------------
     def abort(self) -> None:
@@ -50,6 +68,12 @@ class RequestStream:
         event = self._events.popleft()
         if isinstance(event, RequestFinished):
             self._closed = True
+        elif self.bound is not None and isinstance(event, Delta):
+            self.backlog -= len(event.token_ids)
+            if self.paused and self.backlog <= self.bound // 4:
+                self.paused = False
+                if self._resume is not None:
+                    self._resume(self.request_id)
         return event
 
     def __iter__(self) -> RequestStream:

@@ -348,3 +348,42 @@ def test_offline_generate_takes_text_ids_and_chat_messages(model, tiny_tokenizer
     cut = next((i + 1 for i, t in enumerate(ref) if t in stops), len(ref))
     assert outs[2].token_ids == ref[:cut]
     assert all(o.usage.completion_tokens == len(o.token_ids) for o in outs)
+
+
+def test_backpressure_pauses_a_request_its_reader_does_not_read(model, prompts, make_engine):
+    engine = make_engine(model, block_size=4, num_blocks=256)
+    p = prompts[0]
+    expected = reference_greedy(model, p, 40)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    request = EngineRequest(request_id="slow", prompt_ids=list(p), params=params, max_buffered_tokens=8)
+    stream = engine.submit(request)
+    wait_until(lambda: engine.stats().paused == 1, what="the unread request to pause")
+    state = engine._requests["slow"]
+    assert state.sequences[0].num_output_tokens == 8          # the bound, not the 40 asked
+    assert engine.stats().running == 0 and engine.stats().kv_blocks_used > 0
+    # Reading down to the low-water mark resumes it; read everything and the output is
+    # the same as without a pause.
+    tokens = []
+    for event in stream:
+        if isinstance(event, Delta):
+            tokens += event.token_ids
+    assert tokens == expected
+    engine.blocks.check_whole()
+
+
+def test_a_paused_request_gives_its_blocks_up_after_the_grace_and_recomputes(model, prompts, make_engine):
+    engine = make_engine(model, block_size=4, num_blocks=256, pause_grace_s=0.0)
+    p = prompts[3]
+    expected = reference_greedy(model, p, 30)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    stream = engine.submit(EngineRequest(request_id="idle", prompt_ids=list(p), params=params,
+                                         max_buffered_tokens=4))
+    wait_until(lambda: engine.stats().paused == 1, what="pause")
+    # Another request's step releases the paused sequence's blocks (grace 0).
+    other = submit(engine, "other", prompts[1], SamplingParams(temperature=0.0, max_tokens=3))
+    collect(other, prompts[1], 1)
+    wait_until(lambda: not engine._requests["idle"].sequences[0].block_table, what="blocks released")
+    tokens = [t for e in stream if isinstance(e, Delta) for t in e.token_ids]
+    assert tokens == expected
+    assert engine.stats().preemptions >= 1
+    engine.blocks.check_whole()
