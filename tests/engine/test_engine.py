@@ -29,6 +29,12 @@ def submit(engine, rid, prompt, params=GREEDY, eos=()):
                                        eos_token_ids=list(eos)))
 
 
+def streamed_text(engine, rid, prompt, params=GREEDY) -> str:
+    """The text a request's Delta events carry (the engine's own detokenizer and stop
+    strings, which `collect` does not read)."""
+    return "".join(e.text for e in submit(engine, rid, prompt, params) if isinstance(e, Delta))
+
+
 def test_greedy_equals_full_recomputation_across_blocks(model, prompts, make_engine):
     engine = make_engine(model, block_size=4, num_blocks=256)
     outs = [collect(submit(engine, f"r{i}", p), p, 1) for i, p in enumerate(prompts)]
@@ -128,7 +134,7 @@ def test_n_choices_share_the_prompt_blocks(model, tiny_tokenizer, make_engine):
     engine.blocks.check_whole()
 
 
-def test_greedy_matches_transformers_generate(model, prompts, tiny_tokenizer):
+def test_greedy_matches_transformers_generate(model, prompts, tiny_tokenizer, make_engine):
     transformers = pytest.importorskip("transformers")
     from gpt.hf import hf_config, to_hf_state
 
@@ -140,7 +146,7 @@ def test_greedy_matches_transformers_generate(model, prompts, tiny_tokenizer):
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     hf.tie_weights()
     max_tokens = 16
-    outs = generate(model, tiny_tokenizer, prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    outs = generate(make_engine(model), prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     for p, out in zip(prompts, outs, strict=True):
         with torch.inference_mode():
             ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
@@ -153,23 +159,25 @@ def test_stop_strings_tokens_eos_and_min_tokens(model, prompts, tiny_tokenizer, 
     engine = make_engine(model, block_size=4, num_blocks=256)
     p = prompts[0]
     base = collect(submit(engine, "base", p), p, 1)
-    text = base.text
+    text = streamed_text(engine, "base-text", p)
     # A stop string made of the end of one token and the start of the next.
     pieces = [tiny_tokenizer.decode([t]) for t in base.token_ids]
     k = next(i for i in range(3, len(pieces) - 1) if len(pieces[i]) > 1 and len(pieces[i + 1]) > 1)
     stop = pieces[k][-1] + pieces[k + 1][:1]
     cut = text.find(stop)
-    out = collect(submit(engine, "stop", p, SamplingParams(temperature=0.0, max_tokens=24, stop=[stop])), p, 1)
+    stopped = SamplingParams(temperature=0.0, max_tokens=24, stop=[stop])
+    out = collect(submit(engine, "stop", p, stopped), p, 1)
     assert out.choices[0].finish_reason == "stop"
-    assert out.text == text[:cut] and stop not in out.text
+    out_text = streamed_text(engine, "stop-text", p, stopped)
+    assert out_text == text[:cut] and stop not in out_text
     # A stop token ends the choice at its first occurrence; its text is not output.
     tok = base.token_ids[5]
     first = base.token_ids.index(tok)
-    out = collect(submit(engine, "tok", p, SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[tok])),
-                  p, 1)
+    by_token = SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[tok])
+    out = collect(submit(engine, "tok", p, by_token), p, 1)
     assert out.token_ids == base.token_ids[:first + 1]
     assert out.choices[0].finish_reason == "stop"
-    assert out.text == tiny_tokenizer.decode(base.token_ids[:first])
+    assert streamed_text(engine, "tok-text", p, by_token) == tiny_tokenizer.decode(base.token_ids[:first])
     # eos behaves the same, ignore_eos runs to max_tokens, min_tokens forbids it early.
     out = collect(submit(engine, "eos", p, SamplingParams(temperature=0.0, max_tokens=24), eos=[tok]), p, 1)
     assert out.token_ids == base.token_ids[:first + 1]
@@ -324,17 +332,24 @@ def test_a_failing_step_aborts_in_flight_requests_and_the_engine_keeps_serving(m
     assert out.token_ids == reference_greedy(model, prompts[0], GREEDY.max_tokens)
 
 
-def test_offline_generate_takes_text_ids_and_chat_messages(model, tiny_tokenizer):
+def test_offline_generate_threaded_and_synchronous_agree(model, tiny_tokenizer, make_engine):
     from gpt.chat import chat_prompt_ids, chat_stop_ids
+    from server.engine.engine import EngineConfig
+    from server.engine.offline import build_engine
 
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
-    outs = generate(model, tiny_tokenizer, ["Hello there", [5, 6, 7], chat],
-                    SamplingParams(temperature=0.0, max_tokens=6))
-    assert outs[0].prompt_ids == tiny_tokenizer.encode("Hello there")
-    assert outs[1].prompt_ids == [5, 6, 7]
-    assert outs[2].prompt_ids == chat_prompt_ids(tiny_tokenizer, chat)
-    ref = reference_greedy(model, outs[2].prompt_ids, 6)
-    stops = set(chat_stop_ids(tiny_tokenizer))
-    cut = next((i + 1 for i, t in enumerate(ref) if t in stops), len(ref))
-    assert outs[2].token_ids == ref[:cut]
+    prompts = [tiny_tokenizer.encode("Hello there"), [5, 6, 7], chat_prompt_ids(tiny_tokenizer, chat)]
+    stops = chat_stop_ids(tiny_tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    outs = generate(make_engine(model), prompts, params, stops)
+    sync = build_engine(model, tiny_tokenizer, EngineConfig(device="cpu", dtype=torch.float32), start=False)
+    assert sync.thread is None
+    assert [o.token_ids for o in generate(sync, prompts, params, stops)] == [o.token_ids for o in outs]
+    assert [o.prompt_ids for o in outs] == prompts
+    for p, out in zip(prompts, outs, strict=True):
+        ref = reference_greedy(model, p, 6)
+        cut = next((i + 1 for i, t in enumerate(ref) if t in stops), len(ref))
+        assert out.token_ids == ref[:cut]
+        assert out.choices[0].finish_reason == ("stop" if cut < len(ref) or ref[-1] in stops else "length")
     assert all(o.usage.completion_tokens == len(o.token_ids) for o in outs)
+    sync.blocks.check_whole()
