@@ -15,8 +15,7 @@ from server.engine.offline import build_engine, live_config
 # Sequences decoded together and tokens per step (the prefill chunk bound). Measured on
 # the `cpu` preset's model shape (2 threads, one RLHF rollout: 2048 replies of up to 16
 # tokens to ~25-token prompts): 512 / 4096 took 2.3 s, and so did 256 / 4096; 1024 / 4096
-# 2.4 s, 2048 / 4096 2.8 s, 2048 / 16384 3.1 s (wider steps pad attention to more
-# lengths and hold more KV); the old padded decode loop took 4.0 s.
+# 2.4 s, 2048 / 4096 2.8 s, 2048 / 16384 3.1 s; the old padded decode loop took 4.0 s.
 MAX_NUM_SEQS = 512
 MAX_NUM_BATCHED_TOKENS = 4096
 
