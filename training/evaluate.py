@@ -14,8 +14,11 @@ import torch.nn.functional as F
 from gpt.chat import chat_prompt_ids, chat_stop_ids
 from gpt.model import GPT
 from gpt.tokenizer import SolTokenizer
+from server.engine.api import SamplingParams
+from server.engine.engine import Engine
+from server.engine.offline import generate
 from training.data.tasks import PreferencePair, Problem, few_shot_prompt, sample_problems
-from training.generate import generate
+from training.decoding import reply_text, training_engine
 from training.stages.reward import sample_replies, score_replies
 
 N_SHOTS = 3
@@ -48,9 +51,11 @@ def few_shot_examples(seed: int) -> dict[str, list[Problem]]:
 
 @torch.no_grad()
 def task_accuracy(model: GPT, tokenizer: SolTokenizer, problems: list[Problem], mode: str,
-                  max_new_tokens: int = 24, batch_size: int = 64, shots_seed: int = 0,
-                  keep_samples: int = 3) -> TaskAccuracy:
-    """Greedy accuracy. mode "chat": the chat template; "base": a few-shot plain-text prompt."""
+                  max_new_tokens: int = 24, shots_seed: int = 0, keep_samples: int = 3,
+                  engine: Engine | None = None) -> TaskAccuracy:
+    """Greedy accuracy. mode "chat": the chat template; "base": a few-shot plain-text
+    prompt. Decoded by `engine` (one on `model`, e.g. kept by a training stage) or by a
+    synchronous engine made for this call."""
     if mode not in ("chat", "base"):
         raise ValueError(f"mode must be 'chat' or 'base', got {mode!r}")
     model.eval()
@@ -61,20 +66,18 @@ def task_accuracy(model: GPT, tokenizer: SolTokenizer, problems: list[Problem], 
         shots = few_shot_examples(shots_seed)
         prompts = [[tokenizer.eot_id] + tokenizer.encode(few_shot_prompt(shots[p.family], p)) for p in problems]
         stops = newline_stop_ids(tokenizer)
-    stop_set = set(stops)
+    if engine is None:
+        engine = training_engine(model, max((len(p) for p in prompts), default=1) + max_new_tokens)
+    outputs = generate(engine, prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), stops)
     right: dict[str, list[bool]] = defaultdict(list)
     samples: list[dict[str, str | bool]] = []
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # less padding per batch
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        gen = generate(model, [prompts[i] for i in chunk], max_new_tokens, stops, pad_id=tokenizer.eot_id)
-        for i, toks in zip(chunk, gen.tokens, strict=True):
-            text = tokenizer.decode([t for t in toks if t not in stop_set])
-            ok = problems[i].check(text)
-            right[problems[i].family].append(ok)
-            if len([s for s in samples if s["family"] == problems[i].family]) < keep_samples:
-                samples.append({"family": problems[i].family, "prompt": problems[i].prompt, "reply": text,
-                                "answer": problems[i].answer, "correct": ok})
+    for problem, out in zip(problems, outputs, strict=True):
+        text = reply_text(tokenizer, out.token_ids, stops)
+        ok = problem.check(text)
+        right[problem.family].append(ok)
+        if len([s for s in samples if s["family"] == problem.family]) < keep_samples:
+            samples.append({"family": problem.family, "prompt": problem.prompt, "reply": text,
+                            "answer": problem.answer, "correct": ok})
     per_family = {f: sum(v) / len(v) for f, v in sorted(right.items())}
     total = sum(sum(v) for v in right.values())
     return TaskAccuracy(accuracy=total / max(1, len(problems)), per_family=per_family, n=len(problems),
@@ -123,7 +126,8 @@ def reward_accuracy(rm: torch.nn.Module, tokenizer: SolTokenizer, pairs: list[Pr
 
 @torch.no_grad()
 def reward_ranking(policy: GPT, rm: torch.nn.Module, tokenizer: SolTokenizer, problems: list[Problem],
-                   samples_per_problem: int, seed: int) -> dict[str, dict[str, float | None]]:
+                   samples_per_problem: int, seed: int, engine: Engine | None = None
+                   ) -> dict[str, dict[str, float | None]]:
     """How well the reward model ranks the policy's own samples, per task family: what
     RL against it can reach. For each problem, `samples_per_problem` replies at
     temperature 1 are scored; reported are the share of samples that are correct, the
@@ -131,8 +135,10 @@ def reward_ranking(policy: GPT, rm: torch.nn.Module, tokenizer: SolTokenizer, pr
     carry a learning signal), the share of (right, wrong) pairs within a problem that the
     reward model orders correctly, and best-of-n accuracy (the top-scored sample
     correct). Best-of-n at or below the policy's greedy accuracy means the reward cannot
-    lead RL past it on that family. Unfinished replies count as wrong."""
-    replies = sample_replies(policy, tokenizer, [p.prompt for p in problems], samples_per_problem, seed)
+    lead RL past it on that family. Unfinished replies count as wrong. `engine`: one on
+    `policy` to sample with (default: one made for this call)."""
+    replies = sample_replies(policy, tokenizer, [p.prompt for p in problems], samples_per_problem, seed,
+                             engine=engine)
     items = [(p.prompt, text or "") for p, texts in zip(problems, replies, strict=True) for text in texts]
     scores = score_replies(rm, tokenizer, items).view(len(problems), samples_per_problem).tolist()
     stats: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))

@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
+from gpt.chat import chat_prompt_ids
 from gpt.checkpoint import load_checkpoint
 from gpt.model import GPT
 from gpt.registry import Registry, ResolvedModel, publish_checkpoint
 from gpt.tokenizer import SolTokenizer, train_tokenizer
+from server.engine.engine import Engine
 from training import distributed
 from training.data.corpus import Corpus, build_corpus
 from training.data.tasks import (
@@ -34,6 +36,7 @@ from training.data.tasks import (
     sample_problems,
 )
 from training.data.tasks import fingerprint as task_fingerprint
+from training.decoding import training_engine
 from training.evaluate import perplexity, reward_accuracy, reward_ranking, task_accuracy
 from training.heads import REWARD_HEAD, PolicyWithValue, RewardModel
 from training.loop import LoopResult, train
@@ -152,13 +155,23 @@ def preference_problems(p: PipelinePreset, seed: int) -> tuple[list[Problem], li
             sample_problems(p.rm_eval_per_family, "heldout", RM_EVAL_SEED, p.families, unique=True).problems)
 
 
-def preference_data(ctx: Context, tokenizer: SolTokenizer, sft: GPT) -> tuple[PreferenceSet, PreferenceSet]:
+def chat_engine(model: GPT, tokenizer: SolTokenizer, problems: list[Problem], max_new_tokens: int = 24) -> Engine:
+    """One synchronous engine on `model` for a stage's sampling, sized for its longest
+    chat prompt plus the reply."""
+    longest = max(len(chat_prompt_ids(tokenizer, [{"role": "user", "content": q.prompt}])) for q in problems)
+    return training_engine(model, longest + max_new_tokens)
+
+
+def preference_data(ctx: Context, tokenizer: SolTokenizer, sft: GPT, engine: Engine | None = None
+                    ) -> tuple[PreferenceSet, PreferenceSet]:
     """Training pairs from training-split problems and held-out pairs from held-out ones;
-    rejected replies are the SFT model's own wrong samples where it made some."""
+    rejected replies are the SFT model's own wrong samples where it made some (drawn by
+    `engine`, one on `sft`, or one made here)."""
     p = ctx.preset
     train_problems, heldout_problems = preference_problems(p, ctx.seed)
-    wrong_train = sample_wrong_replies(sft, tokenizer, train_problems, p.rm_samples, ctx.seed)
-    wrong_eval = sample_wrong_replies(sft, tokenizer, heldout_problems, p.rm_samples, RM_EVAL_SEED)
+    engine = engine or chat_engine(sft, tokenizer, train_problems + heldout_problems)
+    wrong_train = sample_wrong_replies(sft, tokenizer, train_problems, p.rm_samples, ctx.seed, engine=engine)
+    wrong_eval = sample_wrong_replies(sft, tokenizer, heldout_problems, p.rm_samples, RM_EVAL_SEED, engine=engine)
     return (preference_pairs(train_problems, ctx.seed, wrong_train, p.rm_model_pairs),
             preference_pairs(heldout_problems, RM_EVAL_SEED, wrong_eval, p.rm_model_pairs))
 
@@ -166,7 +179,10 @@ def preference_data(ctx: Context, tokenizer: SolTokenizer, sft: GPT) -> tuple[Pr
 def stage_reward(ctx: Context, tokenizer: SolTokenizer, sft: GPT, parent: str | None) -> StageOutcome:
     p = ctx.preset
     began = time.perf_counter()
-    train_pairs, eval_pairs = preference_data(ctx, tokenizer, sft)
+    # One engine on the SFT policy for all of this stage's sampling: its KV pool is made once.
+    train_problems, heldout_problems = preference_problems(p, ctx.seed)
+    engine = chat_engine(sft, tokenizer, [*train_problems, *heldout_problems, *eval_problems(p)])
+    train_pairs, eval_pairs = preference_data(ctx, tokenizer, sft, engine)
     rm = RewardModel(copy.deepcopy(sft)).to(ctx.info.device)
     stage = RewardStage(tokenizer, train_pairs.pairs, p.reward, ctx.info.device)
     result = train(rm, stage, p.reward.loop, ctx.stage_dir("reward"), ctx.info, ctx.progress, ctx.resume)
@@ -178,7 +194,7 @@ def stage_reward(ctx: Context, tokenizer: SolTokenizer, sft: GPT, parent: str | 
         # On the held-out problems whose greedy accuracy measures every stage, so that
         # best-of-n compares with the SFT row of the report.
         metrics["ranking"] = reward_ranking(sft, rm, tokenizer, eval_problems(ctx.preset), p.rm_ranking_samples,
-                                            EVAL_SEED + 1)
+                                            EVAL_SEED + 1, engine=engine)
         ctx.log(f"reward model best-of-{p.rm_ranking_samples} on the SFT policy's samples: " +
                 " ".join(f"{f}={r['best_of_n']:.2f}" for f, r in metrics["ranking"].items()))
     resolved = _publish(ctx, rm.gpt, tokenizer, "rm", {

@@ -129,6 +129,9 @@ class Engine:
                 self._inbox.clear()
             self._apply(inbox)
             if not self.scheduler.has_work():
+                with self._cond:
+                    # The thread's loop keeps this count; here nothing waits once idle.
+                    self._num_waiting_hint = len(self._inbox)
                 return
             self.step()
 

@@ -1,34 +1,48 @@
-"""Offline generation: run the engine in-process over a list of prompts and wait for all
-of them (evaluation, scripts, tests)."""
+"""Offline decoding on the engine: the one place outside the server that builds engines,
+and one helper that submits token-id prompts and collects what came back (token ids,
+finish reasons, chosen-token logprobs, usage). Evaluation, reward-model sampling, RLHF
+rollouts, scripts and tests all decode through it, so the engine is the only decode
+path in the repository.
+
+Only token ids and numbers are read from the events, never text: callers that want
+text decode the ids with their tokenizer.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gpt.chat import Message, chat_prompt_ids, chat_stop_ids
+from torch import nn
+
 from gpt.model import GPT
-from gpt.tokenizer import SolTokenizer
 from server.engine.api import (
     ChoiceFinished,
+    Delta,
     EngineRequest,
+    FinishReason,
     RequestFinished,
     SamplingParams,
-    TextDelta,
+    TokenLogprob,
     Usage,
 )
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.output import OutputProcessor, TokenTexts
+from server.engine.stream import RequestStream
 
 
 @dataclass
 class ChoiceOutput:
     index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)   # the stop token included when one ended it
+    logprobs: list[float] = field(default_factory=list)  # one per token when params.logprobs >= 1
+    finish_reason: FinishReason | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """Ended by a stop/eos token (not by max_tokens, the context or an abort)."""
+        return self.finish_reason == "stop"
 
 
 @dataclass
@@ -39,24 +53,40 @@ class GenerationOutput:
     usage: Usage
 
     @property
-    def text(self) -> str:
-        return self.choices[0].text
-
-    @property
     def token_ids(self) -> list[int]:
         return self.choices[0].token_ids
 
 
-def collect(stream, processor: OutputProcessor, prompt_ids: list[int], n: int) -> GenerationOutput:
-    """Drain a RequestStream through its output processor into a GenerationOutput (blocking)."""
+def build_engine(model: GPT, config: EngineConfig | None = None, *, start: bool = True) -> Engine:
+    """Every engine that is not the server's is made here, so that a change to the
+    engine's constructor is one edit. `start=False` gives a synchronous engine:
+    `generate` then runs its steps on the caller's thread (training, evaluation)."""
+    return Engine(model, config, start=start)
+
+
+def live_config(model: nn.Module, **overrides: object) -> EngineConfig:
+    """An engine config on the model's own device and dtype, so that the engine decodes
+    with the model's live weights instead of a converted copy: a training step is then
+    seen by the next `generate` (after `engine.reset_prefix_cache()`)."""
+    param = next(model.parameters())
+    return EngineConfig(device=str(param.device), dtype=param.dtype, **overrides)  # type: ignore[arg-type]
+
+
+def chosen_logprob(entry: TokenLogprob) -> float:
+    """The log-probability of the sampled token in one logprob entry of a Delta: the
+    only place that knows the entry's shape."""
+    return entry.logprob
+
+
+def collect(stream: RequestStream, prompt_ids: list[int], n: int) -> GenerationOutput:
+    """Drain a request's stream (blocking until it ends) into a GenerationOutput."""
     choices = [ChoiceOutput(index=i) for i in range(n)]
     usage = Usage()
-    for event in (e for raw in stream for e in processor.process([raw])):
-        if isinstance(event, TextDelta):
-            c = choices[event.index]
-            c.text += event.text
-            c.token_ids += event.token_ids
-            c.logprobs += [lp.logprob for lp in event.logprobs]
+    for event in stream:
+        if isinstance(event, Delta):
+            choice = choices[event.index]
+            choice.token_ids += event.token_ids
+            choice.logprobs += [chosen_logprob(lp) for lp in event.logprobs]
         elif isinstance(event, ChoiceFinished):
             choices[event.index].finish_reason = event.finish_reason
         elif isinstance(event, RequestFinished):
@@ -64,42 +94,30 @@ def collect(stream, processor: OutputProcessor, prompt_ids: list[int], n: int) -
     return GenerationOutput(request_id=stream.request_id, prompt_ids=prompt_ids, choices=choices, usage=usage)
 
 
-Prompt = str | list[int] | list[dict] | list[Message]
-
-
-def _prompt_ids(tokenizer: SolTokenizer, prompt: Prompt) -> tuple[list[int], bool]:
-    """Token ids, and whether the prompt was a chat (messages rendered by the template)."""
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt), False
-    if prompt and isinstance(prompt[0], dict | Message):
-        return chat_prompt_ids(tokenizer, prompt), True  # type: ignore[arg-type]
-    return list(prompt), False  # type: ignore[arg-type]
-
-
-def generate(model: GPT, tokenizer: SolTokenizer, prompts: list[Prompt],
-             params: SamplingParams | list[SamplingParams] | None = None,
-             eos_token_ids: list[int] | None = None, config: EngineConfig | None = None,
-             engine: Engine | None = None) -> list[GenerationOutput]:
-    """Generate for every prompt (text, token ids, or chat messages rendered by the chat
-    template, which then stop at the end of the assistant turn) with continuous batching;
-    outputs in prompt order. Pass `engine` to reuse a running one (it is left running)."""
-    params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-    if len(params_list) != len(prompts):
-        raise ValueError("give one SamplingParams per prompt, or one for all")
-    own = engine is None
-    engine = engine or Engine(model, config)
-    texts = TokenTexts(tokenizer.decode_bytes)
-    try:
-        submitted = []
-        for prompt, sp in zip(prompts, params_list, strict=True):
-            ids, is_chat = _prompt_ids(tokenizer, prompt)
-            request = EngineRequest(
-                request_id=f"gen-{uuid.uuid4().hex[:12]}", prompt_ids=ids, params=sp,
-                eos_token_ids=list(eos_token_ids if eos_token_ids is not None
-                                   else chat_stop_ids(tokenizer) if is_chat else []))
-            stream = engine.submit(request)
-            submitted.append((stream, OutputProcessor(request, texts, stream.abort_choice), ids, sp.n))
-        return [collect(*s) for s in submitted]
-    finally:
-        if own:
-            engine.shutdown()
+def generate(engine: Engine, prompts: Sequence[Sequence[int]],
+             params: SamplingParams | Sequence[SamplingParams],
+             eos_token_ids: Sequence[int] = ()) -> list[GenerationOutput]:
+    """Decode every prompt (token ids) on `engine` with continuous batching; outputs in
+    prompt order. A synchronous engine (built with start=False) is stepped here until
+    idle; a threaded one is waited on. `params` is one SamplingParams for all prompts or
+    one per prompt (e.g. a seed per row: each choice's draws depend only on its seed
+    and position, whatever else is in the batch)."""
+    per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(per_prompt) != len(prompts):
+        raise ValueError(f"give one SamplingParams per prompt ({len(prompts)}), or one for all "
+                         f"(got {len(per_prompt)})")
+    synchronous = engine.thread is None
+    # A synchronous engine holds every submitted request until it is stepped, so submit
+    # no more at once than its waiting queue takes.
+    chunk = engine.config.max_waiting if synchronous else max(1, len(prompts))
+    outputs: list[GenerationOutput] = []
+    for start in range(0, len(prompts), chunk):
+        batch = [(list(p), sp) for p, sp in zip(prompts[start:start + chunk], per_prompt[start:start + chunk],
+                                                 strict=True)]
+        streams = [engine.submit(EngineRequest(request_id=f"gen-{uuid.uuid4().hex[:16]}", prompt_ids=p,
+                                               params=sp, eos_token_ids=list(eos_token_ids)))
+                   for p, sp in batch]
+        if synchronous:
+            engine.run_until_idle()
+        outputs += [collect(s, p, sp.n) for s, (p, sp) in zip(streams, batch, strict=True)]
+    return outputs

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -17,8 +18,9 @@ from server.engine.api import (
     RequestFinished,
     RequestRejected,
     SamplingParams,
+    TextDelta,
+    Usage,
 )
-from server.engine.offline import collect as collect_processed
 from server.engine.offline import generate
 from server.engine.output import OutputProcessor
 from tests.engine.conftest import reference_greedy, wait_until
@@ -33,8 +35,45 @@ def submit(engine, rid, prompt, params=GREEDY, eos=()):
     return stream
 
 
-def collect(stream, prompt, n):
-    return collect_processed(stream, stream.processor, prompt, n)
+@dataclass
+class SeenChoice:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass
+class Seen:
+    """A request's output as a client of the service sees it: after the output processor."""
+
+    choices: list[SeenChoice]
+    usage: Usage
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.choices[0].token_ids
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+
+def collect(stream, prompt, n) -> Seen:
+    seen = Seen([SeenChoice() for _ in range(n)], Usage())
+    for raw in stream:
+        for event in stream.processor.process([raw]):
+            if isinstance(event, TextDelta):
+                seen.choices[event.index].token_ids += event.token_ids
+                seen.choices[event.index].text += event.text
+            elif isinstance(event, ChoiceFinished):
+                seen.choices[event.index].finish_reason = event.finish_reason
+            elif isinstance(event, RequestFinished):
+                seen.usage = event.usage
+    return seen
+
+
+def streamed_text(engine, rid, prompt, params=GREEDY) -> str:
+    return collect(submit(engine, rid, prompt, params), prompt, 1).text
 
 
 def test_greedy_equals_full_recomputation_across_blocks(model, prompts, make_engine):
@@ -136,7 +175,7 @@ def test_n_choices_share_the_prompt_blocks(model, tiny_tokenizer, make_engine):
     engine.blocks.check_whole()
 
 
-def test_greedy_matches_transformers_generate(model, prompts, tiny_tokenizer):
+def test_greedy_matches_transformers_generate(model, prompts, tiny_tokenizer, make_engine):
     transformers = pytest.importorskip("transformers")
     from gpt.hf import hf_config, to_hf_state
 
@@ -148,7 +187,7 @@ def test_greedy_matches_transformers_generate(model, prompts, tiny_tokenizer):
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     hf.tie_weights()
     max_tokens = 16
-    outs = generate(model, tiny_tokenizer, prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    outs = generate(make_engine(model), prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     for p, out in zip(prompts, outs, strict=True):
         with torch.inference_mode():
             ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
@@ -161,23 +200,25 @@ def test_stop_strings_tokens_eos_and_min_tokens(model, prompts, tiny_tokenizer, 
     engine = make_engine(model, block_size=4, num_blocks=256)
     p = prompts[0]
     base = collect(submit(engine, "base", p), p, 1)
-    text = base.text
+    text = streamed_text(engine, "base-text", p)
     # A stop string made of the end of one token and the start of the next.
     pieces = [tiny_tokenizer.decode([t]) for t in base.token_ids]
     k = next(i for i in range(3, len(pieces) - 1) if len(pieces[i]) > 1 and len(pieces[i + 1]) > 1)
     stop = pieces[k][-1] + pieces[k + 1][:1]
     cut = text.find(stop)
-    out = collect(submit(engine, "stop", p, SamplingParams(temperature=0.0, max_tokens=24, stop=[stop])), p, 1)
+    stopped = SamplingParams(temperature=0.0, max_tokens=24, stop=[stop])
+    out = collect(submit(engine, "stop", p, stopped), p, 1)
     assert out.choices[0].finish_reason == "stop"
-    assert out.text == text[:cut] and stop not in out.text
+    out_text = streamed_text(engine, "stop-text", p, stopped)
+    assert out_text == text[:cut] and stop not in out_text
     # A stop token ends the choice at its first occurrence; its text is not output.
     tok = base.token_ids[5]
     first = base.token_ids.index(tok)
-    out = collect(submit(engine, "tok", p, SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[tok])),
-                  p, 1)
+    by_token = SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[tok])
+    out = collect(submit(engine, "tok", p, by_token), p, 1)
     assert out.token_ids == base.token_ids[:first + 1]
     assert out.choices[0].finish_reason == "stop"
-    assert out.text == tiny_tokenizer.decode(base.token_ids[:first])
+    assert streamed_text(engine, "tok-text", p, by_token) == tiny_tokenizer.decode(base.token_ids[:first])
     # eos behaves the same, ignore_eos runs to max_tokens, min_tokens forbids it early.
     out = collect(submit(engine, "eos", p, SamplingParams(temperature=0.0, max_tokens=24), eos=[tok]), p, 1)
     assert out.token_ids == base.token_ids[:first + 1]
@@ -334,20 +375,27 @@ def test_a_failing_step_aborts_in_flight_requests_and_the_engine_keeps_serving(m
     assert out.token_ids == reference_greedy(model, prompts[0], GREEDY.max_tokens)
 
 
-def test_offline_generate_takes_text_ids_and_chat_messages(model, tiny_tokenizer):
+def test_offline_generate_threaded_and_synchronous_agree(model, tiny_tokenizer, make_engine):
     from gpt.chat import chat_prompt_ids, chat_stop_ids
+    from server.engine.config import EngineConfig
+    from server.engine.offline import build_engine
 
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
-    outs = generate(model, tiny_tokenizer, ["Hello there", [5, 6, 7], chat],
-                    SamplingParams(temperature=0.0, max_tokens=6))
-    assert outs[0].prompt_ids == tiny_tokenizer.encode("Hello there")
-    assert outs[1].prompt_ids == [5, 6, 7]
-    assert outs[2].prompt_ids == chat_prompt_ids(tiny_tokenizer, chat)
-    ref = reference_greedy(model, outs[2].prompt_ids, 6)
-    stops = set(chat_stop_ids(tiny_tokenizer))
-    cut = next((i + 1 for i, t in enumerate(ref) if t in stops), len(ref))
-    assert outs[2].token_ids == ref[:cut]
+    prompts = [tiny_tokenizer.encode("Hello there"), [5, 6, 7], chat_prompt_ids(tiny_tokenizer, chat)]
+    stops = chat_stop_ids(tiny_tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    outs = generate(make_engine(model), prompts, params, stops)
+    sync = build_engine(model, EngineConfig(device="cpu", dtype=torch.float32), start=False)
+    assert sync.thread is None
+    assert [o.token_ids for o in generate(sync, prompts, params, stops)] == [o.token_ids for o in outs]
+    assert [o.prompt_ids for o in outs] == prompts
+    for p, out in zip(prompts, outs, strict=True):
+        ref = reference_greedy(model, p, 6)
+        cut = next((i + 1 for i, t in enumerate(ref) if t in stops), len(ref))
+        assert out.token_ids == ref[:cut]
+        assert out.choices[0].finish_reason == ("stop" if cut < len(ref) or ref[-1] in stops else "length")
     assert all(o.usage.completion_tokens == len(o.token_ids) for o in outs)
+    sync.blocks.check_whole()
 
 
 def test_backpressure_pauses_a_request_its_reader_does_not_read(model, prompts, make_engine):

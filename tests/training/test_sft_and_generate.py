@@ -1,5 +1,6 @@
-"""SFT targets follow the chat template's mask; batched generation with the padded KV
-cache equals step-by-step generation without a cache."""
+"""SFT targets follow the chat template's mask; batched generation through the training
+engine (synchronous, paged KV cache) equals step-by-step generation without a cache, and
+sampled rows are reproducible from their own seeds whatever the batch."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import torch
 
 from gpt.chat import render_chat
 from gpt.tokenizer import END_OF_TURN
+from server.engine.api import SamplingParams
+from server.engine.offline import generate
 from tests.conftest import make_tiny_model
 from training.batching import IGNORE_INDEX
-from training.generate import generate
+from training.decoding import training_engine
 from training.stages.sft import sft_example
 
 
@@ -35,8 +38,10 @@ def test_cached_batched_generation_matches_uncached(tiny_tokenizer):
         for p in model.parameters():        # sharper logits than the 0.02 init: varied tokens
             p.mul_(8.0)
     prompts = [tiny_tokenizer.encode(t) for t in ("Hello there, how", "a", "The quick brown fox jumps over")]
-    gen = generate(model, prompts, 8, stop_ids=[tiny_tokenizer.eot_id])
-    for prompt, out in zip(prompts, gen.tokens, strict=True):
+    engine = training_engine(model, max_len=40, max_num_seqs=2)   # fewer rows than prompts
+    gen = [o.token_ids for o in generate(engine, prompts, SamplingParams(temperature=0.0, max_tokens=8),
+                                         [tiny_tokenizer.eot_id])]
+    for prompt, out in zip(prompts, gen, strict=True):
         ids, ref = list(prompt), []
         with torch.no_grad():
             for _ in range(8):
@@ -46,16 +51,22 @@ def test_cached_batched_generation_matches_uncached(tiny_tokenizer):
                 if nxt == tiny_tokenizer.eot_id:
                     break
         assert out == ref
-    assert len({tuple(t) for t in gen.tokens}) > 1
+    assert len({tuple(t) for t in gen}) > 1
+    engine.blocks.check_whole()
 
 
 def test_sampled_generation_is_reproducible_per_row(tiny_tokenizer):
-    from server.engine.api import SamplingParams
-
     model = make_tiny_model(tiny_tokenizer, seed=1)
-    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
+    engine = training_engine(model, max_len=16)
+
+    def params(seed: int) -> SamplingParams:
+        return SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_tokens=6, seed=seed, logprobs=1)
+
     prompts = [tiny_tokenizer.encode("one two"), tiny_tokenizer.encode("three")]
-    both = generate(model, prompts, 6, [tiny_tokenizer.eot_id], params, seeds=[11, 22])
-    alone = generate(model, prompts[1:], 6, [tiny_tokenizer.eot_id], params, seeds=[22])
-    assert both.tokens[1] == alone.tokens[0]
-    assert all(len(t) == len(lp) for t, lp in zip(both.tokens, both.logprobs, strict=True))
+    both = generate(engine, prompts, [params(11), params(22)], [tiny_tokenizer.eot_id])
+    alone = generate(engine, prompts[1:], [params(22)], [tiny_tokenizer.eot_id])
+    assert both[1].token_ids == alone[0].token_ids
+    assert both[1].choices[0].logprobs == alone[0].choices[0].logprobs
+    assert all(len(o.token_ids) == len(o.choices[0].logprobs) for o in both)
+    # Another seed draws another reply (6 tokens from ~500: a collision is vanishingly rare).
+    assert generate(engine, prompts[1:], [params(23)], [tiny_tokenizer.eot_id])[0].token_ids != alone[0].token_ids

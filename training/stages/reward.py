@@ -10,10 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt.chat import render_chat
+from gpt.chat import chat_prompt_ids, chat_stop_ids, render_chat
+from gpt.model import GPT
 from gpt.tokenizer import SolTokenizer
+from server.engine.api import SamplingParams
+from server.engine.engine import Engine
+from server.engine.offline import generate
 from training.batching import global_indices, pad_right
 from training.data.tasks import PreferencePair
+from training.decoding import reply_text, training_engine
 from training.loop import LoopConfig
 
 
@@ -98,37 +103,36 @@ def score_replies(rm: nn.Module, tokenizer: SolTokenizer, items: list[tuple[str,
 
 
 @torch.no_grad()
-def sample_replies(policy: nn.Module, tokenizer: SolTokenizer, prompts: list[str], samples_per_prompt: int,
-                   seed: int, max_new_tokens: int = 24, batch_size: int = 128) -> list[list[str | None]]:
-    """`samples_per_prompt` replies per user prompt, sampled at temperature 1 through the
-    engine's sampler; None where a reply hit the token limit before its end-of-turn."""
-    from gpt.chat import chat_prompt_ids, chat_stop_ids
-    from server.engine.api import SamplingParams
-    from training.generate import generate
-
+def sample_replies(policy: GPT, tokenizer: SolTokenizer, prompts: list[str], samples_per_prompt: int,
+                   seed: int, max_new_tokens: int = 24, engine: Engine | None = None) -> list[list[str | None]]:
+    """`samples_per_prompt` replies per user prompt, sampled at temperature 1 by the
+    engine (`engine`, one on `policy`, or one made for this call); None where a reply hit
+    the token limit before its end-of-turn. Each reply has its own seed, so its draws do
+    not depend on what else is in the batch."""
     policy.eval()
-    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_tokens=max_new_tokens)
     stops = chat_stop_ids(tokenizer)
     jobs = [(i, s) for i in range(len(prompts)) for s in range(samples_per_prompt)]
+    rendered = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    ids = [rendered[i] for i, _ in jobs]
+    params = [SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_tokens=max_new_tokens,
+                             seed=seed * 1_000_003 + i * 131 + s) for i, s in jobs]
+    if engine is None:
+        engine = training_engine(policy, max((len(p) for p in rendered), default=1) + max_new_tokens)
     replies: list[list[str | None]] = [[] for _ in prompts]
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        ids = [chat_prompt_ids(tokenizer, [{"role": "user", "content": prompts[i]}]) for i, _ in chunk]
-        seeds = [seed * 1_000_003 + i * 131 + s for i, s in chunk]
-        gen = generate(policy, ids, max_new_tokens, stops, params, seeds=seeds, pad_id=tokenizer.eot_id)
-        for (i, _), toks, finished in zip(chunk, gen.tokens, gen.finished, strict=True):
-            replies[i].append(tokenizer.decode([t for t in toks if t not in stops]) if finished else None)
+    for (i, _), out in zip(jobs, generate(engine, ids, params, stops), strict=True):
+        choice = out.choices[0]
+        replies[i].append(reply_text(tokenizer, choice.token_ids, stops) if choice.stopped else None)
     return replies
 
 
-def sample_wrong_replies(policy: nn.Module, tokenizer: SolTokenizer, problems: list,
+def sample_wrong_replies(policy: GPT, tokenizer: SolTokenizer, problems: list,
                          samples_per_problem: int, seed: int, max_new_tokens: int = 24,
-                         batch_size: int = 128) -> dict[tuple[str, str], list[str]]:
+                         engine: Engine | None = None) -> dict[tuple[str, str], list[str]]:
     """The policy's own sampled replies that fail the verifier, keyed by (family, key): the
     hard negatives for the reward model. Unfinished replies are left out: they are not
     scored like finished ones."""
     replies = sample_replies(policy, tokenizer, [p.prompt for p in problems], samples_per_problem, seed,
-                             max_new_tokens, batch_size)
+                             max_new_tokens, engine)
     wrong: dict[tuple[str, str], list[str]] = {}
     for p, texts in zip(problems, replies, strict=True):
         for text in texts:

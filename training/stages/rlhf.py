@@ -5,8 +5,9 @@ and GAE (gamma 1, lambda 0.95) updates the policy.
 
 One optimizer step of the shared loop is one PPO minibatch. Every `steps_per_rollout`
 steps the stage draws a fresh batch of rollouts with the current policy, through the
-serving engine's sampler at temperature 1 with top_k=0 and top_p=1 (truncated sampling
-makes the KL estimate meaningless: the sampled distribution is no longer the policy's).
+serving engine (synchronous, on the policy's live weights, its KV pool kept for the
+whole stage) at temperature 1 with top_k=0 and top_p=1 (truncated sampling makes the KL
+estimate meaningless: the sampled distribution is no longer the policy's).
 
 With `ptx_coef` > 0 each minibatch also carries the language-model loss on a batch of
 demonstrations (InstructGPT's PPO-ptx, with the SFT conversations where InstructGPT used
@@ -26,9 +27,11 @@ from gpt.chat import chat_prompt_ids, chat_stop_ids
 from gpt.model import GPT
 from gpt.tokenizer import SolTokenizer
 from server.engine.api import SamplingParams
+from server.engine.engine import Engine
+from server.engine.offline import generate
 from training.batching import pad_right, step_generator
 from training.data.tasks import Problem
-from training.generate import generate
+from training.decoding import MAX_NUM_SEQS, training_engine
 from training.heads import PolicyWithValue, RewardModel
 from training.loop import LoopConfig
 from training.ppo import (
@@ -148,6 +151,7 @@ class RLHFStage:
         self.score_std: float | None = None
         self.rollout: Rollout | None = None
         self.rollout_iteration = -1
+        self.engine: Engine | None = None     # made at the first rollout, kept for the stage
         self.history: list[dict[str, float]] = []
 
     # --- resumable state (the loop stores it as JSON) -----------------------------------------
@@ -172,13 +176,14 @@ class RLHFStage:
         prompts = [self.prompts[i] for i in picks]
         seeds = [(cfg.loop.seed * 1_000_003 + iteration) * 65_537 + rank * drawn * k + i for i in range(len(picks))]
         self.policy.eval()
-        params = SamplingParams(temperature=cfg.temperature, top_k=0, top_p=1.0, max_tokens=cfg.max_new_tokens)
-        gen = generate(self.policy.gpt, prompts, cfg.max_new_tokens, chat_stop_ids(self.tokenizer), params,
-                       seeds=seeds, pad_id=self.tokenizer.eot_id)
-        replies = [r if r else [self.tokenizer.end_of_turn_id] for r in gen.tokens]
+        engine = self.rollout_engine(len(picks))
+        params = [SamplingParams(temperature=cfg.temperature, top_k=0, top_p=1.0, max_tokens=cfg.max_new_tokens,
+                                 seed=seed) for seed in seeds]
+        choices = [out.choices[0] for out in generate(engine, prompts, params, chat_stop_ids(self.tokenizer))]
+        replies = [c.token_ids or [self.tokenizer.end_of_turn_id] for c in choices]
         keep, varied = varied_groups_first(replies, k, n_prompts)
         picks, prompts, replies = [picks[i] for i in keep], [prompts[i] for i in keep], [replies[i] for i in keep]
-        finished_kept = [gen.finished[i] for i in keep]
+        finished_kept = [choices[i].stopped for i in keep]
         seqs = pad_right([p + r for p, r in zip(prompts, replies, strict=True)], self.tokenizer.eot_id)
         index = pad_right([list(range(len(p) - 1, len(p) - 1 + len(r))) for p, r in zip(prompts, replies,
                                                                                          strict=True)], 0)
@@ -186,6 +191,13 @@ class RLHFStage:
         mask = pad_right([[1] * len(r) for r in replies], 0).float()
         seqs, index, targets, mask = (t.to(self.device) for t in (seqs, index, targets, mask))
 
+        # The sampled tokens' log-probs are recomputed by the training forward, not taken
+        # from the engine's events: PPO's ratio divides the log-probs of the forward that
+        # is differentiated (the training graph: full-sequence attention, the training
+        # precision) by these, and only the same computation makes that ratio 1 before
+        # the first update. The engine's come from its inference-mode paged path (bf16 on
+        # a GPU), which carries no graph and differs by rounding; on CPU they agree within
+        # 1e-4 (tests/training/test_rollout_engine.py).
         logits, values_all = self.policy(seqs)
         logp, _ = reply_logprobs(logits, index, targets, cfg.temperature)
         ref_logp, _ = reply_logprobs(self.reference(seqs), index, targets, cfg.temperature)
@@ -226,6 +238,17 @@ class RLHFStage:
         }
         self.kl.update(kl_per_reply, cfg.rollouts * world)
         return Rollout(seqs, index, targets, mask, logp, values, advantages, returns, stats)
+
+    def rollout_engine(self, rows: int) -> Engine:
+        """The policy's engine: made once, on the policy's live weights (no copy), with a
+        KV pool reused by every rollout. Its cached prefix blocks hold keys and values the
+        previous weights computed, so they are dropped before each rollout."""
+        if self.engine is None:
+            longest = max(len(p) for p in self.prompts) + self.cfg.max_new_tokens
+            self.engine = training_engine(self.policy.gpt, longest, min(rows, MAX_NUM_SEQS))
+        else:
+            self.engine.reset_prefix_cache()
+        return self.engine
 
     # --- the loop's interface ---------------------------------------------------------------
     def micro_batch(self, step: int, micro: int, rank: int, world: int
