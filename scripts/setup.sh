@@ -18,4 +18,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "warning: redis-server not found; install it (e.g. apt-get install redis-server) for the integration tests" >&2
   fi
 fi
+# The playground's test drives a real headless browser: Debian's Chromium and its driver.
+if ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "warning: chromium/chromedriver not found; install them (apt-get install chromium chromium-driver) for the playground test" >&2
+  fi
+fi
 echo "ready: $(.venv/bin/sol --help >/dev/null && echo 'sol installed in .venv/')"

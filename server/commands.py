@@ -20,6 +20,8 @@ def register(sub, bench_sub) -> None:
                    help="gRPC port (SOL_PORT; default 50051)")
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("SOL_METRICS_PORT") or 9400),
                    help="Prometheus port, 0 = off (SOL_METRICS_PORT; default 9400)")
+    p.add_argument("--http-port", type=int, default=int(os.environ.get("SOL_HTTP_PORT") or 8000),
+                   help="OpenAI-compatible HTTP API and playground page, 0 = off (SOL_HTTP_PORT; default 8000)")
     p.add_argument("--registry", type=Path, default=None, help="registry directory (default: $SOL_HOME/registry)")
     p.add_argument("--model", action="append", default=[], metavar="REF",
                    help="model to serve: NAME, NAME:ALIAS or NAME@VERSION (repeatable; default: every model's "
@@ -77,7 +79,8 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import serve
     from server.config import ServerConfig
 
-    config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, models=args.model,
+    config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
+                          models=args.model,
                           redis_url=args.redis_url, admin_key_file=args.admin_key_file,
                           grace_period_s=args.grace_period, device=args.device, kv_blocks=args.kv_blocks,
                           default_max_tokens=args.default_max_tokens, cached_discount=args.cached_discount,

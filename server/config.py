@@ -26,6 +26,8 @@ class ServerConfig:
     host: str = field(default_factory=lambda: os.environ.get("SOL_HOST", "0.0.0.0"))
     port: int = field(default_factory=lambda: _env_int("SOL_PORT", 50051))
     metrics_port: int = field(default_factory=lambda: _env_int("SOL_METRICS_PORT", 9400))  # 0 = off
+    # OpenAI-compatible HTTP API + playground, same process and engines as gRPC; 0 = off.
+    http_port: int = field(default_factory=lambda: _env_int("SOL_HTTP_PORT", 8000))
     registry: Path = field(default_factory=lambda: Path(os.environ.get("SOL_REGISTRY") or default_registry_root()))
     models: list[str] = field(default_factory=list)   # refs; empty = every model's latest
     redis_url: str | None = field(default_factory=lambda: os.environ.get("SOL_REDIS_URL") or None)
