@@ -83,10 +83,11 @@ class ChunkMaker:
     """Stream chunks of one request: the role goes in each choice's first delta (as
     OpenAI sends it) and completion log-prob offsets run on across chunks."""
 
-    def __init__(self, job: Job, chat: bool, top_n: int | None) -> None:
+    def __init__(self, job: Job, chat: bool, top_n: int | None, token_ids: bool = False) -> None:
         self.job = job
         self.chat = chat
         self.top_n = top_n
+        self.token_ids = token_ids
         self.head = {"id": job.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                      "created": job.created, "model": served_model(job)}
         self._started: set[int] = set()
@@ -96,7 +97,12 @@ class ChunkMaker:
         """One chunk for the updates that say something (text held back by the output
         processor, e.g. half a UTF-8 character, leaves an update with no text)."""
         choices = [self._choice(u) for u in updates
-                   if u.text or u.finish_reason or u.index not in self._started or (u.logprobs and self.top_n is not None)]
+                   if u.text or u.finish_reason or u.index not in self._started or (u.logprobs and self.top_n is not None)
+                   or (self.token_ids and u.token_ids)]
+        if self.token_ids:
+            by_index = {u.index: u.token_ids for u in updates}
+            for c in choices:
+                c["token_ids"] = by_index[c["index"]]
         return sse({**self.head, "choices": choices}) if choices else None
 
     def _choice(self, u: ChoiceUpdate) -> dict[str, Any]:

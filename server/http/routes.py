@@ -174,7 +174,8 @@ class HttpApi:
                 headers = {"x-request-id": job.request_id}
                 if body.stream:
                     call.deferred = streaming = True
-                    events = self._events(job, chat, top_n, body.include_usage, method, call.labels["model"])
+                    events = self._events(job, chat, top_n, body.include_usage, method, call.labels["model"],
+                                          body.return_token_ids)
                     return EventStream(events, headers={**headers, "cache-control": "no-cache",
                                                         "x-accel-buffering": "no"})
                 billed = await until_disconnected(request, self.service.run_to_end(job))
@@ -187,9 +188,9 @@ class HttpApi:
                 self.service.done(job)
 
     async def _events(self, job: Job, chat: bool, top_n: int | None, include_usage: bool, method: str,
-                      model: str) -> AsyncIterator[bytes]:
+                      model: str, return_token_ids: bool = False) -> AsyncIterator[bytes]:
         """The stream's SSE events; owns the job from here on."""
-        chunks = responses.ChunkMaker(job, chat, top_n)
+        chunks = responses.ChunkMaker(job, chat, top_n, return_token_ids)
         code = "OK"
         try:
             async for updates, finished in self.service.updates(job):

@@ -99,6 +99,8 @@ class _Sampling(_Body):
     min_tokens: Int32 | None = Field(default=None, description="vLLM extension: no stop before this many tokens")
     stop_token_ids: list[Int32] | None = Field(default=None, description="vLLM extension: token ids that end a "
                                                                          "choice; up to 16")
+    return_token_ids: bool = Field(default=False, description="vLLM extension: each stream chunk's choices carry "
+                                                              "`token_ids`, the ids of the tokens they add")
 
     @field_validator("stop")
     @classmethod

@@ -28,7 +28,10 @@ class _EmbeddedServer(uvicorn.Server):
 
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named explicitly: accepted sockets inherit it, and asyncio sets TCP_NODELAY
+    # only on sockets whose proto is IPPROTO_TCP. Without it Nagle holds each small SSE
+    # chunk until the client's delayed ACK (~40 ms a token).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -175,3 +175,19 @@ def test_stream_error_before_the_first_token_is_a_plain_http_error(http_server, 
     status, headers, body = post(http_server, api_key, path, payload)
     assert status == 400 and headers["content-type"] == "application/json"
     assert "temperature must be in [0, 2]" in json.loads(body)["error"]["message"]
+
+
+def test_stream_connections_send_without_delay(http_server, api_key):
+    """TCP_NODELAY on accepted connections: without it Nagle holds each small SSE chunk
+    until the client's delayed ACK (~40 ms), and a stream arrives in lumps."""
+    import socket as s
+
+    conn = http.client.HTTPConnection("127.0.0.1", http_server.app.http_port, timeout=30)
+    conn.request("GET", "/health")
+    conn.getresponse().read()
+    connections = list(http_server.app.http.server.server_state.connections)
+    assert connections
+    for protocol in connections:
+        sock = protocol.transport.get_extra_info("socket")
+        assert sock.getsockopt(s.IPPROTO_TCP, s.TCP_NODELAY)
+    conn.close()
