@@ -5,7 +5,9 @@ the HTTP status that OpenAI's SDKs map to their exception classes (400 BadReques
 The message is the ServiceError's, word for word, as gRPC callers get it; `code` is the
 gRPC status name in lower case, the same status the metrics count for both protocols.
 A refusal that waiting cures (429, 503) carries Retry-After (seconds) and
-retry-after-ms, which the OpenAI SDKs honour when they retry.
+retry-after-ms, which the OpenAI SDKs honour when they retry; one that waiting does not
+cure (a spent budget, a reused Idempotency-Key) says `x-should-retry: false`, which
+stops those SDKs from retrying 409 and 429 in vain.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def error_response(status: int, message: str, type_: str, code: str | None = Non
     if retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
         headers["retry-after-ms"] = str(int(retry_after_s * 1000))
+        headers["x-should-retry"] = "true"
+    elif status in (409, 429):
+        headers["x-should-retry"] = "false"
     return JSONResponse(body(message, type_, code, param), status_code=status, headers=headers)
 
 

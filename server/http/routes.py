@@ -14,7 +14,7 @@ import contextlib
 import datetime as dt
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
@@ -71,17 +71,27 @@ class Call:
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events whose generator is always closed when the response ends: on a
-    disconnect Starlette cancels the sender, which may leave the generator parked at a
-    `yield`; closing it runs its cleanup (abort + bill) now instead of at some GC."""
+    """Server-sent events with a cleanup that always runs once the response ends, however
+    it ends: on a disconnect Starlette cancels the sender, which may leave the generator
+    parked at a `yield`, or (a client gone before the first byte) never started, so its
+    own `finally` would run at some GC or never. The generator is closed first, so it no
+    longer reads the job when `on_close` aborts and bills it."""
 
     media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncGenerator[bytes, None], on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._events = content
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self._events.aclose()
+            finally:
+                self._on_close()
 
 
 def request_id(request: Request) -> str:
@@ -174,10 +184,17 @@ class HttpApi:
                 headers = {"x-request-id": job.request_id}
                 if body.stream:
                     call.deferred = streaming = True
-                    events = self._events(job, chat, top_n, body.include_usage, method, call.labels["model"],
+                    outcome = {"code": "CANCELLED"}     # until the stream says otherwise
+                    model, streamed = call.labels["model"], job
+
+                    def close() -> None:
+                        self.service.done(streamed)
+                        self.count(model, method, outcome["code"])
+
+                    events = self._events(job, chat, top_n, body.include_usage, method, outcome,
                                           body.return_token_ids)
-                    return EventStream(events, headers={**headers, "cache-control": "no-cache",
-                                                        "x-accel-buffering": "no"})
+                    return EventStream(events, close, headers={**headers, "cache-control": "no-cache",
+                                                               "x-accel-buffering": "no"})
                 billed = await until_disconnected(request, self.service.run_to_end(job))
                 shape = responses.chat_completion if chat else responses.completion
                 return JSONResponse(shape(job, billed, top_n), headers=headers)
@@ -188,10 +205,10 @@ class HttpApi:
                 self.service.done(job)
 
     async def _events(self, job: Job, chat: bool, top_n: int | None, include_usage: bool, method: str,
-                      model: str, return_token_ids: bool = False) -> AsyncIterator[bytes]:
-        """The stream's SSE events; owns the job from here on."""
+                      outcome: dict[str, str], return_token_ids: bool = False) -> AsyncGenerator[bytes, None]:
+        """The stream's SSE events; `outcome["code"]` is what the metrics will count (the
+        EventStream's close does the counting and the job's end)."""
         chunks = responses.ChunkMaker(job, chat, top_n, return_token_ids)
-        code = "OK"
         try:
             async for updates, finished in self.service.updates(job):
                 chunk = chunks.choices(updates)
@@ -201,22 +218,17 @@ class HttpApi:
                     billed = await self.service.bill(job, finished)
                     if include_usage:
                         yield chunks.usage(billed)
+            outcome["code"] = "OK"
             yield responses.SSE_DONE
-        except (asyncio.CancelledError, GeneratorExit):
-            code = "CANCELLED"
-            raise
         except ServiceError as err:
-            code = err.code.name
+            outcome["code"] = err.code.name
             yield responses.sse(service_error_body(err)[1])
         except Exception:
-            code = "INTERNAL"
+            outcome["code"] = "INTERNAL"
             ref = uuid.uuid4().hex[:12]
             log.exception("internal error %s in %s", ref, method)
             yield responses.sse(service_error_body(ServiceError(
                 grpc.StatusCode.INTERNAL, f"internal error (ref {ref}) mid-stream; retry the request"))[1])
-        finally:
-            self.service.done(job)
-            self.count(model, method, code)
 
     # --- models and health -----------------------------------------------------------------
     async def list_models(self, request: Request) -> dict[str, Any]:

@@ -101,7 +101,7 @@ def test_requests_are_counted_by_protocol(http_server, api_key):
     status, _, body = post(http_server, api_key, "/v1/chat/completions",
                            {"model": "tiny", "messages": USER, "max_tokens": 2, "stream": True})
     assert status == 200 and body.endswith(b"data: [DONE]\n\n")
-    assert count("OK") == before + 1
+    wait_for(lambda: count("OK") == before + 1, timeout=10, message="the stream to be counted")   # after its last byte
     post(http_server, api_key, "/v1/chat/completions", {"model": "nope", "messages": USER})
     assert metrics.get_sample_value("sol_requests_total", {"protocol": "http", "model": "", "method": "ChatCompletion",
                                                            "code": "NOT_FOUND"}) >= 1

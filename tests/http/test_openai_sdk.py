@@ -171,6 +171,7 @@ def test_spent_budget_is_a_rate_limit_error(http_server, admin):
     with pytest.raises(openai.RateLimitError) as err:
         c.chat.completions.create(model="tiny", messages=USER, max_tokens=20)
     assert err.value.body["type"] == "rate_limit_error" and "budget" in err.value.message
+    assert err.value.response.headers["x-should-retry"] == "false"      # waiting does not refill a budget
 
 
 def test_rate_limit_says_when_to_retry(http_server, admin):
