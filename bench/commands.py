@@ -44,6 +44,8 @@ def register(sub, bench_sub) -> None:
                    help="run the server without following the registry (isolates serving from hot-load)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; each side's best counts (default 3)")
     p.add_argument("--device", default=None, help="cpu, cuda ... for both sides (default: CUDA when present)")
+    p.add_argument("--http", action="store_true",
+                   help="also stream the same load over the OpenAI-compatible HTTP API (SSE) and compare it with gRPC")
     add_json_flag(p)
     p.set_defaults(handler=_serve)
 

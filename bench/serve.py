@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TARGET_RATIO = 0.8
+HTTP_TARGET_RATIO = 0.9         # --http: OpenAI-compatible SSE streams vs gRPC streams, same server
 
 
 @dataclass
@@ -154,6 +155,75 @@ def run_grpc(target: str, api_key: str, prompts: list[str], clients: int, max_to
     return run
 
 
+def run_http(port: int, api_key: str, prompts: list[str], clients: int, max_tokens: int, model: str) -> Run:
+    """The same load over the OpenAI-compatible HTTP API: streaming chat completions as
+    SSE, one keep-alive connection per client, read by a minimal asyncio HTTP/1.1 client
+    (the gRPC side uses sol's own lean client too; an SDK's per-chunk parsing would
+    measure the client, not the server). `return_token_ids` gives each chunk's token
+    count, as gRPC chunks carry their token ids."""
+    import json as _json
+
+    run = Run()
+
+    async def read_chunked(reader: asyncio.StreamReader):
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                await reader.readline()
+                return
+            data = await reader.readexactly(size + 2)
+            yield data[:-2]
+
+    async def one(conn: list, prompt: str, sink: Run) -> None:
+        body = _json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
+                            "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                            "return_token_ids": True}).encode()
+        if not conn:
+            conn.extend(await asyncio.open_connection("127.0.0.1", port))
+        reader, writer = conn
+        start = time.perf_counter()
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: sol\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {api_key}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        status = await reader.readline()
+        if not status.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"HTTP bench request failed: {status!r}")
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        arrivals, buffer = [], b""
+        async for data in read_chunked(reader):
+            buffer += data
+            *events, buffer = buffer.split(b"\n\n")
+            k = 0
+            for event in events:
+                if event.startswith(b"data: {"):
+                    k += sum(len(c.get("token_ids", ())) for c in _json.loads(event[6:])["choices"])
+            if k:
+                arrivals.append((time.perf_counter(), k))
+        sink.note(start, arrivals)
+
+    async def main() -> None:
+        async def loop(n: int, batch: list[str], sink: Run) -> float:
+            queue = list(reversed(batch))
+            conns: list[list] = [[] for _ in range(n)]
+
+            async def worker(conn: list) -> None:
+                while queue:
+                    await one(conn, queue.pop(), sink)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(c) for c in conns))
+            for c in conns:
+                if c:
+                    c[1].close()
+            return time.perf_counter() - t0
+
+        await loop(min(clients, 4), prompts[:8], Run())
+        run.wall_s = await loop(clients, prompts, run)
+
+    asyncio.run(main())
+    return run
+
+
 def _in_process_child(path: str, device: str | None, prompts: list[str], clients: int, max_tokens: int) -> Run:
     cpu0 = _own_cpu_seconds()
     run = run_in_process(Path(path), device, prompts, clients, max_tokens)
@@ -194,7 +264,7 @@ def _free_port() -> int:
 
 
 def start_server(home: Path, registry: Path, model: str, device: str | None, admin_key: str, log: Path,
-           watch: bool = True):
+           watch: bool = True, http_port: int = 0):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -202,7 +272,7 @@ def start_server(home: Path, registry: Path, model: str, device: str | None, adm
     env = {**os.environ, "SOL_HOME": str(home), "SOL_ADMIN_KEY": admin_key}
     env.pop("SOL_REDIS_URL", None)
     cmd = [sys.executable, "-m", "client.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--metrics-port", "0", "--registry", str(registry), "--model", model]
+           "--metrics-port", "0", "--http-port", str(http_port), "--registry", str(registry), "--model", model]
     if device:
         cmd += ["--device", device]
     if not watch:
@@ -257,9 +327,10 @@ def run_bench_serve(args: argparse.Namespace) -> int:
               f"~{args.prompt_tokens} prompt + {args.max_tokens} generated tokens each", flush=True)
 
         admin_key = "sk-sol-admin-bench"
+        http_port = _free_port() if args.http else 0
         proc, target = start_server(home, registry.root, f"{resolved.name}@{resolved.version}", args.device, admin_key,
-                              home / "serve.log", watch=args.watch)
-        locals_, remotes = [], []
+                              home / "serve.log", watch=args.watch, http_port=http_port)
+        locals_, remotes, https = [], [], []
         try:
             from client.client import Client
 
@@ -276,8 +347,13 @@ def run_bench_serve(args: argparse.Namespace) -> int:
                 remote.cpu = {"server_cpu_s": _cpu_seconds(proc.pid) - server_cpu0,
                               "client_cpu_s": _own_cpu_seconds() - client_cpu0}
                 remotes.append(remote)
+                if args.http:
+                    https.append(run_http(http_port, key, prompts, args.clients, args.max_tokens,
+                                          f"{resolved.name}@{resolved.version}"))
                 print(f"round {r + 1}/{args.rounds}: in-process {local.summary()['tokens_per_s']:.1f} tokens/s, "
-                      f"gRPC {remote.summary()['tokens_per_s']:.1f} tokens/s", flush=True)
+                      f"gRPC {remote.summary()['tokens_per_s']:.1f} tokens/s"
+                      + (f", HTTP {https[-1].summary()['tokens_per_s']:.1f} tokens/s" if args.http else ""),
+                      flush=True)
         finally:
             stop_server(proc)
 
@@ -295,6 +371,14 @@ def run_bench_serve(args: argparse.Namespace) -> int:
                         "all_rounds_tokens_per_s": {"in_process": [x.summary()["tokens_per_s"] for x in locals_],
                                                     "grpc": [x.summary()["tokens_per_s"] for x in remotes]}},
               "in_process": {**a, "cpu_s": local_cpu}, "grpc": {**b, **cpu}, "ratios": ratios, "target": {"tokens_per_s_ratio": f">= {TARGET_RATIO}"}}
+    if https:
+        h = max(https, key=lambda x: x.summary()["tokens_per_s"]).summary()
+        result["http"] = h
+        result["setup"]["all_rounds_tokens_per_s"]["http"] = [x.summary()["tokens_per_s"] for x in https]
+        ratios.update({"tokens_per_s_http_over_grpc": h["tokens_per_s"] / b["tokens_per_s"],
+                       "ttft_p50_http_over_grpc": h["ttft_p50_ms"] / b["ttft_p50_ms"],
+                       "itl_p50_http_over_grpc": h["itl_p50_ms"] / b["itl_p50_ms"]})
+        result["target"]["tokens_per_s_http_over_grpc"] = f">= {HTTP_TARGET_RATIO}"
     (out_dir / "serve.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     if args.json:
         print(json.dumps(result, indent=2))
@@ -309,6 +393,14 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         print(f"{label:16}{fmt.format(a[k]):>14}{fmt.format(b[k]):>14}{ratio:>14.2f}")
     print(f"CPU seconds (best rounds): in-process {local_cpu:.1f} (model load and warm-up included); gRPC: server "
           f"{cpu['server_cpu_s']:.1f}, clients {cpu['client_cpu_s']:.1f}")
+    if https:
+        print(f"\n{'':16}{'gRPC':>14}{'HTTP (SSE)':>14}{'HTTP/gRPC':>14}")
+        for label, k, fmt in rows:
+            ratio = h[k] / b[k] if b[k] else float("nan")
+            print(f"{label:16}{fmt.format(b[k]):>14}{fmt.format(h[k]):>14}{ratio:>14.2f}")
+        rh = ratios["tokens_per_s_http_over_grpc"]
+        print(f"tokens/s ratio HTTP / gRPC: {rh:.2f} (target >= {HTTP_TARGET_RATIO}: "
+              f"{'met' if rh >= HTTP_TARGET_RATIO else 'NOT met'})")
     r = ratios["tokens_per_s_grpc_over_in_process"]
     print(f"\ntokens/s ratio gRPC / in-process: {r:.2f} (target >= {TARGET_RATIO}: "
           f"{'met' if r >= TARGET_RATIO else 'NOT met'}); wrote {out_dir / 'serve.json'}")

@@ -650,8 +650,8 @@ def check_compose() -> list[str]:
         problems.append("the admin key must come from a compose secret")
     published = {str(p.get("target")) if isinstance(p, dict) else p.split(":")[-1].split("/")[0]
                  for p in sol.get("ports", [])}
-    if not {"50051", "9400"} <= published:
-        problems.append("the server must publish 50051 (gRPC) and 9400 (metrics)")
+    if not {"50051", "8000", "9400"} <= published:
+        problems.append("the server must publish 50051 (gRPC), 8000 (HTTP API) and 9400 (metrics)")
     grace = int(env.get("SOL_GRACE_PERIOD", 30))
     stop = sol.get("stop_grace_period", "10s")
     stop_s = int(stop[:-1]) * (60 if stop.endswith("m") else 1)

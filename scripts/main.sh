@@ -4,7 +4,7 @@
 #   report) -> sol serve (embedded SQLite ledger) -> an API key -> a chat over gRPC through
 #   the CLI -> the metered usage -> a graceful shutdown.
 # Knobs: SOL_HOME (default ~/.sol), SOL_PRESET (default cpu; tiny takes ~3 minutes),
-# SOL_MODEL (default demo), SOL_PORT / SOL_METRICS_PORT (default 50051 / 9400).
+# SOL_MODEL (default demo), SOL_PORT / SOL_HTTP_PORT / SOL_METRICS_PORT (default 50051 / 8000 / 9400).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,6 +14,7 @@ preset=${SOL_PRESET:-cpu}
 name=${SOL_MODEL:-demo}
 port=${SOL_PORT:-50051}
 metrics_port=${SOL_METRICS_PORT:-9400}
+http_port=${SOL_HTTP_PORT:-8000}
 export SOL_TARGET=127.0.0.1:$port
 sol=.venv/bin/sol
 mkdir -p "$SOL_HOME"
@@ -22,8 +23,8 @@ echo "== 1. training: sol pipeline --preset $preset --name $name"
 $sol pipeline --preset "$preset" --name "$name"
 $sol models list
 
-echo "== 2. serving: sol serve on $SOL_TARGET (metrics on :$metrics_port), log in $SOL_HOME/serve.log"
-$sol serve --host 127.0.0.1 --port "$port" --metrics-port "$metrics_port" >"$SOL_HOME/serve.log" 2>&1 &
+echo "== 2. serving: sol serve on $SOL_TARGET (OpenAI-compatible HTTP API and playground on http://127.0.0.1:$http_port/, metrics on :$metrics_port), log in $SOL_HOME/serve.log"
+$sol serve --host 127.0.0.1 --port "$port" --http-port "$http_port" --metrics-port "$metrics_port" >"$SOL_HOME/serve.log" 2>&1 &
 server=$!
 stop_server() {
   if kill -0 "$server" 2>/dev/null; then

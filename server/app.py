@@ -66,6 +66,8 @@ class App:
                          **({"max_waiting": config.max_waiting} if config.max_waiting else {})))
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self.http = None                     # server.http.server.HttpServer when --http-port is set
         self._stopped = asyncio.Event()
         self._metrics_server = None
         self.hotloader: HotLoader | None = None
@@ -112,6 +114,9 @@ class App:
             self.port = 0
         if not self.port:
             raise OSError(f"cannot listen on {address} (port taken?); pick another with --port")
+        if c.http_port:
+            # Before gRPC starts: a taken HTTP port then fails the start with nothing running.
+            await self._start_http()
         await self.server.start()
         await self.health.start()
         if c.metrics_port:
@@ -121,9 +126,22 @@ class App:
         self.accountant.start()
         self.prices.start()
         print(f"sol: gRPC listening on {c.host}:{self.port}"
+              + (f", HTTP (OpenAI-compatible API, playground) on http://{c.host}:{self.http_port}/"
+                 if self.http_port else "")
               + (f", metrics on http://{c.host}:{self.metrics_port}/metrics" if self.metrics_port else "")
               + f"; ledger: {'redis ' + _safe_url(c.redis_url) if c.redis_url else c.ledger_path}",
               file=sys.stderr, flush=True)
+
+    async def _start_http(self) -> None:
+        """The OpenAI-compatible HTTP adapter over the same InferenceService, on this loop.
+        Imported here: a gRPC-only server (--http-port 0) never loads FastAPI."""
+        from server.http.app import create_app
+        from server.http.server import HttpServer
+
+        self.http = HttpServer(create_app(self.service, self.auth, self.prices, self.health),
+                               self.config.host, self.config.http_port)
+        await self.http.start()
+        self.http_port = self.http.port
 
     async def load_models(self) -> None:
         """Load the configured models (or every model's latest). A model named on the
@@ -196,6 +214,8 @@ class App:
             log.warning("grace period over with %d requests in flight; cancelling them",
                         len(self.service.inflight.jobs))
         await self.server.stop(grace=1.0)
+        if self.http is not None:
+            await self.http.stop()
         # Handlers cut off by the stop finish their cleanup on later loop turns: wait for
         # every request to leave and for the billing of the cut-off ones.
         deadline = asyncio.get_running_loop().time() + 10.0

@@ -76,6 +76,8 @@ class ServerConfig:
     host: str = setting("0.0.0.0", env="SOL_HOST", help="address to bind")
     port: int = setting(50051, env="SOL_PORT", help="gRPC port")
     metrics_port: int = setting(9400, env="SOL_METRICS_PORT", help="Prometheus port, 0 = off")
+    # The OpenAI-compatible HTTP API and playground: same process, engines, keys and ledger.
+    http_port: int = setting(8000, env="SOL_HTTP_PORT", help="OpenAI-compatible HTTP API and playground, 0 = off")
     registry: Path = setting(env="SOL_REGISTRY", parse=Path, factory=default_registry_root,
                              help="registry directory", default_text="$SOL_HOME/registry")
     models: list[str] = setting(flag="--model", repeat=True, metavar="REF",

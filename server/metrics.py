@@ -74,8 +74,10 @@ class ServiceMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         m = ["model"]
-        self.requests = Counter(f"{NS}_grpc_requests", "Finished RPCs by method and gRPC status code",
-                                ["model", "method", "code"], registry=r)
+        # One counter for both protocols: `code` is the gRPC status name for HTTP calls too
+        # (400 -> INVALID_ARGUMENT, 429 -> RESOURCE_EXHAUSTED...), so one alert covers both.
+        self.requests = Counter(f"{NS}_requests", "Finished requests by protocol (grpc, http), method and status "
+                                "(the gRPC code name)", ["protocol", "model", "method", "code"], registry=r)
         self.success = Counter(f"{NS}_request_success", "Requests that produced output, by finish reason",
                                ["model", "finished_reason"], registry=r)
         self.ttft = Histogram(f"{NS}_time_to_first_token_seconds", "Arrival to first token", m,

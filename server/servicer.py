@@ -152,7 +152,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the request was not "
                                                           "completed, retry it")
         finally:
-            self.metrics.requests.labels(labels["model"], method, code.name).inc()
+            self.metrics.requests.labels("grpc", labels["model"], method, code.name).inc()
 
     async def authenticate(self, context) -> KeyInfo:
         try:

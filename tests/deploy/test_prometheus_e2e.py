@@ -70,7 +70,8 @@ def sol_server(tiny_checkpoint, tmp_path):
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "client.cli", "serve", "--host", "127.0.0.1", "--port", str(grpc_port),
-             "--metrics-port", str(metrics_port), "--registry", str(registry.root), "--device", "cpu"],
+             "--metrics-port", str(metrics_port), "--http-port", "0", "--registry", str(registry.root),
+             "--device", "cpu"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{grpc_port}"
     try:

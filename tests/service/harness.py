@@ -17,7 +17,9 @@ ADMIN_KEY = "sk-sol-admin-test"
 
 class RunningServer:
     def __init__(self, registry_root: Path, home: Path, redis_url: str | None = None, **overrides) -> None:
-        settings = {"host": "127.0.0.1", "port": free_port(), "metrics_port": 0, "registry": registry_root,
+        # HTTP is off unless a test asks for it (http_port=free_port()): most tests are gRPC's.
+        settings = {"host": "127.0.0.1", "port": free_port(), "metrics_port": 0, "http_port": 0,
+                    "registry": registry_root,
                     "redis_url": redis_url, "admin_key": ADMIN_KEY, "key_pepper": "test-pepper", "home": home,
                     "grace_period_s": 10.0,
                     # Following the registry is hot-load's subject (tests/hotload); these tests
@@ -31,6 +33,11 @@ class RunningServer:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.app.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (what the openai SDK takes as base_url)."""
+        return f"http://127.0.0.1:{self.app.http_port}/v1"
 
     def call(self, coro, timeout: float = 120.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

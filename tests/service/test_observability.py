@@ -58,7 +58,7 @@ def test_health_metrics_reflection(tiny_checkpoint, tmp_path):
             return urllib.request.urlopen(f"http://127.0.0.1:{server.app.metrics_port}/metrics", timeout=5).read().decode()
 
         # A stream's RPC counter moves when its handler returns, just after the last message.
-        stream_done = 'sol_grpc_requests_total{code="OK",method="ChatCompletionStream",model="tiny"} 1.0'
+        stream_done = 'sol_requests_total{code="OK",method="ChatCompletionStream",model="tiny",protocol="grpc"} 1.0'
         def counted() -> str | None:
             text = scrape()
             return text if stream_done in text else None
@@ -69,12 +69,12 @@ def test_health_metrics_reflection(tiny_checkpoint, tmp_path):
                      "sol_num_requests_running", "sol_num_requests_waiting", "sol_kv_cache_usage_perc",
                      "sol_prefix_cache_queries_total", "sol_prefix_cache_hits_total", "sol_prompt_tokens_total",
                      "sol_generation_tokens_total", "sol_cached_tokens_total", "sol_request_success_total",
-                     "sol_grpc_requests_total", "sol_model_version_info", "sol_ledger_spool_records",
+                     "sol_requests_total", "sol_model_version_info", "sol_ledger_spool_records",
                      "sol_models_loaded", "sol_cost_total"):
             assert f"\n{name}" in text, name
         assert 'sol_generation_tokens_total{model="tiny"} 11.0' in text
         assert 'sol_request_success_total{finished_reason="length",model="tiny"} 2.0' in text
-        assert 'sol_grpc_requests_total{code="OK",method="ChatCompletionStream",model="tiny"} 1.0' in text
+        assert 'sol_requests_total{code="OK",method="ChatCompletionStream",model="tiny",protocol="grpc"} 1.0' in text
         assert 'sol_model_version_info{model="tiny",stage="base",version="1"} 1.0' in text
         cost_line = next(line for line in text.splitlines() if line.startswith('sol_cost_total{model="tiny"}'))
         assert abs(float(cost_line.split()[-1]) - billed) < 1e-9

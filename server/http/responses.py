@@ -1,0 +1,125 @@
+"""OpenAI's response shapes, built from the service's types (Job, ChoiceUpdate,
+BilledUsage) as plain dicts: one json.dumps per stream chunk, no model validation on the
+hot path.
+
+- `model` names the version that served (`name@version`), as OpenAI answers a bare
+  model name with the dated snapshot that served it.
+- `usage` always carries `prompt_tokens_details.cached_tokens`.
+- sol's additions travel in one clearly named field, `sol`: the cost (in the price unit
+  of `sol prices set`) and the model version.
+- finish_reason is `stop` or `length`, or `abort` for a request that was cancelled or cut
+  short (OpenAI has no such value; clients that do not know it treat it as a string).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from server.engine.api import TokenLogprob
+from server.inference import BilledUsage, ChoiceUpdate, Job
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + _dumps(obj).encode("utf-8") + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def served_model(job: Job) -> str:
+    return job.model.ref
+
+
+def usage(billed: BilledUsage) -> dict[str, Any]:
+    u = billed.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+def sol_extra(job: Job, billed: BilledUsage) -> dict[str, Any]:
+    return {"cost": billed.cost, "version": job.model.version, "request_id": job.request_id}
+
+
+def _token(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(logprobs: list[TokenLogprob], top_n: int) -> dict[str, Any]:
+    return {"content": [{**_token(lp.text, lp.logprob),
+                         "top_logprobs": [_token(t.text, t.logprob) for t in lp.top[:top_n]]} for lp in logprobs]}
+
+
+def completion_logprobs(logprobs: list[TokenLogprob], top_n: int, offset: int = 0) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists, offsets into the choice's text."""
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp.text)
+    return {"tokens": [lp.text for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{t.text: t.logprob for t in lp.top[:top_n]} for lp in logprobs],
+            "text_offset": offsets}
+
+
+def chat_completion(job: Job, billed: BilledUsage, top_n: int | None) -> dict[str, Any]:
+    choices = [{"index": i, "message": {"role": "assistant", "content": job.text(i)},
+                "logprobs": chat_logprobs(job.logprobs.get(i, []), top_n) if top_n is not None else None,
+                "finish_reason": job.finish.get(i, "abort")} for i in range(job.params.n)]
+    return {"id": job.request_id, "object": "chat.completion", "created": job.created, "model": served_model(job),
+            "choices": choices, "usage": usage(billed), "sol": sol_extra(job, billed)}
+
+
+def completion(job: Job, billed: BilledUsage, top_n: int | None) -> dict[str, Any]:
+    choices = [{"index": i, "text": job.text(i),
+                "logprobs": completion_logprobs(job.logprobs.get(i, []), top_n) if top_n is not None else None,
+                "finish_reason": job.finish.get(i, "abort")} for i in range(job.params.n)]
+    return {"id": job.request_id, "object": "text_completion", "created": job.created, "model": served_model(job),
+            "choices": choices, "usage": usage(billed), "sol": sol_extra(job, billed)}
+
+
+class ChunkMaker:
+    """Stream chunks of one request: the role goes in each choice's first delta (as
+    OpenAI sends it) and completion log-prob offsets run on across chunks."""
+
+    def __init__(self, job: Job, chat: bool, top_n: int | None, token_ids: bool = False) -> None:
+        self.job = job
+        self.chat = chat
+        self.top_n = top_n
+        self.token_ids = token_ids
+        self.head = {"id": job.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": job.created, "model": served_model(job)}
+        self._started: set[int] = set()
+        self._offsets: dict[int, int] = {}
+
+    def choices(self, updates: list[ChoiceUpdate]) -> bytes | None:
+        """One chunk for the updates that say something (text held back by the output
+        processor, e.g. half a UTF-8 character, leaves an update with no text)."""
+        choices = [self._choice(u) for u in updates
+                   if u.text or u.finish_reason or u.index not in self._started or (u.logprobs and self.top_n is not None)
+                   or (self.token_ids and u.token_ids)]
+        if self.token_ids:
+            by_index = {u.index: u.token_ids for u in updates}
+            for c in choices:
+                c["token_ids"] = by_index[c["index"]]
+        return sse({**self.head, "choices": choices}) if choices else None
+
+    def _choice(self, u: ChoiceUpdate) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"content": u.text}
+            if u.index not in self._started:
+                self._started.add(u.index)
+                delta = {"role": "assistant", **delta}
+            lp = chat_logprobs(u.logprobs, self.top_n) if self.top_n is not None and u.logprobs else None
+            return {"index": u.index, "delta": delta, "logprobs": lp, "finish_reason": u.finish_reason}
+        self._started.add(u.index)
+        lp = None
+        if self.top_n is not None and u.logprobs:
+            offset = self._offsets.get(u.index, 0)
+            lp = completion_logprobs(u.logprobs, self.top_n, offset)
+        self._offsets[u.index] = self._offsets.get(u.index, 0) + len(u.text)
+        return {"index": u.index, "text": u.text, "logprobs": lp, "finish_reason": u.finish_reason}
+
+    def usage(self, billed: BilledUsage) -> bytes:
+        return sse({**self.head, "choices": [], "usage": usage(billed), "sol": sol_extra(self.job, billed)})

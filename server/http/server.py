@@ -1,0 +1,77 @@
+"""uvicorn embedded in the App: a task on the same event loop as grpc.aio, so both
+protocols reach the same InferenceService, engines and ledger without a thread hop.
+
+The socket is bound here, before uvicorn starts: a taken port is an OSError at start
+(as for gRPC) rather than uvicorn's sys.exit inside a task, and port 0 gives a free one.
+uvicorn installs no signal handlers: the App owns SIGTERM and drains both protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+from starlette.types import ASGIApp
+
+log = logging.getLogger("sol.http")
+
+
+class _EmbeddedServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto named explicitly: accepted sockets inherit it, and asyncio sets TCP_NODELAY
+    # only on sockets whose proto is IPPROTO_TCP. Without it Nagle holds each small SSE
+    # chunk until the client's delayed ACK (~40 ms a token).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port} for HTTP ({err.strerror}); pick another with --http-port "
+                      "(0 turns HTTP off)") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class HttpServer:
+    def __init__(self, app: ASGIApp, host: str, port: int, shutdown_grace_s: float = 1.0) -> None:
+        self.sock = bind(host, port)
+        self.port: int = self.sock.getsockname()[1]
+        # No lifespan (the App starts and stops everything), no access log (metrics count
+        # requests; a line per request would cost more CPU than the request's framing).
+        self.server = _EmbeddedServer(uvicorn.Config(
+            app, lifespan="off", access_log=False, log_level="warning", timeout_graceful_shutdown=shutdown_grace_s,
+            timeout_keep_alive=30, server_header=False))
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Stop accepting, let open responses end (up to the grace), then close."""
+        if self._task is None:
+            self.sock.close()
+            return
+        self.server.should_exit = True
+        try:
+            await self._task
+        except Exception:  # noqa: BLE001 - shutting down: report, go on with the drain
+            log.exception("HTTP server stopped with an error")
+        finally:
+            self.sock.close()
