@@ -14,6 +14,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -63,6 +64,7 @@ class App:
         self.config = config
         self.engine_factory = engine_factory or default_engine_factory(
             EngineConfig(device=config.device, num_blocks=config.kv_blocks,
+                         dtype=getattr(torch, config.dtype) if config.dtype else None,
                          **({"max_waiting": config.max_waiting} if config.max_waiting else {})))
         self.port: int | None = None
         self.metrics_port: int | None = None

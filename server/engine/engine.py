@@ -310,6 +310,7 @@ class Engine:
             prompt_ids=[s.token_ids[:s.num_prompt_tokens] for s in seqs] if tensors.any_repetition else None,
             bias=bias,
             num_logprobs=max(p.logprobs for p in params),
+            chosen_logprobs=any(p.logprobs for p in params),
         )
 
     def _emit(self, seqs: list[Sequence], out: SampleOutput) -> None:

@@ -189,7 +189,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams] | SamplingTens
            output_ids: Sequence[Sequence[int]] | None = None,
            prompt_ids: Sequence[Sequence[int]] | None = None,
            bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-           num_logprobs: int = 0) -> SampleOutput:
+           num_logprobs: int = 0, chosen_logprobs: bool = True) -> SampleOutput:
     """Draw one token per row of `logits` (B, V).
 
     params: one SamplingParams per row (or prebuilt SamplingTensors).
@@ -201,6 +201,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams] | SamplingTens
         -inf bans a token (a stop token before min_tokens), a finite value is a
         logit_bias. Entries for the same (row, token) add up.
     num_logprobs: also return the top-N tokens and their log-probs.
+    chosen_logprobs: False when nobody reads the chosen tokens' log-probs: a batch of
+        greedy rows then skips the log-softmax (`logprobs` is returned empty).
 
     Order: bias, penalties, temperature, top-k, top-p, min-p, then the draw. Temperature 0 is
     greedy. `logprobs` come from the distribution actually sampled from (after
@@ -219,6 +221,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams] | SamplingTens
     if t.any_sampled:
         x = x / torch.where(sampled, t.temperature, torch.ones_like(t.temperature))[:, None]
         x = _filter(x, t, sampled)
+    if not (t.any_sampled or chosen_logprobs or num_logprobs > 0):
+        return SampleOutput(token_ids=torch.argmax(x, dim=-1), logprobs=x.new_empty(0))
     logp = torch.log_softmax(x, dim=-1)
     greedy_ids = torch.argmax(logp, dim=-1)
     if t.any_sampled:

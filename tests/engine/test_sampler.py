@@ -161,3 +161,17 @@ def test_top_logprobs_are_sorted_and_normalised():
 def test_choice_seeds_differ_and_repeat():
     assert derive_seed(5, 0) == derive_seed(5, 0)
     assert len({derive_seed(5, i) for i in range(8)}) == 8
+
+
+def test_greedy_batches_without_logprobs_skip_the_softmax_and_pick_the_same_tokens():
+    torch.manual_seed(4)
+    logits = torch.randn(5, 50)
+    params = [SamplingParams(temperature=0.0)] * 5
+    fast = sample(logits, params, chosen_logprobs=False)
+    full = sample(logits, params)
+    assert torch.equal(fast.token_ids, full.token_ids)
+    assert fast.logprobs.numel() == 0 and full.logprobs.shape == (5,)
+    # A sampled row in the batch still needs the distribution: nothing is skipped.
+    mixed = sample(logits, params[:4] + [SamplingParams(temperature=1.0)], seeds=[1] * 5, steps=[0] * 5,
+                   chosen_logprobs=False)
+    assert mixed.logprobs.shape == (5,)

@@ -1,0 +1,37 @@
+"""`sol serve --dtype bfloat16`: the engine runs its weights and KV cache in bf16 (half
+the KV bytes per token) and serves the same API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from client.client import Client
+from server.config import ServerConfig
+from tests.service.harness import ADMIN_KEY, RunningServer
+
+
+def test_dtype_names_are_checked():
+    assert ServerConfig(dtype=None).dtype is None
+    from server.config import _dtype_name
+
+    assert _dtype_name("bf16") == "bfloat16" and _dtype_name("float32") == "float32"
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        _dtype_name("float16x")
+
+
+def test_a_bf16_server_serves_with_half_the_kv_bytes(tiny_checkpoint, tmp_path):
+    registry, _ = tiny_checkpoint
+    server = RunningServer(registry.root, tmp_path / "home", dtype="bfloat16").start()
+    try:
+        (model,) = server.app.models.models()
+        engine = model.engine
+        assert next(engine.model.parameters()).dtype == torch.bfloat16
+        assert engine.cache.pool.dtype == torch.bfloat16
+        with Client(server.target, admin_key=ADMIN_KEY) as admin:
+            key = admin.create_key("bf16")[0]
+        with Client(server.target, api_key=key) as c:
+            out = c.complete("Hello", model="tiny", max_tokens=5, temperature=0, ignore_eos=True)
+        assert out.usage.completion_tokens == 5
+    finally:
+        server.stop()
