@@ -39,7 +39,10 @@ class Accountant:
     async def record(self, rec: UsageRecord) -> None:
         """Never raises: the record reaches the store or the spool."""
         self._remember(rec)
-        await self._run(self._record_blocking, rec)
+        # Shielded: a caller cancelled mid-await (its client hung up as the bill was being
+        # written) must not cancel a write still queued in the executor; the bill is
+        # already marked as made, so nothing would write it again.
+        await asyncio.shield(self._run(self._record_blocking, rec))
 
     def _record_blocking(self, rec: UsageRecord) -> None:
         # While anything is spooled, new records queue behind it, so replay keeps order.
