@@ -20,7 +20,6 @@ from grpc_reflection.v1alpha import reflection
 from gpt.checkpoint import CheckpointError
 from gpt.registry import Registry, RegistryError
 from proto.sol.v1 import sol_pb2 as pb
-from proto.sol.v1 import sol_pb2_grpc as pb_grpc
 from server.accounting import Accountant
 from server.admin import AdminServicer
 from server.auth import Authenticator, check_pepper, resolve_admin_key, resolve_pepper, run_blocking
@@ -37,12 +36,15 @@ from server.pricing import PriceBook
 from server.quota import QuotaGate
 from server.servicer import InferenceServicer
 from server.spool import Spool
+from server.wire import add_service
 
 log = logging.getLogger("sol.app")
 
+INFERENCE = pb.DESCRIPTOR.services_by_name["Inference"]
+ADMIN = pb.DESCRIPTOR.services_by_name["Admin"]
 SERVICE_NAMES = (
-    pb.DESCRIPTOR.services_by_name["Inference"].full_name,
-    pb.DESCRIPTOR.services_by_name["Admin"].full_name,
+    INFERENCE.full_name,
+    ADMIN.full_name,
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     reflection.SERVICE_NAME,
 )
@@ -101,8 +103,9 @@ class App:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ])
-        pb_grpc.add_InferenceServicer_to_server(self.inference, self.server)
-        pb_grpc.add_AdminServicer_to_server(self.admin, self.server)
+        # Both through the Inference servicer's frame: one place maps errors and counts calls.
+        add_service(self.server, INFERENCE, self.inference, self.inference.call)
+        add_service(self.server, ADMIN, self.admin, self.inference.call)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)
         address = f"{c.host}:{c.port}"
