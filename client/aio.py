@@ -21,6 +21,7 @@ import grpc
 
 from client.client import backoff_s
 from client.params import sampling_pb
+from client.tls import ChannelTls, PathLike, open_channel
 from client.types import (
     Chunk,
     Completion,
@@ -96,14 +97,18 @@ class AsyncChatStream:
 
 class AsyncClient:
     def __init__(self, target: str | None = None, api_key: str | None = None, admin_key: str | None = None,
-                 timeout: float | None = 120.0, retries: int = 3, backoff: float = 0.2) -> None:
+                 timeout: float | None = 120.0, retries: int = 3, backoff: float = 0.2, tls: bool | None = None,
+                 tls_ca: PathLike | None = None, tls_cert: PathLike | None = None, tls_key: PathLike | None = None,
+                 tls_server_name: str | None = None) -> None:
+        """TLS settings as for client.Client."""
         self.target = target or default_target()
         self.api_key = api_key if api_key is not None else os.environ.get("SOL_API_KEY")
         self.admin_key = admin_key if admin_key is not None else os.environ.get("SOL_ADMIN_KEY")
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self.channel = grpc.aio.insecure_channel(self.target, options=[("grpc.max_receive_message_length", 16 << 20)])
+        self.channel = open_channel(self.target, [("grpc.max_receive_message_length", 16 << 20)],
+                                    ChannelTls.resolve(tls, tls_ca, tls_cert, tls_key, tls_server_name), aio=True)
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
 

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from client.params import sampling_pb
+from client.tls import ChannelTls, PathLike, open_channel
 from client.types import (
     Chunk,
     Completion,
@@ -106,15 +107,23 @@ class ChatStream:
 class Client:
     def __init__(self, target: str | None = None, api_key: str | None = None, admin_key: str | None = None,
                  timeout: float | None = 120.0, retries: int = 3, backoff: float = 0.2,
-                 channel: grpc.Channel | None = None) -> None:
+                 channel: grpc.Channel | None = None, tls: bool | None = None, tls_ca: PathLike | None = None,
+                 tls_cert: PathLike | None = None, tls_key: PathLike | None = None,
+                 tls_server_name: str | None = None) -> None:
+        """Plain text unless TLS is asked for (`tls=True`, SOL_TLS) or a CA or client
+        certificate is given (`tls_ca`/SOL_TLS_CA, `tls_cert`+`tls_key`/SOL_TLS_CLIENT_CERT
+        +SOL_TLS_CLIENT_KEY for mutual TLS); see client/tls.py."""
         self.target = target or default_target()
         self.api_key = api_key if api_key is not None else os.environ.get("SOL_API_KEY")
         self.admin_key = admin_key if admin_key is not None else os.environ.get("SOL_ADMIN_KEY")
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self.channel = channel or grpc.insecure_channel(self.target, options=[
-            ("grpc.keepalive_time_ms", 30_000), ("grpc.max_receive_message_length", 16 << 20)])
+        if channel is None:
+            tls_settings = ChannelTls.resolve(tls, tls_ca, tls_cert, tls_key, tls_server_name)
+            channel = open_channel(self.target, [("grpc.keepalive_time_ms", 30_000),
+                                                 ("grpc.max_receive_message_length", 16 << 20)], tls_settings)
+        self.channel = channel
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
 

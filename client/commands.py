@@ -23,6 +23,16 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to SECONDS for the server to be up (and, for chat/complete, to have a "
                         "model loaded), e.g. right after starting `sol serve`")
+    tls = p.add_argument_group("TLS (default: plain text; any of these turns TLS on)")
+    tls.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
+                     help="TLS with the public CAs grpc bundles (SOL_TLS)")
+    tls.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle that signed the server's certificate (SOL_TLS_CA)")
+    tls.add_argument("--tls-cert", metavar="FILE",
+                     help="PEM client certificate, for a server that asks for one (SOL_TLS_CLIENT_CERT)")
+    tls.add_argument("--tls-key", metavar="FILE", help="PEM key of --tls-cert (SOL_TLS_CLIENT_KEY)")
+    tls.add_argument("--tls-server-name", metavar="NAME",
+                     help="name to expect in the server's certificate, when --target is an IP or a port-forward "
+                          "(SOL_TLS_SERVER_NAME)")
 
 
 def _add_api_key(p: argparse.ArgumentParser) -> None:
@@ -130,7 +140,8 @@ def _admin_key(args) -> str | None:
 def _client(args, admin: bool = False):
     from client.client import Client
 
-    c = Client(args.target, api_key=getattr(args, "api_key", None), timeout=args.timeout)
+    c = Client(args.target, api_key=getattr(args, "api_key", None), timeout=args.timeout, tls=args.tls,
+               tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_server_name=args.tls_server_name)
     if args.wait > 0 and not c.wait_ready(args.wait, service="liveness" if admin else ""):
         c.close()
         what = "answer" if admin else "have a model loaded"

@@ -42,7 +42,7 @@ METRICS_SOURCE = ROOT / "server" / "metrics.py"
 
 # Every kustomization a user applies. The serving overlays are checked as a whole
 # serving stack; the others render and validate on their own.
-SERVING_OVERLAYS = ("overlays/cpu", "overlays/gpu", "examples/gpu-external-redis")
+SERVING_OVERLAYS = ("overlays/cpu", "overlays/gpu", "examples/gpu-external-redis", "examples/cpu-tls")
 K8S_TARGETS = SERVING_OVERLAYS + ("training/single", "training/multinode", "monitoring/prometheus-adapter",
                                   "tools/registry-admin")
 # Oldest release the manifests support (native gRPC probes are GA in 1.27) and the newest
@@ -50,8 +50,9 @@ K8S_TARGETS = SERVING_OVERLAYS + ("training/single", "training/multinode", "moni
 KUBERNETES_VERSIONS = ("1.27.0", None)
 SECRET_FILES = ("admin-key", "key-pepper")
 DATA_PVC = "sol-data"
-# Secrets an operator creates out of band (components/external-redis documents how).
-EXTERNAL_SECRETS = {"sol-redis"}
+# Secrets an operator (or cert-manager) creates out of band (components/external-redis
+# and components/tls document how).
+EXTERNAL_SECRETS = {"sol-redis", "sol-tls"}
 SERVER_ERROR_CODES = "INTERNAL|UNKNOWN|UNAVAILABLE|DATA_LOSS|DEADLINE_EXCEEDED"
 
 
@@ -259,10 +260,25 @@ def _serving_rules(target: str, objs: list[dict]) -> list[str]:
     grpc_port = ports.get("grpc")
 
     # Probes: native gRPC on the server's port; readiness on the "" (whole server) service.
+    # Native gRPC probes cannot speak TLS: with TLS on, they must ask the plain-text
+    # health port, which the server must be told to open.
+    env = {e["name"]: e.get("value") for e in server.get("env", [])}
+    probe_port = grpc_port
+    if "SOL_TLS_CERT" in env:
+        probe_port = ports.get("health")
+        if probe_port is None or env.get("SOL_HEALTH_PORT") != str(probe_port):
+            problems.append(f"{target}: with TLS the probes need a container port named health and "
+                            "SOL_HEALTH_PORT set to it")
+        if "SOL_TLS_KEY" not in env:
+            problems.append(f"{target}: SOL_TLS_CERT without SOL_TLS_KEY")
+        tls_mounts = [m for m in server.get("volumeMounts", []) if env["SOL_TLS_CERT"].startswith(m["mountPath"] + "/")]
+        if not tls_mounts or any("subPath" in m for m in tls_mounts):
+            problems.append(f"{target}: the certificate must come from a mounted volume without subPath "
+                            "(a subPath mount is never updated, so a renewal would need a restart)")
     for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
         probe = server.get(kind, {}).get("grpc")
-        if probe is None or probe.get("port") != grpc_port:
-            problems.append(f"{target}: {kind} must be a gRPC probe on port {grpc_port}")
+        if probe is None or probe.get("port") != probe_port:
+            problems.append(f"{target}: {kind} must be a gRPC probe on port {probe_port}")
     if server.get("readinessProbe", {}).get("grpc", {}).get("service", "") != "":
         problems.append(f"{target}: readinessProbe must ask the health service about \"\" (the server)")
     if server.get("livenessProbe", {}).get("grpc", {}).get("service", "") == "":
@@ -314,7 +330,6 @@ def _serving_rules(target: str, objs: list[dict]) -> list[str]:
     args = " ".join(server.get("args", []))
     if "--admin-key-file=/etc/sol/secrets/admin-key" not in args:
         problems.append(f"{target}: the server must read the admin key from the mounted Secret")
-    env = {e["name"]: e.get("value") for e in server.get("env", [])}
     if env.get("SOL_KEY_PEPPER_FILE") != "/etc/sol/secrets/key-pepper":
         problems.append(f"{target}: SOL_KEY_PEPPER_FILE must point at the mounted Secret")
     # Without a Redis URL every replica would keep its own embedded ledger: quotas and

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.checkpoint import fsync_dir, read_meta
+from gpt.quoting import quote
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 ALIASES_DIR = "aliases"
@@ -42,7 +43,7 @@ def default_registry_root() -> Path:
 
 def validate_name(name: str, what: str = "model name") -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise RegistryError(f"invalid {what} {name!r}: use 1-64 characters of a-z, 0-9, '.', '_', '-', "
+        raise RegistryError(f"invalid {what} {quote(name)}: use 1-64 characters of a-z, 0-9, '.', '_', '-', "
                             "starting with a letter or digit")
     return name
 
@@ -62,7 +63,7 @@ class ModelRef:
         if "@" in ref:
             name, _, version = ref.partition("@")
             if not version.isdigit():
-                raise RegistryError(f"invalid version in {ref!r}: use NAME@VERSION with a number")
+                raise RegistryError(f"invalid version in {quote(ref)}: use NAME@VERSION with a number")
             return cls(validate_name(name), version=int(version))
         name, sep, alias = ref.partition(":")
         return cls(validate_name(name), alias=validate_name(alias, "alias") if sep else LATEST)
@@ -124,17 +125,17 @@ class Registry:
         ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
         if not self.model_dir(ref.name).is_dir():
             known = ", ".join(self.models()) or "none"
-            raise ModelNotFound(f"model {ref.name!r} not found in {self.root} (known models: {known})")
+            raise ModelNotFound(f"model {quote(ref.name)} not found in {self.root} (known models: {known})")
         version = ref.version
         if version is None:
             aliases = self.aliases(ref.name)
             if ref.alias not in aliases:
-                raise ModelNotFound(f"alias {ref.alias!r} of model {ref.name!r} not found "
+                raise ModelNotFound(f"alias {quote(ref.alias)} of model {quote(ref.name)} not found "
                                     f"(known aliases: {', '.join(sorted(aliases)) or 'none'})")
             version = aliases[ref.alias]
         path = self.version_dir(ref.name, version)
         if not path.is_dir():
-            raise ModelNotFound(f"version {version} of model {ref.name!r} not found "
+            raise ModelNotFound(f"version {version} of model {quote(ref.name)} not found "
                                 f"(versions: {self.versions(ref.name) or 'none'})")
         return ResolvedModel(ref.name, version, path)
 
@@ -184,7 +185,7 @@ class Registry:
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         if not self.version_dir(name, version).is_dir():
-            raise ModelNotFound(f"version {version} of model {name!r} not found")
+            raise ModelNotFound(f"version {version} of model {quote(name)} not found")
         target = self._alias_file(name, alias)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{alias}.{uuid.uuid4().hex}"

@@ -8,6 +8,7 @@ import re
 import time
 
 from gpt.checkpoint import CheckpointError
+from gpt.quoting import quote
 from gpt.registry import NAME_RE, ModelNotFound, RegistryError, validate_name
 from proto.sol.v1 import sol_pb2 as pb
 from proto.sol.v1 import sol_pb2_grpc as pb_grpc
@@ -89,7 +90,7 @@ class AdminServicer(pb_grpc.AdminServicer):
                 raise invalid("key_id is empty: name the key to revoke (see ListKeys)")
             key = await self._run(self.store.get_key, request.key_id)
             if key is None:
-                raise not_found(f"no key with id {request.key_id!r} (see ListKeys)")
+                raise not_found(f"no key with id {quote(request.key_id)} (see ListKeys)")
             revoked = await self._run(self.store.revoke_key, request.key_id)
             self.auth.forget(request.key_id)
             return pb.RevokeKeyResponse(revoked=revoked)
@@ -106,7 +107,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             for field in ("from_day", "to_day"):
                 value = getattr(request, field)
                 if value and not DAY_RE.fullmatch(value):
-                    raise invalid(f"{field} must be YYYY-MM-DD (got {value!r})")
+                    raise invalid(f"{field} must be YYYY-MM-DD (got {quote(value)})")
             rows = await self._run(self.store.usage, request.key_id, request.model, request.from_day, request.to_day)
             total = UsageRow()
             for r in rows:
@@ -118,7 +119,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def SetPrice(self, request, context):
         async def fn():
             if not NAME_RE.fullmatch(request.model):
-                raise invalid(f"model must be a model name (got {request.model!r})")
+                raise invalid(f"model must be a model name (got {quote(request.model)})")
             p = request.price
             price = Price(p.prompt_per_1k, p.completion_per_1k, p.cached_discount)
             try:

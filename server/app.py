@@ -21,7 +21,6 @@ from grpc_reflection.v1alpha import reflection
 from gpt.checkpoint import CheckpointError
 from gpt.registry import Registry, RegistryError
 from proto.sol.v1 import sol_pb2 as pb
-from proto.sol.v1 import sol_pb2_grpc as pb_grpc
 from server.accounting import Accountant
 from server.admin import AdminServicer
 from server.auth import Authenticator, check_pepper, resolve_admin_key, resolve_pepper, run_blocking
@@ -38,12 +37,16 @@ from server.pricing import PriceBook
 from server.quota import QuotaGate
 from server.servicer import InferenceServicer
 from server.spool import Spool
+from server.tls import ReloadingCredentials, TlsFiles
+from server.wire import add_service
 
 log = logging.getLogger("sol.app")
 
+INFERENCE = pb.DESCRIPTOR.services_by_name["Inference"]
+ADMIN = pb.DESCRIPTOR.services_by_name["Admin"]
 SERVICE_NAMES = (
-    pb.DESCRIPTOR.services_by_name["Inference"].full_name,
-    pb.DESCRIPTOR.services_by_name["Admin"].full_name,
+    INFERENCE.full_name,
+    ADMIN.full_name,
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     reflection.SERVICE_NAME,
 )
@@ -53,7 +56,7 @@ def make_store(config: ServerConfig) -> LedgerStore:
     if config.redis_url:
         from server.ledger_redis import RedisStore
 
-        return RedisStore(config.redis_url, timeout_s=config.store_timeout_s)
+        return RedisStore(config.redis_url, timeout_s=config.store_timeout_s, tls_ca=config.redis_tls_ca)
     from server.ledger_sqlite import SqliteStore
 
     return SqliteStore(config.ledger_path)
@@ -73,9 +76,15 @@ class App:
         self._stopped = asyncio.Event()
         self._metrics_server = None
         self.hotloader: HotLoader | None = None
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.tls: TlsFiles | None = None
+        self.tls_credentials: ReloadingCredentials | None = None
 
     async def start(self) -> None:
         c = self.config
+        # First: a TLS mistake is reported before anything opens a file or a port.
+        self.tls = TlsFiles.from_settings(c.tls_cert, c.tls_key, c.tls_client_ca)
         self._loop = asyncio.get_running_loop()
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sol-io")
         run = functools.partial(run_blocking, self.executor)
@@ -105,21 +114,27 @@ class App:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ])
-        pb_grpc.add_InferenceServicer_to_server(self.inference, self.server)
-        pb_grpc.add_AdminServicer_to_server(self.admin, self.server)
+        # Both through the Inference servicer's frame: one place maps errors and counts calls.
+        add_service(self.server, INFERENCE, self.inference, self.inference.call)
+        add_service(self.server, ADMIN, self.admin, self.inference.call)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)
-        address = f"{c.host}:{c.port}"
-        try:
-            self.port = self.server.add_insecure_port(address)
-        except RuntimeError:
-            self.port = 0
-        if not self.port:
-            raise OSError(f"cannot listen on {address} (port taken?); pick another with --port")
+        if self.tls is not None:
+            self.tls_credentials = ReloadingCredentials(self.tls)
+        self.port = _listen(self.server, c.host, c.port, "--port",
+                            self.tls_credentials.credentials if self.tls_credentials else None)
+        if c.health_port:
+            # Health only, plain text: for probes that cannot speak TLS (Kubernetes' gRPC
+            # probes); the same servicer as the main port, so both report the same states.
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_server)
+            self.health_port = _listen(self._health_server, c.host, c.health_port, "--health-port")
         if c.http_port:
             # Before gRPC starts: a taken HTTP port then fails the start with nothing running.
             await self._start_http()
         await self.server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         await self.health.start()
         if c.metrics_port:
             self._metrics_server, _ = self.metrics.serve(c.metrics_port, c.host)
@@ -127,9 +142,10 @@ class App:
         await self.prices.refresh()
         self.accountant.start()
         self.prices.start()
-        print(f"sol: gRPC listening on {c.host}:{self.port}"
-              + (f", HTTP (OpenAI-compatible API, playground) on http://{c.host}:{self.http_port}/"
-                 if self.http_port else "")
+        tls = "plain text" if self.tls is None else "TLS" + (", client certificates required" if self.tls.mutual
+                                                              else "")
+        print(f"sol: gRPC listening on {c.host}:{self.port} ({tls})"
+              + (f", health on {c.host}:{self.health_port} (plain text)" if self.health_port else "")
               + (f", metrics on http://{c.host}:{self.metrics_port}/metrics" if self.metrics_port else "")
               + f"; ledger: {'redis ' + _safe_url(c.redis_url) if c.redis_url else c.ledger_path}",
               file=sys.stderr, flush=True)
@@ -141,7 +157,7 @@ class App:
         from server.http.server import HttpServer
 
         self.http = HttpServer(create_app(self.service, self.auth, self.prices, self.health),
-                               self.config.host, self.config.http_port)
+                               self.config.host, self.config.http_port, tls=self.tls)
         await self.http.start()
         self.http_port = self.http.port
 
@@ -234,6 +250,9 @@ class App:
             self._metrics_server.shutdown()
         self.store.close()
         self.executor.shutdown(wait=False)
+        if self._health_server is not None:
+            # Last: probes see the drain (NOT_SERVING) until the process is done.
+            await self._health_server.stop(grace=None)
         left = len(self.spool)
         if not quiet or left:
             print("sol: stopped" + (f"; {left} usage records stay spooled for the next start" if left else ""),
@@ -244,7 +263,13 @@ class App:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await self.start()
+        try:
+            await self.start()
+        except (OSError, ValueError) as err:
+            # Settings the operator must fix (TLS files, a port taken, a Redis CA without
+            # rediss://): one line, not a traceback.
+            print(f"sol: error: {err}", file=sys.stderr)
+            return 2
         loader = asyncio.create_task(self.load_models())
         waiter = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({loader, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -263,6 +288,19 @@ class App:
                 await loader
         await self.drain()
         return 0
+
+
+def _listen(server: grpc.aio.Server, host: str, port: int, flag: str,
+            credentials: grpc.ServerCredentials | None = None) -> int:
+    """Bind `server` (TLS with `credentials`); the port bound, or OSError naming the flag."""
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise OSError(f"cannot listen on {address} (port taken?); pick another with {flag}")
+    return bound
 
 
 def _other_thread(loop: asyncio.AbstractEventLoop) -> bool:

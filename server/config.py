@@ -93,6 +93,23 @@ class ServerConfig:
     redis_url: str | None = setting(None, env="SOL_REDIS_URL",
                                     help="Redis for the ledger, quotas and keys, shared by replicas",
                                     default_text="the embedded SQLite ledger under $SOL_HOME")
+    redis_tls_ca: Path | None = setting(None, env="SOL_REDIS_TLS_CA", parse=Path, metavar="FILE",
+                                        help="PEM CA bundle that signed the ledger Redis's certificate (a rediss:// "
+                                             "URL)", default_text="the system's CAs")
+    # TLS for the gRPC port; server/tls.py hands the same files to an HTTP port.
+    tls_cert: Path | None = setting(None, env="SOL_TLS_CERT", parse=Path, metavar="FILE",
+                                    help="PEM certificate chain: with --tls-key the gRPC port speaks TLS only; "
+                                         "replaced files are served from the next connection",
+                                    default_text="plain text")
+    tls_key: Path | None = setting(None, env="SOL_TLS_KEY", parse=Path, metavar="FILE",
+                                   help="PEM private key of --tls-cert")
+    tls_client_ca: Path | None = setting(None, env="SOL_TLS_CLIENT_CA", parse=Path, metavar="FILE",
+                                         help="PEM CA bundle: clients must present a certificate it signed "
+                                              "(mutual TLS)", default_text="no client certificates")
+    # Kubernetes' gRPC probes speak plain text only: with TLS on, they ask this port.
+    health_port: int = setting(0, env="SOL_HEALTH_PORT",
+                               help="plain-text port serving grpc.health.v1 only, for probes that cannot speak "
+                                    "TLS; 0 = off")
     admin_key: str | None = setting(None, env="SOL_ADMIN_KEY", flag=False, help="the admin key")
     admin_key_file: Path | None = setting(None, parse=Path, help="file holding the admin key "
                                           "(beats SOL_ADMIN_KEY)", default_text="$SOL_HOME/admin.key, generated")

@@ -1,11 +1,30 @@
 """The one error type the service raises toward a caller: a gRPC status code and a
-message that says what to change, plus retry information when waiting helps."""
+message that says what to change, plus retry information when waiting helps.
+
+A status message travels in an HTTP/2 trailer (percent-encoded, so up to three times its
+UTF-8 size), and a trailer block over the peer's metadata limit (8 KiB by default) turns
+the intended status into RESOURCE_EXHAUSTED. Values quoted in messages are cut where they
+are quoted (gpt.quoting.quote); `bounded` is the last guard, applied where a
+ServiceError becomes a status."""
 
 from __future__ import annotations
 
 import grpc
 
 RETRY_AFTER_MD = "retry-after-ms"
+# 1 KiB of UTF-8 is at most 3 KiB percent-encoded: well inside an 8 KiB trailer block.
+MAX_MESSAGE_BYTES = 1024
+CUT_MARK = " … (message cut)"
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`message` cut to at most `limit` bytes of UTF-8, marked when cut. Characters UTF-8
+    cannot carry (lone surrogates) become '?' instead of failing the status."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return data.decode("utf-8")
+    keep = data[:limit - len(CUT_MARK.encode("utf-8"))]
+    return keep.decode("utf-8", "ignore") + CUT_MARK
 
 
 class ServiceError(Exception):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from gpt.chat import Message, chat_prompt_ids
+from gpt.quoting import quote
 from gpt.registry import ModelNotFound, RegistryError
 from server import validation
 from server.accounting import Accountant
@@ -188,15 +189,15 @@ class InferenceService:
                       chat=messages is not None)
             if not self.inflight.add(job):
                 job = None
-                raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running; "
+                raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {quote(request_id)} is already running; "
                                                                    "wait for it or send a new request_id")
             claim = await self.accountant.claim(key.key_id, request_id)
             if claim == "billed":
                 raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
-                                   f"request_id {request_id!r} was already served and billed; send a new "
+                                   f"request_id {quote(request_id)} was already served and billed; send a new "
                                    "request_id to generate again")
             if claim == "running":
-                raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running "
+                raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {quote(request_id)} is already running "
                                                                    "(on another replica); wait for it or send a "
                                                                    "new request_id")
             claimed = True
@@ -309,7 +310,7 @@ class InferenceService:
             raise unavailable("the ledger store is unreachable; retry shortly") from None
         if rec is None:
             running = self.job(key, request_id) is not None
-            raise not_found(f"request {request_id!r} is " + (
+            raise not_found(f"request {quote(request_id)} is " + (
                 "still running; ask again when it ends" if running else
                 "not billed to this key (unknown, refused before admission, or older than the ledger keeps)"))
         return rec

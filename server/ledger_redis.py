@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import redis
 from redis.backoff import NoBackoff
@@ -199,16 +200,27 @@ def _unavailable(fn):
 
 
 class RedisStore:
-    def __init__(self, url: str, timeout_s: float = 1.0, cooldown_s: float = 0.5) -> None:
+    def __init__(self, url: str, timeout_s: float = 1.0, cooldown_s: float = 0.5,
+                 tls_ca: Path | None = None) -> None:
+        """`url`: redis:// in plain text, rediss:// over TLS (verified against the system's
+        CAs, or `tls_ca`); redis-py's URL parameters apply, e.g. `?ssl_certfile=...&
+        ssl_keyfile=...` for a Redis that asks for client certificates."""
         self.url = url
         self.cooldown_s = cooldown_s
         self._down_until = 0.0
         self._failures = 0
+        tls: dict[str, str] = {}
+        if tls_ca is not None:
+            if not url.startswith("rediss://"):
+                # A CA for a plain-text connection would be silently unused: say so.
+                raise ValueError(f"a Redis TLS CA ({tls_ca}) is set but the Redis URL is not rediss://; "
+                                 "use rediss://HOST:PORT/DB for TLS")
+            tls["ssl_ca_certs"] = str(tls_ca)
         # Short timeouts and no hidden retries: when Redis is away the service must know
         # at once, so it spools and keeps serving instead of stalling requests.
         self._r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
                                        socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
-                                       health_check_interval=0)
+                                       health_check_interval=0, **tls)
         self._record = self._r.register_script(RECORD_LUA)
         self._admit = self._r.register_script(ADMIT_LUA)
         self._claim = self._r.register_script(CLAIM_LUA)

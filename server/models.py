@@ -23,6 +23,7 @@ from typing import Any
 from gpt.chat import chat_stop_ids
 from gpt.checkpoint import Checkpoint, load_checkpoint
 from gpt.config import ModelConfig
+from gpt.quoting import quote
 from gpt.registry import LATEST, ModelNotFound, ModelRef, Registry
 from gpt.tokenizer import SolTokenizer
 from server.engine.api import EngineRequest, EngineStats, RequestFinished, SamplingParams
@@ -237,7 +238,7 @@ class ModelManager:
                     version = max(versions) if versions else None
                 model = self._loaded.get((parsed.name, version)) if version is not None else None
             if model is None:
-                raise ModelNotFound(f"model {ref!r} is not served here; available: {self._available()}")
+                raise ModelNotFound(f"model {quote(ref)} is not served here; available: {self._available()}")
             return model
 
     def _available(self) -> str:

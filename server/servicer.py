@@ -20,7 +20,7 @@ from proto.sol.v1 import sol_pb2_grpc as pb_grpc
 from server import validation
 from server.auth import Authenticator, AuthError
 from server.engine.api import TokenLogprob
-from server.errors import ServiceError
+from server.errors import ServiceError, bounded
 from server.inference import BilledUsage, ChoiceUpdate, InferenceService, Job
 from server.ledger import KeyInfo
 from server.models import LoadedModel
@@ -131,7 +131,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def call(self, context, method: str) -> AsyncIterator[dict[str, str]]:
         """Every RPC's frame (Inference and Admin, unary and streaming): yields the metric
         labels to fill in, maps a ServiceError to its status, an unexpected error to
-        INTERNAL with a reference in the log, and counts the call by status."""
+        INTERNAL with a reference in the log, and counts the call by status. Status
+        messages are bounded here, the last guard against a message too long for a
+        trailer (which the client would see as RESOURCE_EXHAUSTED)."""
         labels = {"model": ""}
         code = grpc.StatusCode.OK
         try:
@@ -139,7 +141,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except ServiceError as err:
             code = err.code
             context.set_trailing_metadata(err.trailing_metadata())
-            await context.abort(err.code, err.message)
+            await context.abort(err.code, bounded(err.message))
         except (asyncio.CancelledError, GeneratorExit):
             code = grpc.StatusCode.CANCELLED
             raise

@@ -7,6 +7,7 @@ import dataclasses
 import re
 
 from gpt.chat import ROLES, Message
+from gpt.quoting import quote
 from gpt.tokenizer import SolTokenizer
 from proto.sol.v1 import sol_pb2 as pb
 from server.engine.api import SamplingParams
@@ -56,7 +57,7 @@ def messages(msgs, max_messages: int, max_chars: int) -> list[Message]:
     out, total = [], 0
     for i, m in enumerate(msgs):
         if m.role not in ROLES:
-            raise invalid(f"messages[{i}].role {m.role!r} is unknown; use one of {sorted(ROLES)}")
+            raise invalid(f"messages[{i}].role {quote(m.role)} is unknown; use one of {sorted(ROLES)}")
         total += len(m.content)
         out.append(Message(m.role, m.content))
     if total > max_chars:
@@ -91,7 +92,7 @@ def fit_context(params: SamplingParams, max_tokens_given: bool, prompt_len: int,
 def request_id(value: str) -> str:
     if not REQUEST_ID_RE.fullmatch(value):
         raise invalid("request_id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '-' "
-                      f"(got {value[:40]!r}); leave it empty to let the server make one")
+                      f"(got {quote(value)}); leave it empty to let the server make one")
     return value
 
 

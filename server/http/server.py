@@ -4,6 +4,10 @@ protocols reach the same InferenceService, engines and ledger without a thread h
 The socket is bound here, before uvicorn starts: a taken port is an OSError at start
 (as for gRPC) rather than uvicorn's sys.exit inside a task, and port 0 gives a free one.
 uvicorn installs no signal handlers: the App owns SIGTERM and drains both protocols.
+
+With TLS the same files as the gRPC port serve HTTPS; a watcher re-reads them when they
+change on disk (a cert-manager rotation) and loads them into uvicorn's SSL context, so
+new connections get the new certificate without a restart.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from collections.abc import Iterator
 
 import uvicorn
 from starlette.types import ASGIApp
+
+from server.tls import TlsError, TlsFiles
 
 log = logging.getLogger("sol.http")
 
@@ -45,15 +51,19 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class HttpServer:
-    def __init__(self, app: ASGIApp, host: str, port: int, shutdown_grace_s: float = 1.0) -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int, shutdown_grace_s: float = 1.0,
+                 tls: TlsFiles | None = None, tls_poll_s: float = 2.0) -> None:
         self.sock = bind(host, port)
         self.port: int = self.sock.getsockname()[1]
+        self.tls = tls
+        self.tls_poll_s = tls_poll_s
         # No lifespan (the App starts and stops everything), no access log (metrics count
         # requests; a line per request would cost more CPU than the request's framing).
         self.server = _EmbeddedServer(uvicorn.Config(
             app, lifespan="off", access_log=False, log_level="warning", timeout_graceful_shutdown=shutdown_grace_s,
-            timeout_keep_alive=30, server_header=False))
+            timeout_keep_alive=30, server_header=False, **(tls.uvicorn_options() if tls else {})))
         self._task: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
@@ -62,9 +72,33 @@ class HttpServer:
                 self._task.result()
                 raise RuntimeError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
+        if self.tls is not None:
+            self._watcher = asyncio.get_running_loop().create_task(self._follow_tls(self.tls))
+
+    async def _follow_tls(self, tls: TlsFiles) -> None:
+        seen = tls.signature()
+        while True:
+            await asyncio.sleep(self.tls_poll_s)
+            now = tls.signature()
+            if now == seen or None in now:
+                continue
+            try:
+                tls.load()          # a half-written rotation fails here and is retried
+                context = self.server.config.ssl
+                assert context is not None
+                context.load_cert_chain(str(tls.cert), str(tls.key))
+                if tls.client_ca is not None:
+                    context.load_verify_locations(cafile=str(tls.client_ca))
+            except (TlsError, OSError) as err:
+                log.warning("HTTPS keeps its current certificate: %s", err)
+                continue
+            seen = now
+            log.info("HTTPS certificate reloaded from %s", tls.cert)
 
     async def stop(self) -> None:
         """Stop accepting, let open responses end (up to the grace), then close."""
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._task is None:
             self.sock.close()
             return

@@ -15,6 +15,18 @@ from tests.conftest import free_port
 ADMIN_KEY = "sk-sol-admin-test"
 
 
+def publish_tiny(root: Path, tokenizer, aliases: tuple[str, ...] = ("base",), **overrides) -> Path:
+    """A tiny random model published as tiny@1 in a registry under `root`; returns the
+    registry's root, for RunningServer."""
+    from gpt.registry import Registry, publish_checkpoint
+    from tests.conftest import make_tiny_model
+
+    registry = Registry(root / "registry")
+    publish_checkpoint(registry, "tiny", make_tiny_model(tokenizer, **overrides), tokenizer, {"stage": "base"},
+                       aliases=aliases)
+    return registry.root
+
+
 class RunningServer:
     def __init__(self, registry_root: Path, home: Path, redis_url: str | None = None, **overrides) -> None:
         # HTTP is off unless a test asks for it (http_port=free_port()): most tests are gRPC's.

@@ -15,9 +15,11 @@ from server.config import ServerConfig, from_flags, settings
 # What README, deploy/ and docker-compose.yml rely on.
 FLAGS = ["--host", "--port", "--metrics-port", "--registry", "--model", "--redis-url", "--admin-key-file",
          "--grace-period", "--device", "--kv-blocks", "--kv-budget-mb", "--kv-per-model-mb", "--default-max-tokens",
-         "--cached-discount", "--no-watch", "--poll-interval"]
+         "--cached-discount", "--no-watch", "--poll-interval", "--tls-cert", "--tls-key", "--tls-client-ca",
+         "--health-port", "--redis-tls-ca"]
 ENV = ["SOL_HOST", "SOL_PORT", "SOL_METRICS_PORT", "SOL_REGISTRY", "SOL_REDIS_URL", "SOL_ADMIN_KEY", "SOL_KEY_PEPPER",
-       "SOL_HOME", "SOL_GRACE_PERIOD", "SOL_POLL_INTERVAL", "SOL_KV_BUDGET_MB", "SOL_KV_PER_MODEL_MB"]
+       "SOL_HOME", "SOL_GRACE_PERIOD", "SOL_POLL_INTERVAL", "SOL_KV_BUDGET_MB", "SOL_KV_PER_MODEL_MB", "SOL_TLS_CERT",
+       "SOL_TLS_KEY", "SOL_TLS_CLIENT_CA", "SOL_HEALTH_PORT", "SOL_REDIS_TLS_CA"]
 
 
 def serve_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ import pytest
 from client.client import Client
 from client.types import SolError
 from proto.sol.v1 import sol_pb2 as pb
-from tests.service.harness import ADMIN_KEY, RunningServer
+from tests.service.harness import ADMIN_KEY, RunningServer, publish_tiny
 
 MSG = [{"role": "user", "content": "hi"}]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -19,14 +19,8 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_tokenizer):
-    from gpt.registry import Registry, publish_checkpoint
-    from tests.conftest import make_tiny_model
-
     root = tmp_path_factory.mktemp("errors")
-    registry = Registry(root / "registry")
-    publish_checkpoint(registry, "tiny", make_tiny_model(tiny_tokenizer), tiny_tokenizer, {"stage": "base"},
-                       aliases=("base",))
-    s = RunningServer(registry.root, root / "home").start()
+    s = RunningServer(publish_tiny(root, tiny_tokenizer), root / "home").start()
     yield s
     s.stop()
 
