@@ -264,7 +264,7 @@ def _free_port() -> int:
 
 
 def start_server(home: Path, registry: Path, model: str, device: str | None, admin_key: str, log: Path,
-           watch: bool = True, http_port: int = 0):
+           watch: bool = True, http_port: int = 0, dtype: str | None = None):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -275,6 +275,8 @@ def start_server(home: Path, registry: Path, model: str, device: str | None, adm
            "--metrics-port", "0", "--http-port", str(http_port), "--registry", str(registry), "--model", model]
     if device:
         cmd += ["--device", device]
+    if dtype:
+        cmd += ["--dtype", dtype]
     if not watch:
         cmd += ["--no-watch"]
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115

