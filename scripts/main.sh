@@ -51,7 +51,23 @@ done
 echo "== 4. one completion as JSON (usage and cost included)"
 $sol complete --wait 300 --model "$name:sft" --max-tokens 24 --temperature 0 --json "Sort in ascending order: 9, 2, 7"
 
-echo "== 5. the ledger: usage per key and model"
+echo "== 5. the same model through the OpenAI-compatible HTTP API (the openai SDK; curl works too)"
+.venv/bin/python - "$http_port" "$key" "$name:rlhf" <<'PY'
+import sys
+
+from openai import OpenAI
+
+port, key, model = sys.argv[1:]
+client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
+reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is 48 + 27?"}],
+                                       max_tokens=24, temperature=0)
+usage = reply.usage
+print(f"{reply.choices[0].message.content!r} ({reply.choices[0].finish_reason}; {usage.prompt_tokens} prompt, "
+      f"{usage.prompt_tokens_details.cached_tokens} cached, {usage.completion_tokens} completion tokens)")
+PY
+echo "   playground: http://127.0.0.1:$http_port/ (paste the API key)"
+
+echo "== 6. the ledger: usage per key and model"
 $sol usage
 
 stop_server

@@ -32,7 +32,7 @@ def server(tiny_tokenizer, tmp_path):
 
 def cancelled(server) -> float:
     return server.app.metrics.registry.get_sample_value(
-        "sol_grpc_requests_total", {"model": "tiny", "method": "ChatCompletionStream", "code": "CANCELLED"}) or 0.0
+        "sol_requests_total", {"protocol": "grpc", "model": "tiny", "method": "ChatCompletionStream", "code": "CANCELLED"}) or 0.0
 
 
 def test_client_cancels_log_no_error(server, caplog):

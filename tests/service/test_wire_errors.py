@@ -79,7 +79,7 @@ def bad_utf8(message_type) -> bytes | None:
 
 def counted(server, method: str, code: str) -> float:
     return server.app.metrics.registry.get_sample_value(
-        "sol_grpc_requests_total", {"model": "", "method": method, "code": code}) or 0.0
+        "sol_requests_total", {"protocol": "grpc", "model": "", "method": method, "code": code}) or 0.0
 
 
 def no_errors_logged(caplog) -> None:
