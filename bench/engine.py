@@ -300,7 +300,7 @@ def kv_capacity(model: GPT, work: list[Work], budget_bytes: int, block_size: int
         w = work[i % len(work)]
         # Distinct first token per sequence so no prefix is shared: capacity from paging alone.
         tokens = [i % 7 + 1000] + w.prompt_ids + [0] * w.max_tokens
-        seq = Sequence(request=None, index=0, token_ids=tokens, num_prompt_tokens=len(tokens), seed=0, detok=None)
+        seq = Sequence(request=None, index=0, token_ids=tokens, num_prompt_tokens=len(tokens), seed=0)
         if blocks.allocate(seq) is None:
             break
         fitted += 1
