@@ -19,6 +19,7 @@ from server.engine.api import (
 )
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
+from server.engine.grammar import GrammarCompiler
 from server.engine.output import OutputProcessor, TokenTexts
 
 
@@ -79,10 +80,12 @@ def _prompt_ids(tokenizer: SolTokenizer, prompt: Prompt) -> tuple[list[int], boo
 def generate(model: GPT, tokenizer: SolTokenizer, prompts: list[Prompt],
              params: SamplingParams | list[SamplingParams] | None = None,
              eos_token_ids: list[int] | None = None, config: EngineConfig | None = None,
-             engine: Engine | None = None) -> list[GenerationOutput]:
+             engine: Engine | None = None, grammars: GrammarCompiler | None = None) -> list[GenerationOutput]:
     """Generate for every prompt (text, token ids, or chat messages rendered by the chat
     template, which then stop at the end of the assistant turn) with continuous batching;
-    outputs in prompt order. Pass `engine` to reuse a running one (it is left running)."""
+    outputs in prompt order. Pass `engine` to reuse a running one (it is left running).
+    Parameters with a response_format are compiled here, on the caller's thread, by
+    `grammars` (default: a compiler for this tokenizer, made on first need)."""
     params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
     if len(params_list) != len(prompts):
         raise ValueError("give one SamplingParams per prompt, or one for all")
@@ -93,10 +96,14 @@ def generate(model: GPT, tokenizer: SolTokenizer, prompts: list[Prompt],
         submitted = []
         for prompt, sp in zip(prompts, params_list, strict=True):
             ids, is_chat = _prompt_ids(tokenizer, prompt)
+            grammar = None
+            if sp.response_format is not None and sp.response_format.constrained:
+                grammars = grammars or GrammarCompiler.for_tokenizer(tokenizer, engine.vocab_size)
+                grammar = grammars.compile(sp.response_format)
             request = EngineRequest(
                 request_id=f"gen-{uuid.uuid4().hex[:12]}", prompt_ids=ids, params=sp,
                 eos_token_ids=list(eos_token_ids if eos_token_ids is not None
-                                   else chat_stop_ids(tokenizer) if is_chat else []))
+                                   else chat_stop_ids(tokenizer) if is_chat else []), grammar=grammar)
             stream = engine.submit(request)
             submitted.append((stream, OutputProcessor(request, texts, stream.abort_choice), ids, sp.n))
         return [collect(*s) for s in submitted]

@@ -155,6 +155,19 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors,
     return logits
 
 
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf for every token whose bit is clear in `bitmask` (R, ceil(V/32)) int32, on the
+    given rows of `logits` (B, V) only: the other rows are not touched (nor unpacked)."""
+    vocab = logits.shape[-1]
+    bitmask = bitmask.to(logits.device)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    # An arithmetic shift then "& 1" reads bit 31 of a negative int32 correctly too.
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(bitmask.shape[0], -1)[:, :vocab].bool()
+    rows = rows.to(logits.device)
+    masked = logits[rows].masked_fill(~allowed, float("-inf"))
+    return logits.index_put((rows,), masked)
+
+
 def _filter(scaled: torch.Tensor, t: SamplingTensors, sampled: torch.Tensor) -> torch.Tensor:
     """Top-k, top-p, then min-p, each as a -inf mask; greedy rows are left untouched."""
     neg_inf = torch.tensor(float("-inf"), dtype=scaled.dtype, device=scaled.device)
@@ -189,6 +202,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams] | SamplingTens
            output_ids: Sequence[Sequence[int]] | None = None,
            prompt_ids: Sequence[Sequence[int]] | None = None,
            bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+           allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
            num_logprobs: int = 0) -> SampleOutput:
     """Draw one token per row of `logits` (B, V).
 
@@ -200,12 +214,15 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams] | SamplingTens
     bias: a sparse additive mask (rows, token_ids, values) added to the logits first:
         -inf bans a token (a stop token before min_tokens), a finite value is a
         logit_bias. Entries for the same (row, token) add up.
+    allowed: (rows, bitmask) for the rows under a grammar (structured outputs): only the
+        tokens whose bit is set in the row's (ceil(V/32),) int32 bitmask may be drawn. The
+        rows not listed pay nothing.
     num_logprobs: also return the top-N tokens and their log-probs.
 
-    Order: bias, penalties, temperature, top-k, top-p, min-p, then the draw. Temperature 0 is
-    greedy. `logprobs` come from the distribution actually sampled from (after
-    temperature and truncation, renormalised); for greedy rows, from the penalised
-    logits at temperature 1.
+    Order: bias, penalties, grammar mask, temperature, top-k, top-p, min-p, then the draw.
+    Temperature 0 is greedy. `logprobs` come from the distribution actually sampled from
+    (after the grammar mask, temperature and truncation, renormalised); for greedy rows,
+    from the penalised and masked logits at temperature 1.
     """
     batch, vocab = logits.shape
     device = logits.device
@@ -215,6 +232,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams] | SamplingTens
         rows, ids, values = (t.to(device) for t in bias)
         x = x.index_put((rows, ids), values.to(x.dtype), accumulate=True)
     x = apply_penalties(x, t, output_ids, prompt_ids)
+    if allowed is not None and allowed[0].numel():
+        x = apply_token_bitmask(x, *allowed)
     sampled = t.temperature > 0
     if t.any_sampled:
         x = x / torch.where(sampled, t.temperature, torch.ones_like(t.temperature))[:, None]

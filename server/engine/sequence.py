@@ -10,8 +10,12 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from server.engine.api import EngineRequest, FinishReason, RequestTimings, SamplingParams
+
+if TYPE_CHECKING:
+    from server.engine.grammar import GrammarMatcher
 
 _seq_ids = itertools.count()
 
@@ -35,6 +39,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0              # leading blocks already registered for reuse
     finish_reason: FinishReason | None = None
+    # Structured outputs: where this choice stands in its grammar. It advances with every
+    # sampled token, and output tokens survive preemption, so it stays valid across one.
+    grammar: GrammarMatcher | None = None
 
     @property
     def params(self) -> SamplingParams:
