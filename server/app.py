@@ -212,6 +212,7 @@ class App:
             self._metrics_server.shutdown()
         self.store.close()
         self.executor.shutdown(wait=False)
+        self.service.grammar_pool.shutdown(wait=False, cancel_futures=True)
         left = len(self.spool)
         if not quiet or left:
             print("sol: stopped" + (f"; {left} usage records stay spooled for the next start" if left else ""),

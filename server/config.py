@@ -95,6 +95,11 @@ class ServerConfig:
                                     help="seconds running requests get to finish after SIGTERM")
     default_max_tokens: int = setting(256, help="max_tokens when a request sets none (capped by the context)")
     max_prompt_chars: int = 1 << 20
+    # A response_format compiles in a worker thread; one that takes longer is refused
+    # (INVALID_ARGUMENT) instead of holding its request, and never holds anyone else's.
+    grammar_compile_timeout_s: float = setting(10.0, flag="--grammar-compile-timeout",
+                                               help="seconds a response_format (JSON schema, regex, grammar) may "
+                                                    "take to compile")
     max_messages: int = 1024
     # Engine sizing (None = the engine's defaults).
     device: str | None = setting(None, help="cpu, cuda, cuda:1 ...", default_text="CUDA when present")
