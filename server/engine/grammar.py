@@ -121,13 +121,16 @@ def grammar_source(fmt: ResponseFormat) -> str:
 class GrammarMatcher:
     """One choice's position in its grammar. Advanced only by the engine's thread."""
 
-    __slots__ = ("compiled", "end_ids", "_matcher")
+    __slots__ = ("compiled", "keep_words", "end_words", "_matcher")
 
-    def __init__(self, compiled: CompiledGrammar, matcher: llg.LLMatcher, end_ids: Iterable[int]) -> None:
+    def __init__(self, compiled: CompiledGrammar, matcher: llg.LLMatcher, keep_words: np.ndarray,
+                 end_words: np.ndarray) -> None:
         self.compiled = compiled
         self._matcher = matcher
-        # The request's stop tokens: allowed where the grammar may end, nowhere else.
-        self.end_ids = np.fromiter(sorted(end_ids), dtype=np.int64)
+        # Per 32-token word of the bitmask: which bits the grammar may set (special tokens
+        # and the request's stop tokens cleared), and the stop tokens, set where it may end.
+        self.keep_words = keep_words
+        self.end_words = end_words
 
     def accept(self, token_id: int) -> bool:
         """Advance by a sampled token; False if the grammar does not allow it (the
@@ -147,6 +150,13 @@ class GrammarMatcher:
         return self._matcher.get_error()
 
 
+def _words(ids: Iterable[int], vocab_size: int) -> np.ndarray:
+    """A (ceil(V/32),) uint32 bitmask with the bits of `ids` set."""
+    bits = np.zeros(((vocab_size + 31) // 32) * 32, dtype=np.uint8)
+    bits[np.fromiter(ids, dtype=np.int64)] = 1
+    return np.packbits(bits, bitorder="little").view(np.uint32)
+
+
 class CompiledGrammar:
     """A compiled constraint for one vocabulary: a template matcher, copied per choice."""
 
@@ -157,10 +167,17 @@ class CompiledGrammar:
         self.vocab_size = vocab_size
         self.special_ids = special_ids
         self._template = template
+        self._words: dict[frozenset[int], tuple[np.ndarray, np.ndarray]] = {}
 
     def matcher(self, end_ids: Iterable[int] = ()) -> GrammarMatcher:
+        end = frozenset(end_ids)
+        words = self._words.get(end)
+        if words is None:
+            # The same for every choice of a request (and most requests): computed once.
+            words = (~_words([*self.special_ids.tolist(), *end], self.vocab_size), _words(end, self.vocab_size))
+            self._words[end] = words
         # deep_copy shares the compiled grammar and copies the parser state (under 1 us).
-        return GrammarMatcher(self, self._template.deep_copy(), end_ids)
+        return GrammarMatcher(self, self._template.deep_copy(), *words)
 
 
 class GrammarCompiler:
@@ -276,19 +293,19 @@ def token_bitmask(matchers: Sequence[GrammarMatcher], vocab_size: int) -> torch.
     exactly when the grammar may end there."""
     words = (vocab_size + 31) // 32
     mask = np.zeros((len(matchers), words), dtype=np.int32)
+    # One call for every row; llguidance computes them off the GIL.
     llg_numpy.fill_next_token_bitmask_par(_mask_executor(), [(m._matcher, i) for i, m in enumerate(matchers)], mask)
     bits = mask.view(np.uint32)
-    one = np.uint32(1)
-    for row, m in enumerate(matchers):
-        clear = np.concatenate([m.compiled.special_ids, m.end_ids])
-        np.bitwise_and.at(bits[row], clear >> 5, ~(one << (clear & 31).astype(np.uint32)))
-        if m.end_ids.size and m.is_accepting():
-            np.bitwise_or.at(bits[row], m.end_ids >> 5, one << (m.end_ids & 31).astype(np.uint32))
-        if not bits[row].any():
-            # Nothing left (a grammar that could only go on with special tokens): let the
-            # choice end rather than draw from an empty distribution.
-            log.warning("grammar mask is empty; allowing only the stop tokens")
-            np.bitwise_or.at(bits[row], m.end_ids >> 5, one << (m.end_ids & 31).astype(np.uint32))
+    bits &= np.stack([m.keep_words for m in matchers])
+    ends = np.stack([m.end_words for m in matchers])
+    accepting = np.fromiter((m.is_accepting() for m in matchers), dtype=bool, count=len(matchers))
+    bits[accepting] |= ends[accepting]
+    empty = ~bits.any(axis=1)
+    if empty.any():
+        # Nothing left (a grammar that could only go on with special tokens): let the
+        # choice end rather than draw from an empty distribution.
+        log.warning("grammar mask is empty for %d row(s); allowing only the stop tokens", int(empty.sum()))
+        bits[empty] |= ends[empty]
     return torch.from_numpy(mask)
 
 

@@ -24,6 +24,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from server.engine.api import SamplingParams
@@ -155,14 +156,29 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors,
     return logits
 
 
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(R, ceil(V/32)) int32 bitmask -> (R, V) bool on `device` (bit t of word w is token
+    32w + t)."""
+    if device.type == "cpu":
+        # numpy's unpackbits is one C loop: ~30x faster than shifting int32 tensors on a
+        # CPU. (Bytes of the int32 words in memory order: a little-endian host.)
+        packed = bitmask.contiguous().numpy().view(np.uint8)
+        return torch.from_numpy(np.unpackbits(packed, axis=1, count=vocab_size, bitorder="little").view(np.bool_))
+    # On an accelerator the small bitmask travels and is unpacked there.
+    return unpack_bitmask_by_shifts(bitmask.to(device, non_blocking=True), vocab_size)
+
+
+def unpack_bitmask_by_shifts(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """unpack_bitmask in tensor operations, on the bitmask's own device."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    # An arithmetic shift then "& 1" reads bit 31 of a negative int32 correctly too.
+    return ((bitmask[:, :, None] >> shifts) & 1).reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """-inf for every token whose bit is clear in `bitmask` (R, ceil(V/32)) int32, on the
     given rows of `logits` (B, V) only: the other rows are not touched (nor unpacked)."""
-    vocab = logits.shape[-1]
-    bitmask = bitmask.to(logits.device)
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    # An arithmetic shift then "& 1" reads bit 31 of a negative int32 correctly too.
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(bitmask.shape[0], -1)[:, :vocab].bool()
+    allowed = unpack_bitmask(bitmask, logits.shape[-1], logits.device)
     rows = rows.to(logits.device)
     masked = logits[rows].masked_fill(~allowed, float("-inf"))
     return logits.index_put((rows,), masked)

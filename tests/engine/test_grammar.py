@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from server.engine.api import EngineRequest, JsonSchema, ResponseFormat, SamplingParams
 from server.engine.grammar import GrammarCompiler, GrammarError, close_objects, constraint_key, token_bitmask
 from server.engine.offline import generate
-from server.engine.sampler import apply_token_bitmask, sample
+from server.engine.sampler import apply_token_bitmask, sample, unpack_bitmask, unpack_bitmask_by_shifts
 
 # Nested objects, arrays, enums, integers with ranges, required fields.
 SCHEMAS = [
@@ -186,6 +186,10 @@ def test_bitmask_masks_only_its_rows_and_reads_bit_31():
     drawn = sample(logits, [SamplingParams(temperature=1.0)] * 3, seeds=[1, 2, 3], steps=[0, 0, 0],
                    allowed=(torch.tensor([1]), bitmask)).token_ids
     assert int(drawn[1]) in (31, 69)
+    # The accelerator's unpacking (tensor shifts) reads the same bits as the CPU's (numpy).
+    random_words = torch.randint(-(1 << 31), (1 << 31) - 1, (5, 9), dtype=torch.int32)
+    assert torch.equal(unpack_bitmask(random_words, 280, torch.device("cpu")),
+                       unpack_bitmask_by_shifts(random_words, 280))
 
 
 # --- generation ---------------------------------------------------------------------------------
