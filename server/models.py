@@ -57,6 +57,8 @@ class LoadedModel:
     budget: KVBudget | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _grammars: GrammarCompiler | None = field(default=None, repr=False)
+    # Its own lock: building the compiler takes a while, and _lock is taken on the event loop.
+    _grammars_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def ref(self) -> str:
@@ -73,7 +75,7 @@ class LoadedModel:
     def grammars(self) -> GrammarCompiler:
         """The structured-output compiler for this version's vocabulary (with its cache),
         made on first need: call it off the event loop, like its compile()."""
-        with self._lock:
+        with self._grammars_lock:
             if self._grammars is None:
                 self._grammars = GrammarCompiler.for_tokenizer(self.tokenizer, self.vocab_size)
             return self._grammars
