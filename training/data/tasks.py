@@ -155,8 +155,9 @@ class Family:
     answer_schema: dict | None = None
 
 
-JSON_ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
-                      "additionalProperties": False}
+# The sum of two numbers below 100: the range also bounds the digits a model may write.
+JSON_ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 198}},
+                      "required": ["answer"], "additionalProperties": False}
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
