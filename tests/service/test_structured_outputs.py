@@ -143,8 +143,8 @@ def test_fuzzed_constraints_answer_ok_or_invalid_argument_and_the_server_keeps_s
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
         assert err.details().startswith("response_format"), err.details()
     s, md = stub
-    ok = s.Completion(pb.CompletionRequest(model="tiny", prompt="Hi", params=pb.SamplingParams(max_tokens=2)),
-                      metadata=md, timeout=60)
+    ok = s.Completion(pb.CompletionRequest(model="tiny", prompt="Hi", params=pb.SamplingParams(
+        max_tokens=2, ignore_eos=True)), metadata=md, timeout=60)
     assert ok.choices[0].completion_tokens == 2
 
 
