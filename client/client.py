@@ -8,6 +8,10 @@ server's retry-after), reusing the request id so a retried request is billed onc
         for chunk in (stream := c.chat_stream([("user", "hi")], model="sol-small", max_tokens=64)):
             print(chunk.text, end="")
         print(stream.usage)
+        # Structured outputs: json_schema= (a dict or JSON text, with strict=), regex=,
+        # grammar= (Lark), json_object=True, or response_format= in OpenAI's shape.
+        c.chat([("user", "What is 48 + 27? Reply in JSON.")], model="sol-small",
+               json_schema={"type": "object", "properties": {"answer": {"type": "integer"}}})
 """
 
 from __future__ import annotations

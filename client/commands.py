@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from client.output import add_json_flag, emit, table
-from client.params import add_flags, from_args
+from client.params import add_flags, add_format_flags, from_args
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
@@ -57,6 +57,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--no-usage", action="store_true", help="do not print token usage after each answer")
     add_flags(p)
+    add_format_flags(p)
     p.set_defaults(handler=_chat)
 
     p = sub.add_parser("complete", help="one answer to one prompt (a chat turn; --raw for a base-model completion)")
@@ -69,6 +70,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--request-id", default=None, help="idempotency key (default: a new one)")
     add_json_flag(p)
     add_flags(p)
+    add_format_flags(p)
     p.set_defaults(handler=_complete)
 
     p = sub.add_parser("served", help="the models the server at --target serves now (ListModels); "

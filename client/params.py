@@ -5,12 +5,19 @@ the .proto (and its regenerated stubs) needs no change here or in the CLI.
 Field shapes map to flags as follows: a scalar `top_p` -> `--top-p VALUE`; a bool
 `ignore_eos` -> `--ignore-eos` / `--no-ignore-eos`; a repeated `stop` -> `--stop VALUE`
 (repeatable); a map `logit_bias` -> `--logit-bias KEY=VALUE` (repeatable); an enum takes
-its value names. Message-typed fields have no flag (the library takes them as dicts)."""
+its value names. Message-typed fields have no flag (the library takes them as dicts).
+
+One convenience sits on top, for structured outputs (`response_format`, a message): the
+library takes `json_schema=` (a dict or JSON text), `regex=`, `grammar=` or
+`json_object=True` (with `strict=`), and the CLI `--json-schema FILE`, `--regex`,
+`--grammar FILE`, `--json-object`, `--strict`."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +105,55 @@ def build_message(cls: type[Message], params: Mapping[str, Any]) -> Message:
     return cls(**values)
 
 
+# --- structured outputs ----------------------------------------------------------------------
+
+FORMAT_OPTIONS = ("json_schema", "regex", "grammar", "json_object", "strict")
+
+
+def response_format(json_schema: Mapping[str, Any] | str | None = None, regex: str | None = None,
+                    grammar: str | None = None, json_object: bool = False, strict: bool | None = None,
+                    name: str = "") -> dict[str, Any] | None:
+    """The `response_format` of one of the shortcuts (at most one), as the message's dict;
+    None when none is given."""
+    given = [k for k, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar),
+                            ("json_object", json_object or None)) if v is not None]
+    if len(given) > 1:
+        raise TypeError(f"give one response format, not {' and '.join(given)}")
+    if strict is not None and json_schema is None:
+        raise TypeError("strict applies to json_schema only")
+    if json_schema is not None:
+        schema = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+        inner: dict[str, Any] = {"schema": schema, "name": name} if name else {"schema": schema}
+        if strict is not None:
+            inner["strict"] = strict
+        return {"type": "json_schema", "json_schema": inner}
+    if regex is not None:
+        return {"type": "regex", "regex": regex}
+    if grammar is not None:
+        return {"type": "grammar", "grammar": grammar}
+    return {"type": "json_object"} if json_object else None
+
+
+def _format_message(fmt: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI's response_format dict with its schema as an object is accepted too: the
+    message holds the schema as JSON text."""
+    fmt = dict(fmt)
+    inner = fmt.get("json_schema")
+    if isinstance(inner, Mapping) and not isinstance(inner.get("schema", ""), str):
+        fmt["json_schema"] = {**inner, "schema": json.dumps(inner["schema"])}
+    return fmt
+
+
 def sampling_pb(params: Mapping[str, Any]) -> pb.SamplingParams:
+    params = dict(params)
+    shortcuts = {k: params.pop(k) for k in FORMAT_OPTIONS if k in params}
+    shortcut = response_format(**shortcuts) if shortcuts else None
+    if shortcut is not None:
+        if params.get("response_format") is not None:
+            raise TypeError("give response_format or one of json_schema/regex/grammar/json_object, not both")
+        params["response_format"] = shortcut
+    if isinstance(params.get("response_format"), Mapping):
+        params["response_format"] = _format_message(params["response_format"])
     return build_message(pb.SamplingParams, params)
 
 
@@ -167,4 +222,53 @@ def from_args(args: argparse.Namespace, params: Iterable[Param] = SAMPLING_PARAM
         if value is None:
             continue
         out[p.name] = dict(value) if p.shape == MAP else value
+    out.update(_format_from_args(args))
+    return out
+
+
+def add_format_flags(parser: argparse.ArgumentParser) -> None:
+    """--json-schema FILE / --regex / --grammar FILE / --json-object: the output's shape."""
+    group = parser.add_argument_group("structured output (response_format)",
+                                      "the answer is made to match; an answer cut by --max-tokens is incomplete")
+    one = group.add_mutually_exclusive_group()
+    one.add_argument("--json-schema", dest="format_json_schema", metavar="FILE",
+                     help="a JSON Schema file ('-' reads stdin) the answer must satisfy")
+    one.add_argument("--regex", dest="format_regex", metavar="PATTERN", help="a regular expression the whole "
+                     "answer must match")
+    one.add_argument("--grammar", dest="format_grammar", metavar="FILE", help="a Lark grammar file the answer "
+                     "must follow")
+    one.add_argument("--json-object", dest="format_json_object", action="store_true", default=None,
+                     help="any JSON object")
+    group.add_argument("--strict", dest="format_strict", action="store_true", default=None,
+                       help="with --json-schema: objects take no properties the schema does not name")
+
+
+def _read(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _format_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if not hasattr(args, "format_json_schema"):
+        return {}
+    out: dict[str, Any] = {}
+    if args.format_json_schema is not None:
+        text = _read(args.format_json_schema)
+        try:
+            json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"--json-schema {args.format_json_schema}: not JSON ({err})") from None
+        out["json_schema"] = text
+        if args.format_strict:
+            out["strict"] = True
+    elif args.format_strict:
+        raise ValueError("--strict goes with --json-schema")
+    if args.format_regex is not None:
+        out["regex"] = args.format_regex
+    if args.format_grammar is not None:
+        out["grammar"] = _read(args.format_grammar)
+    if args.format_json_object:
+        out["json_object"] = True
     return out

@@ -250,6 +250,7 @@ class App:
             self._metrics_server.shutdown()
         self.store.close()
         self.executor.shutdown(wait=False)
+        self.service.grammar_pool.shutdown(wait=False, cancel_futures=True)
         if self._health_server is not None:
             # Last: probes see the drain (NOT_SERVING) until the process is done.
             await self._health_server.stop(grace=None)

@@ -125,6 +125,11 @@ class ServerConfig:
         help="backpressure: tokens per choice a request may generate ahead of what its client has read; "
              "beyond it the request pauses until the client reads")
     max_prompt_chars: int = 1 << 20
+    # A response_format compiles in a worker thread; one that takes longer is refused
+    # (INVALID_ARGUMENT) instead of holding its request, and never holds anyone else's.
+    grammar_compile_timeout_s: float = setting(10.0, flag="--grammar-compile-timeout",
+                                               help="seconds a response_format (JSON schema, regex, grammar) may "
+                                                    "take to compile")
     max_messages: int = 1024
     # Engine sizing (None = the engine's defaults).
     device: str | None = setting(None, help="cpu, cuda, cuda:1 ...", default_text="CUDA when present")

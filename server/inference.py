@@ -14,6 +14,7 @@ what to change; adapters translate them to their protocol.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 import uuid
@@ -40,6 +41,7 @@ from server.engine.api import (
     TokenLogprob,
     Usage,
 )
+from server.engine.grammar import CompiledGrammar, GrammarError
 from server.engine.output import OutputProcessor
 from server.engine.stream import RequestStream
 from server.errors import ServiceError, exhausted, invalid, not_found, unavailable
@@ -79,6 +81,7 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     chat: bool
+    grammar: CompiledGrammar | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     stream: RequestStream | None = None
     processor: OutputProcessor | None = None
@@ -130,6 +133,8 @@ class InferenceService:
         self.draining = False
         # Billing of requests whose client went away; awaited before shutdown.
         self.background: set[asyncio.Task] = set()
+        # Structured-output compiles run here, never on the event loop or the engine's thread.
+        self.grammar_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sol-grammar")
 
     # --- lookups ------------------------------------------------------------------------------
     def resolve(self, ref: str, checkout: bool = False) -> LoadedModel:
@@ -184,9 +189,10 @@ class InferenceService:
             params = validation.fit_context(params, max_tokens_given, len(ids), model.max_context,
                                             self.config.default_max_tokens)
             validation.check(params, model.vocab_size)
+            grammar = await self.compile_grammar(model, params)
             request_id = validation.request_id(request_id) if request_id else uuid.uuid4().hex
             job = Job(key=key, model=model, request_id=request_id, prompt_ids=ids, params=params,
-                      chat=messages is not None)
+                      chat=messages is not None, grammar=grammar)
             if not self.inflight.add(job):
                 job = None
                 raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {quote(request_id)} is already running; "
@@ -222,11 +228,38 @@ class InferenceService:
             raise
         return job
 
+    async def compile_grammar(self, model: LoadedModel, params: SamplingParams) -> CompiledGrammar | None:
+        """The request's response_format compiled for the model: from the model's cache at
+        once, else in the grammar pool within the compile timeout. INVALID_ARGUMENT names
+        what is wrong with a schema, regex or grammar, or says the compile took too long."""
+        fmt = params.response_format
+        if fmt is None or not fmt.constrained:
+            return None
+        hit = model.cached_grammar(fmt)
+        if hit is not None:
+            return hit
+
+        def compile_off_loop() -> CompiledGrammar | None:
+            return model.grammars().compile(fmt)
+
+        future = self.grammar_pool.submit(compile_off_loop)
+        timeout = self.config.grammar_compile_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except GrammarError as err:
+            raise invalid(str(err)) from None
+        except TimeoutError:
+            # The compile finishes in its thread (and lands in the cache); this request does
+            # not wait for it.
+            raise invalid(f"response_format {fmt.type} took longer than {timeout:g} s to compile; simplify the "
+                          "schema, regex or grammar") from None
+
     def _submit(self, job: Job) -> None:
         model = job.model
         eos = model.stop_ids if job.chat else [model.tokenizer.eot_id]
         request = EngineRequest(request_id=uuid.uuid4().hex, prompt_ids=job.prompt_ids, params=job.params,
-                                eos_token_ids=eos, max_buffered_tokens=self.config.stream_buffer_tokens)
+                                eos_token_ids=eos, max_buffered_tokens=self.config.stream_buffer_tokens,
+                                grammar=job.grammar)
         try:
             job.stream = model.engine.submit(request)
         except RequestRejected as err:

@@ -26,9 +26,10 @@ from gpt.config import ModelConfig
 from gpt.quoting import quote
 from gpt.registry import LATEST, ModelNotFound, ModelRef, Registry
 from gpt.tokenizer import SolTokenizer
-from server.engine.api import EngineRequest, EngineStats, RequestFinished, SamplingParams
+from server.engine.api import EngineRequest, EngineStats, RequestFinished, ResponseFormat, SamplingParams
 from server.engine.config import EngineConfig, kv_pool_blocks, resolve_device_dtype
 from server.engine.engine import Engine
+from server.engine.grammar import CompiledGrammar, GrammarCompiler
 from server.engine.kv_cache import kv_bytes_per_block
 from server.engine.output import TokenTexts
 from server.kv_budget import KVBudget
@@ -56,6 +57,9 @@ class LoadedModel:
     kv_reserved: int = 0                     # bytes held in the server's KV budget
     budget: KVBudget | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _grammars: GrammarCompiler | None = field(default=None, repr=False)
+    # Its own lock: building the compiler takes a while, and _lock is taken on the event loop.
+    _grammars_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def ref(self) -> str:
@@ -68,6 +72,19 @@ class LoadedModel:
     @property
     def parent(self) -> str:
         return str(self.meta.get("parent", "") or "")
+
+    def grammars(self) -> GrammarCompiler:
+        """The structured-output compiler for this version's vocabulary (with its cache),
+        made on first need: call it off the event loop, like its compile()."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler.for_tokenizer(self.tokenizer, self.vocab_size)
+            return self._grammars
+
+    def cached_grammar(self, fmt: ResponseFormat) -> CompiledGrammar | None:
+        """`fmt` compiled, if this version's cache has it (cheap: fine on the event loop)."""
+        compiler = self._grammars
+        return compiler.cached(fmt) if compiler is not None else None
 
     def acquire(self) -> None:
         with self._lock:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 
 from gpt.chat import ROLES, Message
 from gpt.quoting import quote
@@ -16,28 +18,46 @@ from server.errors import invalid
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
-def _field_value(msg, desc):
-    """A field of the request's SamplingParams as the engine's dataclass holds it, or
-    None when the request left it unset (the dataclass default applies)."""
+def _dataclass_of(hint) -> type:
+    """The dataclass a field's type names (`X | None` -> X)."""
+    candidates = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is \
+        typing.Union else (hint,)
+    return next(c for c in candidates if dataclasses.is_dataclass(c))
+
+
+def _field_value(msg, desc, hint):
+    """A field of a request message as the engine's dataclass holds it, or None when the
+    request left it unset (the dataclass default applies). A message-typed field becomes
+    the dataclass its hint names, mapped the same way."""
     if desc.message_type is not None and desc.message_type.GetOptions().map_entry:
         return dict(getattr(msg, desc.name)) or None
     if desc.is_repeated:
         return list(getattr(msg, desc.name)) or None
-    return getattr(msg, desc.name) if msg.HasField(desc.name) else None
+    if not msg.HasField(desc.name):
+        return None
+    value = getattr(msg, desc.name)
+    return to_dataclass(value, _dataclass_of(hint)) if desc.message_type is not None else value
+
+
+def to_dataclass(msg, cls: type):
+    """`cls` from `msg`, field by field of the same name (the proto and the dataclasses are
+    the one definition; tests/service/test_sampling_params.py checks they list the same
+    fields)."""
+    fields = msg.DESCRIPTOR.fields_by_name
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = _field_value(msg, fields[f.name], hints[f.name])
+        if value is not None:
+            values[f.name] = value
+    return cls(**values)
 
 
 def sampling_params(p: pb.SamplingParams) -> tuple[SamplingParams, bool]:
-    """The engine's parameters from the request, field by field of the same name (the
-    proto and the dataclass are the one definition; tests/service/test_proto.py checks
-    they list the same fields). Returns (params, max_tokens_given): max_tokens is
-    resolved against the context once the prompt is counted, then `check` validates."""
-    fields = p.DESCRIPTOR.fields_by_name
-    values = {}
-    for f in dataclasses.fields(SamplingParams):
-        value = _field_value(p, fields[f.name])
-        if value is not None:
-            values[f.name] = value
-    return SamplingParams(**values), p.HasField("max_tokens")
+    """The engine's parameters from the request. Returns (params, max_tokens_given):
+    max_tokens is resolved against the context once the prompt is counted, then `check`
+    validates."""
+    return to_dataclass(p, SamplingParams), p.HasField("max_tokens")
 
 
 def check(params: SamplingParams, vocab_size: int) -> SamplingParams:

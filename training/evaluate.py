@@ -4,6 +4,7 @@ model's pairwise accuracy on held-out preference pairs."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 from gpt.chat import chat_prompt_ids, chat_stop_ids
 from gpt.model import GPT
 from gpt.tokenizer import SolTokenizer
-from server.engine.api import SamplingParams
+from server.engine.api import JsonSchema, ResponseFormat, SamplingParams
 from server.engine.engine import Engine
+from server.engine.grammar import GrammarCompiler
 from server.engine.offline import generate
-from training.data.tasks import PreferencePair, Problem, few_shot_prompt, sample_problems
+from training.data.tasks import FAMILIES, PreferencePair, Problem, few_shot_prompt, sample_problems
 from training.decoding import reply_text, training_engine
 from training.stages.reward import sample_replies, score_replies
 
@@ -45,8 +47,9 @@ def newline_stop_ids(tokenizer: SolTokenizer) -> list[int]:
 
 
 def few_shot_examples(seed: int) -> dict[str, list[Problem]]:
-    """Fixed training-split demonstrations per family for the base model's prompt."""
-    return sample_problems(N_SHOTS, "train", seed + 77).by_family()
+    """Fixed training-split demonstrations per family for the base model's prompt (every
+    family's: each family's draw depends on its name only)."""
+    return sample_problems(N_SHOTS, "train", seed + 77, FAMILIES).by_family()
 
 
 @torch.no_grad()
@@ -82,6 +85,46 @@ def task_accuracy(model: GPT, tokenizer: SolTokenizer, problems: list[Problem], 
     total = sum(sum(v) for v in right.values())
     return TaskAccuracy(accuracy=total / max(1, len(problems)), per_family=per_family, n=len(problems),
                         samples=samples)
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+@torch.no_grad()
+def structured_accuracy(model: GPT, tokenizer: SolTokenizer, problems: list[Problem],
+                        max_new_tokens: int = 24) -> dict[str, dict[str, float]]:
+    """For the families whose answers have a JSON Schema (Family.answer_schema): greedy
+    held-out replies through the serving engine, free and with the schema as the
+    response_format. Per family and mode, the share of replies that are a JSON object
+    ("json") and that are right ("accuracy")."""
+    model.eval()
+    out: dict[str, dict[str, float]] = {}
+    by_family: dict[str, list[Problem]] = defaultdict(list)
+    for p in problems:
+        if FAMILIES[p.family].answer_schema is not None:
+            by_family[p.family].append(p)
+    if not by_family:
+        return out
+    stops = chat_stop_ids(tokenizer)
+    grammars = GrammarCompiler.for_tokenizer(tokenizer, model.config.vocab_size)
+    prompts_of = {f: [chat_prompt_ids(tokenizer, [{"role": "user", "content": p.prompt}]) for p in g]
+                  for f, g in by_family.items()}
+    engine = training_engine(model, max(len(p) for ps in prompts_of.values() for p in ps) + max_new_tokens)
+    for family, group in sorted(by_family.items()):
+        fmt = ResponseFormat("json_schema", JsonSchema(family, FAMILIES[family].answer_schema, strict=True))
+        row: dict[str, float] = {"n": len(group)}
+        for mode, rf in (("free", None), ("constrained", fmt)):
+            params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, response_format=rf)
+            replies = [reply_text(tokenizer, o.token_ids, stops)
+                       for o in generate(engine, prompts_of[family], params, stops, grammars=grammars)]
+            row[f"{mode}_json"] = sum(map(_is_json_object, replies)) / len(group)
+            row[f"{mode}_accuracy"] = sum(p.check(r) for p, r in zip(group, replies, strict=True)) / len(group)
+        out[family] = row
+    return out
 
 
 @torch.no_grad()

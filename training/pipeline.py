@@ -26,6 +26,7 @@ from server.engine.engine import Engine
 from training import distributed
 from training.data.corpus import Corpus, build_corpus
 from training.data.tasks import (
+    DEFAULT_FAMILIES,
     FAMILIES,
     YES_NO_FAMILIES,
     PreferenceSet,
@@ -37,7 +38,7 @@ from training.data.tasks import (
 )
 from training.data.tasks import fingerprint as task_fingerprint
 from training.decoding import training_engine
-from training.evaluate import perplexity, reward_accuracy, reward_ranking, task_accuracy
+from training.evaluate import perplexity, reward_accuracy, reward_ranking, structured_accuracy, task_accuracy
 from training.heads import REWARD_HEAD, PolicyWithValue, RewardModel
 from training.loop import LoopResult, train
 from training.presets import PipelinePreset
@@ -216,7 +217,7 @@ def rlhf_prompts(p: PipelinePreset, seed: int) -> TaskSet:
     set teaches the policy to say "no"."""
     exclude = ({(q.family, q.key) for q in sft_problems(p, seed).problems} if p.rlhf_unseen_prompts
                else frozenset())
-    families = list(p.rl_families or FAMILIES)
+    families = list(p.rl_families or DEFAULT_FAMILIES)
     balanced = [f for f in families if p.rlhf_balanced_answers and f in YES_NO_FAMILIES]
     others = [f for f in families if f not in balanced]
     problems: list[Problem] = []
@@ -269,10 +270,18 @@ def eval_problems(p: PipelinePreset) -> list[Problem]:
 
 
 def _task_eval(ctx: Context, model: GPT, tokenizer: SolTokenizer, mode: str) -> dict[str, Any]:
-    acc = task_accuracy(model, tokenizer, eval_problems(ctx.preset), mode, shots_seed=EVAL_SEED)
+    problems = eval_problems(ctx.preset)
+    acc = task_accuracy(model, tokenizer, problems, mode, shots_seed=EVAL_SEED)
     ctx.log(f"held-out task accuracy ({mode}): {acc.accuracy:.3f} " +
             " ".join(f"{k}={v:.2f}" for k, v in acc.per_family.items()))
-    return {**acc.to_dict(), "samples": acc.samples}
+    out = {**acc.to_dict(), "samples": acc.samples}
+    if mode == "chat" and any(FAMILIES[f].answer_schema for f in acc.per_family):
+        # Families answered in JSON: the same held-out problems, free and under their schema.
+        out["structured"] = structured_accuracy(model, tokenizer, problems)
+        for family, row in out["structured"].items():
+            ctx.log(f"{family}: JSON {row['free_json']:.2f} -> {row['constrained_json']:.2f}, accuracy "
+                    f"{row['free_accuracy']:.2f} -> {row['constrained_accuracy']:.2f} (free -> constrained)")
+    return out
 
 
 def evaluate_base(ctx: Context, model: GPT, tokenizer: SolTokenizer, corpus: Corpus) -> dict[str, Any]:

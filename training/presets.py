@@ -88,6 +88,17 @@ def _tiny() -> PipelinePreset:
     )
 
 
+def _tiny_json() -> PipelinePreset:
+    # The structured-outputs demo: tiny, on addition asked plainly and answered in JSON
+    # ({"answer": 75}), with SFT long enough to learn the format. Its evaluation also runs
+    # the JSON family under its schema as a response_format (metrics "structured").
+    p = _tiny()
+    return dataclasses.replace(
+        p, name="tiny-json", families=("add", "json_add"),
+        sft_per_family=1000, sft=SFTConfig(LoopConfig(steps=300, batch_size=32, lr=2e-3, warmup_steps=10)),
+        eval_per_family=128)
+
+
 def _cpu() -> PipelinePreset:
     return PipelinePreset(
         name="cpu", model="small",
@@ -182,7 +193,7 @@ def _gpu_medium() -> PipelinePreset:
     )
 
 
-PRESETS = {"tiny": _tiny, "cpu": _cpu, "gpu-small": _gpu_small, "gpu-medium": _gpu_medium}
+PRESETS = {"tiny": _tiny, "tiny-json": _tiny_json, "cpu": _cpu, "gpu-small": _gpu_small, "gpu-medium": _gpu_medium}
 DEFAULT_PRESET = "cpu"
 
 

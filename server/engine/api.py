@@ -6,8 +6,13 @@ only; the scheduler, KV cache and runner behind them may change freely.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from server.engine.grammar import CompiledGrammar
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -18,6 +23,9 @@ MAX_LOGPROBS = 20
 MAX_CHOICES = 8
 MAX_LOGIT_BIAS = 300                  # entries, as OpenAI allows
 LOGIT_BIAS_RANGE = 100.0              # each bias in [-100, 100]
+MAX_CONSTRAINT_CHARS = 65536          # a response_format's schema, regex or grammar text
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "grammar")
+_SCHEMA_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class RequestRejected(ValueError):
@@ -27,6 +35,81 @@ class RequestRejected(ValueError):
 
 class EngineOverloaded(RuntimeError):
     """The waiting queue is full; retry later."""
+
+
+@dataclass
+class JsonSchema:
+    """OpenAI's `response_format.json_schema`: a JSON Schema the output must satisfy."""
+
+    name: str = ""                     # optional; letters, digits, '_' and '-', up to 64
+    schema: dict[str, Any] | str = field(default_factory=dict)   # the schema (an object, or its JSON text)
+    strict: bool = False               # objects take no properties beyond those the schema names
+
+    def schema_object(self) -> dict[str, Any]:
+        """The schema as a dict (the API sends JSON text); ValueError when it is not a
+        JSON object."""
+        schema = self.schema
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as err:
+                raise ValueError(f"response_format.json_schema.schema is not valid JSON: {err}") from None
+        if not isinstance(schema, dict):
+            raise ValueError("response_format.json_schema.schema must be a JSON object (a JSON Schema), "
+                             f"got {type(schema).__name__}")
+        return schema
+
+
+@dataclass
+class ResponseFormat:
+    """What shape the output must take, in OpenAI's form plus two extensions:
+    `{"type": "text"}` (free text), `{"type": "json_object"}` (any JSON object),
+    `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`,
+    `{"type": "regex", "regex": "..."}` (the whole output matches) and
+    `{"type": "grammar", "grammar": "..."}` (a Lark grammar, llguidance's dialect). The
+    engine enforces it with a token mask per step (server/engine/grammar.py)."""
+
+    type: str = "text"
+    json_schema: JsonSchema | None = None
+    regex: str = ""
+    grammar: str = ""
+
+    @property
+    def constrained(self) -> bool:
+        return self.type != "text"
+
+    def problems(self) -> list[str]:
+        """What is wrong with the format's shape (the grammar library judges the schema,
+        regex or grammar itself when it compiles them)."""
+        if self.type not in RESPONSE_FORMAT_TYPES:
+            return [f"response_format.type must be one of {', '.join(RESPONSE_FORMAT_TYPES)} (got {self.type!r})"]
+        problems = []
+        given = {"json_schema": self.json_schema is not None, "regex": bool(self.regex), "grammar": bool(self.grammar)}
+        extra = [name for name, is_set in given.items() if is_set and name != self.type]
+        if extra:
+            problems.append(f"response_format of type {self.type!r} takes no {', '.join(extra)}")
+        if self.type in given and not given[self.type]:
+            what = "a json_schema with a schema" if self.type == "json_schema" else f"a non-empty {self.type}"
+            problems.append(f"response_format of type {self.type!r} needs {what}")
+        if self.type == "json_schema" and self.json_schema is not None:
+            js = self.json_schema
+            if js.name and not _SCHEMA_NAME_RE.fullmatch(js.name):
+                problems.append("response_format.json_schema.name must be 1-64 characters of A-Z, a-z, 0-9, '_', "
+                                f"'-' (got {js.name[:40]!r})")
+            text = js.schema if isinstance(js.schema, str) else json.dumps(js.schema)
+            if len(text) > MAX_CONSTRAINT_CHARS:
+                problems.append(f"response_format.json_schema.schema is {len(text)} characters long "
+                                f"(at most {MAX_CONSTRAINT_CHARS})")
+            else:
+                try:
+                    js.schema_object()
+                except ValueError as err:
+                    problems.append(str(err))
+        for name in ("regex", "grammar"):
+            if len(getattr(self, name)) > MAX_CONSTRAINT_CHARS:
+                problems.append(f"response_format.{name} is {len(getattr(self, name))} characters long "
+                                f"(at most {MAX_CONSTRAINT_CHARS})")
+        return problems
 
 
 @dataclass
@@ -51,6 +134,9 @@ class SamplingParams:
     logprobs: int = 0                 # top-N alternatives per token; 0 = none
     n: int = 1                        # choices sharing the prompt's KV blocks
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
+    # The output's shape (JSON, JSON schema, regex, grammar); None = free text. The engine
+    # needs it compiled (EngineRequest.grammar), which happens off its thread.
+    response_format: ResponseFormat | None = None
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming every field out of its range, with the range. Token
@@ -96,6 +182,8 @@ class SamplingParams:
                 bad_ids = [t for t in ids if not 0 <= t < vocab_size]
                 if bad_ids:
                     problems.append(f"{name} must be in [0, {vocab_size}) (got {bad_ids[:3]})")
+        if self.response_format is not None:
+            problems.extend(self.response_format.problems())
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -110,6 +198,9 @@ class EngineRequest:
     # Backpressure: the most tokens per choice generated ahead of the reader before the
     # request pauses; None = unbounded (an in-process reader that collects everything).
     max_buffered_tokens: int | None = None
+    # params.response_format compiled for this model (server.engine.grammar.GrammarCompiler),
+    # done before submission so that no compile ever runs on the engine's thread.
+    grammar: CompiledGrammar | None = None
 
 
 @dataclass

@@ -39,6 +39,7 @@ from server.engine.api import (
 )
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig, kv_pool_blocks, resolve_device_dtype
+from server.engine.grammar import token_bitmask
 from server.engine.kv_cache import PagedKVCache
 from server.engine.runner import ModelRunner
 from server.engine.sampler import SampleOutput, SamplingTensors, derive_seed, sample
@@ -180,6 +181,13 @@ class Engine:
             raise RequestRejected(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({request.params.max_tokens}) = {total} exceeds "
                 f"the model's context of {self.max_seq_len} tokens; shorten the prompt or lower max_tokens")
+        fmt = request.params.response_format
+        if fmt is not None and fmt.constrained and request.grammar is None:
+            raise ValueError("response_format needs its grammar compiled first (EngineRequest.grammar, from "
+                             "server.engine.grammar.GrammarCompiler)")
+        if request.grammar is not None and request.grammar.vocab_size != self.vocab_size:
+            raise ValueError(f"the grammar was compiled for a vocabulary of {request.grammar.vocab_size} tokens; "
+                             f"this model has {self.vocab_size}")
         if self.blocks.blocks_for(total) > self.blocks.num_blocks:
             cap = self.blocks.num_blocks * self.blocks.block_size
             raise RequestRejected(
@@ -230,7 +238,8 @@ class Engine:
         for index in range(request.params.n):
             state.sequences.append(Sequence(
                 request=state, index=index, token_ids=list(request.prompt_ids),
-                num_prompt_tokens=len(request.prompt_ids), seed=derive_seed(base_seed, index)))
+                num_prompt_tokens=len(request.prompt_ids), seed=derive_seed(base_seed, index),
+                grammar=request.grammar.matcher(state.stop_ids) if request.grammar is not None else None))
         self._requests[request.request_id] = state
         self.scheduler.add(state.sequences[0])
         # The other choices wait until the first has computed the prompt, then find its
@@ -302,6 +311,10 @@ class Engine:
                 values.extend(s.params.logit_bias.values())
         bias = (torch.tensor(rows, dtype=torch.int64), torch.tensor(ids, dtype=torch.int64),
                 torch.tensor(values, dtype=torch.float32)) if rows else None
+        # Structured outputs: one bitmask row per choice under a grammar; free rows pay nothing.
+        constrained = [row for row, s in enumerate(seqs) if s.grammar is not None]
+        allowed = (torch.tensor(constrained, dtype=torch.int64),
+                   token_bitmask([seqs[row].grammar for row in constrained], self.vocab_size)) if constrained else None
         return sample(
             logits, tensors,
             seeds=[s.seed for s in seqs],
@@ -309,6 +322,7 @@ class Engine:
             output_ids=[s.output_ids for s in seqs] if needs_history else None,
             prompt_ids=[s.token_ids[:s.num_prompt_tokens] for s in seqs] if tensors.any_repetition else None,
             bias=bias,
+            allowed=allowed,
             num_logprobs=max(p.logprobs for p in params),
             chosen_logprobs=any(p.logprobs for p in params),
         )

@@ -29,6 +29,7 @@ from server.engine.api import (
 )
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
+from server.engine.grammar import GrammarCompiler
 from server.engine.stream import RequestStream
 
 
@@ -94,14 +95,24 @@ def collect(stream: RequestStream, prompt_ids: list[int], n: int) -> GenerationO
     return GenerationOutput(request_id=stream.request_id, prompt_ids=prompt_ids, choices=choices, usage=usage)
 
 
+def _compiled(params: SamplingParams, grammars: GrammarCompiler | None):
+    fmt = params.response_format
+    if fmt is None or not fmt.constrained:
+        return None
+    if grammars is None:
+        raise ValueError("a response_format that constrains the output needs a GrammarCompiler (grammars=...)")
+    return grammars.compile(fmt)
+
+
 def generate(engine: Engine, prompts: Sequence[Sequence[int]],
              params: SamplingParams | Sequence[SamplingParams],
-             eos_token_ids: Sequence[int] = ()) -> list[GenerationOutput]:
+             eos_token_ids: Sequence[int] = (), grammars: GrammarCompiler | None = None) -> list[GenerationOutput]:
     """Decode every prompt (token ids) on `engine` with continuous batching; outputs in
     prompt order. A synchronous engine (built with start=False) is stepped here until
     idle; a threaded one is waited on. `params` is one SamplingParams for all prompts or
     one per prompt (e.g. a seed per row: each choice's draws depend only on its seed
-    and position, whatever else is in the batch)."""
+    and position, whatever else is in the batch). Parameters with a constraining
+    response_format are compiled by `grammars`, here on the caller's thread."""
     per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if len(per_prompt) != len(prompts):
         raise ValueError(f"give one SamplingParams per prompt ({len(prompts)}), or one for all "
@@ -115,7 +126,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]],
         batch = [(list(p), sp) for p, sp in zip(prompts[start:start + chunk], per_prompt[start:start + chunk],
                                                  strict=True)]
         streams = [engine.submit(EngineRequest(request_id=f"gen-{uuid.uuid4().hex[:16]}", prompt_ids=p,
-                                               params=sp, eos_token_ids=list(eos_token_ids)))
+                                               params=sp, eos_token_ids=list(eos_token_ids),
+                                               grammar=_compiled(sp, grammars)))
                    for p, sp in batch]
         if synchronous:
             engine.run_until_idle()

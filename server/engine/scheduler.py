@@ -10,8 +10,9 @@ cache) and it goes back to the front of the queue to be recomputed later. Sampli
 a pure function of (seed, position), so a preempted sequence's output is unchanged.
 
 Finishes decided here are the ones the token ids alone settle: a stop token (eos unless
-ignored, or one of stop_token_ids) and the length limits. Stop strings need text; the
-output processor finds them and aborts the choice.
+ignored, or one of stop_token_ids), a grammar that must end (structured outputs) and the
+length limits. Stop strings need text; the output processor finds them and aborts the
+choice.
 
 Backpressure: a sequence whose reader lags is paused: it leaves the running set and is
 not scheduled, keeping its blocks for `pause_grace_s`; after that (or at once when
@@ -22,6 +23,7 @@ and it recomputes on resume, as after a preemption.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections import deque
 
@@ -29,6 +31,8 @@ from server.engine.api import FinishReason
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.sequence import SeqStatus, Sequence
+
+log = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -109,6 +113,13 @@ class Scheduler:
             reason: FinishReason | None = None
             if token in seq.request.stop_ids:
                 reason = "stop"
+            elif seq.grammar is not None and not seq.grammar.accept(token):
+                # The mask allows only what the grammar accepts, so this is a bug, not a
+                # user error: end the choice rather than emit output that breaks the format.
+                log.error("grammar refused sampled token %d: %s", token, seq.grammar.error)
+                reason = "abort"
+            elif seq.grammar is not None and seq.grammar.is_stopped():
+                reason = "stop"              # complete, and nothing may follow
             elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_seq_len:
                 reason = "length"
             if reason is not None:

@@ -10,8 +10,12 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from server.engine.api import EngineRequest, FinishReason, RequestTimings, SamplingParams
+
+if TYPE_CHECKING:
+    from server.engine.grammar import GrammarMatcher
 
 _seq_ids = itertools.count()
 
@@ -37,6 +41,9 @@ class Sequence:
     num_hashed_blocks: int = 0              # leading blocks already registered for reuse
     finish_reason: FinishReason | None = None
     paused_at: float = 0.0                  # monotonic time of the last pause
+    # Structured outputs: where this choice stands in its grammar. It advances with every
+    # sampled token, and output tokens survive preemption, so it stays valid across one.
+    grammar: GrammarMatcher | None = None
 
     @property
     def params(self) -> SamplingParams:

@@ -5,6 +5,7 @@ on a message built here, with the `map<int32, float> logit_bias` the API is gett
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -19,6 +20,7 @@ from client.params import (
     build_message,
     describe,
     from_args,
+    sampling_pb,
 )
 from proto.sol.v1 import sol_pb2 as pb
 
@@ -100,7 +102,41 @@ def test_library_keywords():
 
 def test_chat_and_complete_take_every_sampling_field():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    messages = {p.name for p in describe(pb.SamplingParams.DESCRIPTOR) if p.value_type is None}
+    assert messages == {"response_format"}          # a message: its shortcuts are the flags
     for command in ("chat", "complete"):
         options = {s for a in sub.choices[command]._actions for s in a.option_strings}
-        for name in SAMPLING_FIELDS:
+        for name in set(SAMPLING_FIELDS) - messages:
             assert "--" + name.replace("_", "-") in options, (command, name)
+        assert {"--json-schema", "--regex", "--grammar", "--json-object", "--strict"} <= options
+
+
+def test_response_format_shortcuts(tmp_path):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    msg = sampling_pb({"json_schema": schema, "strict": True, "max_tokens": 5})
+    fmt = msg.response_format
+    assert fmt.type == "json_schema" and json.loads(fmt.json_schema.schema) == schema and fmt.json_schema.strict
+    assert sampling_pb({"regex": "a+"}).response_format.regex == "a+"
+    assert sampling_pb({"json_object": True}).response_format.type == "json_object"
+    # OpenAI's shape, with the schema as an object, is taken as it is.
+    openai = sampling_pb({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}})
+    assert json.loads(openai.response_format.json_schema.schema) == schema
+    assert not sampling_pb({}).HasField("response_format")
+    with pytest.raises(TypeError, match="one response format"):
+        sampling_pb({"regex": "a", "grammar": "start: \"a\""})
+    with pytest.raises(TypeError, match="strict applies to json_schema"):
+        sampling_pb({"regex": "a", "strict": True})
+
+    path = tmp_path / "person.json"
+    path.write_text(json.dumps(schema))
+    parser = build_parser()
+    args = parser.parse_args(["complete", "hi", "--json-schema", str(path), "--strict", "--max-tokens", "9"])
+    given = from_args(args)
+    assert given == {"max_tokens": 9, "json_schema": json.dumps(schema), "strict": True}
+    assert from_args(parser.parse_args(["complete", "hi", "--regex", "[0-9]+"])) == {"regex": "[0-9]+"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["complete", "hi", "--regex", "a", "--json-object"])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(ValueError, match="not JSON"):
+        from_args(parser.parse_args(["complete", "hi", "--json-schema", str(bad)]))

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 
+from server.engine.api import ChoiceFinished, RequestFinished, TextDelta, Usage
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.output import TokenTexts
@@ -77,3 +79,40 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.005)
+
+
+@dataclass
+class SeenChoice:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass
+class Seen:
+    """A request's output as a client of the service sees it: after the output processor."""
+
+    choices: list[SeenChoice]
+    usage: Usage
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.choices[0].token_ids
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+
+def collect(stream, prompt, n) -> Seen:
+    seen = Seen([SeenChoice() for _ in range(n)], Usage())
+    for raw in stream:
+        for event in stream.processor.process([raw]):
+            if isinstance(event, TextDelta):
+                seen.choices[event.index].token_ids += event.token_ids
+                seen.choices[event.index].text += event.text
+            elif isinstance(event, ChoiceFinished):
+                seen.choices[event.index].finish_reason = event.finish_reason
+            elif isinstance(event, RequestFinished):
+                seen.usage = event.usage
+    return seen

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -18,12 +17,10 @@ from server.engine.api import (
     RequestFinished,
     RequestRejected,
     SamplingParams,
-    TextDelta,
-    Usage,
 )
 from server.engine.offline import generate
 from server.engine.output import OutputProcessor
-from tests.engine.conftest import reference_greedy, wait_until
+from tests.engine.conftest import collect, reference_greedy, wait_until
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 
@@ -33,43 +30,6 @@ def submit(engine, rid, prompt, params=GREEDY, eos=()):
     stream = engine.submit(request)
     stream.processor = OutputProcessor(request, engine.test_texts, stream.abort_choice)
     return stream
-
-
-@dataclass
-class SeenChoice:
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-
-
-@dataclass
-class Seen:
-    """A request's output as a client of the service sees it: after the output processor."""
-
-    choices: list[SeenChoice]
-    usage: Usage
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.choices[0].token_ids
-
-    @property
-    def text(self) -> str:
-        return self.choices[0].text
-
-
-def collect(stream, prompt, n) -> Seen:
-    seen = Seen([SeenChoice() for _ in range(n)], Usage())
-    for raw in stream:
-        for event in stream.processor.process([raw]):
-            if isinstance(event, TextDelta):
-                seen.choices[event.index].token_ids += event.token_ids
-                seen.choices[event.index].text += event.text
-            elif isinstance(event, ChoiceFinished):
-                seen.choices[event.index].finish_reason = event.finish_reason
-            elif isinstance(event, RequestFinished):
-                seen.usage = event.usage
-    return seen
 
 
 def streamed_text(engine, rid, prompt, params=GREEDY) -> str:

@@ -69,6 +69,21 @@ class RunningServer:
             self.loop.close()
 
 
+def serve_tiny(root: Path, tokenizer, key_name: str) -> RunningServer:
+    """A running server with an untrained tiny model published as "tiny", and an API key
+    for it in `.key` (the caller stops the server)."""
+    from client.client import Client
+    from gpt.registry import Registry, publish_checkpoint
+    from tests.conftest import make_tiny_model
+
+    registry = Registry(root / "registry")
+    publish_checkpoint(registry, "tiny", make_tiny_model(tokenizer), tokenizer, {"stage": "base"})
+    server = RunningServer(registry.root, root / "home").start()
+    with Client(server.target, admin_key=ADMIN_KEY, retries=0) as admin:
+        server.key, _ = admin.create_key(key_name)
+    return server
+
+
 def wait_for(condition, timeout: float = 30.0, interval: float = 0.02, message: str = "condition"):
     """Poll `condition()` until it returns a truthy value; returns that value."""
     deadline = time.monotonic() + timeout

@@ -12,13 +12,22 @@ import pytest
 from proto.sol.v1 import sol_pb2 as pb
 from proto.sol.v1 import sol_pb2_grpc as pb_grpc
 from server import validation
-from server.engine.api import SamplingParams
-from tests.service.harness import ADMIN_KEY, RunningServer
+from server.engine.api import JsonSchema, ResponseFormat, SamplingParams
+from tests.service.harness import serve_tiny
 
 
 def test_proto_and_dataclass_define_the_same_parameters():
-    proto_fields = set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
-    assert proto_fields == {f.name for f in dataclasses.fields(SamplingParams)}
+    for message, cls in ((pb.SamplingParams, SamplingParams), (pb.ResponseFormat, ResponseFormat),
+                         (pb.JsonSchema, JsonSchema)):
+        assert set(message.DESCRIPTOR.fields_by_name) == {f.name for f in dataclasses.fields(cls)}, cls
+
+
+def test_message_fields_map_to_the_nested_dataclass():
+    msg = pb.SamplingParams(response_format={"type": "json_schema", "json_schema": {"schema": "{}", "strict": True}})
+    params, _ = validation.sampling_params(msg)
+    assert params.response_format == ResponseFormat("json_schema", JsonSchema(schema="{}", strict=True))
+    params, _ = validation.sampling_params(pb.SamplingParams(response_format={"type": "regex", "regex": "a+"}))
+    assert params.response_format == ResponseFormat("regex", regex="a+")
 
 
 def test_unset_fields_keep_the_defaults_and_set_ones_are_mapped():
@@ -32,16 +41,8 @@ def test_unset_fields_keep_the_defaults_and_set_ones_are_mapped():
 
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory, tiny_tokenizer):
-    from client.client import Client
-    from gpt.registry import Registry, publish_checkpoint
-    from tests.conftest import make_tiny_model
-
-    root = tmp_path_factory.mktemp("params")
-    registry = Registry(root / "registry")
-    publish_checkpoint(registry, "tiny", make_tiny_model(tiny_tokenizer), tiny_tokenizer, {"stage": "base"})
-    server = RunningServer(registry.root, root / "home").start()
-    with Client(server.target, admin_key=ADMIN_KEY, retries=0) as admin:
-        key, _ = admin.create_key("params")
+    server = serve_tiny(tmp_path_factory.mktemp("params"), tiny_tokenizer, "params")
+    key = server.key
     channel = grpc.insecure_channel(server.target)
     yield pb_grpc.InferenceStub(channel), (("authorization", f"Bearer {key}"),)
     channel.close()

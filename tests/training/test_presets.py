@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from training.data.tasks import FAMILIES
+from training.data.tasks import DEFAULT_FAMILIES
 from training.pipeline import eval_problems, preference_problems, rlhf_prompts, sft_problems
 from training.presets import PRESETS, pipeline_preset
 
@@ -49,9 +49,9 @@ def test_every_stage_of_the_gpu_presets_can_draw_its_problems():
     p = pipeline_preset("gpu-small")
     medium = pipeline_preset("gpu-medium")
     assert all(getattr(p, f) == getattr(medium, f) for f in DATA_FIELDS)
-    families = len(p.families or FAMILIES)
+    families = len(p.families or DEFAULT_FAMILIES)
     assert len(sft_problems(p, seed=0).problems) == p.sft_per_family * families
     train, heldout = preference_problems(p, seed=0)
     assert len(train) == p.rm_per_family * families and len(heldout) == p.rm_eval_per_family * families
-    assert len(rlhf_prompts(p, seed=0).problems) == p.rlhf_per_family * len(p.rl_families or FAMILIES)
+    assert len(rlhf_prompts(p, seed=0).problems) == p.rlhf_per_family * len(p.rl_families or DEFAULT_FAMILIES)
     assert len(eval_problems(p)) == p.eval_per_family * families

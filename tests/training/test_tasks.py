@@ -7,6 +7,7 @@ import random
 import pytest
 
 from training.data.tasks import (
+    DEFAULT_FAMILIES,
     FAMILIES,
     Problem,
     corrupt,
@@ -50,7 +51,7 @@ def test_generation_is_deterministic_by_seed():
 
 def test_every_family_present_and_interleaved():
     problems = sample_problems(3, "train", seed=0).problems
-    assert [p.family for p in problems[:len(FAMILIES)]] == list(FAMILIES)
+    assert [p.family for p in problems[:len(DEFAULT_FAMILIES)]] == list(DEFAULT_FAMILIES)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -113,3 +114,12 @@ def test_few_shot_prompt_ends_where_the_answer_starts():
     target = sample_problems(1, "heldout", seed=0, families=["add"]).problems[0]
     text = few_shot_prompt(shots, target)
     assert text.endswith(f"Question: {target.prompt}\nAnswer:") and text.count("Question:") == 4
+
+
+def test_json_answers_are_checked_as_json():
+    p = Problem("json_add", "48+27", "What is 48 + 27? Reply in JSON.", '{"answer": 75}')
+    assert p.check('{"answer":75}') and p.check(' {"answer": 75} ')
+    for wrong in ('{"answer": 76}', '{"answer": "75"}', '{"answer": 75.0}', '{"answer": 75, "x": 1}', "75",
+                  '{"answer": 75', "[75]"):
+        assert not p.check(wrong), wrong
+    assert "json_add" in FAMILIES and "json_add" not in DEFAULT_FAMILIES   # opt-in: presets name it

@@ -10,6 +10,7 @@ Generation is deterministic by seed and every produced set carries a fingerprint
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 import string
@@ -54,6 +55,16 @@ def _exact(problem: Problem, response: str) -> bool:
     return _normalise(response) == _normalise(problem.answer)
 
 
+def _same_json(problem: Problem, response: str) -> bool:
+    """The reply is the answer's JSON object, whatever its layout (and, as elsewhere, a
+    final full stop is forgiven); the number must be a JSON integer (not 75.0, not "75")."""
+    try:
+        got = json.loads(response.strip().rstrip(".").strip())
+    except ValueError:
+        return False
+    return isinstance(got, dict) and got == json.loads(problem.answer) and type(got["answer"]) is int
+
+
 def _numbers_equal(problem: Problem, response: str) -> bool:
     """Lists of numbers compare as numbers, whatever the separators."""
     got = re.findall(r"-?\d+", response)
@@ -83,6 +94,12 @@ def gen_sub(rng: random.Random) -> tuple[str, str, str]:
     a, b = _num(rng, 2), _num(rng, 2)
     a, b = max(a, b), min(a, b)
     return f"{a}-{b}", f"What is {a} - {b}?", str(a - b)
+
+
+def gen_json_add(rng: random.Random) -> tuple[str, str, str]:
+    # Arithmetic answered as a JSON object, the shape structured outputs guarantee.
+    a, b = _num(rng, 2), _num(rng, 2)
+    return f"{a}+{b}", f"What is {a} + {b}? Reply in JSON.", json.dumps({"answer": a + b})
 
 
 def gen_mul(rng: random.Random) -> tuple[str, str, str]:
@@ -134,6 +151,13 @@ class Family:
     name: str
     generate: Callable[[random.Random], tuple[str, str, str]]
     verify: Callable[[Problem, str], bool] = _exact
+    # A JSON Schema every right answer satisfies: what a response_format may enforce.
+    answer_schema: dict | None = None
+
+
+# The sum of two numbers below 100: the range also bounds the digits a model may write.
+JSON_ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 198}},
+                      "required": ["answer"], "additionalProperties": False}
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -145,7 +169,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("reverse", gen_reverse),
     Family("count", gen_count),
     Family("palindrome", gen_palindrome),
+    Family("json_add", gen_json_add, _same_json, JSON_ANSWER_SCHEMA),
 )}
+
+# Families a preset must name to get: "all families" (families=None) leaves them out, so
+# adding one changes no existing preset's data or results.
+OPT_IN_FAMILIES = frozenset({"json_add"})
+DEFAULT_FAMILIES = tuple(name for name in FAMILIES if name not in OPT_IN_FAMILIES)
 
 # Families whose answer is "yes" or "no": a skewed prompt set teaches a model the skew.
 YES_NO_FAMILIES = frozenset({"palindrome"})
@@ -211,7 +241,7 @@ def sample_problems(n_per_family: int, split: str, seed: int, families: Iterable
     `exclude` skips the problems whose (family, key) it holds."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    names = list(families or FAMILIES)
+    names = list(families or DEFAULT_FAMILIES)
     per_family: list[list[Problem]] = []
     for name in names:
         family = FAMILIES[name]
@@ -249,7 +279,7 @@ def few_shot_prompt(shots: list[Problem], problem: Problem) -> str:
 
 def pretraining_documents(n_docs: int, per_doc: int, seed: int, families: Iterable[str] | None = None) -> list[str]:
     """Documents of `per_doc` question/answer blocks from the training split."""
-    names = list(families or FAMILIES)
+    names = list(families or DEFAULT_FAMILIES)
     problems = sample_problems(n_docs * per_doc // len(names) + 1, "train", seed + 1_000_003, names).problems
     random.Random(seed).shuffle(problems)
     return ["\n".join(plain_text(p) for p in problems[i * per_doc:(i + 1) * per_doc]) for i in range(n_docs)]
