@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gpt.chat import Message
-from server.engine.api import SamplingParams
+from server.engine.api import JsonSchema, ResponseFormat, SamplingParams
 from server.errors import invalid
 
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
@@ -40,7 +40,7 @@ def _utf8(value: str, what: str) -> str:
 class _Body(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do (clients send fields of
     # newer API versions); NaN and Infinity are not numbers a sampler can use.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
 
 
 class TextPart(_Body):
@@ -68,6 +68,31 @@ class ChatMessage(_Body):
         return Message(ROLE_ALIASES.get(self.role, self.role), content)
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field(default="", description="a name for the schema; letters, digits, '_' and '-'")
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema", description="the JSON Schema")
+    strict: bool = Field(default=False, description="objects take no properties beyond those the schema names")
+
+
+class ResponseFormatBody(_Body):
+    """OpenAI's response_format, plus sol's (and vLLM-style) regex and grammar extensions."""
+
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"] = "text"
+    json_schema: JsonSchemaFormat | None = Field(default=None, description="with type json_schema")
+    regex: str | None = Field(default=None, description="sol extension, with type regex: the whole output matches")
+    grammar: str | None = Field(default=None, description="sol extension, with type grammar: a Lark grammar")
+
+    def engine_format(self) -> ResponseFormat | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise invalid("response_format.json_schema is required with type json_schema")
+            return ResponseFormat("json_schema", JsonSchema(self.json_schema.name, self.json_schema.schema_ or {},
+                                                            self.json_schema.strict))
+        return ResponseFormat(self.type, regex=self.regex or "", grammar=self.grammar or "")
+
+
 class StreamOptions(_Body):
     include_usage: bool = Field(default=False, description="end the stream with a chunk that carries usage (and "
                                                            "sol's cost) and an empty choices list")
@@ -91,6 +116,8 @@ class _Sampling(_Body):
     logit_bias: dict[str, float] | None = Field(
         default=None, description="token id (as a string key) -> bias in [-100, 100] added to its logit; up to 300")
     user: str | None = Field(default=None, description="your end user's id, for your records; not used by sol")
+    response_format: ResponseFormatBody | None = Field(
+        default=None, description="constrain the output: json_object, json_schema, or (sol) regex / grammar")
     # vLLM's extensions.
     top_k: Int32 | None = Field(default=None, description="vLLM extension: sample from the k likeliest; 0 = off")
     min_p: float | None = Field(default=None, description="vLLM extension: [0, 1)")
@@ -120,6 +147,8 @@ class _Sampling(_Body):
             values["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if self.logit_bias:
             values["logit_bias"] = token_bias(self.logit_bias)
+        if self.response_format is not None:
+            values["response_format"] = self.response_format.engine_format()
         if logprobs:
             values["logprobs"] = logprobs
         max_tokens = self.output_limit()
