@@ -266,7 +266,7 @@ def _sol_offline_child(ckpt_path: str, dtype: str, threads: int, max_num_seqs: i
         return {"wall_s": wall, "tokens": sum(len(r["token_ids"]) for r in rows), "requests": rows}
 
     run(warmup)
-    out: dict[str, Any] = {"load_s": load_s, "workloads": {}, "kv_bytes_per_token": engine.kv_bytes_per_token,
+    out: dict[str, Any] = {"load_s": load_s, "workloads": {}, "kv_bytes_per_token": engine.model.config.kv_bytes_per_token(engine.cache.pool.element_size()),
                            "kv_blocks": engine.blocks.num_blocks, "steps": 0}
     for name, requests in workloads.items():
         rounds = []
