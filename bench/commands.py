@@ -23,6 +23,8 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="weights and KV cache dtype for every contender (default float32)")
+    parser.add_argument("--attention", choices=["auto", "in-place", "gather"], default="auto",
+                        help="the engine's attention over the KV pool (EngineConfig.attention; default auto)")
     parser.add_argument("--clock", choices=["cpu", "wall"],
                         help="time basis of the ratios (default: cpu with --threads 1, else wall)")
 

@@ -110,10 +110,15 @@ def _dtype(model: GPT) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+# EngineConfig fields every engine of the run shares (set from the command line).
+ENGINE_SETTINGS: dict[str, Any] = {}
+
+
 def _engine(model: GPT, tokenizer: SolTokenizer, **config: Any):
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
 
+    config = {**ENGINE_SETTINGS, **config}
     config.setdefault("device", "cpu")
     config.setdefault("dtype", _dtype(model))
     config.setdefault("num_blocks", 1024)
@@ -360,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else default_out()
     out.mkdir(parents=True, exist_ok=True)
+    ENGINE_SETTINGS["attention"] = args.attention
     t0 = time.perf_counter()
     model, tokenizer, model_desc, texts = build_model(args)
     if args.dtype == "bfloat16":
@@ -383,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
         "device": "cpu", "dtype": str(_dtype(model)).removeprefix("torch."), "concurrency": n, "requests": total,
         "prompt_tokens_range": prompt_range,
         "output_tokens_range": output_range, "quick": quick, "torch": torch.__version__,
-        "clock": clock, "load_average_at_start": os.getloadavg()[0],
+        "clock": clock, "load_average_at_start": os.getloadavg()[0], "attention": args.attention,
     })
     print(f"sol bench engine: {model_desc}, {model.num_parameters() / 1e6:.1f}M parameters, "
           f"{torch.get_num_threads()} threads, {total} requests from {n} closed-loop clients", flush=True)

@@ -25,6 +25,9 @@ class EngineConfig:
     # A sequence paused by backpressure keeps its KV blocks this long, then gives them up
     # (full ones stay in the prefix cache) and is recomputed when its reader catches up.
     pause_grace_s: float = 2.0
+    # Attention over the KV pool: "auto" = the in-place kernel on the CPU (built on first
+    # use) else gathered copies + SDPA; "in-place" or "gather" to insist on one.
+    attention: str = "auto"
     device: str | None = None              # default: gpt.device.default_device()
     dtype: torch.dtype | None = None       # default: bf16 on CUDA, fp32 on CPU
 

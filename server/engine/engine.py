@@ -41,6 +41,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig, kv_pool_blocks, resolve_device_dtype
 from server.engine.grammar import token_bitmask
 from server.engine.kv_cache import PagedKVCache
+from server.engine.paged_attention import use_in_place
 from server.engine.runner import ModelRunner
 from server.engine.sampler import SampleOutput, SamplingTensors, derive_seed, sample
 from server.engine.scheduler import Scheduler
@@ -65,7 +66,9 @@ class Engine:
         self.max_seq_len = mc.max_seq_len
         self.vocab_size = mc.vocab_size
         num_blocks = kv_pool_blocks(mc, config, self.dtype)
-        self.cache = PagedKVCache(mc, num_blocks, config.block_size, self.device, self.dtype)
+        in_place = use_in_place(config.attention, self.device)
+        log.debug("attention over the KV pool: %s", "in-place kernel" if in_place else "gathered copies + SDPA")
+        self.cache = PagedKVCache(mc, num_blocks, config.block_size, self.device, self.dtype, in_place=in_place)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.blocks, self.max_seq_len)
         self.runner = ModelRunner(self.model, self.cache)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig
+from server.engine.paged_attention import paged_attention
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -47,15 +48,27 @@ class AttentionGroup:
 
 
 @dataclass
+class PagedTokens:
+    """The tokens the in-place kernel computes (every token of a row with cached context)."""
+
+    tokens: torch.Tensor               # (N,) their indices in the packed step
+    row_of_token: torch.Tensor         # (T,) each packed token's row
+    block_tables: torch.Tensor         # (R, MB) each row's block table, padded with block 0
+
+
+@dataclass
 class AttentionPlan:
     slot_mapping: torch.Tensor         # (T,) cache slot of each new token
     positions: torch.Tensor            # (T,) position of each new token in its sequence
     groups: list[AttentionGroup]
+    paged: PagedTokens | None = None   # with the kernel: the tokens it computes (groups
+                                       # then hold only the fresh prompts)
 
 
 def plan_attention(rows: list[RowSpec], block_size: int, device: torch.device,
-                   dtype: torch.dtype = torch.float32) -> AttentionPlan:
-    """Index tensors for one step, built once and shared by every layer."""
+                   dtype: torch.dtype = torch.float32, in_place: bool = False) -> AttentionPlan:
+    """Index tensors for one step, built once and shared by every layer. `in_place`: the
+    rows with cached context go to the paged kernel instead of gathered groups."""
     q_lens = torch.tensor([r.q_len for r in rows], dtype=torch.int64)
     starts = torch.tensor([r.start for r in rows], dtype=torch.int64)
     offsets = torch.cumsum(q_lens, 0) - q_lens
@@ -72,12 +85,19 @@ def plan_attention(rows: list[RowSpec], block_size: int, device: torch.device,
     fresh = ~is_decode & (starts == 0)
     # A prompt computed from its first token attends only to its own new keys: it gets a
     # causal kernel of its own, with no gather and no padding to its batch mates' lengths.
-    members_list = [torch.nonzero(is_decode).flatten(), torch.nonzero(~is_decode & ~fresh).flatten()]
+    paged = None
+    if in_place:
+        members_list = []
+        if not bool(fresh.all()):
+            paged = PagedTokens(tokens=torch.nonzero(~fresh[row_of_token]).flatten(), row_of_token=row_of_token,
+                                block_tables=tables)
+    else:
+        members_list = [torch.nonzero(is_decode).flatten(), torch.nonzero(~is_decode & ~fresh).flatten()]
     members_list += [m.view(1) for m in torch.nonzero(fresh).flatten()]
     for members in members_list:
         if members.numel():
             groups.append(_group(members, q_lens, starts, offsets, tables, block_size, device, dtype))
-    return AttentionPlan(slot_mapping=slots.to(device), positions=pos.to(device), groups=groups)
+    return AttentionPlan(slot_mapping=slots.to(device), positions=pos.to(device), groups=groups, paged=paged)
 
 
 def _group(members: torch.Tensor, q_lens: torch.Tensor, starts: torch.Tensor, offsets: torch.Tensor,
@@ -112,32 +132,46 @@ def _group(members: torch.Tensor, q_lens: torch.Tensor, starts: torch.Tensor, of
 
 
 class PagedKVCache:
-    """Key/value pools shaped (num_blocks, block_size, kv_heads, head_dim) per layer.
+    """Key and value pools, one block = (kv_heads, block_size x head_dim) per layer, with
+    each KV head's slice contiguous. Keys are stored transposed inside a block, (head_dim,
+    block_size), values as (block_size, head_dim): the in-place kernel then scores a whole
+    block with full-width vector multiply-adds over positions and sums values row by row.
     Calling the cache with a plan returns the model's AttentionHook for that step."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 in_place: bool = False) -> None:
         self.config = config
+        self.in_place = in_place           # attention by the paged kernel (see plan_attention)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = torch.device(device)
         self.dtype = dtype
-        shape = (2, config.n_layers, num_blocks, block_size, config.n_kv_heads, config.head_dim)
+        shape = (2, config.n_layers, num_blocks, config.n_kv_heads, block_size * config.head_dim)
         self.pool = torch.zeros(shape, dtype=dtype, device=self.device)
 
+    def layer_pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one layer's pools: keys (blocks, KVH, D, BS), values (blocks, KVH, BS, D)."""
+        nb, kvh, bs, hd = self.num_blocks, self.config.n_kv_heads, self.block_size, self.config.head_dim
+        return self.pool[0, layer].view(nb, kvh, hd, bs), self.pool[1, layer].view(nb, kvh, bs, hd)
+
     def hook(self, plan: AttentionPlan):
-        k_pool, v_pool = self.pool[0], self.pool[1]
         kvh, hd = self.config.n_kv_heads, self.config.head_dim
+        slot = (plan.slot_mapping // self.block_size, plan.slot_mapping % self.block_size)
 
         def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             # q: (1, H, T, D) packed over the step's sequences; k, v: (1, KVH, T, D).
-            kc, vc = k_pool[layer], v_pool[layer]
-            new_k, new_v = k[0].transpose(0, 1), v[0].transpose(0, 1)            # (T, KVH, D)
-            kc.view(-1, kvh, hd).index_copy_(0, plan.slot_mapping, new_k)
-            vc.view(-1, kvh, hd).index_copy_(0, plan.slot_mapping, new_v)
+            kc, vc = self.layer_pools(layer)
+            # Both written through views indexed (block, position, kv head, dim).
+            kc.permute(0, 3, 1, 2).index_put_(slot, k[0].transpose(0, 1))
+            vc.permute(0, 2, 1, 3).index_put_(slot, v[0].transpose(0, 1))
             qt = q[0].transpose(0, 1)                                              # (T, H, D)
             n_heads = qt.shape[1]
-            out = torch.empty_like(qt)
+            out = torch.empty_like(qt, memory_format=torch.contiguous_format)
+            if plan.paged is not None:
+                p = plan.paged
+                paged_attention(out, qt.contiguous(), kc, vc, p.tokens, p.row_of_token, plan.positions,
+                                p.block_tables, q.shape[-1] ** -0.5)
             for g in plan.groups:
                 rows, q_max = g.token_index.shape
                 if g.fresh is not None:
@@ -146,9 +180,12 @@ class PagedKVCache:
                                                        is_causal=True, enable_gqa=True)
                 else:
                     qg = qt[g.token_index].permute(0, 2, 1, 3)                     # (R, H, Q, D)
-                    # index_select is about twice as fast as advanced indexing here.
-                    kg = kc.index_select(0, g.block_tables).view(rows, -1, kvh, hd)[:, :g.kv_len].permute(0, 2, 1, 3)
-                    vg = vc.index_select(0, g.block_tables).view(rows, -1, kvh, hd)[:, :g.kv_len].permute(0, 2, 1, 3)
+                    # index_select is about twice as fast as advanced indexing here; the
+                    # copies come out (R, KVH, blocks x BS, D) for SDPA.
+                    kg = (kc.index_select(0, g.block_tables).view(rows, -1, kvh, hd, self.block_size)
+                          .permute(0, 2, 1, 4, 3).reshape(rows, kvh, -1, hd)[:, :, :g.kv_len])
+                    vg = (vc.index_select(0, g.block_tables).view(rows, -1, kvh, self.block_size, hd)
+                          .permute(0, 2, 1, 3, 4).reshape(rows, kvh, -1, hd)[:, :, :g.kv_len])
                     o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
                 o = o.permute(0, 2, 1, 3).reshape(rows * q_max, n_heads, -1)
                 out.index_copy_(0, g.dst, o if g.src is None else o[g.src])

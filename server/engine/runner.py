@@ -37,7 +37,7 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 sampling.append(i)
                 last.append(len(ids) - 1)
-        plan = plan_attention(rows, self.cache.block_size, self.device, self.cache.dtype)
+        plan = plan_attention(rows, self.cache.block_size, self.device, self.cache.dtype, self.cache.in_place)
         input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)[None]
         hidden = self.model.hidden_states(input_ids, plan.positions[None], self.cache.hook(plan))
         if not last:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
+from server.engine import paged_attention
 from server.engine.block_manager import BlockManager
 from server.engine.kv_cache import PagedKVCache, RowSpec, plan_attention
 
@@ -19,9 +21,16 @@ class _Seq:
         self.blocks = blocks
 
 
+IN_PLACE = pytest.param(True, id="in-place", marks=pytest.mark.skipif(
+    not paged_attention.available(), reason="the paged attention kernel cannot be built here"))
+
+
+@pytest.mark.parametrize("in_place", [IN_PLACE, pytest.param(False, id="gather")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bs", [4, 16])     # 16 with this head size: the kernel's compiled shape
 @torch.inference_mode()
-def test_paged_attention_matches_full_forward(model, prompts):
-    bs = 4
+def test_paged_attention_matches_full_forward(model, prompts, in_place, dtype, bs):
+    model = model.to(dtype)
     lengths = [len(p) for p in prompts]
     seqs = []
     rng = random.Random(0)
@@ -32,7 +41,7 @@ def test_paged_attention_matches_full_forward(model, prompts):
         need = -(-len(p) // bs)
         seqs.append(_Seq(p, [pool_blocks.pop() for _ in range(need)]))
     cache = PagedKVCache(model.config, num_blocks=len(pool_blocks) + sum(len(s.blocks) for s in seqs),
-                         block_size=bs)
+                         block_size=bs, dtype=dtype, in_place=in_place)
     full = [model(torch.tensor([s.tokens]))[0] for s in seqs]
     got: list[list[torch.Tensor | None]] = [[None] * len(s.tokens) for s in seqs]
     # Mixed steps: each sequence advances by a random chunk (1 = a decode step) until done.
@@ -47,13 +56,17 @@ def test_paged_attention_matches_full_forward(model, prompts):
             ids += s.tokens[s.done:s.done + n]
             owners += [(seqs.index(s), s.done + j) for j in range(n)]
             s.done += n
-        plan = plan_attention(rows, bs, torch.device("cpu"))
+        plan = plan_attention(rows, bs, torch.device("cpu"), dtype, in_place)
         logits = model(torch.tensor([ids]), plan.positions[None], cache.hook(plan))[0]
         for t, (si, pos) in enumerate(owners):
             got[si][pos] = logits[t]
+    # fp32: the standard's 1e-4. bf16 rounds differently per path (8-bit mantissa): the
+    # logits must still agree to within a few of its steps at their scale.
+    atol = 1e-4 if dtype == torch.float32 else 0.1
     for si in range(len(seqs)):
-        paged = torch.stack(got[si])
-        assert torch.allclose(paged, full[si], atol=1e-4, rtol=0), (si, (paged - full[si]).abs().max())
+        paged = torch.stack(got[si]).float()
+        want = full[si].float()
+        assert torch.allclose(paged, want, atol=atol, rtol=0), (si, (paged - want).abs().max())
 
 
 def test_block_manager_prefix_reuse_and_eviction():
@@ -106,3 +119,38 @@ def test_prefix_hit_verifies_tokens_not_only_hashes(monkeypatch):
     bm.register_full_blocks(a)
     b = Sequence(request=None, index=0, token_ids=[5, 6, 3], num_prompt_tokens=3, seed=0)
     assert bm.allocate(b) == 0
+
+
+@pytest.mark.skipif(not paged_attention.available(), reason="the paged attention kernel cannot be built here")
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])     # 32/64/128 at block 16: compiled shapes
+@pytest.mark.parametrize("bs", [4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_attention_over_gathered_keys(head_dim, bs, dtype):
+    """Every shape the kernel dispatches on, against SDPA over each token's own keys."""
+    gen = torch.Generator().manual_seed(head_dim * 100 + bs)
+    n_heads, kv_heads, lengths = 6, 2, [1, 5, 16, 17, 40, 63]
+    max_blocks = -(-max(lengths) // bs)
+    num_blocks = len(lengths) * max_blocks + 3
+    k_pool = torch.randn(num_blocks, kv_heads, head_dim, bs, generator=gen).to(dtype)
+    v_pool = torch.randn(num_blocks, kv_heads, bs, head_dim, generator=gen).to(dtype)
+    tables = torch.randperm(num_blocks, generator=gen)[:len(lengths) * max_blocks].view(len(lengths), -1)
+    # One query per position of every sequence (a prefill chunk's tokens and decodes alike).
+    row_of_token = torch.cat([torch.full((n,), r) for r, n in enumerate(lengths)])
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    q = torch.randn(len(positions), n_heads, head_dim, generator=gen).to(dtype)
+    out = torch.zeros_like(q)
+    tokens = torch.arange(len(positions))[::2].contiguous()      # every other token; the rest stay 0
+    paged_attention.paged_attention(out, q, k_pool, v_pool, tokens, row_of_token, positions, tables,
+                                    head_dim ** -0.5)
+    for t in range(len(positions)):
+        if t % 2:
+            assert not out[t].any()
+            continue
+        blocks = tables[row_of_token[t]]
+        n = int(positions[t]) + 1
+        keys = k_pool[blocks].permute(1, 0, 3, 2).reshape(kv_heads, -1, head_dim)[:, :n].float()
+        values = v_pool[blocks].permute(1, 0, 2, 3).reshape(kv_heads, -1, head_dim)[:, :n].float()
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[t].float()[:, None], keys.repeat_interleave(3, 0), values.repeat_interleave(3, 0))[:, 0]
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(out[t].float(), want, atol=tol, rtol=tol), (t, (out[t].float() - want).abs().max())

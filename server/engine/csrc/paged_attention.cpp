@@ -1,0 +1,220 @@
+// Attention that reads the paged KV pool in place, for the CPU.
+//
+// One work item is (query token, KV head): it walks the token's block table, scores each
+// key against every query head that shares this KV head (GQA), takes the softmax of each
+// head's row of scores, and sums the values it weights. Nothing is gathered or padded.
+// The pool's layout (server/engine/kv_cache.py) is made for this loop: per block and KV
+// head, keys transposed (head_dim, block_size) and values (block_size, head_dim).
+// A query at position p sees positions 0..p of its own sequence, which is causal inside a
+// prefill chunk and "everything cached" for a decode alike.
+//
+// Accumulation is in float for fp32, bf16 and fp16 pools. Work items are spread over
+// PyTorch's own intra-op thread pool (at::parallel_for), so the kernel shares the threads
+// the matmuls use instead of starting a second OpenMP runtime.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float to_float(T x) { return static_cast<float>(x); }
+
+// exp(x) for x <= 0 (scores minus their maximum), written so the compiler vectorises it:
+// 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6 polynomial (relative
+// error ~2e-7, below float32's own rounding at this scale). std::exp is a scalar call.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);                     // below this, exp underflows to 0 anyway
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kMaxBlockSize = 64;
+
+struct Layout {
+  int64_t n_heads, head_dim, kv_heads, block_size, group, max_blocks, head_stride, block_stride, max_len;
+};
+
+// One (query token, KV head) item. kHeadDim / kBlockSize are the shapes known at compile
+// time (0 = read them from `shape`): with them the per-block score vector and the value
+// accumulator stay in vector registers. `scores` holds group x max_len floats.
+template <typename T, int64_t kHeadDim, int64_t kBlockSize>
+void attend(const Layout& shape, const T* __restrict__ q, const T* __restrict__ k_pool,
+            const T* __restrict__ v_pool, const int64_t* __restrict__ table, int64_t length, int64_t kvh,
+            float scale, float* __restrict__ scores, T* __restrict__ out) {
+  const int64_t head_dim = kHeadDim ? kHeadDim : shape.head_dim;
+  const int64_t block_size = kBlockSize ? kBlockSize : shape.block_size;
+  const int64_t group = shape.group, max_len = shape.max_len;
+  const int64_t n_blocks = (length + block_size - 1) / block_size;
+
+  // Scores: keys are (head_dim, block_size) per block and KV head, so a block's scores
+  // accumulate over d as whole vectors of positions. A partly filled last block scores
+  // its unused slots too (finite leftovers or zeros); they lie past `length`, never read.
+  for (int64_t g = 0; g < group; ++g) {
+    float qf[kMaxHeadDim];
+    const T* qg = q + g * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) qf[d] = to_float(qg[d]) * scale;
+    float* sg = scores + g * max_len;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const T* __restrict__ kb = k_pool + table[b] * shape.block_stride + kvh * shape.head_stride;
+      float s[kMaxBlockSize];
+#pragma omp simd
+      for (int64_t j = 0; j < block_size; ++j) s[j] = 0.0f;
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const float qd = qf[d];
+#pragma omp simd
+        for (int64_t j = 0; j < block_size; ++j) s[j] += qd * to_float(kb[d * block_size + j]);
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < block_size; ++j) sg[b * block_size + j] = s[j];
+    }
+  }
+  // Softmax over each head's row, then the values it weights.
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = scores + g * max_len;
+    float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < length; ++j) mx = std::max(mx, sg[j]);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < length; ++j) {
+      sg[j] = exp_nonpositive(sg[j] - mx);
+      sum += sg[j];
+    }
+    float acc[kMaxHeadDim];
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) acc[d] = 0.0f;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t n = std::min(block_size, length - b * block_size);
+      const T* __restrict__ vb = v_pool + table[b] * shape.block_stride + kvh * shape.head_stride;
+      for (int64_t j = 0; j < n; ++j) {
+        const float p = sg[b * block_size + j];
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) acc[d] += p * to_float(vb[j * head_dim + d]);
+      }
+    }
+    const float inv = 1.0f / sum;
+    T* og = out + g * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) og[d] = static_cast<T>(acc[d] * inv);
+  }
+}
+
+template <typename T, int64_t kHeadDim, int64_t kBlockSize>
+void run_items(const Layout& shape, const T* q, const T* k_pool, const T* v_pool, const int64_t* tokens,
+               const int64_t* row_of_token, const int64_t* positions, const int64_t* tables, int64_t n_items,
+               float scale, T* out) {
+  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(shape.group * shape.max_len);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = tokens[item / shape.kv_heads], kvh = item % shape.kv_heads;
+      const int64_t head = t * shape.n_heads + kvh * shape.group;   // first query head of the group
+      attend<T, kHeadDim, kBlockSize>(shape, q + head * shape.head_dim, k_pool, v_pool,
+                                      tables + row_of_token[t] * shape.max_blocks, positions[t] + 1, kvh, scale,
+                                      scores.data(), out + head * shape.head_dim);
+    }
+  });
+}
+
+template <typename T>
+void paged_attention_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_pool,
+                          const at::Tensor& v_pool, const at::Tensor& tokens, const at::Tensor& row_of_token,
+                          const at::Tensor& positions, const at::Tensor& block_tables, double scale) {
+  Layout shape;
+  shape.n_heads = q.size(1);
+  shape.head_dim = q.size(2);
+  shape.kv_heads = k_pool.size(1);
+  shape.block_size = k_pool.size(3);
+  shape.group = shape.n_heads / shape.kv_heads;
+  shape.max_blocks = block_tables.size(1);
+  shape.head_stride = shape.block_size * shape.head_dim;
+  shape.block_stride = shape.kv_heads * shape.head_stride;
+  shape.max_len = shape.max_blocks * shape.block_size;
+  TORCH_CHECK(shape.head_dim <= kMaxHeadDim && shape.block_size <= kMaxBlockSize,
+              "paged_attention supports head_dim <= ", kMaxHeadDim, " and block_size <= ", kMaxBlockSize);
+  const int64_t n_items = tokens.size(0) * shape.kv_heads;
+  const auto args = std::make_tuple(q.data_ptr<T>(), k_pool.data_ptr<T>(), v_pool.data_ptr<T>(),
+                                    tokens.data_ptr<int64_t>(), row_of_token.data_ptr<int64_t>(),
+                                    positions.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>());
+  const float fscale = static_cast<float>(scale);
+  auto launch = [&](auto kernel) {
+    std::apply([&](auto... a) { kernel(shape, a..., n_items, fscale, out.data_ptr<T>()); }, args);
+  };
+  // The engine's default block size with the usual head sizes get compiled shapes.
+  if (shape.block_size == 16 && shape.head_dim == 32) {
+    launch(run_items<T, 32, 16>);
+  } else if (shape.block_size == 16 && shape.head_dim == 64) {
+    launch(run_items<T, 64, 16>);
+  } else if (shape.block_size == 16 && shape.head_dim == 128) {
+    launch(run_items<T, 128, 16>);
+  } else {
+    launch(run_items<T, 0, 0>);
+  }
+}
+
+// out (T, H, D) receives the rows listed in `tokens`; the others are left as they were.
+void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                     const at::Tensor& tokens, const at::Tensor& row_of_token, const at::Tensor& positions,
+                     const at::Tensor& block_tables, double scale) {
+  TORCH_CHECK(q.device().is_cpu(), "paged_attention runs on the CPU");
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be (tokens, heads, head_dim)");
+  TORCH_CHECK(k_pool.dim() == 4 && v_pool.dim() == 4 && k_pool.size(0) == v_pool.size(0) &&
+                  k_pool.size(1) == v_pool.size(1) && k_pool.size(2) == v_pool.size(3) &&
+                  k_pool.size(3) == v_pool.size(2),
+              "pools must be keys (blocks, kv_heads, head_dim, block_size), values (blocks, kv_heads, block_size, "
+              "head_dim)");
+  TORCH_CHECK(k_pool.size(2) == q.size(2) && q.size(1) % k_pool.size(1) == 0, "head shapes do not match");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous(),
+              "q, out and the pools must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && out.scalar_type() == q.scalar_type() &&
+                  v_pool.scalar_type() == q.scalar_type(),
+              "q, out and the pools must share a dtype");
+  for (const at::Tensor* index : {&tokens, &row_of_token, &positions, &block_tables}) {
+    TORCH_CHECK(index->scalar_type() == at::kLong && index->is_contiguous(), "index tensors must be contiguous int64");
+  }
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      paged_attention_impl<float>(out, q, k_pool, v_pool, tokens, row_of_token, positions, block_tables, scale);
+      break;
+    case at::kBFloat16:
+      paged_attention_impl<c10::BFloat16>(out, q, k_pool, v_pool, tokens, row_of_token, positions, block_tables,
+                                          scale);
+      break;
+    case at::kHalf:
+      paged_attention_impl<c10::Half>(out, q, k_pool, v_pool, tokens, row_of_token, positions, block_tables, scale);
+      break;
+    default:
+      TORCH_CHECK(false, "paged_attention supports float32, bfloat16 and float16");
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sol_paged, m) {
+  m.def("paged_attention(Tensor(a!) out, Tensor q, Tensor k_pool, Tensor v_pool, Tensor tokens, "
+        "Tensor row_of_token, Tensor positions, Tensor block_tables, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(sol_paged, CPU, m) { m.impl("paged_attention", &paged_attention); }
