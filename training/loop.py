@@ -29,6 +29,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
+from gpt.allocator import keep_freed_memory
 from gpt.device import autocast
 from training.distributed import DistInfo, current, mean_across_ranks
 
@@ -160,6 +161,7 @@ def train(model: nn.Module, stage: Stage, cfg: LoopConfig, run_dir: Path | None 
     With `run_dir`, metrics go to `run_dir/metrics.jsonl` and resumable state to
     `run_dir/state/`; an existing state is resumed when `resume`."""
     info = info or current()
+    keep_freed_memory()
     optimizer = make_optimizer(model, cfg)
     start = 0
     if run_dir is not None:

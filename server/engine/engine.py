@@ -21,6 +21,7 @@ from collections import deque
 
 import torch
 
+from gpt.allocator import keep_freed_memory
 from gpt.model import GPT
 from server.engine.api import (
     ChoiceFinished,
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, model: GPT, config: EngineConfig | None = None, start: bool = True) -> None:
         self.config = config = config or EngineConfig()
+        keep_freed_memory()
         self.device, self.dtype = resolve_device_dtype(config)
         param = next(model.parameters())
         if param.device != self.device or param.dtype != self.dtype:

@@ -31,6 +31,16 @@ namespace {
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
 
+// bf16 is the top half of a float32: a shift the compiler vectorises (c10's conversion
+// operator does the same through a call it does not always inline inside a simd loop).
+template <>
+inline float to_float(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
 // exp(x) for x <= 0 (scores minus their maximum), written so the compiler vectorises it:
 // 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6 polynomial (relative
 // error ~2e-7, below float32's own rounding at this scale). std::exp is a scalar call.
