@@ -33,6 +33,7 @@ from server.engine.api import (
     RequestFinished,
     RequestRejected,
     RequestTimings,
+    SamplingParams,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -80,6 +81,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._num_waiting_hint = 0
+        self._sampling_cache: tuple[list[SamplingParams], SamplingTensors | None] = ([], None)
         self.thread: threading.Thread | None = None
         if start:
             self.start()
@@ -298,7 +300,13 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
         params = [s.params for s in seqs]
-        tensors = SamplingTensors.from_params(params, logits.device)
+        # A decode batch is usually the last step's batch: reuse its parameter tensors.
+        # (The cache holds the params objects, so an identity match cannot be a recycled id.)
+        last_params, tensors = self._sampling_cache
+        if tensors is None or len(last_params) != len(params) or any(
+                a is not b for a, b in zip(last_params, params, strict=True)):
+            tensors = SamplingTensors.from_params(params, logits.device)
+            self._sampling_cache = (params, tensors)
         needs_history = tensors.any_output_penalty or tensors.any_repetition
         # One sparse additive mask: stop tokens banned (-inf) before min_tokens, and each
         # request's logit_bias.
