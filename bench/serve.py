@@ -264,7 +264,7 @@ def _free_port() -> int:
 
 
 def start_server(home: Path, registry: Path, model: str, device: str | None, admin_key: str, log: Path,
-           watch: bool = True, http_port: int = 0, dtype: str | None = None):
+           watch: bool = True, http_port: int = 0, dtype: str | None = None, extra_args: tuple[str, ...] = ()):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -279,6 +279,7 @@ def start_server(home: Path, registry: Path, model: str, device: str | None, adm
         cmd += ["--dtype", dtype]
     if not watch:
         cmd += ["--no-watch"]
+    cmd += extra_args
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 300

@@ -2,8 +2,9 @@
 one run, reported as sol/vLLM ratios.
 
   offline  vLLM's `LLM.generate` (a subprocess in vLLM's own venv) vs sol's engine driven
-           in-process (a fresh spawned process, synchronous mode): every request submitted
-           at once, wall time to the last token
+           in-process (a fresh spawned process; the engine on its own thread, as
+           `server.engine.offline.generate` runs it): every request submitted at once, wall
+           time to the last token
   online   `vllm serve` (OpenAI HTTP, SSE) vs `sol serve` (gRPC), N closed-loop streaming
            clients each
 
@@ -362,7 +363,9 @@ def sol_online(args: argparse.Namespace, m: Prepared, tokenizer, warmup: list[Re
     home.mkdir(exist_ok=True)
     t0 = time.perf_counter()
     proc, target = start_server(home, m.registry, m.ref, "cpu", admin_key, work / f"sol-serve-{m.name}-{dtype}.log",
-                                watch=False, dtype=DTYPES[dtype])
+                                watch=False, dtype=DTYPES[dtype], extra_args=(
+                                    "--max-num-seqs", str(args.max_num_seqs),
+                                    "--max-num-batched-tokens", str(args.max_num_batched_tokens)))
     load_s = time.perf_counter() - t0
     out: dict[str, Any] = {"load_s": load_s, "workloads": {}}
     try:
@@ -702,9 +705,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uniform-prompt", type=int, default=128)
     parser.add_argument("--uniform-new", type=int, default=128)
     parser.add_argument("--mixed-requests", type=int, default=128)
-    parser.add_argument("--max-num-seqs", type=int, default=256, help="both engines' batch limit offline and "
-                        "vLLM's online (sol serve keeps its own defaults)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="both engines' batch limit, offline "
+                        "and online (sol serve --max-num-seqs)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=4096,
+                        help="both engines' tokens per step, offline and online (vLLM's CPU default)")
     parser.add_argument("--kv-space-gib", type=float, default=2, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
     parser.add_argument("--vllm-venv", default=str(DEFAULT_VENV))

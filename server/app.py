@@ -66,9 +66,10 @@ class App:
     def __init__(self, config: ServerConfig, engine_factory: EngineFactory | None = None) -> None:
         self.config = config
         self.engine_factory = engine_factory or default_engine_factory(
-            EngineConfig(device=config.device, num_blocks=config.kv_blocks,
+            EngineConfig(device=config.device, num_blocks=config.kv_blocks, kernel_arch=config.kernel_arch,
                          dtype=getattr(torch, config.dtype) if config.dtype else None,
-                         **({"max_waiting": config.max_waiting} if config.max_waiting else {})))
+                         **{name: value for name in ("max_waiting", "max_num_seqs", "max_num_batched_tokens")
+                            if (value := getattr(config, name))}))
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None

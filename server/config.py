@@ -147,6 +147,17 @@ class ServerConfig:
                                 help="KV memory shared by every loaded model version, swaps included")
     kv_per_model_mb: int = setting(256, env="SOL_KV_PER_MODEL_MB", help="the most one version's KV pool may take")
     max_waiting: int | None = None
+    # The step's limits (vLLM's --max-num-seqs / --max-num-batched-tokens): more sequences
+    # per step raise throughput under load; a larger token budget takes more of a long
+    # prompt per step (faster time to first token) at the cost of a longer step for the
+    # sequences decoding beside it.
+    max_num_seqs: int | None = setting(None, parse=int, help="sequences per engine step",
+                                       default_text="the engine's default, 64")
+    max_num_batched_tokens: int | None = setting(None, parse=int, help="tokens per engine step (the prefill "
+                                                 "chunk bound)", default_text="the engine's default, 512")
+    kernel_arch: str = setting("native", env="SOL_KERNEL_ARCH",
+                               help="-march of the CPU attention kernel built on first use (an image run on "
+                                    "other machines prebuilds it for a common target such as x86-64-v3)")
     # Pricing default for models without a price, and the cached prompt token discount.
     cached_discount: float = setting(0.5, help="price discount of cached prompt tokens for models without a "
                                                "SetPrice")

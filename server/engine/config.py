@@ -28,6 +28,7 @@ class EngineConfig:
     # Attention over the KV pool: "auto" = the in-place kernel on the CPU (built on first
     # use) else gathered copies + SDPA; "in-place" or "gather" to insist on one.
     attention: str = "auto"
+    kernel_arch: str = "native"            # the kernel's -march (a common target for images)
     device: str | None = None              # default: gpt.device.default_device()
     dtype: torch.dtype | None = None       # default: bf16 on CUDA, fp32 on CPU
 

@@ -69,7 +69,7 @@ class Engine:
         self.max_seq_len = mc.max_seq_len
         self.vocab_size = mc.vocab_size
         num_blocks = kv_pool_blocks(mc, config, self.dtype)
-        in_place = use_in_place(config.attention, self.device)
+        in_place = use_in_place(config.attention, self.device, config.kernel_arch)
         log.debug("attention over the KV pool: %s", "in-place kernel" if in_place else "gathered copies + SDPA")
         self.cache = PagedKVCache(mc, num_blocks, config.block_size, self.device, self.dtype, in_place=in_place)
         self.blocks = BlockManager(num_blocks, config.block_size)

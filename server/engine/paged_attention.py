@@ -8,16 +8,16 @@ PyTorch's extension builder (a C++ compiler and `ninja`, about 30 s, then cached
 engine keeps the portable path and says so once in the log. CUDA always takes the
 portable path (SDPA).
 
-It is compiled for the machine it runs on (`-march=native`). An image built on one
-machine and run on others sets `SOL_KERNEL_ARCH` (e.g. `x86-64-v3`) when it prebuilds
-the kernel (deploy/docker/Dockerfile does).
+It is compiled for the machine it runs on (`-march=native`, EngineConfig.kernel_arch).
+An image built on one machine and run on others prebuilds it for a common target (e.g.
+`x86-64-v3`; `sol serve --kernel-arch`, env SOL_KERNEL_ARCH; deploy/docker/Dockerfile
+does).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -28,11 +28,11 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 
 
-def cflags() -> list[str]:
+def cflags(arch: str = "native") -> list[str]:
     # -march=native: the kernel's loops vectorise to the machine's widest units (AVX-512
-    # where present); the build's name carries the CPU's flags, so a cache shared between
-    # different machines never loads one built for another.
-    return ["-O3", f"-march={os.environ.get('SOL_KERNEL_ARCH') or 'native'}", "-fopenmp-simd"]
+    # where present); a native build's name carries the CPU's flags, so a cache shared
+    # between different machines never loads one built for another.
+    return ["-O3", f"-march={arch}", "-fopenmp-simd"]
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
@@ -48,20 +48,23 @@ def _cpu_flags() -> str:
     return ""
 
 
-def available() -> bool:
-    """Build or load the kernel once per process; False (logged once) if that fails."""
+def available(arch: str = "native") -> bool:
+    """Build or load the kernel once per process (for the first `arch` asked); False,
+    logged once, if that fails."""
     with _lock:
         if "ok" not in _state:
-            _state["ok"] = _load()
+            _state["ok"] = _load(arch)
         return _state["ok"]
 
 
-def _load() -> bool:
+def _load(arch: str) -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        flags = cflags()
-        tag = hashlib.sha256((_cpu_flags() + " ".join(flags)).encode()).hexdigest()[:10]
+        flags = cflags(arch)
+        # A native build is this CPU's; one for a named target (an image's) serves any.
+        machine = _cpu_flags() if arch == "native" else ""
+        tag = hashlib.sha256((machine + " ".join(flags)).encode()).hexdigest()[:10]
         load(name=f"sol_paged_attention_{tag}", sources=[str(SOURCE)], extra_cflags=flags,
              is_python_module=False, verbose=False)
         return hasattr(torch.ops.sol_paged, "paged_attention")
@@ -73,7 +76,7 @@ def _load() -> bool:
 ATTENTION_CHOICES = ("auto", "in-place", "gather")
 
 
-def use_in_place(setting: str, device: torch.device) -> bool:
+def use_in_place(setting: str, device: torch.device, arch: str = "native") -> bool:
     """Resolve EngineConfig.attention: "auto" takes the kernel on the CPU where it builds;
     "in-place" insists on it; "gather" is the portable path (the one CUDA runs)."""
     if setting not in ATTENTION_CHOICES:
@@ -82,7 +85,7 @@ def use_in_place(setting: str, device: torch.device) -> bool:
         if setting == "in-place":
             raise ValueError("the in-place paged attention kernel runs on the CPU only")
         return False
-    if available():
+    if available(arch):
         return True
     if setting == "in-place":
         raise RuntimeError("the in-place paged attention kernel could not be built (see the log)")
