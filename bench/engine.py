@@ -38,7 +38,7 @@ from gpt.tokenizer import SolTokenizer
 TARGETS = {
     "continuous_vs_one_at_a_time": (">=", 6.0),
     "engine_vs_hf_generate": (">=", 2.0),
-    "engine_vs_bare_forward": (">=", 0.7),
+    "engine_vs_bare_forward": (">=", 0.9),      # the overhead limit: within 10% of a bare forward
     "prefix_ttft_warm_over_cold": ("<=", 0.25),
     "kv_capacity_vs_contiguous": (">=", 3.0),
 }

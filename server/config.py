@@ -152,9 +152,9 @@ class ServerConfig:
     # prompt per step (faster time to first token) at the cost of a longer step for the
     # sequences decoding beside it.
     max_num_seqs: int | None = setting(None, parse=int, help="sequences per engine step",
-                                       default_text="the engine's default, 64")
+                                       default_text="64")
     max_num_batched_tokens: int | None = setting(None, parse=int, help="tokens per engine step (the prefill "
-                                                 "chunk bound)", default_text="the engine's default, 512")
+                                                 "chunk bound)", default_text="512")
     kernel_arch: str = setting("native", env="SOL_KERNEL_ARCH",
                                help="-march of the CPU attention kernel built on first use (an image run on "
                                     "other machines prebuilds it for a common target such as x86-64-v3)")
