@@ -18,4 +18,9 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "warning: redis-server not found; install it (e.g. apt-get install redis-server) for the integration tests" >&2
   fi
 fi
+# Build the engine's CPU attention kernel now (about 30 s, once; cached under
+# ~/.cache/torch_extensions) rather than in the first server or test that starts an engine.
+if ! .venv/bin/python -c "import sys; from server.engine.paged_attention import available; sys.exit(0 if available() else 1)"; then
+  echo "warning: the paged attention kernel could not be built (a C++ compiler is needed); the engine will use its portable attention path" >&2
+fi
 echo "ready: $(.venv/bin/sol --help >/dev/null && echo 'sol installed in .venv/')"

@@ -22,6 +22,14 @@ from training.data.corpus import build_corpus
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_sessionstart(session):
+    # Build (or load) the engine's CPU attention kernel before any test, or any server
+    # subprocess a test starts, makes an engine and waits for the build inside its deadline.
+    from server.engine.paged_attention import available
+
+    available()
+
+
 @pytest.fixture(scope="session")
 def corpus():
     return build_corpus(max_bytes=1 << 20)
