@@ -136,14 +136,19 @@ template <typename T, int64_t kHeadDim, int64_t kBlockSize>
 void run_items(const Layout& shape, const T* q, const T* k_pool, const T* v_pool, const int64_t* tokens,
                const int64_t* row_of_token, const int64_t* positions, const int64_t* tables, int64_t n_items,
                float scale, T* out) {
-  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+  // Items are dealt round-robin to the workers, not in contiguous ranges: an item's cost
+  // grows with its sequence's length, and neighbouring items often share one.
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(shape.group * shape.max_len);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = tokens[item / shape.kv_heads], kvh = item % shape.kv_heads;
-      const int64_t head = t * shape.n_heads + kvh * shape.group;   // first query head of the group
-      attend<T, kHeadDim, kBlockSize>(shape, q + head * shape.head_dim, k_pool, v_pool,
-                                      tables + row_of_token[t] * shape.max_blocks, positions[t] + 1, kvh, scale,
-                                      scores.data(), out + head * shape.head_dim);
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t item = worker; item < n_items; item += workers) {
+        const int64_t t = tokens[item / shape.kv_heads], kvh = item % shape.kv_heads;
+        const int64_t head = t * shape.n_heads + kvh * shape.group;   // first query head of the group
+        attend<T, kHeadDim, kBlockSize>(shape, q + head * shape.head_dim, k_pool, v_pool,
+                                        tables + row_of_token[t] * shape.max_blocks, positions[t] + 1, kvh,
+                                        scale, scores.data(), out + head * shape.head_dim);
+      }
     }
   });
 }
