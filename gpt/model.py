@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt.config import ModelConfig
+from gpt.linear import Linear
 
 
 class AttentionHook(Protocol):
@@ -74,10 +75,10 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        self.q_proj = Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 hook: AttentionHook | None) -> torch.Tensor:
@@ -93,9 +94,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.gate_proj = Linear(config.d_model, config.d_ff, bias=False)
+        self.up_proj = Linear(config.d_model, config.d_ff, bias=False)
+        self.down_proj = Linear(config.d_ff, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -126,7 +127,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)

@@ -1,0 +1,62 @@
+"""The model's linear layer: nn.Linear, plus a CPU inference path through oneDNN with the
+weight prepacked.
+
+On CPUs where PyTorch's fp32 matmul goes through MKL's generic code path (measured on
+this project's AMD EPYC machines), oneDNN's prepacked linear computes the same fp32
+products 2.3x faster (64 x 384 x 1024: 470 -> 197 us, one thread) and bf16 ones ~10%
+faster; vLLM's CPU build prepacks its weights for the same reason. Prepacking copies
+the weight into oneDNN's blocked layout, so it is done once and reused while the weight
+is unchanged: the copy is keyed on the weight's storage and version counter, which every
+in-place update bumps (an optimizer step, `load_state_dict`), so a training policy that
+the engine samples from is repacked after each update instead of going stale.
+
+Only without autograd (inference mode or no_grad) and on the CPU: training's forward and
+backward stay on `F.linear`. The packed copies live beside the modules (a weak mapping),
+not in them, so state dicts, checkpoints and deep copies never see them.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_PACKABLE = (torch.float32, torch.bfloat16)
+_packed: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int, torch.dtype], torch.Tensor]] = (
+    weakref.WeakKeyDictionary())
+_support: dict[torch.dtype, bool] = {}
+
+
+def _onednn_supports(dtype: torch.dtype) -> bool:
+    if dtype not in _support:
+        ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        if ok and dtype == torch.bfloat16:
+            ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        _support[dtype] = ok
+    return _support[dtype]
+
+
+def _packed_weight(layer: nn.Linear, batch_hint: int) -> torch.Tensor:
+    w = layer.weight
+    key = (w.data_ptr(), w._version, w.dtype)
+    hit = _packed.get(layer)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
+    _packed[layer] = (key, packed)
+    return packed
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) with the prepacked inference path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in _PACKABLE
+                and x.dtype == self.weight.dtype and _onednn_supports(x.dtype)
+                # fp32 matrix-vector products (a lone decode) are faster on F.linear: 20 vs 28 us.
+                and (x.dtype != torch.float32 or x.numel() >= 8 * x.shape[-1])):
+            # The batch hint only tunes the packed layout; any number of rows is accepted.
+            return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(self, 64), self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
