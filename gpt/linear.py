@@ -40,7 +40,9 @@ def _onednn_supports(dtype: torch.dtype) -> bool:
 
 def _packed_weight(layer: nn.Linear, batch_hint: int) -> torch.Tensor:
     w = layer.weight
-    key = (w.data_ptr(), w._version, w.dtype)
+    # A weight made under inference mode has no version counter; such a weight can only
+    # change inside inference mode, which no training step is.
+    key = (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype)
     hit = _packed.get(layer)
     if hit is not None and hit[0] == key:
         return hit[1]

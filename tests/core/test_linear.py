@@ -72,3 +72,11 @@ def test_training_keeps_autograd_and_copies_carry_no_packed_weights():
     assert twin not in linear_mod._packed
     with torch.inference_mode():
         assert torch.allclose(twin(x), F.linear(x, layer.weight), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_a_layer_made_under_inference_mode():
+    with torch.inference_mode():
+        layer = _layer()
+        x = torch.randn(16, 96)
+        assert torch.allclose(layer(x), F.linear(x, layer.weight), atol=1e-5, rtol=1e-5)
