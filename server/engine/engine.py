@@ -43,7 +43,6 @@ from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig, kv_pool_blocks, resolve_device_dtype
 from server.engine.grammar import token_bitmask
 from server.engine.kv_cache import PagedKVCache
-from server.engine.omp import prepare_stepping_thread
 from server.engine.paged_attention import use_in_place
 from server.engine.runner import ModelRunner
 from server.engine.sampler import SampleOutput, SamplingTensors, derive_seed, sample
@@ -213,7 +212,6 @@ class Engine:
                 self._resume_now(*payload)  # type: ignore[misc]
 
     def _loop(self) -> None:
-        prepare_stepping_thread()
         while True:
             with self._cond:
                 while not self._inbox and not self._stopping and not self.scheduler.has_work():
