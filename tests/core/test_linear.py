@@ -30,8 +30,21 @@ def test_packed_path_equals_f_linear(rows):
         got = layer(x)
     want = F.linear(x, layer.weight)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
-    if rows >= 4:      # 2 x rows >= 8 rows: the packed path ran and cached its copy
-        assert layer in linear_mod._packed
+    assert layer in linear_mod._packed
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_are_the_same_whatever_the_batch(dtype):
+    """Batch invariance: a row's output does not depend on the rows beside it."""
+    if not linear_mod._onednn_supports(dtype):
+        pytest.skip("no oneDNN for this dtype here")
+    layer = _layer(dtype)
+    x = torch.randn(300, 96).to(dtype)
+    with torch.inference_mode():
+        full = layer(x)
+        for rows in (1, 2, 3, 5, 8, 9, 64):
+            assert torch.equal(layer(x[:rows]), full[:rows]), rows
 
 
 @pytest.mark.skipif(not linear_mod._onednn_supports(torch.bfloat16), reason="no oneDNN bf16 on this CPU")

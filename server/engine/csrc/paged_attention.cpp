@@ -66,18 +66,20 @@ constexpr int64_t kMaxBlockSize = 64;
 
 struct Layout {
   int64_t n_heads, head_dim, kv_heads, block_size, group, max_blocks, head_stride, block_stride, max_len;
+  int64_t score_stride;   // floats between two heads' score rows: max_len rounded up to 64 bytes
 };
 
 // One (query token, KV head) item. kHeadDim / kBlockSize are the shapes known at compile
 // time (0 = read them from `shape`): with them the per-block score vector and the value
-// accumulator stay in vector registers. `scores` holds group x max_len floats.
+// accumulator stay in vector registers. `scores` holds group rows of score_stride floats,
+// each starting on a 64-byte boundary.
 template <typename T, int64_t kHeadDim, int64_t kBlockSize>
 void attend(const Layout& shape, const T* __restrict__ q, const T* __restrict__ k_pool,
             const T* __restrict__ v_pool, const int64_t* __restrict__ table, int64_t length, int64_t kvh,
             float scale, float* __restrict__ scores, T* __restrict__ out) {
   const int64_t head_dim = kHeadDim ? kHeadDim : shape.head_dim;
   const int64_t block_size = kBlockSize ? kBlockSize : shape.block_size;
-  const int64_t group = shape.group, max_len = shape.max_len;
+  const int64_t group = shape.group, stride = shape.score_stride;
   const int64_t n_blocks = (length + block_size - 1) / block_size;
 
   // Scores: keys are (head_dim, block_size) per block and KV head, so a block's scores
@@ -87,7 +89,7 @@ void attend(const Layout& shape, const T* __restrict__ q, const T* __restrict__ 
     float qf[kMaxHeadDim];
     const T* qg = q + g * head_dim;
     for (int64_t d = 0; d < head_dim; ++d) qf[d] = to_float(qg[d]) * scale;
-    float* sg = scores + g * max_len;
+    float* sg = scores + g * stride;
     for (int64_t b = 0; b < n_blocks; ++b) {
       const T* __restrict__ kb = k_pool + table[b] * shape.block_stride + kvh * shape.head_stride;
       float s[kMaxBlockSize];
@@ -104,7 +106,7 @@ void attend(const Layout& shape, const T* __restrict__ q, const T* __restrict__ 
   }
   // Softmax over each head's row, then the values it weights.
   for (int64_t g = 0; g < group; ++g) {
-    float* sg = scores + g * max_len;
+    float* sg = scores + g * stride;
     float mx = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : mx)
     for (int64_t j = 0; j < length; ++j) mx = std::max(mx, sg[j]);
@@ -140,14 +142,19 @@ void run_items(const Layout& shape, const T* q, const T* k_pool, const T* v_pool
   // grows with its sequence's length, and neighbouring items often share one.
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(shape.group * shape.max_len);
+    // Score rows start on 64-byte boundaries whatever the batch: the vectorised softmax sum
+    // then splits a row into the same lanes every time, so a sequence gets bit-identical
+    // results batched or alone (a row's start moving with the batch changed the last bit).
+    std::vector<float> storage(shape.group * shape.score_stride + 16);
+    float* scores = storage.data();
+    while (reinterpret_cast<uintptr_t>(scores) % 64 != 0) ++scores;
     for (int64_t worker = begin; worker < end; ++worker) {
       for (int64_t item = worker; item < n_items; item += workers) {
         const int64_t t = tokens[item / shape.kv_heads], kvh = item % shape.kv_heads;
         const int64_t head = t * shape.n_heads + kvh * shape.group;   // first query head of the group
         attend<T, kHeadDim, kBlockSize>(shape, q + head * shape.head_dim, k_pool, v_pool,
                                         tables + row_of_token[t] * shape.max_blocks, positions[t] + 1, kvh,
-                                        scale, scores.data(), out + head * shape.head_dim);
+                                        scale, scores, out + head * shape.head_dim);
       }
     }
   });
@@ -167,6 +174,7 @@ void paged_attention_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor
   shape.head_stride = shape.block_size * shape.head_dim;
   shape.block_stride = shape.kv_heads * shape.head_stride;
   shape.max_len = shape.max_blocks * shape.block_size;
+  shape.score_stride = (shape.max_len + 15) / 16 * 16;
   TORCH_CHECK(shape.head_dim <= kMaxHeadDim && shape.block_size <= kMaxBlockSize,
               "paged_attention supports head_dim <= ", kMaxHeadDim, " and block_size <= ", kMaxBlockSize);
   const int64_t n_items = tokens.size(0) * shape.kv_heads;
