@@ -23,6 +23,7 @@ import torch
 
 from gpt.allocator import keep_freed_memory
 from gpt.model import GPT
+from gpt.openmp import release_thread_pool
 from server.engine.api import (
     ChoiceFinished,
     Delta,
@@ -89,6 +90,10 @@ class Engine:
     # --- public API (any thread) ----------------------------------------------------------
     def start(self) -> None:
         if self.thread is None:
+            # From here on the stepping thread does the CPU work: the OpenMP workers that
+            # this thread kept from loading and converting the model would only make
+            # libgomp put the stepping thread's own workers to sleep between ops.
+            release_thread_pool()
             self.thread = threading.Thread(target=self._loop, name="sol-engine", daemon=True)
             self.thread.start()
 
