@@ -49,7 +49,7 @@ from server.engine.runner import ModelRunner
 from server.engine.sampler import SampleOutput, SamplingTensors, derive_seed, sample
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import RequestState, Sequence
-from server.engine.stream import RequestStream
+from server.engine.stream import RequestStream, Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ class Engine:
         self._stopping = False
         self._num_waiting_hint = 0
         self._sampling_cache: tuple[list[SamplingParams], SamplingTensors | None] = ([], None)
+        # Asyncio readers woken once per loop after each step's pushes (see stream.py).
+        self._wakeups = Wakeups()
         self.thread: threading.Thread | None = None
         if start:
             self.start()
@@ -141,12 +143,16 @@ class Engine:
                 inbox = list(self._inbox)
                 self._inbox.clear()
             self._apply(inbox)
+            self._wakeups.flush()
             if not self.scheduler.has_work():
                 with self._cond:
                     # The thread's loop keeps this count; here nothing waits once idle.
                     self._num_waiting_hint = len(self._inbox)
                 return
-            self.step()
+            try:
+                self.step()
+            finally:
+                self._wakeups.flush()
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix block: call it, while idle, after the model's weights
@@ -228,6 +234,7 @@ class Engine:
             if stopping:
                 for request_id in list(self._requests):
                     self._abort_now(request_id)
+                self._wakeups.flush()
                 return
             if self.scheduler.has_work():
                 try:
@@ -238,6 +245,7 @@ class Engine:
                     log.exception("engine step failed; aborting in-flight requests")
                     for request_id in list(self._requests):
                         self._abort_now(request_id)
+            self._wakeups.flush()
             # Requests still in the inbox are counted too, so the overload check sees them.
             with self._cond:
                 self._num_waiting_hint = len(self.scheduler.waiting) + len(self._inbox) + sum(
@@ -273,7 +281,7 @@ class Engine:
         if state.all_finished:
             self._finish_request(state, events)
         elif events:
-            self._streams[request_id].push(events)
+            self._streams[request_id].push(events, self._wakeups)
 
     def _resume_now(self, request_id: str) -> None:
         state = self._requests.get(request_id)
@@ -373,7 +381,7 @@ class Engine:
             state = self._requests[request_id]
             if state.all_finished:
                 self._finish_request(state, events)
-            elif self._streams[request_id].push(events):
+            elif self._streams[request_id].push(events, self._wakeups):
                 # The reader is a bound behind: stop generating until it catches up.
                 for seq in state.sequences:
                     if not seq.is_finished and seq not in state.held_choices:
@@ -390,7 +398,7 @@ class Engine:
         del self._requests[state.request_id]
         with self._cond:
             stream = self._streams.pop(state.request_id)
-        stream.push(events)
+        stream.push(events, self._wakeups)
 
 
 __all__ = ["Engine"]

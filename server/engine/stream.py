@@ -4,7 +4,14 @@ iterator or by `async for` on any asyncio loop.
 Backpressure: a stream with a token bound counts the tokens pushed and not yet read.
 The engine pauses the request when that backlog reaches the bound (high water); the
 reader resumes it once it has read the backlog down to a quarter of the bound (low
-water), so a client that stops reading stops the generation instead of filling memory."""
+water), so a client that stops reading stops the generation instead of filling memory.
+
+Waking asyncio readers: the engine pushes to every running stream once per step. Waking
+each reader there and then (one `call_soon_threadsafe`, a write to the loop's wake-up
+socket, per stream) made the stepping thread give up and win back the GIL once per
+stream while the loop's thread was busy answering the streams woken before: with 32
+streaming clients a decode step took 47.6 ms instead of 34. The engine gathers the
+step's wake-ups in a `Wakeups` and wakes each loop once, after the step's pushes."""
 
 from __future__ import annotations
 
@@ -15,6 +22,25 @@ from collections import deque
 from collections.abc import Callable
 
 from server.engine.api import Delta, Event, RequestFinished
+
+
+class Wakeups:
+    """Asyncio readers to wake, gathered by the stepping thread over one step and woken
+    with one call per event loop (`flush`)."""
+
+    def __init__(self) -> None:
+        self._by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+
+    def add(self, waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]) -> None:
+        for loop, fut in waiters:
+            self._by_loop.setdefault(loop, []).append(fut)
+
+    def flush(self) -> None:
+        by_loop, self._by_loop = self._by_loop, {}
+        for loop, futures in by_loop.items():
+            # The reader's loop may already be closed (its task was cancelled): nothing to wake.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_wake_all, futures)
 
 
 class RequestStream:
@@ -32,9 +58,10 @@ class RequestStream:
         self.paused = False            # set by the engine at high water, cleared at low water
 
     # --- engine side ----------------------------------------------------------------------
-    def push(self, events: list[Event]) -> bool:
+    def push(self, events: list[Event], wakeups: Wakeups | None = None) -> bool:
         """Queue events for the reader; True when the backlog reached the bound and the
-        engine should pause the request (the stream then remembers it is paused)."""
+        engine should pause the request (the stream then remembers it is paused). An
+        asyncio reader is woken now, or by `wakeups.flush()` when `wakeups` is given."""
         with self._cond:
             self._events.extend(events)
             if self.bound is not None:
@@ -44,10 +71,11 @@ class RequestStream:
                 self.paused = True
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
-        for loop, fut in waiters:
-            # The reader's loop may already be closed (its task was cancelled): nothing to wake.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_wake, fut)
+        if waiters:
+            batch = wakeups or Wakeups()
+            batch.add(waiters)
+            if wakeups is None:
+                batch.flush()
         return pause
 
     # --- reader side ----------------------------------------------------------------------
@@ -113,6 +141,7 @@ class RequestStream:
             await fut
 
 
-def _wake(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(None)
+def _wake_all(futures: list[asyncio.Future]) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.set_result(None)
