@@ -7,8 +7,9 @@ thread lives. Once the process holds more OpenMP workers than it has cores, libg
 stops letting idle workers spin and puts them to sleep after ~100 spins, so every
 parallel region pays a futex wake-up per worker. A server loads its model on one thread
 and steps its engine on another: with two cores and two teams, an elementwise op on the
-stepping thread took 51 µs instead of 27 µs, and the whole engine lost its second core
-(`small`, fp32, 2 threads: 1065 against 1340 tok/s with the first team given back).
+stepping thread took 51 µs instead of 27 µs, and the threaded engine (`small`, fp32,
+64 x 128 -> 128, 2 threads) made 1128-1194 tok/s against 1242-1308 with the loading
+thread's team given back (two runs each, a 2-core AVX2 EPYC).
 
 `omp_pause_resource_all` (OpenMP 5.0) frees the calling thread's pool; the next
 parallel region on that thread makes a new one. It must not be replaced by dynamic team
