@@ -361,8 +361,13 @@ def default_out() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from server.app import GIL_SWITCH_INTERVAL_S
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    # The engine steps on its own thread and the clients read on this one, as in `sol
+    # serve`: the same GIL switch interval as there.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     out = Path(args.out) if args.out else default_out()
     out.mkdir(parents=True, exist_ok=True)
     ENGINE_SETTINGS["attention"] = args.attention
@@ -419,12 +424,15 @@ def run(args: argparse.Namespace) -> int:
     uniform_prompt, uniform_new = (64, 48) if quick else (128, 96)
     uniform_new = min(uniform_new, ctx - uniform_prompt)
     prompt = stream[:uniform_prompt]
-    bare = bare_forward(model, prompt, n, uniform_new)
+    # Best of two each: on a shared machine other work only ever slows a run down, and one
+    # run of each moved the ratio by +-15% here.
+    bare = max((bare_forward(model, prompt, n, uniform_new) for _ in range(2)), key=lambda r: r[rate])
     bare["batch"] = n
     engine = _engine(model, tokenizer, max_num_seqs=n, max_num_batched_tokens=max(512, n * uniform_prompt),
                      enable_prefix_caching=False)
     try:
-        same = run_engine(engine, [Work(list(prompt), uniform_new) for _ in range(n)])
+        same = max((run_engine(engine, [Work(list(prompt), uniform_new) for _ in range(n)]) for _ in range(2)),
+                   key=lambda r: r[rate])
     finally:
         engine.shutdown()
     result.measurements["bare_forward"] = bare
