@@ -361,13 +361,8 @@ def default_out() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.app import GIL_SWITCH_INTERVAL_S
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    # The engine steps on its own thread and the clients read on this one, as in `sol
-    # serve`: the same GIL switch interval as there.
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     out = Path(args.out) if args.out else default_out()
     out.mkdir(parents=True, exist_ok=True)
     ENGINE_SETTINGS["attention"] = args.attention

@@ -27,37 +27,39 @@ from pathlib import Path
 OMP_PAUSE_SOFT = 1
 
 _lock = threading.Lock()
-_runtimes: list[ctypes.CDLL] | None = None
+_pause_functions: list | None = None
 
 
-def _loaded_libgomp() -> list[ctypes.CDLL]:
-    """Every libgomp this process has mapped (torch ships its own copy; a second one,
-    from another extension, keeps pools of its own). Opening a mapped library's path
-    returns the loaded instance, not a new copy."""
-    global _runtimes
+def _pause_all_functions() -> list:
+    """`omp_pause_resource_all` of every libgomp this process has mapped (torch ships its
+    own copy; a second one, from another extension, keeps pools of its own). Opening a
+    mapped library's path returns the loaded instance, not a new copy. Cached once torch
+    has loaded its runtime; before that there is nothing to free."""
+    global _pause_functions
     with _lock:
-        if _runtimes is None:
-            paths: list[str] = []
+        if _pause_functions is not None:
+            return _pause_functions
+        paths: list[str] = []
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)   # address perms offset dev inode path
+                    path = fields[5].strip() if len(fields) == 6 else ""
+                    if Path(path).name.startswith("libgomp") and path not in paths:
+                        paths.append(path)
+        except OSError:
+            return []
+        found = []
+        for path in paths:
             try:
-                with open("/proc/self/maps") as maps:
-                    for line in maps:
-                        fields = line.split(maxsplit=5)   # address perms offset dev inode path
-                        path = fields[5].strip() if len(fields) == 6 else ""
-                        if Path(path).name.startswith("libgomp") and path not in paths:
-                            paths.append(path)
-            except OSError:
-                pass
-            runtimes = []
-            for path in paths:
-                try:
-                    runtimes.append(ctypes.CDLL(path))
-                except OSError:
-                    continue
-            # Cached only once torch has loaded its runtime; before that there is nothing to free.
-            if runtimes:
-                _runtimes = runtimes
-            return runtimes
-        return _runtimes
+                pause = ctypes.CDLL(path).omp_pause_resource_all
+            except (OSError, AttributeError):   # unloadable, or a libgomp older than GCC 9
+                continue
+            pause.argtypes = [ctypes.c_int]
+            found.append(pause)
+        if paths:
+            _pause_functions = found
+        return found
 
 
 def release_thread_pool() -> bool:
@@ -66,12 +68,6 @@ def release_thread_pool() -> bool:
     thread (the engine's stepping thread). Returns whether a runtime took the call."""
     if not sys.platform.startswith("linux"):
         return False
-    done = False
-    for runtime in _loaded_libgomp():
-        pause = getattr(runtime, "omp_pause_resource_all", None)
-        if pause is None:       # a libgomp older than GCC 9
-            continue
-        pause.argtypes = [ctypes.c_int]
-        # Nonzero inside a parallel region, where there is nothing this thread may free.
-        done = pause(OMP_PAUSE_SOFT) == 0 or done
-    return done
+    # Nonzero inside a parallel region, where there is nothing this thread may free.
+    results = [pause(OMP_PAUSE_SOFT) == 0 for pause in _pause_all_functions()]
+    return any(results)

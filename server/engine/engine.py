@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import secrets
+import sys
 import threading
 import time
 from collections import deque
@@ -52,6 +53,13 @@ from server.engine.sequence import RequestState, Sequence
 from server.engine.stream import RequestStream, Wakeups
 
 log = logging.getLogger(__name__)
+
+# A threaded engine shares the GIL with its readers (an event loop answering a step's
+# streams in one burst). With CPython's default 5 ms switch interval the stepping thread,
+# between two torch ops, waited up to that long for it. Measured (`small` fp32, 32
+# streaming clients, 2 cores): decode steps 39 ms plus ~5 ms waiting between steps at
+# 5 ms; 38.5 ms and 0.2 ms at 1 ms; 580 -> 640 tok/s.
+READER_GIL_SWITCH_INTERVAL_S = 0.001
 
 
 class Engine:
@@ -96,6 +104,7 @@ class Engine:
             # this thread kept from loading and converting the model would only make
             # libgomp put the stepping thread's own workers to sleep between ops.
             release_thread_pool()
+            sys.setswitchinterval(min(sys.getswitchinterval(), READER_GIL_SWITCH_INTERVAL_S))
             self.thread = threading.Thread(target=self._loop, name="sol-engine", daemon=True)
             self.thread.start()
 

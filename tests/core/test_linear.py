@@ -38,7 +38,7 @@ def test_packed_path_equals_f_linear(rows):
 def test_rows_are_the_same_whatever_the_batch(dtype):
     """Batch invariance: a row's output does not depend on the rows beside it."""
     if not linear_mod._onednn_supports(dtype):
-        pytest.skip("no oneDNN for this dtype here")
+        pytest.skip(f"oneDNN cannot run {dtype} on this CPU (bf16 needs avx512_bf16 or AMX)")
     layer = _layer(dtype)
     x = torch.randn(300, 96).to(dtype)
     with torch.inference_mode():
