@@ -18,12 +18,18 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define SOL_BF16_DOT 1
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -134,6 +140,162 @@ void attend(const Layout& shape, const T* __restrict__ q, const T* __restrict__ 
   }
 }
 
+#ifdef SOL_BF16_DOT
+// bf16 pools on CPUs with AVX512-BF16: `vdpbf16ps` multiplies pairs of bf16 values and
+// adds both products to one float lane, so a pair of head dims (scores) or a pair of
+// positions (values) costs one instruction, where the generic loop converts every bf16 to
+// float and does one fused multiply-add per element. The pool's layout stays as it is:
+// one 64-byte load holds key rows d and d+1 of a block (16 positions each), and a word
+// permutation interleaves them into the pairs the instruction takes; value rows j and
+// j+1 are interleaved the same way from two 32-byte loads. The query pairs are bf16
+// already; the softmax weights are rounded to bf16 for the value sum (as a bf16 matmul
+// would), their sum is taken in float before rounding. Each head's score and output lane
+// keeps one fixed order of additions, so results stay identical batched or alone.
+// Compiled where the build targets AVX512-BF16 (a native build on such a CPU); taken for
+// block size 16 and head dims that are multiples of 32. Measured (`small`, 128 decodes
+// at context 220, one thread, Xeon with AMX): 1.58 ms a layer in the generic bf16 loop
+// (2.18 in fp32), 1.28 ms here.
+constexpr int64_t kFastBlock = 16;
+// Two bf16 values read as one 32-bit word (to broadcast the pair); may alias uint16_t.
+typedef int32_t bf16_pair __attribute__((may_alias, aligned(4)));
+constexpr int64_t kMaxGroupTile = 4;     // query heads computed together (registers)
+
+// Word indices that interleave two rows of 16 bf16 values: output word 2i takes word i of
+// the first row, word 2i+1 word `second + i`. For permutexvar (both rows in one register)
+// the second row starts at word 16; for permutex2var (one row per register) at 32.
+inline __m512i interleave_index(int16_t second) {
+  alignas(64) int16_t idx[32];
+  for (int16_t i = 0; i < 16; ++i) {
+    idx[2 * i] = i;
+    idx[2 * i + 1] = static_cast<int16_t>(second + i);
+  }
+  return _mm512_load_si512(idx);
+}
+
+inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
+}
+
+// exp_nonpositive on 16 lanes: the same range reduction and polynomial, with the power
+// of two applied by vscalefps.
+inline __m512 exp16_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <int64_t kHeadDim>
+void attend_bf16_dot(const Layout& shape, const c10::BFloat16* __restrict__ q,
+                     const c10::BFloat16* __restrict__ k_pool, const c10::BFloat16* __restrict__ v_pool,
+                     const int64_t* __restrict__ table, int64_t length, int64_t kvh, float scale,
+                     float* __restrict__ scores, uint16_t* __restrict__ weights, c10::BFloat16* __restrict__ out) {
+  static_assert(kHeadDim % 32 == 0, "head dims are taken 16 at a time, in pairs");
+  constexpr int64_t kPairs = kHeadDim / 2, kChunks = kHeadDim / 16;
+  const int64_t group = shape.group, stride = shape.score_stride;
+  const int64_t n_blocks = (length + kFastBlock - 1) / kFastBlock;
+  const __m512i rows_idx = interleave_index(16), two_idx = interleave_index(32);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const uint16_t* qbits = reinterpret_cast<const uint16_t*>(q);
+
+  for (int64_t g0 = 0; g0 < group; g0 += kMaxGroupTile) {
+    const int64_t gn = std::min(kMaxGroupTile, group - g0);
+    // Scores of gn heads, one block (16 positions) at a time. Even and odd head-dim pairs
+    // go to two accumulators, so each chain of dependent instructions is half as long.
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const uint16_t* kb = reinterpret_cast<const uint16_t*>(k_pool + table[b] * shape.block_stride +
+                                                             kvh * shape.head_stride);
+      if (g0 == 0) {
+        // Blocks lie anywhere in the pool, so the hardware prefetcher meets each one cold:
+        // fetch the next block's keys and this block's values while this block is scored.
+        const char* next_keys = reinterpret_cast<const char*>(
+            k_pool + table[std::min(b + 1, n_blocks - 1)] * shape.block_stride + kvh * shape.head_stride);
+        const char* values = reinterpret_cast<const char*>(v_pool + table[b] * shape.block_stride +
+                                                           kvh * shape.head_stride);
+        for (int64_t line = 0; line < kHeadDim * kFastBlock * 2; line += 64) {
+          _mm_prefetch(next_keys + line, _MM_HINT_T0);
+          _mm_prefetch(values + line, _MM_HINT_T0);
+        }
+      }
+      __m512 acc[kMaxGroupTile][2];
+      for (int64_t g = 0; g < kMaxGroupTile; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
+      for (int64_t p = 0; p < kPairs; ++p) {
+        const __m512i keys = _mm512_permutexvar_epi16(rows_idx, _mm512_loadu_si512(kb + 2 * p * kFastBlock));
+        for (int64_t g = 0; g < gn; ++g) {
+          const __m512i pair = _mm512_set1_epi32(reinterpret_cast<const bf16_pair*>(qbits + (g0 + g) * kHeadDim)[p]);
+          acc[g][p & 1] = _mm512_dpbf16_ps(acc[g][p & 1], (__m512bh)keys, (__m512bh)pair);
+        }
+      }
+      for (int64_t g = 0; g < gn; ++g) {
+        _mm512_store_ps(scores + (g0 + g) * stride + b * kFastBlock,
+                        _mm512_mul_ps(_mm512_add_ps(acc[g][0], acc[g][1]), vscale));
+      }
+    }
+    // Softmax of each row, 16 lanes at a time (lanes past `length` masked off, so the
+    // weights come out zero-padded to whole blocks); the weights are rounded to bf16.
+    float inv_sum[kMaxGroupTile];
+    for (int64_t g = 0; g < gn; ++g) {
+      const float* sg = scores + (g0 + g) * stride;
+      uint16_t* wg = weights + g * stride;
+      __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t j = 0; j < n_blocks * kFastBlock; j += 16) {
+        vmax = _mm512_mask_max_ps(vmax, tail_mask(length - j), vmax, _mm512_load_ps(sg + j));
+      }
+      const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+      __m512 vsum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n_blocks * kFastBlock; j += 16) {
+        const __m512 e = _mm512_maskz_mov_ps(tail_mask(length - j), exp16_nonpositive(_mm512_sub_ps(
+            _mm512_load_ps(sg + j), mx)));
+        vsum = _mm512_add_ps(vsum, e);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wg + j), (__m256i)_mm512_cvtneps_pbh(e));
+      }
+      inv_sum[g] = 1.0f / _mm512_reduce_add_ps(vsum);
+    }
+    // Values: rows j and j+1 of a block interleaved, weighted by the pair (w_j, w_j+1).
+    // A zero weight past `length` meets a finite pool value (old data or zeros).
+    __m512 acc[kMaxGroupTile][kChunks];
+    for (int64_t g = 0; g < kMaxGroupTile; ++g)
+      for (int64_t c = 0; c < kChunks; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const uint16_t* vb = reinterpret_cast<const uint16_t*>(v_pool + table[b] * shape.block_stride +
+                                                             kvh * shape.head_stride);
+      const int64_t n = std::min(kFastBlock, length - b * kFastBlock);
+      for (int64_t j = 0; j < n; j += 2) {
+        __m512i w[kMaxGroupTile];
+        for (int64_t g = 0; g < gn; ++g) {
+          w[g] = _mm512_set1_epi32(*reinterpret_cast<const bf16_pair*>(weights + g * stride + b * kFastBlock + j));
+        }
+        const uint16_t* row = vb + j * kHeadDim;
+        for (int64_t c = 0; c < kChunks; ++c) {
+          const __m512i lo = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 16)));
+          const __m512i hi = _mm512_castsi256_si512(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + kHeadDim + c * 16)));
+          const __m512i vals = _mm512_permutex2var_epi16(lo, two_idx, hi);
+          for (int64_t g = 0; g < gn; ++g) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], (__m512bh)vals, (__m512bh)w[g]);
+        }
+      }
+    }
+    for (int64_t g = 0; g < gn; ++g) {
+      uint16_t* og = reinterpret_cast<uint16_t*>(out + (g0 + g) * kHeadDim);
+      const __m512 inv = _mm512_set1_ps(inv_sum[g]);
+      for (int64_t c = 0; c < kChunks; ++c) {
+        const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][c], inv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(og + c * 16), (__m256i)o);
+      }
+    }
+  }
+}
+#endif
+
 template <typename T, int64_t kHeadDim, int64_t kBlockSize>
 void run_items(const Layout& shape, const T* q, const T* k_pool, const T* v_pool, const int64_t* tokens,
                const int64_t* row_of_token, const int64_t* positions, const int64_t* tables, int64_t n_items,
@@ -148,13 +310,25 @@ void run_items(const Layout& shape, const T* q, const T* k_pool, const T* v_pool
     std::vector<float> storage(shape.group * shape.score_stride + 16);
     float* scores = storage.data();
     while (reinterpret_cast<uintptr_t>(scores) % 64 != 0) ++scores;
+#ifdef SOL_BF16_DOT
+    constexpr bool kDot = std::is_same_v<T, c10::BFloat16> && kBlockSize == kFastBlock && kHeadDim % 32 == 0 &&
+                          kHeadDim > 0;
+    std::vector<uint16_t> weights(kDot ? std::min(shape.group, kMaxGroupTile) * shape.score_stride : 0);
+#endif
     for (int64_t worker = begin; worker < end; ++worker) {
       for (int64_t item = worker; item < n_items; item += workers) {
         const int64_t t = tokens[item / shape.kv_heads], kvh = item % shape.kv_heads;
         const int64_t head = t * shape.n_heads + kvh * shape.group;   // first query head of the group
-        attend<T, kHeadDim, kBlockSize>(shape, q + head * shape.head_dim, k_pool, v_pool,
-                                        tables + row_of_token[t] * shape.max_blocks, positions[t] + 1, kvh,
-                                        scale, scores, out + head * shape.head_dim);
+        const int64_t* table = tables + row_of_token[t] * shape.max_blocks;
+#ifdef SOL_BF16_DOT
+        if constexpr (kDot) {
+          attend_bf16_dot<kHeadDim>(shape, q + head * shape.head_dim, k_pool, v_pool, table, positions[t] + 1, kvh,
+                                    scale, scores, weights.data(), out + head * shape.head_dim);
+          continue;
+        }
+#endif
+        attend<T, kHeadDim, kBlockSize>(shape, q + head * shape.head_dim, k_pool, v_pool, table, positions[t] + 1,
+                                        kvh, scale, scores, out + head * shape.head_dim);
       }
     }
   });
