@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt.config import ModelConfig
-from gpt.linear import Linear
+from gpt.linear import Linear, fused_projection
 
 
 class AttentionHook(Protocol):
@@ -83,10 +83,19 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 hook: AttentionHook | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = fused_projection((self.q_proj, self.k_proj, self.v_proj), x)
+        if qkv is not None:
+            # One call for the three projections; queries and keys rotated together.
+            heads = self.n_heads + self.n_kv_heads
+            qk = apply_rope(qkv[..., :heads * self.head_dim].view(b, t, heads, self.head_dim).transpose(1, 2),
+                            cos, sin)
+            q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]
+            v = qkv[..., heads * self.head_dim:].view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        else:
+            q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+            k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = causal_attention(q, k, v) if hook is None else hook(self.layer, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
@@ -99,6 +108,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.d_ff, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = fused_projection((self.gate_proj, self.up_proj), x)
+        if gate_up is not None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
