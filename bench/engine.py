@@ -241,18 +241,20 @@ class ContiguousCache:
 def bare_forward(model: GPT, prompt: list[int], batch: int, new_tokens: int) -> dict[str, float]:
     """The practical limit: prefill a batch of equal prompts, then greedy decode with a
     contiguous cache; no scheduling, no sampling beyond argmax, no bookkeeping."""
+    from server.engine.sampler import argmax_rows   # the engine's greedy pick, so both pay the same
+
     cache = ContiguousCache(model, batch, len(prompt) + new_tokens)
     ids = torch.tensor([prompt] * batch)
     start, cpu_start = time.perf_counter(), time.process_time()
     positions = torch.arange(len(prompt)).expand(batch, -1)
     hidden = model.hidden_states(ids, positions, cache.hook)
     cache.pos = len(prompt)
-    nxt = model.lm_head(hidden[:, -1]).argmax(-1)
+    nxt = argmax_rows(model.lm_head(hidden[:, -1]))
     for _ in range(new_tokens - 1):
         positions = torch.full((batch, 1), cache.pos)
         hidden = model.hidden_states(nxt[:, None], positions, cache.hook)
         cache.pos += 1
-        nxt = model.lm_head(hidden[:, -1]).argmax(-1)
+        nxt = argmax_rows(model.lm_head(hidden[:, -1]))
     return _rates(batch * new_tokens, time.perf_counter() - start, time.process_time() - cpu_start)
 
 

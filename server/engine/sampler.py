@@ -212,6 +212,13 @@ def _filter(scaled: torch.Tensor, t: SamplingTensors, sampled: torch.Tensor) -> 
     return scaled
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest value, the first one on ties (as torch.argmax).
+    `max(dim).indices` is documented to pick the same index and runs ~3x faster on the
+    CPU (128 x 4096 float32, 2 threads: 356 -> 114 us; torch 2.13)."""
+    return torch.max(x, dim=-1).indices
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams] | SamplingTensors,
            seeds: torch.Tensor | Sequence[int] | None = None,
            steps: torch.Tensor | Sequence[int] | None = None,
@@ -257,9 +264,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams] | SamplingTens
         x = x / torch.where(sampled, t.temperature, torch.ones_like(t.temperature))[:, None]
         x = _filter(x, t, sampled)
     if not (t.any_sampled or chosen_logprobs or num_logprobs > 0):
-        return SampleOutput(token_ids=torch.argmax(x, dim=-1), logprobs=x.new_empty(0))
+        return SampleOutput(token_ids=argmax_rows(x), logprobs=x.new_empty(0))
     logp = torch.log_softmax(x, dim=-1)
-    greedy_ids = torch.argmax(logp, dim=-1)
+    greedy_ids = argmax_rows(logp)
     if t.any_sampled:
         if seeds is None:
             seeds = torch.randint(0, 1 << 62, (batch,), dtype=torch.int64)
@@ -269,7 +276,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams] | SamplingTens
         steps_t = torch.as_tensor(steps, dtype=torch.int64).to(device)
         u = uniform_noise(seeds_t, steps_t, vocab)
         gumbel = -torch.log(-torch.log(u))
-        drawn = torch.argmax(logp.double() + gumbel, dim=-1)
+        drawn = argmax_rows(logp.double() + gumbel)
         token_ids = torch.where(sampled, drawn, greedy_ids)
     else:
         token_ids = greedy_ids
