@@ -241,7 +241,7 @@ class ContiguousCache:
 def bare_forward(model: GPT, prompt: list[int], batch: int, new_tokens: int) -> dict[str, float]:
     """The practical limit: prefill a batch of equal prompts, then greedy decode with a
     contiguous cache; no scheduling, no sampling beyond argmax, no bookkeeping."""
-    from server.engine.sampler import argmax_rows   # the engine's greedy pick, so both pay the same
+    from server.engine.sampler import argmax_rows  # the engine's greedy pick, so both pay the same
 
     cache = ContiguousCache(model, batch, len(prompt) + new_tokens)
     ids = torch.tensor([prompt] * batch)

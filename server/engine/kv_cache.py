@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig
-from server.engine.paged_attention import paged_attention
+from server.engine.paged_attention import paged_attention, write_kv
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -157,14 +157,17 @@ class PagedKVCache:
 
     def hook(self, plan: AttentionPlan):
         kvh, hd = self.config.n_kv_heads, self.config.head_dim
-        slot = (plan.slot_mapping // self.block_size, plan.slot_mapping % self.block_size)
+        slot = None if self.in_place else (plan.slot_mapping // self.block_size, plan.slot_mapping % self.block_size)
 
         def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             # q: (1, H, T, D) packed over the step's sequences; k, v: (1, KVH, T, D).
             kc, vc = self.layer_pools(layer)
-            # Both written through views indexed (block, position, kv head, dim).
-            kc.permute(0, 3, 1, 2).index_put_(slot, k[0].transpose(0, 1))
-            vc.permute(0, 2, 1, 3).index_put_(slot, v[0].transpose(0, 1))
+            if self.in_place:
+                write_kv(kc, vc, k[0], v[0], plan.slot_mapping)
+            else:
+                # Both written through views indexed (block, position, kv head, dim).
+                kc.permute(0, 3, 1, 2).index_put_(slot, k[0].transpose(0, 1))
+                vc.permute(0, 2, 1, 3).index_put_(slot, v[0].transpose(0, 1))
             qt = q[0].transpose(0, 1)                                              # (T, H, D)
             n_heads = qt.shape[1]
             out = torch.empty_like(qt, memory_format=torch.contiguous_format)

@@ -109,3 +109,10 @@ def paged_attention(out: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor, v_
     kv_heads, block_size, head_dim)."""
     torch.ops.sol_paged.paged_attention(out, q, k_pool, v_pool, tokens, row_of_token, positions,
                                         block_tables, scale)
+
+
+def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Store new keys and values (kv_heads, tokens, head_dim), any strides, in their pool
+    slots (block * block_size + position), in the pools' layouts (see paged_attention)."""
+    torch.ops.sol_paged.write_kv(k_pool, v_pool, k, v, slots)

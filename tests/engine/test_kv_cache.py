@@ -154,3 +154,27 @@ def test_kernel_equals_attention_over_gathered_keys(head_dim, bs, dtype):
             q[t].float()[:, None], keys.repeat_interleave(3, 0), values.repeat_interleave(3, 0))[:, 0]
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert torch.allclose(out[t].float(), want, atol=tol, rtol=tol), (t, (out[t].float() - want).abs().max())
+
+
+@pytest.mark.skipif(not paged_attention.available(), reason="the paged attention kernel cannot be built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_equals_writing_through_views(dtype):
+    """The kernel's store of a step's keys and values lands where the portable path's
+    index_put_ through permuted views puts them, from strided inputs, and nowhere else."""
+    gen = torch.Generator().manual_seed(7)
+    blocks, kv_heads, head_dim, bs, tokens = 9, 2, 32, 4, 11
+    k_pool = torch.randn(blocks, kv_heads, head_dim, bs, generator=gen).to(dtype)
+    v_pool = torch.randn(blocks, kv_heads, bs, head_dim, generator=gen).to(dtype)
+    # Strided like the model's: (1, kv_heads, tokens, head_dim) views of wider tensors.
+    k = torch.randn(1, tokens, 3 * kv_heads, head_dim, generator=gen).to(dtype)[:, :, kv_heads:2 * kv_heads]
+    v = torch.randn(1, tokens, kv_heads, head_dim, generator=gen).to(dtype)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
+    slots = torch.randperm(blocks * bs, generator=gen)[:tokens]
+    want_k, want_v = k_pool.clone(), v_pool.clone()
+    at = (slots // bs, slots % bs)
+    want_k.permute(0, 3, 1, 2).index_put_(at, k[0].transpose(0, 1))
+    want_v.permute(0, 2, 1, 3).index_put_(at, v[0].transpose(0, 1))
+    paged_attention.write_kv(k_pool, v_pool, k[0], v[0], slots)
+    assert torch.equal(k_pool, want_k) and torch.equal(v_pool, want_v)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        paged_attention.write_kv(k_pool, v_pool, k[0], v[0], slots + blocks * bs)
