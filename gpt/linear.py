@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 _PACKABLE = (torch.float32, torch.bfloat16)
+# The batch size oneDNN tunes a packed layout for; any number of rows is accepted.
+_BATCH_HINT = 64
 _packed: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int, torch.dtype], torch.Tensor]] = (
     weakref.WeakKeyDictionary())
 _support: dict[torch.dtype, bool] = {}
@@ -50,13 +52,13 @@ def _weight_key(w: torch.Tensor) -> tuple[int, int, torch.dtype]:
     return (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype)
 
 
-def _packed_weight(layer: nn.Linear, batch_hint: int) -> torch.Tensor:
+def _packed_weight(layer: nn.Linear) -> torch.Tensor:
     w = layer.weight
     key = _weight_key(w)
     hit = _packed.get(layer)
     if hit is not None and hit[0] == key:
         return hit[1]
-    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _BATCH_HINT)
     _packed[layer] = (key, packed)
     return packed
 
@@ -82,7 +84,7 @@ def fused_projection(layers: tuple[nn.Linear, ...], x: torch.Tensor) -> torch.Te
     hit = _fused.get(first)
     if hit is None or hit[0] != key:
         weight = torch.cat([layer.weight.detach() for layer in layers])
-        hit = (key, torch.ops.mkldnn._reorder_linear_weight(weight, 64))
+        hit = (key, torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT))
         _fused[first] = hit
     return torch.ops.mkldnn._linear_pointwise(x, hit[1], None, "none", [], "")
 
@@ -96,6 +98,5 @@ class Linear(nn.Linear):
             # at 1 x 384 x 1024): its rows come out bit for bit the same whatever the batch
             # (tests/core/test_linear.py), which MKL's fp32 path does not give (it differs at
             # 1, 2, 3, 5 and 9 rows of 384 -> 1024).
-            # The batch hint only tunes the packed layout; any number of rows is accepted.
-            return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(self, 64), self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(self), self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -162,15 +162,18 @@ constexpr int64_t kMaxGroupTile = 4;     // query heads computed together (regis
 
 // Word indices that interleave two rows of 16 bf16 values: output word 2i takes word i of
 // the first row, word 2i+1 word `second + i`. For permutexvar (both rows in one register)
-// the second row starts at word 16; for permutex2var (one row per register) at 32.
-inline __m512i interleave_index(int16_t second) {
-  alignas(64) int16_t idx[32];
-  for (int16_t i = 0; i < 16; ++i) {
-    idx[2 * i] = i;
-    idx[2 * i + 1] = static_cast<int16_t>(second + i);
+// the second row starts at word 16; for permutex2var (one row per register) at 32. Built
+// at compile time, so an item only loads them.
+struct InterleaveIndex {
+  alignas(64) int16_t words[32];
+  constexpr explicit InterleaveIndex(int16_t second) : words{} {
+    for (int16_t i = 0; i < 16; ++i) {
+      words[2 * i] = i;
+      words[2 * i + 1] = static_cast<int16_t>(second + i);
+    }
   }
-  return _mm512_load_si512(idx);
-}
+};
+constexpr InterleaveIndex kRowsInOneRegister(16), kRowsInTwoRegisters(32);
 
 inline __mmask16 tail_mask(int64_t remaining) {
   return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
@@ -203,7 +206,8 @@ void attend_bf16_dot(const Layout& shape, const c10::BFloat16* __restrict__ q,
   constexpr int64_t kPairs = kHeadDim / 2, kChunks = kHeadDim / 16;
   const int64_t group = shape.group, stride = shape.score_stride;
   const int64_t n_blocks = (length + kFastBlock - 1) / kFastBlock;
-  const __m512i rows_idx = interleave_index(16), two_idx = interleave_index(32);
+  const __m512i rows_idx = _mm512_load_si512(kRowsInOneRegister.words);
+  const __m512i two_idx = _mm512_load_si512(kRowsInTwoRegisters.words);
   const __m512 vscale = _mm512_set1_ps(scale);
   const uint16_t* qbits = reinterpret_cast<const uint16_t*>(q);
 
