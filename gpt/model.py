@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt import fused_ops
 from gpt.config import ModelConfig
 from gpt.linear import Linear, fused_projection
 
@@ -38,6 +39,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ops.applies(x) and self.weight.dtype == x.dtype:
+            return fused_ops.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 as Llama does, so bf16 activations keep their scale.
         dtype = x.dtype
         x32 = x.float()
@@ -84,9 +87,17 @@ class Attention(nn.Module):
                 hook: AttentionHook | None) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = fused_projection((self.q_proj, self.k_proj, self.v_proj), x)
-        if qkv is not None:
+        heads = self.n_heads + self.n_kv_heads
+        if qkv is not None and fused_ops.applies(qkv):
+            # Queries and keys rotated in place in the projection's output, by one kernel.
+            fused_ops.rope_(qkv.view(b * t, -1), cos.reshape(b * t, -1), sin.reshape(b * t, -1), heads,
+                            self.head_dim)
+            q = qkv[..., :self.n_heads * self.head_dim].view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+            k = (qkv[..., self.n_heads * self.head_dim:heads * self.head_dim]
+                 .view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2))
+            v = qkv[..., heads * self.head_dim:].view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        elif qkv is not None:
             # One call for the three projections; queries and keys rotated together.
-            heads = self.n_heads + self.n_kv_heads
             qk = apply_rope(qkv[..., :heads * self.head_dim].view(b, t, heads, self.head_dim).transpose(1, 2),
                             cos, sin)
             q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]
@@ -109,6 +120,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = fused_projection((self.gate_proj, self.up_proj), x)
+        if gate_up is not None and fused_ops.applies(gate_up):
+            return self.down_proj(fused_ops.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1) if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(F.silu(gate) * up)
 

@@ -23,11 +23,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def pytest_sessionstart(session):
-    # Build (or load) the engine's CPU attention kernel before any test, or any server
-    # subprocess a test starts, makes an engine and waits for the build inside its deadline.
-    from server.engine.paged_attention import available
+    # Build (or load) the CPU kernels before any test, or any server subprocess a test
+    # starts, makes an engine and waits for the build inside its deadline.
+    from gpt import fused_ops
+    from server.engine import paged_attention
 
-    available()
+    paged_attention.available()
+    fused_ops.available()
 
 
 @pytest.fixture(scope="session")

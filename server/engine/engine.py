@@ -22,6 +22,7 @@ from collections import deque
 
 import torch
 
+from gpt import fused_ops
 from gpt.allocator import keep_freed_memory
 from gpt.model import GPT
 from gpt.openmp import release_thread_pool
@@ -79,6 +80,10 @@ class Engine:
         self.vocab_size = mc.vocab_size
         num_blocks = kv_pool_blocks(mc, config, self.dtype)
         in_place = use_in_place(config.attention, self.device, config.kernel_arch)
+        if self.device.type == "cpu":
+            # The model's fused elementwise kernels, built for the same target as attention's
+            # (the model would otherwise build them for this machine on its first forward).
+            fused_ops.available(config.kernel_arch)
         log.debug("attention over the KV pool: %s", "in-place kernel" if in_place else "gathered copies + SDPA")
         self.cache = PagedKVCache(mc, num_blocks, config.block_size, self.device, self.dtype, in_place=in_place)
         self.blocks = BlockManager(num_blocks, config.block_size)

@@ -2,83 +2,28 @@
 
 The portable path gathers each sequence's blocks into padded copies in every layer and
 runs scaled-dot-product attention on them; on the CPU that gather was a third of a decode
-step. This kernel walks the block tables instead. It is compiled on first use with
-PyTorch's extension builder (a C++ compiler and `ninja`, about 30 s, then cached under
-`$TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); where it cannot be built the
-engine keeps the portable path and says so once in the log. CUDA always takes the
-portable path (SDPA).
-
-It is compiled for the machine it runs on (`-march=native`, EngineConfig.kernel_arch).
-An image built on one machine and run on others prebuilds it for a common target (e.g.
-`x86-64-v3`; `sol serve --kernel-arch`, env SOL_KERNEL_ARCH; deploy/docker/Dockerfile
-does).
+step. This kernel walks the block tables instead. It is compiled on first use, for the
+machine it runs on or EngineConfig.kernel_arch (gpt/cpp_extension.py); where it cannot be
+built the engine keeps the portable path and says so once in the log. CUDA always takes
+the portable path (SDPA).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import threading
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from gpt.cpp_extension import KernelLibrary
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
-
-
-def cflags(arch: str = "native") -> list[str]:
-    # -march=native: the kernel's loops vectorise to the machine's widest units (AVX-512
-    # where present); a native build's name carries the CPU's flags, so a cache shared
-    # between different machines never loads one built for another.
-    # -fopenmp: at::parallel_for is a header template whose OpenMP pragma is compiled into
-    # the kernel itself; without the flag it ran every item on the calling thread (2.52 ms
-    # a layer at 2 threads against 2.58 at 1, `small`, 64 decodes).
-    return ["-O3", f"-march={arch}", "-fopenmp"]
-
-
-# Links libgomp.so.1, which resolves to the copy torch has already loaded (the same
-# soname), so the kernel and torch's ops share one OpenMP runtime and its thread pools.
-LDFLAGS = ["-fopenmp"]
-
-_lock = threading.Lock()
-_state: dict[str, bool] = {}
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
+_LIBRARY = KernelLibrary("sol_paged_attention", SOURCE, "sol_paged", "paged_attention")
 
 
 def available(arch: str = "native") -> bool:
     """Build or load the kernel once per process (for the first `arch` asked); False,
     logged once, if that fails."""
-    with _lock:
-        if "ok" not in _state:
-            _state["ok"] = _load(arch)
-        return _state["ok"]
-
-
-def _load(arch: str) -> bool:
-    try:
-        from torch.utils.cpp_extension import load
-
-        flags = cflags(arch)
-        # A native build is this CPU's; one for a named target (an image's) serves any.
-        machine = _cpu_flags() if arch == "native" else ""
-        tag = hashlib.sha256((machine + " ".join(flags + LDFLAGS)).encode()).hexdigest()[:10]
-        load(name=f"sol_paged_attention_{tag}", sources=[str(SOURCE)], extra_cflags=flags,
-             extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
-        return hasattr(torch.ops.sol_paged, "paged_attention")
-    except Exception as exc:  # no compiler, no ninja, a read-only cache: keep serving
-        log.warning("the paged attention kernel could not be built (%s); using the gather path", exc)
-        return False
+    return _LIBRARY.available(arch)
 
 
 ATTENTION_CHOICES = ("auto", "in-place", "gather")

@@ -18,6 +18,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "scalar_math.h"  // gpt/csrc: to_float, exp_nonpositive
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define SOL_BF16_DOT 1
@@ -34,38 +36,8 @@
 
 namespace {
 
-template <typename T>
-inline float to_float(T x) { return static_cast<float>(x); }
-
-// bf16 is the top half of a float32: a shift the compiler vectorises (c10's conversion
-// operator does the same through a call it does not always inline inside a simd loop).
-template <>
-inline float to_float(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
-}
-
-// exp(x) for x <= 0 (scores minus their maximum), written so the compiler vectorises it:
-// 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6 polynomial (relative
-// error ~2e-7, below float32's own rounding at this scale). std::exp is a scalar call.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);                     // below this, exp underflows to 0 anyway
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+using sol::exp_nonpositive;
+using sol::to_float;
 
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kMaxBlockSize = 64;
