@@ -12,8 +12,10 @@ own length. The same code runs on CPU and CUDA.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,36 +70,44 @@ class AttentionPlan:
 def plan_attention(rows: list[RowSpec], block_size: int, device: torch.device,
                    dtype: torch.dtype = torch.float32, in_place: bool = False) -> AttentionPlan:
     """Index tensors for one step, built once and shared by every layer. `in_place`: the
-    rows with cached context go to the paged kernel instead of gathered groups."""
-    q_lens = torch.tensor([r.q_len for r in rows], dtype=torch.int64)
-    starts = torch.tensor([r.start for r in rows], dtype=torch.int64)
-    offsets = torch.cumsum(q_lens, 0) - q_lens
-    max_blocks = max(len(r.block_table) for r in rows)
-    tables = torch.tensor([r.block_table + [0] * (max_blocks - len(r.block_table)) for r in rows],
-                          dtype=torch.int64)
+    rows with cached context go to the paged kernel instead of gathered groups.
+
+    The per-token indices are computed in numpy and handed to torch without a copy: as
+    some forty small torch ops they took ~0.4 ms of a 64-sequence decode step (dispatch,
+    not arithmetic); numpy does each in one C loop."""
+    num_rows = len(rows)
+    q_lens = np.fromiter((r.q_len for r in rows), dtype=np.int64, count=num_rows)
+    starts = np.fromiter((r.start for r in rows), dtype=np.int64, count=num_rows)
+    table_lens = np.fromiter((len(r.block_table) for r in rows), dtype=np.int64, count=num_rows)
+    offsets = np.cumsum(q_lens) - q_lens
+    max_blocks = int(table_lens.max())
+    tables = np.zeros((num_rows, max_blocks), dtype=np.int64)
+    tables[np.arange(max_blocks)[None, :] < table_lens[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(r.block_table for r in rows), dtype=np.int64, count=int(table_lens.sum()))
     num_tokens = int(q_lens.sum())
-    row_of_token = torch.repeat_interleave(torch.arange(len(rows)), q_lens)
-    pos = starts[row_of_token] + torch.arange(num_tokens) - offsets[row_of_token]
+    row_of_token = np.repeat(np.arange(num_rows), q_lens)
+    pos = starts[row_of_token] + np.arange(num_tokens) - offsets[row_of_token]
     slots = tables[row_of_token, pos // block_size] * block_size + pos % block_size
 
-    groups = []
-    is_decode = q_lens == 1
-    fresh = ~is_decode & (starts == 0)
     # A prompt computed from its first token attends only to its own new keys: it gets a
     # causal kernel of its own, with no gather and no padding to its batch mates' lengths.
+    is_decode = q_lens == 1
+    fresh = ~is_decode & (starts == 0)
     paged = None
+    tables_t = torch.from_numpy(tables)
     if in_place:
         members_list = []
-        if not bool(fresh.all()):
-            paged = PagedTokens(tokens=torch.nonzero(~fresh[row_of_token]).flatten(), row_of_token=row_of_token,
-                                block_tables=tables)
+        if not fresh.all():
+            paged = PagedTokens(tokens=torch.from_numpy(np.flatnonzero(~fresh[row_of_token])),
+                                row_of_token=torch.from_numpy(row_of_token), block_tables=tables_t)
     else:
-        members_list = [torch.nonzero(is_decode).flatten(), torch.nonzero(~is_decode & ~fresh).flatten()]
-    members_list += [m.view(1) for m in torch.nonzero(fresh).flatten()]
-    for members in members_list:
-        if members.numel():
-            groups.append(_group(members, q_lens, starts, offsets, tables, block_size, device, dtype))
-    return AttentionPlan(slot_mapping=slots.to(device), positions=pos.to(device), groups=groups, paged=paged)
+        members_list = [np.flatnonzero(is_decode), np.flatnonzero(~is_decode & ~fresh)]
+    members_list += [np.array([i]) for i in np.flatnonzero(fresh)]
+    q_lens_t, starts_t, offsets_t = (torch.from_numpy(a) for a in (q_lens, starts, offsets))
+    groups = [_group(torch.from_numpy(members), q_lens_t, starts_t, offsets_t, tables_t, block_size, device, dtype)
+              for members in members_list if len(members)]
+    return AttentionPlan(slot_mapping=torch.from_numpy(slots).to(device), positions=torch.from_numpy(pos).to(device),
+                         groups=groups, paged=paged)
 
 
 def _group(members: torch.Tensor, q_lens: torch.Tensor, starts: torch.Tensor, offsets: torch.Tensor,
