@@ -156,8 +156,8 @@ class ServerConfig:
     max_num_batched_tokens: int | None = setting(None, parse=int, help="tokens per engine step (the prefill "
                                                  "chunk bound)", default_text="512")
     kernel_arch: str = setting("native", env="SOL_KERNEL_ARCH",
-                               help="-march of the CPU attention kernel built on first use (an image run on "
-                                    "other machines prebuilds it for a common target such as x86-64-v3)")
+                               help="-march of the CPU kernels built on first use (an image run on other "
+                                    "machines prebuilds them for a common target such as x86-64-v3)")
     # Pricing default for models without a price, and the cached prompt token discount.
     cached_discount: float = setting(0.5, help="price discount of cached prompt tokens for models without a "
                                                "SetPrice")
