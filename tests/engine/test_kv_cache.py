@@ -21,15 +21,19 @@ class _Seq:
         self.blocks = blocks
 
 
-IN_PLACE = pytest.param(True, id="in-place", marks=pytest.mark.skipif(
-    not paged_attention.available(), reason="the paged attention kernel cannot be built here"))
+NEEDS_KERNEL = pytest.mark.skipif(not paged_attention.available(), reason="the paged attention kernel cannot be built here")
+# (in_place, kernel_prompt_max): the kernel computing fresh prompts too, or leaving every
+# fresh prompt to its own SDPA call; the gather path.
+PATHS = [pytest.param(True, 128, id="in-place", marks=NEEDS_KERNEL),
+         pytest.param(True, 0, id="in-place-sdpa-prompts", marks=NEEDS_KERNEL),
+         pytest.param(False, 128, id="gather")]
 
 
-@pytest.mark.parametrize("in_place", [IN_PLACE, pytest.param(False, id="gather")])
+@pytest.mark.parametrize(("in_place", "kernel_prompt_max"), PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bs", [4, 16])     # 16 with this head size: the kernel's compiled shape
 @torch.inference_mode()
-def test_paged_attention_matches_full_forward(model, prompts, in_place, dtype, bs):
+def test_paged_attention_matches_full_forward(model, prompts, in_place, kernel_prompt_max, dtype, bs):
     model = model.to(dtype)
     lengths = [len(p) for p in prompts]
     seqs = []
@@ -56,7 +60,7 @@ def test_paged_attention_matches_full_forward(model, prompts, in_place, dtype, b
             ids += s.tokens[s.done:s.done + n]
             owners += [(seqs.index(s), s.done + j) for j in range(n)]
             s.done += n
-        plan = plan_attention(rows, bs, torch.device("cpu"), dtype, in_place)
+        plan = plan_attention(rows, bs, torch.device("cpu"), dtype, in_place, kernel_prompt_max)
         logits = model(torch.tensor([ids]), plan.positions[None], cache.hook(plan))[0]
         for t, (si, pos) in enumerate(owners):
             got[si][pos] = logits[t]
