@@ -29,6 +29,9 @@ class EngineConfig:
     # use) else gathered copies + SDPA; "in-place" or "gather" to insist on one.
     attention: str = "auto"
     kernel_arch: str = "native"            # the kernel's -march (a common target for images)
+    # Intra-op (OpenMP) threads of the stepping thread on the CPU; 0 = the process's
+    # setting. A server leaves a core to its event loop (server.config.engine_threads).
+    threads: int = 0
     device: str | None = None              # default: gpt.device.default_device()
     dtype: torch.dtype | None = None       # default: bf16 on CUDA, fp32 on CPU
 

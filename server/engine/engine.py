@@ -237,6 +237,9 @@ class Engine:
                 self._resume_now(*payload)  # type: ignore[misc]
 
     def _loop(self) -> None:
+        if self.config.threads > 0 and self.device.type == "cpu":
+            # The stepping thread's own OpenMP team size (a per-thread setting in libgomp).
+            torch.set_num_threads(self.config.threads)
         while True:
             with self._cond:
                 while not self._inbox and not self._stopping and not self.scheduler.has_work():

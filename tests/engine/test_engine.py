@@ -46,6 +46,22 @@ def test_greedy_equals_full_recomputation_across_blocks(model, prompts, make_eng
     engine.blocks.check_whole()
 
 
+def test_stepping_thread_runs_its_own_thread_count(model, prompts, make_engine, monkeypatch):
+    """EngineConfig.threads sizes the stepping thread's OpenMP team only (a server leaves
+    a core to its event loop); the output is the same."""
+    from server.engine.engine import Engine
+
+    seen: list[int] = []
+    step = Engine.step
+    monkeypatch.setattr(Engine, "step", lambda self: (seen.append(torch.get_num_threads()), step(self))[1])
+    before = torch.get_num_threads()
+    engine = make_engine(model, block_size=4, num_blocks=64, threads=1)
+    out = collect(submit(engine, "r0", prompts[0]), prompts[0], 1)
+    assert out.token_ids == reference_greedy(model, prompts[0], GREEDY.max_tokens)
+    assert set(seen) == {1}
+    assert torch.get_num_threads() == before
+
+
 def test_batched_equals_unbatched_with_joins_and_leaves(model, prompts, make_engine):
     alone = make_engine(model, block_size=4, num_blocks=256, max_num_seqs=1)
     expected = [collect(submit(alone, f"a{i}", p), p, 1).token_ids for i, p in enumerate(prompts)]
