@@ -67,7 +67,7 @@ class App:
         self.config = config
         self.engine_factory = engine_factory or default_engine_factory(
             EngineConfig(device=config.device, num_blocks=config.kv_blocks, kernel_arch=config.kernel_arch,
-                         threads=config.engine_threads or max(1, torch.get_num_threads() - 1),
+                         threads=config.engine_threads or 0,
                          dtype=getattr(torch, config.dtype) if config.dtype else None,
                          **{name: value for name in ("max_waiting", "max_num_seqs", "max_num_batched_tokens")
                             if (value := getattr(config, name))}))

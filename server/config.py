@@ -157,14 +157,13 @@ class ServerConfig:
                                                  "chunk bound)", default_text="512")
     # On a few cores the event loop (gRPC, HTTP, output processing: ~0.5 of a core under
     # 32 streaming clients) and a stepping thread whose OpenMP team spans every core take
-    # turns on the same cores, and each op of the team waits for its descheduled member.
-    # Measured with `sol bench vs-vllm --mode online` (`small`, 2 cores, 32 clients):
-    # bf16 uniform 1749 -> 2506 tok/s and mixed 1505-1559 -> 1819-2275 with one core left
-    # to the loop; fp32 (more compute per token) within noise (1276/1258 -> 1229/1222).
+    # turns on the same cores. Leaving the loop a core was measured and is not the default:
+    # `small`, 2 cores, 32 streaming clients, alternating runs of the vs-vllm online
+    # workloads, team of 2 vs 1: fp32 uniform 1448/1304 vs 966/821 tok/s, mixed 976/1105
+    # vs 869/863; bf16 uniform 1440/1699 vs 1270/1357, mixed 1430/1507 vs 1383/1318.
     engine_threads: int | None = setting(None, parse=int, env="SOL_ENGINE_THREADS",
                                          help="intra-op threads of each model's stepping thread on the CPU",
-                                         default_text="torch's thread count minus one (at least 1): a core "
-                                                      "for the event loop")
+                                         default_text="torch's thread count (OMP_NUM_THREADS)")
     kernel_arch: str = setting("native", env="SOL_KERNEL_ARCH",
                                help="-march of the CPU kernels built on first use (an image run on other "
                                     "machines prebuilds them for a common target such as x86-64-v3)")

@@ -30,7 +30,7 @@ class EngineConfig:
     attention: str = "auto"
     kernel_arch: str = "native"            # the kernel's -march (a common target for images)
     # Intra-op (OpenMP) threads of the stepping thread on the CPU; 0 = the process's
-    # setting. A server leaves a core to its event loop (server.config.engine_threads).
+    # setting (server.config.engine_threads).
     threads: int = 0
     device: str | None = None              # default: gpt.device.default_device()
     dtype: torch.dtype | None = None       # default: bf16 on CUDA, fp32 on CPU
