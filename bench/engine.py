@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.model import GPT
+from gpt.openmp import release_thread_pool
 from gpt.tokenizer import SolTokenizer
 
 TARGETS = {
@@ -433,6 +434,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         for _ in range(BARE_ROUNDS):
             bare_runs.append(bare_forward(model, prompt, n, uniform_new))
+            # The bare loop made this thread an OpenMP team again; with two teams on the
+            # cores libgomp puts idle workers to sleep and every op of the engine's team pays
+            # a wake-up (gpt/openmp.py). A server's loading thread gives its team back too.
+            release_thread_pool()
             engine_runs.append(run_engine(engine, [Work(list(prompt), uniform_new) for _ in range(n)]))
     finally:
         engine.shutdown()
