@@ -87,19 +87,17 @@ class Attention(nn.Module):
                 hook: AttentionHook | None) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = fused_projection((self.q_proj, self.k_proj, self.v_proj), x)
-        heads = self.n_heads + self.n_kv_heads
-        if qkv is not None and fused_ops.applies(qkv):
-            # Queries and keys rotated in place in the projection's output, by one kernel.
-            fused_ops.rope_(qkv.view(b * t, -1), cos.reshape(b * t, -1), sin.reshape(b * t, -1), heads,
-                            self.head_dim)
-            q = qkv[..., :self.n_heads * self.head_dim].view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = (qkv[..., self.n_heads * self.head_dim:heads * self.head_dim]
-                 .view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2))
-            v = qkv[..., heads * self.head_dim:].view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        elif qkv is not None:
+        if qkv is not None:
             # One call for the three projections; queries and keys rotated together.
-            qk = apply_rope(qkv[..., :heads * self.head_dim].view(b, t, heads, self.head_dim).transpose(1, 2),
-                            cos, sin)
+            heads = self.n_heads + self.n_kv_heads
+            if fused_ops.applies(qkv):
+                # In place in the projection's output, by one kernel.
+                fused_ops.rope_(qkv.view(b * t, -1), cos.reshape(b * t, -1), sin.reshape(b * t, -1), heads,
+                                self.head_dim)
+                qk = qkv[..., :heads * self.head_dim].view(b, t, heads, self.head_dim).transpose(1, 2)
+            else:
+                qk = apply_rope(qkv[..., :heads * self.head_dim].view(b, t, heads, self.head_dim).transpose(1, 2),
+                                cos, sin)
             q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]
             v = qkv[..., heads * self.head_dim:].view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         else:

@@ -103,11 +103,10 @@ def plan_attention(rows: list[RowSpec], block_size: int, device: torch.device,
     # pass over the step's tokens than in an SDPA call (and its index tensors) of its own.
     is_decode = q_lens == 1
     fresh = ~is_decode & (starts == 0)
-    if in_place:
-        fresh &= q_lens > kernel_prompt_max
     paged = None
     tables_t = torch.from_numpy(tables)
     if in_place:
+        fresh &= q_lens > kernel_prompt_max
         members_list = []
         if not fresh.all():
             paged = PagedTokens(tokens=torch.from_numpy(np.flatnonzero(~fresh[row_of_token])),

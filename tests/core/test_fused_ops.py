@@ -12,7 +12,7 @@ from gpt import fused_ops
 from gpt.config import preset
 from gpt.model import GPT, RMSNorm, RotaryEmbedding, apply_rope
 
-pytestmark = pytest.mark.skipif(not fused_ops.available(), reason="the fused kernels cannot be built here")
+pytestmark = pytest.mark.skipif(not fused_ops.available(), reason="needs a C++ compiler and ninja to build the fused kernels")
 
 DTYPES = [torch.float32, torch.bfloat16]
 

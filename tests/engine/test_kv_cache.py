@@ -21,7 +21,7 @@ class _Seq:
         self.blocks = blocks
 
 
-NEEDS_KERNEL = pytest.mark.skipif(not paged_attention.available(), reason="the paged attention kernel cannot be built here")
+NEEDS_KERNEL = pytest.mark.skipif(not paged_attention.available(), reason="needs a C++ compiler and ninja to build the paged attention kernel")
 # (in_place, kernel_prompt_max): the kernel computing fresh prompts too, or leaving every
 # fresh prompt to its own SDPA call; the gather path.
 PATHS = [pytest.param(True, 128, id="in-place", marks=NEEDS_KERNEL),
@@ -125,7 +125,7 @@ def test_prefix_hit_verifies_tokens_not_only_hashes(monkeypatch):
     assert bm.allocate(b) == 0
 
 
-@pytest.mark.skipif(not paged_attention.available(), reason="the paged attention kernel cannot be built here")
+@NEEDS_KERNEL
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])     # 32/64/128 at block 16: compiled shapes
 @pytest.mark.parametrize("bs", [4, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -160,7 +160,7 @@ def test_kernel_equals_attention_over_gathered_keys(head_dim, bs, dtype):
         assert torch.allclose(out[t].float(), want, atol=tol, rtol=tol), (t, (out[t].float() - want).abs().max())
 
 
-@pytest.mark.skipif(not paged_attention.available(), reason="the paged attention kernel cannot be built here")
+@NEEDS_KERNEL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_kv_equals_writing_through_views(dtype):
     """The kernel's store of a step's keys and values lands where the portable path's
