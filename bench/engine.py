@@ -4,8 +4,9 @@ same weights and prompts, reported as ratios.
   continuous batching  32 closed-loop clients (each sends its next request when the last
                        one ends) with mixed prompt and output lengths vs one request at a time
   vs transformers      HF `generate` on the exported weights, padded batches, greedy
-  vs bare forward      a batched forward loop with a contiguous KV cache (no scheduler,
-                       sampler or bookkeeping): the practical limit
+  vs bare forward      the engine's forward (same packing, KV pool and attention) in a
+                       plain loop, plans prebuilt, no scheduler, sampler or bookkeeping:
+                       the practical limit
   prefix cache         time to first token with a warm vs cold 512-token system prompt
   KV capacity          sequences that fit a KV budget: paged blocks vs contiguous
                        max-length reservation
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from gpt.model import GPT
 from gpt.openmp import release_thread_pool
@@ -170,6 +170,7 @@ def _rates(tokens: int, seconds: float, cpu_seconds: float) -> dict[str, float]:
 def throughput_sweep(model: GPT, tokenizer: SolTokenizer, work: list[Work], levels: list[int],
                      per_level: dict[int, int]) -> list[dict[str, float]]:
     rows = []
+    release_thread_pool()   # the engines' teams are then the only ones (see the bare loop's rounds)
     for c in levels:
         subset = work[:per_level.get(c, len(work))]
         engine = _engine(model, tokenizer, max_num_seqs=c, num_blocks=_blocks_for(work, 16) + 16)
@@ -222,44 +223,45 @@ def hf_generate(model: GPT, tokenizer: SolTokenizer, work: list[Work], batch_siz
             "tokens_generated_incl_padding": produced}
 
 
-class ContiguousCache:
-    """The baseline's KV cache: one (batch, kv_heads, max_len, head_dim) tensor per layer,
-    all rows the same length, written in place."""
-
-    def __init__(self, model: GPT, batch: int, max_len: int) -> None:
-        c = model.config
-        self.k = torch.zeros(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=_dtype(model))
-        self.v = torch.zeros_like(self.k)
-        self.pos = 0
-
-    def hook(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        t = q.shape[2]
-        end = self.pos + t
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-        return F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, enable_gqa=True)
-
-
 @torch.inference_mode()
-def bare_forward(model: GPT, prompt: list[int], batch: int, new_tokens: int) -> dict[str, float]:
-    """The practical limit: prefill a batch of equal prompts, then greedy decode with a
-    contiguous cache; no scheduling, no sampling beyond argmax, no bookkeeping."""
+def bare_forward(model: GPT, prompt: list[int], batch: int, new_tokens: int,
+                 keep_tokens: bool = False) -> dict[str, Any]:
+    """The practical limit: the engine's own forward (tokens packed into one row, the paged
+    KV pool and the attention it would use) over a batch of equal prompts, then greedy
+    decode, with every step's attention plan built before the clock starts. No scheduler,
+    no sampler beyond argmax, no streams or bookkeeping: what is left between this and the
+    engine is the engine's overhead. (A contiguous cache with SDPA instead measured the
+    attention kernels, not the overhead: bf16 SDPA over a GQA cache took 40 ms per
+    64-sequence decode step where the paged kernel took 10, on an AVX-512 CPU without AMX.)
+    `keep_tokens` adds the generated ids (batch lists) to the result."""
+    from server.engine.kv_cache import PagedKVCache, RowSpec, plan_attention
+    from server.engine.paged_attention import use_in_place
     from server.engine.sampler import argmax_rows  # the engine's greedy pick, so both pay the same
 
-    cache = ContiguousCache(model, batch, len(prompt) + new_tokens)
-    ids = torch.tensor([prompt] * batch)
+    block_size = 16
+    per_row = -(-(len(prompt) + new_tokens) // block_size)
+    device = torch.device("cpu")
+    in_place = use_in_place(ENGINE_SETTINGS.get("attention", "auto"), device)
+    cache = PagedKVCache(model.config, batch * per_row, block_size, device, _dtype(model), in_place=in_place)
+    tables = [list(range(r * per_row, (r + 1) * per_row)) for r in range(batch)]
+    plans = [plan_attention([RowSpec(0, len(prompt), t) for t in tables], block_size, device, _dtype(model),
+                            in_place)]
+    plans += [plan_attention([RowSpec(len(prompt) + i, 1, t) for t in tables], block_size, device, _dtype(model),
+                             in_place) for i in range(new_tokens - 1)]
+    last = torch.arange(1, batch + 1) * len(prompt) - 1        # each prompt's last packed token
+    ids = torch.tensor(prompt * batch)[None]
+    out: list[torch.Tensor] = []
     start, cpu_start = time.perf_counter(), time.process_time()
-    positions = torch.arange(len(prompt)).expand(batch, -1)
-    hidden = model.hidden_states(ids, positions, cache.hook)
-    cache.pos = len(prompt)
-    nxt = argmax_rows(model.lm_head(hidden[:, -1]))
-    for _ in range(new_tokens - 1):
-        positions = torch.full((batch, 1), cache.pos)
-        hidden = model.hidden_states(nxt[:, None], positions, cache.hook)
-        cache.pos += 1
-        nxt = argmax_rows(model.lm_head(hidden[:, -1]))
-    return _rates(batch * new_tokens, time.perf_counter() - start, time.process_time() - cpu_start)
+    for i, plan in enumerate(plans):
+        hidden = model.hidden_states(ids, plan.positions[None], cache.hook(plan))
+        nxt = argmax_rows(model.lm_head(hidden[0, last] if i == 0 else hidden[0]).float())
+        ids = nxt[None]
+        if keep_tokens:
+            out.append(nxt)
+    result: dict[str, Any] = _rates(batch * new_tokens, time.perf_counter() - start, time.process_time() - cpu_start)
+    if keep_tokens:
+        result["token_ids"] = torch.stack(out, 1).tolist()
+    return result
 
 
 def prefix_ttft(model: GPT, tokenizer: SolTokenizer, stream: list[int], repeats: int) -> dict[str, float]:
@@ -428,19 +430,22 @@ def run(args: argparse.Namespace) -> int:
     # Alternating rounds, best of each: on a shared machine other work only ever slows a
     # run down (one run of each moved the ratio by +-15% here), and alternating keeps a
     # slow stretch of the machine from landing on one side only.
-    engine = _engine(model, tokenizer, max_num_seqs=n, max_num_batched_tokens=max(512, n * uniform_prompt),
-                     enable_prefix_caching=False)
     bare_runs, engine_runs = [], []
-    try:
-        for _ in range(BARE_ROUNDS):
-            bare_runs.append(bare_forward(model, prompt, n, uniform_new))
-            # The bare loop made this thread an OpenMP team again; with two teams on the
-            # cores libgomp puts idle workers to sleep and every op of the engine's team pays
-            # a wake-up (gpt/openmp.py). A server's loading thread gives its team back too.
-            release_thread_pool()
+    for _ in range(BARE_ROUNDS):
+        bare_runs.append(bare_forward(model, prompt, n, uniform_new))
+        # One OpenMP team on the cores at a time: with a second team alive (the main
+        # thread's after the bare loop, or an idle engine thread's during it) libgomp has
+        # more threads than cores and puts idle workers to sleep, so every op pays a
+        # wake-up (gpt/openmp.py; the bare loop ran 40% slower beside an idle engine). The
+        # main thread gives its team back, as a server's loading thread does, and each
+        # round's engine (and its thread's team) is gone before the next bare round.
+        release_thread_pool()
+        engine = _engine(model, tokenizer, max_num_seqs=n, max_num_batched_tokens=max(512, n * uniform_prompt),
+                         enable_prefix_caching=False)
+        try:
             engine_runs.append(run_engine(engine, [Work(list(prompt), uniform_new) for _ in range(n)]))
-    finally:
-        engine.shutdown()
+        finally:
+            engine.shutdown()
     bare = max(bare_runs, key=lambda r: r[rate])
     bare["batch"] = n
     same = max(engine_runs, key=lambda r: r[rate])
@@ -449,6 +454,7 @@ def run(args: argparse.Namespace) -> int:
     result.ratios["engine_vs_bare_forward"] = same[rate] / bare[rate]
 
     print("prefix cache time to first token...", flush=True)
+    release_thread_pool()
     ttft = prefix_ttft(model, tokenizer, stream, repeats=3 if quick else 5)
     result.measurements["prefix_cache"] = ttft
     result.ratios["prefix_ttft_warm_over_cold"] = ttft["warm_ttft_s"] / ttft["cold_ttft_s"]
