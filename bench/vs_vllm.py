@@ -255,8 +255,9 @@ def _sol_offline_child(ckpt_path: str, dtype: str, threads: int, max_num_seqs: i
 
     def run(requests: list[list[Any]]) -> dict[str, Any]:
         start = time.perf_counter()
-        streams = [engine.submit(EngineRequest(f"r{next(counter)}", ids, SamplingParams(
-            temperature=0.0, max_tokens=new, ignore_eos=True))) for ids, new in requests]
+        # Together, as LLM.generate adds every request before its first step.
+        streams = engine.submit_many([EngineRequest(f"r{next(counter)}", ids, SamplingParams(
+            temperature=0.0, max_tokens=new, ignore_eos=True)) for ids, new in requests])
         events = [list(s) for s in streams]   # each blocks until its request is done
         wall = time.perf_counter() - start
         rows = []

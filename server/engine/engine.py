@@ -118,21 +118,36 @@ class Engine:
         service's to validate; the engine refuses only what it alone can judge: ValueError
         for a prompt its model cannot read, RequestRejected when the request can never fit,
         EngineOverloaded when the queue is full."""
-        self._check(request)
-        bound = request.max_buffered_tokens * request.params.n if request.max_buffered_tokens else None
-        stream = RequestStream(request.request_id, self.abort, bound, self.resume)
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: list[EngineRequest]) -> list[RequestStream]:
+        """Queue requests together, all or none (refused as `submit` refuses): the next
+        step sees every one of them. Submitted one by one, a stepping thread woken by the
+        first may start a step with only the first few, and the rest wait a whole prefill
+        for theirs."""
+        for request in requests:
+            self._check(request)
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("request ids must differ within one submission")
+        streams = [RequestStream(r.request_id, self.abort,
+                                 r.max_buffered_tokens * r.params.n if r.max_buffered_tokens else None, self.resume)
+                   for r in requests]
         with self._cond:
             if self._stopping:
                 raise EngineOverloaded("the engine is shutting down")
-            if request.request_id in self._streams:
-                raise ValueError(f"request id {request.request_id!r} is already in flight")
-            if self._num_waiting_hint >= self.config.max_waiting:
+            for request_id in ids:
+                if request_id in self._streams:
+                    raise ValueError(f"request id {request_id!r} is already in flight")
+            if self._num_waiting_hint + len(requests) > self.config.max_waiting:
                 raise EngineOverloaded(f"{self._num_waiting_hint} requests are waiting; retry later")
-            self._num_waiting_hint += 1
-            self._streams[request.request_id] = stream
-            self._inbox.append(("submit", (request, time.monotonic())))
+            self._num_waiting_hint += len(requests)
+            now = time.monotonic()
+            for request, stream in zip(requests, streams, strict=True):
+                self._streams[request.request_id] = stream
+                self._inbox.append(("submit", (request, now)))
             self._cond.notify()
-        return stream
+        return streams
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Stop a request, or one choice of it; blocks are freed before the next step."""

@@ -125,10 +125,11 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]],
     for start in range(0, len(prompts), chunk):
         batch = [(list(p), sp) for p, sp in zip(prompts[start:start + chunk], per_prompt[start:start + chunk],
                                                  strict=True)]
-        streams = [engine.submit(EngineRequest(request_id=f"gen-{uuid.uuid4().hex[:16]}", prompt_ids=p,
-                                               params=sp, eos_token_ids=list(eos_token_ids),
-                                               grammar=_compiled(sp, grammars)))
-                   for p, sp in batch]
+        # Together, so that a threaded engine's first step sees the whole batch.
+        streams = engine.submit_many([EngineRequest(request_id=f"gen-{uuid.uuid4().hex[:16]}", prompt_ids=p,
+                                                    params=sp, eos_token_ids=list(eos_token_ids),
+                                                    grammar=_compiled(sp, grammars))
+                                      for p, sp in batch])
         if synchronous:
             engine.run_until_idle()
         outputs += [collect(s, p, sp.n) for s, (p, sp) in zip(streams, batch, strict=True)]

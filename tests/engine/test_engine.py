@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 import torch
@@ -329,6 +330,42 @@ def test_full_queue_raises_overloaded_and_engine_leaves_callers_model_alone(mode
         assert len(out.token_ids) == 4
     finally:
         half.shutdown()
+
+
+def test_submit_many_is_seen_whole_by_the_first_step_and_is_all_or_none(model, prompts, tiny_tokenizer):
+    from server.engine.api import EngineOverloaded, RequestRejected
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+
+    def requests(prefix, ps, params=GREEDY):
+        return [EngineRequest(f"{prefix}{i}", list(p), params) for i, p in enumerate(ps)]
+
+    engine = Engine(model, EngineConfig(device="cpu", dtype=torch.float32, num_blocks=64, max_waiting=4),
+                    start=False)
+    seen: list[int] = []
+    execute = engine.runner.execute
+    engine.runner.execute = lambda batch: (seen.append(len(batch)), execute(batch))[1]
+    # Refused whole: one prompt beyond the context, a repeated id, more than the queue takes.
+    too_long = EngineRequest("long", [1] * (model.config.max_seq_len + 1), GREEDY)
+    with pytest.raises(RequestRejected):
+        engine.submit_many([*requests("a", prompts[:2]), too_long])
+    with pytest.raises(ValueError, match="differ"):
+        engine.submit_many([*requests("b", prompts[:1]), *requests("b", prompts[1:2])])
+    with pytest.raises(EngineOverloaded):
+        engine.submit_many(requests("c", [prompts[0]] * 5))
+    assert engine.stats().waiting == 0 and not engine._inbox
+    # Accepted whole: a running engine's first step holds every prompt, even when checking
+    # each one takes a while (one by one, the engine would step with the first alone).
+    engine.start()
+    check = engine._check
+    engine._check = lambda request: (time.sleep(0.05), check(request))[1]
+    streams = engine.submit_many(requests("d", prompts[:4]))
+    try:
+        outs = [[t for event in s if isinstance(event, Delta) for t in event.token_ids] for s in streams]
+        assert seen[0] == 4
+        assert outs == [reference_greedy(model, p, GREEDY.max_tokens) for p in prompts[:4]]
+    finally:
+        engine.shutdown()
 
 
 def test_a_failing_step_aborts_in_flight_requests_and_the_engine_keeps_serving(model, prompts, make_engine):
