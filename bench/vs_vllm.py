@@ -366,7 +366,8 @@ def sol_online(args: argparse.Namespace, m: Prepared, tokenizer, warmup: list[Re
     proc, target = start_server(home, m.registry, m.ref, "cpu", admin_key, work / f"sol-serve-{m.name}-{dtype}.log",
                                 watch=False, dtype=DTYPES[dtype], extra_args=(
                                     "--max-num-seqs", str(args.max_num_seqs),
-                                    "--max-num-batched-tokens", str(args.max_num_batched_tokens)))
+                                    "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                                    "--stream-interval", str(args.stream_interval)))
     load_s = time.perf_counter() - t0
     out: dict[str, Any] = {"load_s": load_s, "workloads": {}}
     try:
@@ -459,7 +460,8 @@ def vllm_online(args: argparse.Namespace, m: Prepared, warmup: list[Request], wo
     cmd = [str(vllm_python(args)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(m.hf_dir),
            "--served-model-name", m.name, "--dtype", DTYPES[dtype], "--max-model-len", str(m.context),
            "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
-           "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+           "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+           "--stream-interval", str(args.stream_interval)]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
     log_path = work / f"vllm-serve-{m.name}-{dtype}.log"
@@ -584,6 +586,7 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     setup = {"cores": cores, "threads": args.threads, "env": env_set, "quick": args.quick, "clients": args.clients,
              "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+             "stream_interval": args.stream_interval,
              "vllm_kv_space_gib": args.kv_space_gib, "vllm_enforce_eager": args.enforce_eager,
              "tcmalloc_for_vllm": TCMALLOC.exists(), "torch": torch.__version__, "python": platform.python_version(),
              "cpu": _cpu_name(), "load_average_at_start": load_average(), "uptime_at_start": _uptime(),
@@ -710,6 +713,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "and online (sol serve --max-num-seqs)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096,
                         help="both engines' tokens per step, offline and online (vLLM's CPU default)")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="both servers' tokens per streamed message online (default 1, both engines' default)")
     parser.add_argument("--kv-space-gib", type=float, default=2, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
     parser.add_argument("--vllm-venv", default=str(DEFAULT_VENV))

@@ -124,6 +124,11 @@ class ServerConfig:
         32, env="SOL_STREAM_BUFFER_TOKENS",
         help="backpressure: tokens per choice a request may generate ahead of what its client has read; "
              "beyond it the request pauses until the client reads")
+    stream_interval: int = setting(
+        1, env="SOL_STREAM_INTERVAL",
+        help="tokens per streamed message: a stream's reader is woken once this many new tokens are ready (the "
+             "first token and the end at once); more means fewer messages and less server work per token at high "
+             "concurrency, in coarser steps; at most --stream-buffer-tokens")
     max_prompt_chars: int = 1 << 20
     # A response_format compiles in a worker thread; one that takes longer is refused
     # (INVALID_ARGUMENT) instead of holding its request, and never holds anyone else's.
@@ -180,6 +185,11 @@ class ServerConfig:
     poll_interval_s: float = setting(2.0, env="SOL_POLL_INTERVAL", flag="--poll-interval",
                                      help="registry rescan period in seconds, the fallback where filesystem "
                                           "events are missing")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.stream_interval <= self.stream_buffer_tokens:
+            raise ValueError(f"stream_interval must be in [1, stream_buffer_tokens = {self.stream_buffer_tokens}] "
+                             f"(got {self.stream_interval})")
 
     @property
     def ledger_path(self) -> Path:

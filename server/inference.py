@@ -82,6 +82,7 @@ class Job:
     params: SamplingParams
     chat: bool
     grammar: CompiledGrammar | None = None
+    streaming: bool = True           # the client reads the output as it comes (else all at the end)
     created: int = field(default_factory=lambda: int(time.time()))
     stream: RequestStream | None = None
     processor: OutputProcessor | None = None
@@ -90,7 +91,7 @@ class Job:
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     tokens: dict[int, int] = field(default_factory=dict)
     finish: dict[int, str] = field(default_factory=dict)
-    token_times: list[float] = field(default_factory=list)
+    token_times: list[tuple[float, int]] = field(default_factory=list)   # (arrival, tokens) of choice 0's messages
 
     def text(self, index: int) -> str:
         return "".join(self.texts.get(index, []))
@@ -173,9 +174,10 @@ class InferenceService:
     # --- the request path ---------------------------------------------------------------------
     async def admit(self, key: KeyInfo, model_ref: str, params: SamplingParams, max_tokens_given: bool,
                     messages: list[Message] | None = None, prompt: str | None = None, request_id: str = "",
-                    labels: dict | None = None) -> Job:
+                    labels: dict | None = None, streaming: bool = True) -> Job:
         """Everything before the first token: a job running in the engine, or a
-        ServiceError. `messages` make a chat request, `prompt` a completion."""
+        ServiceError. `messages` make a chat request, `prompt` a completion; `streaming`
+        False for a client that takes the whole output at the end."""
         if self.draining:
             raise unavailable("this server is shutting down and takes no new requests; retry (another "
                               "replica will answer)")
@@ -192,7 +194,7 @@ class InferenceService:
             grammar = await self.compile_grammar(model, params)
             request_id = validation.request_id(request_id) if request_id else uuid.uuid4().hex
             job = Job(key=key, model=model, request_id=request_id, prompt_ids=ids, params=params,
-                      chat=messages is not None, grammar=grammar)
+                      chat=messages is not None, grammar=grammar, streaming=streaming)
             if not self.inflight.add(job):
                 job = None
                 raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {quote(request_id)} is already running; "
@@ -257,8 +259,16 @@ class InferenceService:
     def _submit(self, job: Job) -> None:
         model = job.model
         eos = model.stop_ids if job.chat else [model.tokenizer.eot_id]
+        if job.streaming or job.params.stop:
+            buffered, interval = self.config.stream_buffer_tokens, self.config.stream_interval
+        else:
+            # The whole output goes out at the end, so nothing is gained by waking the reader
+            # per token, nor by pausing the request for it: it reads everything at once.
+            # Stop strings need it to read as the tokens come (it finds them, and stops the
+            # engine), so such a request keeps the streaming settings.
+            buffered, interval = None, job.params.max_tokens * job.params.n + 1
         request = EngineRequest(request_id=uuid.uuid4().hex, prompt_ids=job.prompt_ids, params=job.params,
-                                eos_token_ids=eos, max_buffered_tokens=self.config.stream_buffer_tokens,
+                                eos_token_ids=eos, max_buffered_tokens=buffered, stream_interval=interval,
                                 grammar=job.grammar)
         try:
             job.stream = model.engine.submit(request)
@@ -277,16 +287,7 @@ class InferenceService:
         order, the end of the request or None)."""
         stream, processor = job.stream, job.processor
         assert stream is not None and processor is not None
-        async for ev in stream:
-            batch = [ev]
-            while not isinstance(batch[-1], RequestFinished):
-                try:
-                    nxt = stream.get(0)
-                except StopIteration:
-                    break
-                if nxt is None:
-                    break
-                batch.append(nxt)
+        while batch := await stream.next_batch():
             yield self._absorb(job, processor.process(batch))
 
     def _absorb(self, job: Job, events: list[OutputEvent]) -> tuple[list[ChoiceUpdate], RequestFinished | None]:
@@ -303,7 +304,7 @@ class InferenceService:
                 job.logprobs.setdefault(ev.index, []).extend(ev.logprobs)
                 job.tokens[ev.index] = job.tokens.get(ev.index, 0) + len(ev.token_ids)
                 if ev.index == 0 and ev.token_ids:
-                    job.token_times.append(now)
+                    job.token_times.append((now, len(ev.token_ids)))
             elif isinstance(ev, ChoiceFinished):
                 updates.setdefault(ev.index, ChoiceUpdate(ev.index)).finish_reason = ev.finish_reason
                 job.finish[ev.index] = ev.finish_reason

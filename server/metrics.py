@@ -113,15 +113,18 @@ class ServiceMetrics:
         return start_http_server(port, addr=host, registry=self.registry)
 
     def observe_finished(self, model: str, timings, usage, finish_reasons: Iterable[str],
-                         token_times: list[float], cost: float = 0.0) -> None:
+                         token_times: list[tuple[float, int]], cost: float = 0.0) -> None:
+        """`token_times`: (arrival, tokens) of each message of the first choice; a message
+        of k tokens counts as k equal gaps."""
         if timings.first_token is not None:
             self.ttft.labels(model).observe(max(0.0, timings.first_token - timings.arrival))
         if timings.first_scheduled is not None:
             self.queue.labels(model).observe(max(0.0, timings.first_scheduled - timings.arrival))
         if timings.finished is not None:
             self.e2e.labels(model).observe(max(0.0, timings.finished - timings.arrival))
-        for a, b in zip(token_times, token_times[1:], strict=False):
-            self.itl.labels(model).observe(b - a)
+        for (a, _), (b, tokens) in zip(token_times, token_times[1:], strict=False):
+            for _ in range(tokens):
+                self.itl.labels(model).observe((b - a) / tokens)
         self.prompt_tokens.labels(model).inc(usage.prompt_tokens)
         self.generation_tokens.labels(model).inc(usage.completion_tokens)
         self.cached_tokens.labels(model).inc(usage.cached_tokens)

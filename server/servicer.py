@@ -162,20 +162,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except AuthError as err:
             raise auth_error(err) from None
 
-    async def _admit(self, request, context, chat: bool, labels: dict[str, Any]) -> Job:
+    async def _admit(self, request, context, chat: bool, labels: dict[str, Any], streaming: bool) -> Job:
         key = await self.authenticate(context)
         params, given = validation.sampling_params(request.params)
-        if chat:
-            return await self.service.admit(key, request.model, params, given, messages=list(request.messages),
-                                            request_id=request.request_id, labels=labels)
-        return await self.service.admit(key, request.model, params, given, prompt=request.prompt,
-                                        request_id=request.request_id, labels=labels)
+        what: dict[str, Any] = {"messages": list(request.messages)} if chat else {"prompt": request.prompt}
+        return await self.service.admit(key, request.model, params, given, request_id=request.request_id,
+                                        labels=labels, streaming=streaming, **what)
 
     async def _unary(self, request, context, method: str, chat: bool):
         job: Job | None = None
         try:
             async with self.call(context, method) as labels:
-                job = await self._admit(request, context, chat, labels)
+                job = await self._admit(request, context, chat, labels, streaming=False)
                 usage = usage_pb(await self.service.run_to_end(job))
                 m, indices = job.model, range(job.params.n)
                 if chat:
@@ -198,7 +196,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         chunk_type = pb.ChatCompletionChunk if chat else pb.CompletionChunk
         try:
             async with self.call(context, method) as labels:
-                job = await self._admit(request, context, chat, labels)
+                job = await self._admit(request, context, chat, labels, streaming=True)
                 m = job.model
                 async for updates, finished in self.service.updates(job):
                     chunk = chunk_type(id=job.request_id, model=m.name, version=m.version, created=job.created,

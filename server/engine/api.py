@@ -198,6 +198,10 @@ class EngineRequest:
     # Backpressure: the most tokens per choice generated ahead of the reader before the
     # request pauses; None = unbounded (an in-process reader that collects everything).
     max_buffered_tokens: int | None = None
+    # Tokens per wake-up of the stream's reader (server.engine.stream): 1 shows each step's
+    # token at once; more makes fewer, larger messages. The first token, finishes and
+    # pauses are shown at once whatever the interval.
+    stream_interval: int = 1
     # params.response_format compiled for this model (server.engine.grammar.GrammarCompiler),
     # done before submission so that no compile ever runs on the engine's thread.
     grammar: CompiledGrammar | None = None

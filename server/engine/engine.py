@@ -131,7 +131,8 @@ class Engine:
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must differ within one submission")
         streams = [RequestStream(r.request_id, self.abort,
-                                 r.max_buffered_tokens * r.params.n if r.max_buffered_tokens else None, self.resume)
+                                 r.max_buffered_tokens * r.params.n if r.max_buffered_tokens else None, self.resume,
+                                 r.stream_interval)
                    for r in requests]
         with self._cond:
             if self._stopping:
@@ -217,6 +218,8 @@ class Engine:
     def _check(self, request: EngineRequest) -> None:
         if not request.request_id:
             raise ValueError("request_id must not be empty")
+        if request.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1 (got {request.stream_interval})")
         prompt = request.prompt_ids
         if not prompt:
             raise ValueError("the prompt is empty")

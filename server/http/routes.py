@@ -180,7 +180,7 @@ class HttpApi:
                 what: dict[str, Any] = ({"messages": [m.message() for m in body.messages]} if chat
                                         else {"prompt": body.text()})
                 job = await self.service.admit(key, body.model, params, given, request_id=request_id(request),
-                                               labels=call.labels, **what)
+                                               labels=call.labels, streaming=body.stream, **what)
                 headers = {"x-request-id": job.request_id}
                 if body.stream:
                     call.deferred = streaming = True
