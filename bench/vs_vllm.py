@@ -6,7 +6,8 @@ one run, reported as sol/vLLM ratios.
            `server.engine.offline.generate` runs it): every request submitted at once, wall
            time to the last token
   online   `vllm serve` (OpenAI HTTP, SSE) vs `sol serve` (gRPC), N closed-loop streaming
-           clients each
+           clients each; both servers up at once, their rounds alternating (the idle one
+           waits), so that a slow stretch of a shared machine lands on both
 
 Both get the same Hugging Face export of one random sol checkpoint, the same prompt token
 ids, greedy, exactly T new tokens (EOS ignored), the same cores (CPU affinity, inherited
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -353,8 +356,25 @@ def summarize_online(wall_s: float, results: list[tuple[float, list[tuple[float,
             **latency_summary(ttft, "ttft"), **latency_summary(itl, "itl")}
 
 
-def sol_online(args: argparse.Namespace, m: Prepared, tokenizer, warmup: list[Request],
-               workloads: dict[str, list[Request]], work: Path, dtype: str = "fp32") -> dict[str, Any]:
+@dataclass
+class OnlineServer:
+    """A running server under test: `measure` runs one round of closed-loop streaming
+    clients against it; `cpu_s` reads the server's CPU time (0 where not tracked)."""
+
+    name: str
+    load_s: float
+    run: Callable[[list[Request], int], tuple[float, list[Any]]]
+    cpu_s: Callable[[], float] = lambda: 0.0
+    peak_rss_mib: Callable[[], float] = lambda: float("nan")
+
+    def measure(self, requests: list[Request], clients: int) -> dict[str, Any]:
+        cpu0 = self.cpu_s()
+        wall, results = self.run(requests, clients)
+        return {"wall_s": wall, "results": results, "tokens": _tokens(results), "server_cpu_s": self.cpu_s() - cpu0}
+
+
+@contextlib.contextmanager
+def sol_server(args: argparse.Namespace, m: Prepared, tokenizer, work: Path, dtype: str) -> Iterator[OnlineServer]:
     from bench.serve import _cpu_seconds, start_server, stop_server
     from client.aio import AsyncClient
     from client.client import Client
@@ -369,7 +389,6 @@ def sol_online(args: argparse.Namespace, m: Prepared, tokenizer, warmup: list[Re
                                     "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                                     "--stream-interval", str(args.stream_interval)))
     load_s = time.perf_counter() - t0
-    out: dict[str, Any] = {"load_s": load_s, "workloads": {}}
     try:
         with Client(target, admin_key=admin_key) as admin:
             key, _ = admin.create_key("vs-vllm")
@@ -390,23 +409,12 @@ def sol_online(args: argparse.Namespace, m: Prepared, tokenizer, warmup: list[Re
         def run(requests: list[Request], clients: int) -> tuple[float, list[Any]]:
             async def main() -> tuple[float, list[Any]]:
                 async with AsyncClient(target, api_key=key, retries=0, timeout=3600) as client:
-                    one = make_one(client)
-                    return await _closed_loop_async(clients, requests, one)
+                    return await _closed_loop_async(clients, requests, make_one(client))
             return asyncio.run(main())
 
-        run(warmup, 4)
-        for name, requests in workloads.items():
-            rounds = []
-            for _ in range(max(1, args.rounds)):
-                cpu0 = _cpu_seconds(proc.pid)
-                wall, results = run(requests, args.clients)
-                rounds.append({"wall_s": wall, "results": results, "tokens": _tokens(results),
-                               "server_cpu_s": _cpu_seconds(proc.pid) - cpu0})
-            out["workloads"][name] = best_round(rounds)
-        out["server_peak_rss_mib"] = _peak_rss_mib(proc.pid)
+        yield OnlineServer("sol", load_s, run, lambda: _cpu_seconds(proc.pid), lambda: _peak_rss_mib(proc.pid))
     finally:
         stop_server(proc)
-    return out
 
 
 async def _closed_loop_async(clients: int, requests: list[Request], one) -> tuple[float, list[Any]]:
@@ -450,8 +458,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def vllm_online(args: argparse.Namespace, m: Prepared, warmup: list[Request], workloads: dict[str, list[Request]],
-                work: Path, dtype: str = "fp32") -> dict[str, Any]:
+@contextlib.contextmanager
+def vllm_server(args: argparse.Namespace, m: Prepared, work: Path, dtype: str = "fp32") -> Iterator[OnlineServer]:
     from bench.openai_stream import stream_completion, wait_healthy
 
     port = _free_port()
@@ -469,10 +477,8 @@ def vllm_online(args: argparse.Namespace, m: Prepared, warmup: list[Request], wo
     # Its own session, so the API server, engine core and worker go down together.
     proc = subprocess.Popen(cmd, env=vllm_env(args), stdout=open(log_path, "w"),  # noqa: SIM115
                             stderr=subprocess.STDOUT, start_new_session=True)
-    out: dict[str, Any] = {"workloads": {}}
     try:
         asyncio.run(wait_healthy("127.0.0.1", port, args.vllm_timeout_s, lambda: proc.poll() is None))
-        out["load_s"] = time.perf_counter() - t0
 
         async def one(r: Request) -> tuple[float, list[tuple[float, list[int]]]]:
             start = time.perf_counter()
@@ -481,19 +487,61 @@ def vllm_online(args: argparse.Namespace, m: Prepared, warmup: list[Request], wo
                 "temperature": 0.0, "ignore_eos": True, "stream": True, "return_token_ids": True})
             return start, arrivals
 
-        _closed_loop(4, warmup, one)
-        for name, requests in workloads.items():
-            rounds = []
-            for _ in range(max(1, args.rounds)):
-                wall, results = _closed_loop(args.clients, requests, one)
-                rounds.append({"wall_s": wall, "results": results, "tokens": _tokens(results)})
-            out["workloads"][name] = best_round(rounds)
+        yield OnlineServer("vllm", time.perf_counter() - t0,
+                           lambda requests, clients: _closed_loop(clients, requests, one),
+                           lambda: _group_cpu_seconds(proc.pid))
     except Exception as err:
         raise RuntimeError(f"vLLM server run failed: {err}; log {log_path}:\n"
                            f"{log_path.read_text(errors='replace')[-3000:]}") from err
     finally:
         _stop_group(proc)
-    return out
+
+
+def _group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in a process group (Linux /proc)."""
+    from bench.serve import _cpu_seconds
+
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    total += _cpu_seconds(int(entry.name))
+            except OSError:        # gone meanwhile
+                continue
+    return total
+
+
+def wait_until_idle(servers: list[OnlineServer], window_s: float = 0.25, busy_cpu_s: float = 0.03,
+                    timeout_s: float = 15.0) -> None:
+    """Wait until none of `servers` uses CPU: vLLM's server kept a core busy for about a
+    second after each burst of requests (0.25 CPU-s in every 0.25 s window, then 0),
+    which would land on whichever server is measured next."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = [server.cpu_s() for server in servers]
+        time.sleep(window_s)
+        if all(server.cpu_s() - b < busy_cpu_s for server, b in zip(servers, before, strict=True)):
+            return
+
+
+def online_rounds(args: argparse.Namespace, servers: list[OnlineServer], warmup: list[Request],
+                  workloads: dict[str, list[Request]]) -> dict[str, dict[str, Any]]:
+    """Every server's rounds of each workload, alternating between servers (the first
+    server of a round goes last in the next), so that a slow stretch of a shared machine
+    lands on both; the best round of each. Each round starts once every server is idle."""
+    for server in servers:
+        server.run(warmup, 4)
+    best: dict[str, dict[str, Any]] = {server.name: {} for server in servers}
+    for name, requests in workloads.items():
+        rounds: dict[str, list[dict[str, Any]]] = {server.name: [] for server in servers}
+        for i in range(max(1, args.rounds)):
+            for server in (servers if i % 2 == 0 else servers[::-1]):
+                wait_until_idle(servers)
+                rounds[server.name].append(server.measure(requests, args.clients))
+        for server in servers:
+            best[server.name][name] = best_round(rounds[server.name])
+    return best
 
 
 def _stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
@@ -629,18 +677,18 @@ def run(args: argparse.Namespace) -> int:
                         _progress(rows[-1])
             if args.mode in ("online", "all"):
                 for dtype in _selected(args.dtype, tuple(DTYPES)):
-                    print(f"[{name} {dtype} online] sol serve, {args.clients} gRPC clients...", flush=True)
-                    s = sol_online(args, m, tokenizer, warmup, workloads, work, dtype)
-                    print(f"[{name} {dtype} online] vLLM server, {args.clients} HTTP clients...", flush=True)
-                    v = vllm_online(args, m, warmup, workloads, work, dtype)
+                    print(f"[{name} {dtype} online] sol serve ({args.clients} gRPC clients) and vLLM's server "
+                          f"({args.clients} HTTP clients), rounds alternating...", flush=True)
+                    with sol_server(args, m, tokenizer, work, dtype) as sol, vllm_server(args, m, work, dtype) as vllm:
+                        best = online_rounds(args, [sol, vllm], warmup, workloads)
+                        sol_rss = sol.peak_rss_mib()
                     for wl in workloads:
-                        sw, vw = s["workloads"][wl], v["workloads"][wl]
+                        sw, vw = best["sol"][wl], best["vllm"][wl]
                         rows.append({"model": name, "dtype": dtype, "workload": wl, "mode": "online",
                                      "sol": {**summarize_online(sw["wall_s"], sw["results"]),
-                                             "server_cpu_s": sw["server_cpu_s"],
-                                             "server_peak_rss_mib": s["server_peak_rss_mib"],
+                                             "server_cpu_s": sw["server_cpu_s"], "server_peak_rss_mib": sol_rss,
                                              "rounds_tokens_per_s": sw["rounds_tokens_per_s"]},
-                                     "vllm": {**summarize_online(vw["wall_s"], vw["results"]), "load_s": v["load_s"],
+                                     "vllm": {**summarize_online(vw["wall_s"], vw["results"]), "load_s": vllm.load_s,
                                               "rounds_tokens_per_s": vw["rounds_tokens_per_s"]},
                                      "agreement": agreement(_online_ids(sw["results"]), _online_ids(vw["results"]))})
                         _progress(rows[-1])
@@ -719,7 +767,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
     parser.add_argument("--vllm-venv", default=str(DEFAULT_VENV))
     parser.add_argument("--vllm-timeout-s", type=float, default=900)
-    parser.add_argument("--rounds", type=int, default=2, help="repeat each measurement, keep each engine's "
+    parser.add_argument("--rounds", type=int, default=2, help="repeat each measurement (online: alternating "
+                        "between the servers), keep each engine's "
                         "fastest (a shared machine's other work only ever slows a run down)")
     parser.add_argument("--seed", type=int, default=0)
 
