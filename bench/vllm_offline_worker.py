@@ -2,17 +2,21 @@
 virtual environment's Python (`.bench/vllm-venv`): it imports vLLM and the standard
 library only, never sol, so neither environment needs the other's packages.
 
-    python bench/vllm_offline_worker.py SPEC.json RESULT.json
+    python bench/vllm_offline_worker.py SPEC.json RESULT_FD
 
 SPEC: {"model_dir", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-"enforce_eager", "warmup": [[ids, new_tokens], ...], "workloads": {name: [[ids, new], ...]}}.
-RESULT: per workload the wall time of one `generate` call over all its requests, and per
-request the output ids, time to first token and time per output token.
+"enforce_eager", "warmup": [[ids, new_tokens], ...]}. A round server: once loaded and
+warm it writes {"vllm", "load_s"} as one JSON line to the file descriptor RESULT_FD, then
+for each JSON line on stdin (a round's requests, [[ids, new_tokens], ...]) runs one
+`generate` call over all of them and writes the round's result line: its wall time and
+per request the output ids, time to first token and time per output token. It ends when
+stdin closes. (vLLM logs to stdout and stderr, hence a descriptor of its own.)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -43,9 +47,10 @@ def _run(llm, requests: list[list[Any]]) -> dict[str, Any]:
     return {"wall_s": wall, "tokens": sum(len(r["token_ids"]) for r in rows), "requests": rows}
 
 
-def main(spec_path: str, result_path: str) -> int:
+def main(spec_path: str, result_fd: int) -> int:
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
+    results = os.fdopen(result_fd, "w", encoding="utf-8")
     t0 = time.perf_counter()
     import vllm
     from vllm import LLM
@@ -58,19 +63,16 @@ def main(spec_path: str, result_path: str) -> int:
     load_s = time.perf_counter() - t0
     # First calls compile and allocate; sol gets the same warm-up.
     _run(llm, spec["warmup"])
-    result: dict[str, Any] = {"vllm": vllm.__version__, "load_s": load_s, "workloads": {}}
-    for name, requests in spec["workloads"].items():
-        # Repeated; the fastest round is kept (the same rule as the sol side, whose
-        # helper this environment cannot import).
-        rounds = [_run(llm, requests) for _ in range(max(1, spec.get("rounds", 1)))]
-        best = max(rounds, key=lambda r: r["tokens"] / r["wall_s"])
-        result["workloads"][name] = {**best, "rounds_tokens_per_s": [r["tokens"] / r["wall_s"] for r in rounds]}
-        print(f"vllm offline {name}: {result['workloads'][name]['tokens'] / result['workloads'][name]['wall_s']:.0f}"
-              " tok/s", flush=True)
-    with open(result_path, "w", encoding="utf-8") as f:
-        json.dump(result, f)
+    results.write(json.dumps({"vllm": vllm.__version__, "load_s": load_s}) + "\n")
+    results.flush()
+    for line in sys.stdin:
+        if line.strip():
+            result = _run(llm, json.loads(line))
+            print(f"vllm offline round: {result['tokens'] / result['wall_s']:.0f} tok/s", flush=True)
+            results.write(json.dumps(result) + "\n")
+            results.flush()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))

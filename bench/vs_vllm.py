@@ -6,8 +6,11 @@ one run, reported as sol/vLLM ratios.
            `server.engine.offline.generate` runs it): every request submitted at once, wall
            time to the last token
   online   `vllm serve` (OpenAI HTTP, SSE) vs `sol serve` (gRPC), N closed-loop streaming
-           clients each; both servers up at once, their rounds alternating (the idle one
-           waits), so that a slow stretch of a shared machine lands on both
+           clients each
+
+In both modes the two engines are loaded at once and their rounds alternate (the one not
+measured sits idle; each round starts once both are idle), so that a slow stretch of a
+shared machine lands on both.
 
 Both get the same Hugging Face export of one random sol checkpoint, the same prompt token
 ids, greedy, exactly T new tokens (EOS ignored), the same cores (CPU affinity, inherited
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -225,12 +229,15 @@ def load_average() -> float:
 
 
 # --- offline --------------------------------------------------------------------------------
-def _sol_offline_child(ckpt_path: str, dtype: str, threads: int, max_num_seqs: int, max_num_batched_tokens: int,
-                       warmup: list[list[Any]], workloads: dict[str, list[list[Any]]], rounds_n: int) -> dict[str, Any]:
+def _sol_offline_child(conn, ckpt_path: str, dtype: str, threads: int, max_num_seqs: int,
+                       max_num_batched_tokens: int, warmup: list[list[Any]]) -> None:
     """In a fresh process: sol's engine on its own thread, as `server.engine.offline.generate`
     runs it (submit everything, read every stream to the end), the in-process counterpart
     of `LLM.generate`. Not the synchronous mode (run_until_idle on the caller's thread):
-    on the main thread with 2 torch threads it ran 10-40x slower on a loaded machine."""
+    on the main thread with 2 torch threads it ran 10-40x slower on a loaded machine.
+
+    A round server on `conn`: sends its facts once warm, then runs one round per list of
+    requests received, until None (then sends its peak RSS)."""
     import torch
 
     from gpt.checkpoint import load_checkpoint
@@ -280,47 +287,108 @@ def _sol_offline_child(ckpt_path: str, dtype: str, threads: int, max_num_seqs: i
         return {"wall_s": wall, "tokens": sum(len(r["token_ids"]) for r in rows), "requests": rows}
 
     run(warmup)
-    out: dict[str, Any] = {"load_s": load_s, "workloads": {}, "kv_bytes_per_token": engine.model.config.kv_bytes_per_token(engine.cache.pool.element_size()),
-                           "kv_blocks": engine.blocks.num_blocks, "steps": 0}
-    for name, requests in workloads.items():
-        rounds = []
-        for _ in range(max(1, rounds_n)):
-            steps0 = steps[0]
-            rounds.append({**run(requests), "steps": steps[0] - steps0})
-        out["workloads"][name] = best_round(rounds)
+    conn.send({"load_s": load_s, "kv_bytes_per_token": engine.model.config.kv_bytes_per_token(
+        engine.cache.pool.element_size()), "kv_blocks": engine.blocks.num_blocks})
+    while (requests := conn.recv()) is not None:
+        steps0 = steps[0]
+        conn.send({**run(requests), "steps": steps[0] - steps0})
     engine.shutdown()
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
+    conn.send({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
-def sol_offline(args: argparse.Namespace, m: Prepared, dtype: str, warmup: list[Request],
-                workloads: dict[str, list[Request]]) -> dict[str, Any]:
+@dataclass
+class OfflineWorker:
+    """An engine loaded in its own process, running one offline round per call."""
+
+    name: str
+    facts: dict[str, Any]
+    run: Callable[[list[Request]], dict[str, Any]]
+    cpu_s: Callable[[], float]
+
+
+@contextlib.contextmanager
+def sol_offline_worker(args: argparse.Namespace, m: Prepared, dtype: str,
+                       warmup: list[Request]) -> Iterator[OfflineWorker]:
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_sol_offline_child, str(m.ckpt_path), DTYPES[dtype], args.threads, args.max_num_seqs,
-                           args.max_num_batched_tokens, _wire(warmup),
-                           {k: _wire(v) for k, v in workloads.items()}, args.rounds).result()
+    from bench.serve import _cpu_seconds
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_sol_offline_child, args=(child, str(m.ckpt_path), DTYPES[dtype], args.threads,
+                                                       args.max_num_seqs, args.max_num_batched_tokens,
+                                                       _wire(warmup)), daemon=True)
+    proc.start()
+    try:
+        facts = _receive(parent, proc.is_alive, "sol's offline worker")
+
+        def run(requests: list[Request]) -> dict[str, Any]:
+            parent.send(_wire(requests))
+            return _receive(parent, proc.is_alive, "sol's offline worker")
+
+        worker = OfflineWorker("sol", facts, run, lambda: _cpu_seconds(proc.pid or 0))
+        yield worker
+        parent.send(None)
+        facts.update(_receive(parent, proc.is_alive, "sol's offline worker"))
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
 
 
-def vllm_offline(args: argparse.Namespace, m: Prepared, dtype: str, warmup: list[Request],
-                 workloads: dict[str, list[Request]], work: Path) -> dict[str, Any]:
+def _receive(conn, alive: Callable[[], bool], who: str, timeout_s: float = 3600.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not conn.poll(1.0):
+        if not alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"{who} died or stopped answering")
+    return conn.recv()
+
+
+@contextlib.contextmanager
+def vllm_offline_worker(args: argparse.Namespace, m: Prepared, dtype: str, warmup: list[Request],
+                        work: Path) -> Iterator[OfflineWorker]:
     spec = {"model_dir": str(m.hf_dir), "dtype": DTYPES[dtype], "max_model_len": m.context,
             "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-            "enforce_eager": args.enforce_eager, "warmup": _wire(warmup), "rounds": args.rounds,
-            "workloads": {k: _wire(v) for k, v in workloads.items()}}
-    spec_path, result_path = work / f"spec-{m.name}-{dtype}.json", work / f"result-{m.name}-{dtype}.json"
+            "enforce_eager": args.enforce_eager, "warmup": _wire(warmup)}
+    spec_path = work / f"spec-{m.name}-{dtype}.json"
     log_path = work / f"vllm-offline-{m.name}-{dtype}.log"
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
-    with open(log_path, "w") as log:
-        rc = subprocess.run([str(vllm_python(args)), str(Path(__file__).with_name("vllm_offline_worker.py")),
-                             str(spec_path), str(result_path)], env=vllm_env(args), stdout=log,
-                            stderr=subprocess.STDOUT, timeout=args.vllm_timeout_s).returncode
-    if rc != 0:
-        tail = log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"vLLM offline worker failed ({rc}); log {log_path}:\n{tail}")
-    return json.loads(result_path.read_text(encoding="utf-8"))
+    # Rounds go in on the worker's stdin and results come back on a pipe of their own
+    # (vLLM logs to stdout and stderr), one JSON line each.
+    read_fd, write_fd = os.pipe()
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(vllm_python(args)), str(Path(__file__).with_name("vllm_offline_worker.py")),
+                             str(spec_path), str(write_fd)], env=vllm_env(args), stdin=subprocess.PIPE,
+                            stdout=log, stderr=subprocess.STDOUT, pass_fds=(write_fd,), start_new_session=True,
+                            text=True)
+    os.close(write_fd)
+    results = os.fdopen(read_fd, encoding="utf-8")
+    assert proc.stdin is not None
+
+    def receive() -> dict[str, Any]:
+        line = results.readline()
+        if not line:
+            proc.wait(30)
+            raise RuntimeError(f"vLLM offline worker failed ({proc.returncode}); log {log_path}:\n"
+                               f"{log_path.read_text(errors='replace')[-3000:]}")
+        return json.loads(line)
+
+    def run(requests: list[Request]) -> dict[str, Any]:
+        proc.stdin.write(json.dumps(_wire(requests)) + "\n")
+        proc.stdin.flush()
+        return receive()
+
+    try:
+        yield OfflineWorker("vllm", receive(), run, lambda: _group_cpu_seconds(proc.pid))
+    finally:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            _stop_group(proc)
+        results.close()
+        log.close()
 
 
 def summarize_offline(run: dict[str, Any]) -> dict[str, float]:
@@ -512,35 +580,35 @@ def _group_cpu_seconds(pgid: int) -> float:
     return total
 
 
-def wait_until_idle(servers: list[OnlineServer], window_s: float = 0.25, busy_cpu_s: float = 0.03,
+def wait_until_idle(cpus: list[Callable[[], float]], window_s: float = 0.25, busy_cpu_s: float = 0.03,
                     timeout_s: float = 15.0) -> None:
-    """Wait until none of `servers` uses CPU: vLLM's server kept a core busy for about a
-    second after each burst of requests (0.25 CPU-s in every 0.25 s window, then 0),
-    which would land on whichever server is measured next."""
+    """Wait until none of the processes whose CPU time `cpus` read is working: vLLM's
+    server kept a core busy for about a second after each burst of requests (0.25 CPU-s
+    in every 0.25 s window, then 0), which would land on whichever engine runs next."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        before = [server.cpu_s() for server in servers]
+        before = [cpu() for cpu in cpus]
         time.sleep(window_s)
-        if all(server.cpu_s() - b < busy_cpu_s for server, b in zip(servers, before, strict=True)):
+        if all(cpu() - b < busy_cpu_s for cpu, b in zip(cpus, before, strict=True)):
             return
 
 
-def online_rounds(args: argparse.Namespace, servers: list[OnlineServer], warmup: list[Request],
-                  workloads: dict[str, list[Request]]) -> dict[str, dict[str, Any]]:
-    """Every server's rounds of each workload, alternating between servers (the first
-    server of a round goes last in the next), so that a slow stretch of a shared machine
-    lands on both; the best round of each. Each round starts once every server is idle."""
-    for server in servers:
-        server.run(warmup, 4)
-    best: dict[str, dict[str, Any]] = {server.name: {} for server in servers}
-    for name, requests in workloads.items():
-        rounds: dict[str, list[dict[str, Any]]] = {server.name: [] for server in servers}
+def alternating_rounds(args: argparse.Namespace, runners: dict[str, Callable[[list[Request]], dict[str, Any]]],
+                       cpus: list[Callable[[], float]], workloads: dict[str, list[Request]]) -> dict[str, dict[str, Any]]:
+    """Every runner's rounds of each workload, alternating between the runners (the first
+    of a round goes last in the next), so that a slow stretch of a shared machine lands
+    on each; the best round of each runner. Each round starts once every process is idle
+    (`cpus` read their CPU time)."""
+    best: dict[str, dict[str, Any]] = {name: {} for name in runners}
+    order = list(runners)
+    for workload, requests in workloads.items():
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in runners}
         for i in range(max(1, args.rounds)):
-            for server in (servers if i % 2 == 0 else servers[::-1]):
-                wait_until_idle(servers)
-                rounds[server.name].append(server.measure(requests, args.clients))
-        for server in servers:
-            best[server.name][name] = best_round(rounds[server.name])
+            for name in (order if i % 2 == 0 else order[::-1]):
+                wait_until_idle(cpus)
+                rounds[name].append(runners[name](requests))
+        for name in runners:
+            best[name][workload] = best_round(rounds[name])
     return best
 
 
@@ -660,18 +728,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n{m.description}; {m.parameters / 1e6:.2f}M parameters", flush=True)
             if args.mode in ("offline", "all"):
                 for dtype in _selected(args.dtype, tuple(DTYPES)):
-                    print(f"[{name} {dtype} offline] sol engine...", flush=True)
-                    s = sol_offline(args, m, dtype, warmup, workloads)
-                    print(f"[{name} {dtype} offline] vLLM LLM.generate...", flush=True)
-                    v = vllm_offline(args, m, dtype, warmup, workloads, work)
+                    print(f"[{name} {dtype} offline] sol's engine and vLLM's LLM.generate, each in its own "
+                          "process, rounds alternating...", flush=True)
+                    with sol_offline_worker(args, m, dtype, warmup) as s, \
+                            vllm_offline_worker(args, m, dtype, warmup, work) as v:
+                        best = alternating_rounds(args, {"sol": s.run, "vllm": v.run}, [s.cpu_s, v.cpu_s], workloads)
                     for wl in workloads:
-                        sw, vw = s["workloads"][wl], v["workloads"][wl]
+                        sw, vw = best["sol"][wl], best["vllm"][wl]
                         rows.append({"model": name, "dtype": dtype, "workload": wl, "mode": "offline",
                                      "sol": {**summarize_offline(sw), "steps": sw["steps"],
-                                             "peak_rss_mib": s["peak_rss_mib"],
-                                             "kv_bytes_per_token": s["kv_bytes_per_token"]},
-                                     "vllm": {**summarize_offline(vw), "load_s": v["load_s"]},
-                                     "engine_versions": {"vllm": v["vllm"]},
+                                             "peak_rss_mib": s.facts["peak_rss_mib"],
+                                             "kv_bytes_per_token": s.facts["kv_bytes_per_token"],
+                                             "rounds_tokens_per_s": sw["rounds_tokens_per_s"]},
+                                     "vllm": {**summarize_offline(vw), "load_s": v.facts["load_s"],
+                                              "rounds_tokens_per_s": vw["rounds_tokens_per_s"]},
+                                     "engine_versions": {"vllm": v.facts["vllm"]},
                                      "agreement": agreement([r["token_ids"] for r in sw["requests"]],
                                                             [r["token_ids"] for r in vw["requests"]])})
                         _progress(rows[-1])
@@ -680,7 +751,11 @@ def run(args: argparse.Namespace) -> int:
                     print(f"[{name} {dtype} online] sol serve ({args.clients} gRPC clients) and vLLM's server "
                           f"({args.clients} HTTP clients), rounds alternating...", flush=True)
                     with sol_server(args, m, tokenizer, work, dtype) as sol, vllm_server(args, m, work, dtype) as vllm:
-                        best = online_rounds(args, [sol, vllm], warmup, workloads)
+                        for server in (sol, vllm):
+                            server.run(warmup, 4)
+                        best = alternating_rounds(
+                            args, {server.name: functools.partial(server.measure, clients=args.clients)
+                                   for server in (sol, vllm)}, [sol.cpu_s, vllm.cpu_s], workloads)
                         sol_rss = sol.peak_rss_mib()
                     for wl in workloads:
                         sw, vw = best["sol"][wl], best["vllm"][wl]
