@@ -32,6 +32,7 @@ import os
 import platform
 import random
 import resource
+import select
 import signal
 import subprocess
 import sys
@@ -319,29 +320,36 @@ def sol_offline_worker(args: argparse.Namespace, m: Prepared, dtype: str,
                                                        args.max_num_seqs, args.max_num_batched_tokens,
                                                        _wire(warmup)), daemon=True)
     proc.start()
+
+    def receive() -> dict[str, Any]:
+        _await_answer(parent.poll, proc.is_alive, "sol's offline worker", args.vllm_timeout_s)
+        return parent.recv()
+
     try:
-        facts = _receive(parent, proc.is_alive, "sol's offline worker")
+        facts = receive()
 
         def run(requests: list[Request]) -> dict[str, Any]:
             parent.send(_wire(requests))
-            return _receive(parent, proc.is_alive, "sol's offline worker")
+            return receive()
 
-        worker = OfflineWorker("sol", facts, run, lambda: _cpu_seconds(proc.pid or 0))
-        yield worker
+        yield OfflineWorker("sol", facts, run, lambda: _cpu_seconds(proc.pid or 0))
         parent.send(None)
-        facts.update(_receive(parent, proc.is_alive, "sol's offline worker"))
+        facts.update(receive())
     finally:
         proc.join(30)
         if proc.is_alive():
             proc.kill()
 
 
-def _receive(conn, alive: Callable[[], bool], who: str, timeout_s: float = 3600.0) -> Any:
+def _await_answer(ready: Callable[[float], bool], alive: Callable[[], bool], who: str, timeout_s: float) -> None:
+    """Wait until a worker's answer can be read (`ready(seconds)` waits up to that long);
+    RuntimeError when the worker dies or takes longer than `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    while not conn.poll(1.0):
-        if not alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"{who} died or stopped answering")
-    return conn.recv()
+    while not ready(1.0):
+        if not alive():
+            raise RuntimeError(f"{who} died")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{who} gave no answer in {timeout_s:g} s")
 
 
 @contextlib.contextmanager
@@ -365,12 +373,21 @@ def vllm_offline_worker(args: argparse.Namespace, m: Prepared, dtype: str, warmu
     results = os.fdopen(read_fd, encoding="utf-8")
     assert proc.stdin is not None
 
+    def failed(why: str) -> RuntimeError:
+        return RuntimeError(f"{why}; log {log_path}:\n{log_path.read_text(errors='replace')[-3000:]}")
+
     def receive() -> dict[str, Any]:
+        # One answer per request, one line each: the reader never buffers a line that
+        # select cannot see.
+        try:
+            _await_answer(lambda s: bool(select.select([read_fd], [], [], s)[0]), lambda: proc.poll() is None,
+                          "vLLM's offline worker", args.vllm_timeout_s)
+        except RuntimeError as err:
+            raise failed(str(err)) from None
         line = results.readline()
         if not line:
             proc.wait(30)
-            raise RuntimeError(f"vLLM offline worker failed ({proc.returncode}); log {log_path}:\n"
-                               f"{log_path.read_text(errors='replace')[-3000:]}")
+            raise failed(f"vLLM's offline worker ended ({proc.returncode})")
         return json.loads(line)
 
     def run(requests: list[Request]) -> dict[str, Any]:
@@ -427,12 +444,12 @@ def summarize_online(wall_s: float, results: list[tuple[float, list[tuple[float,
 @dataclass
 class OnlineServer:
     """A running server under test: `measure` runs one round of closed-loop streaming
-    clients against it; `cpu_s` reads the server's CPU time (0 where not tracked)."""
+    clients against it; `cpu_s` reads the server's CPU time."""
 
     name: str
     load_s: float
     run: Callable[[list[Request], int], tuple[float, list[Any]]]
-    cpu_s: Callable[[], float] = lambda: 0.0
+    cpu_s: Callable[[], float]
     peak_rss_mib: Callable[[], float] = lambda: float("nan")
 
     def measure(self, requests: list[Request], clients: int) -> dict[str, Any]:

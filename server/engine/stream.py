@@ -56,7 +56,7 @@ class RequestStream:
         self.request_id = request_id
         self._abort = abort
         self._events: deque[Event] = deque()
-        self.interval = max(1, interval)   # tokens per wake-up of the reader (see above)
+        self.interval = interval       # tokens per wake-up of the reader (see above; >= 1)
         self._visible = 0              # queued events the reader may take; the rest wait
         self._held = 0                 # tokens queued since events were last made visible
         self._shown_first = False      # the first token is shown at once (time to first token)
@@ -75,7 +75,9 @@ class RequestStream:
         asyncio reader is woken now, or by `wakeups.flush()` when `wakeups` is given."""
         with self._cond:
             self._events.extend(events)
-            tokens = sum(len(e.token_ids) for e in events if isinstance(e, Delta))
+            # Counted only where a bound or an interval needs them (per request per step).
+            tokens = (sum(len(e.token_ids) for e in events if isinstance(e, Delta))
+                      if self.bound is not None or self.interval > 1 else 0)
             if self.bound is not None:
                 self.backlog += tokens
             pause = self.bound is not None and not self.paused and self.backlog >= self.bound
