@@ -49,17 +49,25 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding in the half-split layout that Hugging Face Llama uses."""
+    """Rotary position embedding in the half-split layout that Hugging Face Llama uses.
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    cos and sin of every position up to `max_positions` are computed once, in float32,
+    and looked up: computed per call they were ~0.1 ms of a 64-sequence decode step
+    (`small`, bf16, 2 cores), as long as a layer's attention. The tables are buffers, so
+    they follow the model's device and dtype (a bf16 model rounds the float32 values
+    once)."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos_table", emb.cos(), persistent=False)
+        self.register_buffer("sin_table", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        """cos and sin (B, 1, T, head_dim) for positions (B, T), each < max_positions."""
+        return self.cos_table[positions].to(dtype)[:, None], self.sin_table[positions].to(dtype)[:, None]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +156,7 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_seq_len)
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

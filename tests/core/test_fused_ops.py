@@ -60,7 +60,7 @@ def test_rope_in_place_rotates_only_the_given_heads(dtype):
     torch.manual_seed(0)
     rows, heads, extra, head_dim = 9, 5, 2, 16
     x = torch.randn(rows, (heads + extra) * head_dim).to(dtype)
-    cos, sin = RotaryEmbedding(head_dim, 10000.0)(torch.arange(rows)[None] + 40, dtype)
+    cos, sin = RotaryEmbedding(head_dim, 10000.0, rows + 40)(torch.arange(rows)[None] + 40, dtype)
     cos, sin = cos.reshape(rows, head_dim), sin.reshape(rows, head_dim)
     want = apply_rope(x[:, :heads * head_dim].view(rows, heads, head_dim).transpose(0, 1), cos, sin)
     got = x.clone()
