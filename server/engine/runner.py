@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from gpt.model import GPT
-from server.engine.kv_cache import PagedKVCache, RowSpec, plan_attention
+from server.engine.decode_plan import DecodePlanner
+from server.engine.kv_cache import AttentionPlan, PagedKVCache, RowSpec, plan_attention
 from server.engine.sequence import Sequence
 
 
@@ -20,12 +21,16 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.device = cache.device
+        # Decode steps of the in-place kernel keep their plan from step to step.
+        self.decode_planner = DecodePlanner(cache.block_size) if cache.in_place else None
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int]]:
         """Compute `n` new tokens for each (sequence, n). Returns float32 logits (S, V) for
         the S sequences whose computed tokens reach their end (they sample next), and
         their indices in `batch`."""
+        if self.decode_planner is not None and all(n == 1 and seq.num_computed for seq, n in batch):
+            return self._decode([seq for seq, _ in batch])
         ids: list[int] = []
         rows: list[RowSpec] = []
         last: list[int] = []
@@ -38,9 +43,23 @@ class ModelRunner:
                 sampling.append(i)
                 last.append(len(ids) - 1)
         plan = plan_attention(rows, self.cache.block_size, self.device, self.cache.dtype, self.cache.in_place)
+        return self._forward(ids, plan, last, sampling)
+
+    def _decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
+        """One token for each sequence, each with cached context: the kept decode plan."""
+        assert self.decode_planner is not None
+        ids = [seq.token_ids[seq.num_computed] for seq in seqs]
+        # A row whose token is not its last (a prompt's chunk cut to one token) does not sample.
+        sampling = [i for i, seq in enumerate(seqs) if seq.num_computed + 1 == seq.num_tokens]
+        return self._forward(ids, self.decode_planner.plan(seqs), sampling, sampling)
+
+    def _forward(self, ids: list[int], plan: AttentionPlan, last: list[int],
+                 sampling: list[int]) -> tuple[torch.Tensor, list[int]]:
         input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)[None]
         hidden = self.model.hidden_states(input_ids, plan.positions[None], self.cache.hook(plan))
         if not last:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32), []
-        picked = hidden[0, torch.tensor(last, dtype=torch.int64, device=self.device)]
+        # Every packed token samples (a decode batch): the LM head takes them all, unindexed.
+        picked = hidden[0] if len(last) == len(ids) else hidden[0, torch.tensor(last, dtype=torch.int64,
+                                                                                 device=self.device)]
         return self.model.lm_head(picked).float(), sampling
