@@ -36,7 +36,6 @@ from server.engine.api import (
     RequestFinished,
     RequestRejected,
     RequestTimings,
-    SamplingParams,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -44,11 +43,11 @@ from server.engine.api import (
 )
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig, kv_pool_blocks, resolve_device_dtype
-from server.engine.grammar import token_bitmask
 from server.engine.kv_cache import PagedKVCache
 from server.engine.paged_attention import use_in_place
 from server.engine.runner import ModelRunner
-from server.engine.sampler import SampleOutput, SamplingTensors, derive_seed, sample
+from server.engine.sampler import SampleOutput, derive_seed
+from server.engine.sampling_batch import SamplingBatch
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import RequestState, Sequence
 from server.engine.stream import RequestStream, Wakeups
@@ -95,7 +94,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._num_waiting_hint = 0
-        self._sampling_cache: tuple[list[SamplingParams], SamplingTensors | None] = ([], None)
+        self._sampling: SamplingBatch | None = None    # the last batch's sampling inputs
         # Asyncio readers woken once per loop after each step's pushes (see stream.py).
         self._wakeups = Wakeups()
         self.thread: threading.Thread | None = None
@@ -330,91 +329,52 @@ class Engine:
         if not batch:
             return
         now = time.monotonic()
-        for seq, _ in batch:
+        for seq in self.scheduler.admitted:
             if seq.request.timings.first_scheduled is None:
                 seq.request.timings.first_scheduled = now
                 if not seq.request.cached_recorded:
                     seq.request.cached_tokens = seq.num_computed
                     seq.request.cached_recorded = True
         logits, sampling_idx = self.runner.execute(batch)
+        caching, block_size = self.config.enable_prefix_caching, self.blocks.block_size
         for seq, n in batch:
             seq.num_computed += n
-            if self.config.enable_prefix_caching:
+            if caching and seq.num_computed // block_size > seq.num_hashed_blocks:
                 self.blocks.register_full_blocks(seq)
         if not sampling_idx:
             return
         seqs = [batch[i][0] for i in sampling_idx]
-        self._emit(seqs, self._sample(logits, seqs))
+        sampling = self._sampling
+        if sampling is None or not sampling.matches(seqs):
+            # A decode batch is usually the last step's batch: its sampling inputs are kept.
+            sampling = self._sampling = SamplingBatch(seqs, self.vocab_size, logits.device)
+        self._emit(seqs, sampling.sample(logits), sampling.want_logprobs)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
-        params = [s.params for s in seqs]
-        # A decode batch is usually the last step's batch: reuse its parameter tensors.
-        # (The cache holds the params objects, so an identity match cannot be a recycled id.)
-        last_params, tensors = self._sampling_cache
-        if tensors is None or len(last_params) != len(params) or any(
-                a is not b for a, b in zip(last_params, params, strict=True)):
-            tensors = SamplingTensors.from_params(params, logits.device)
-            self._sampling_cache = (params, tensors)
-        needs_history = tensors.any_output_penalty or tensors.any_repetition
-        # One sparse additive mask: stop tokens banned (-inf) before min_tokens, and each
-        # request's logit_bias.
-        rows: list[int] = []
-        ids: list[int] = []
-        values: list[float] = []
-        for row, s in enumerate(seqs):
-            if s.num_output_tokens < s.params.min_tokens and s.request.stop_ids:
-                rows.extend([row] * len(s.request.stop_ids))
-                ids.extend(s.request.stop_ids)
-                values.extend([float("-inf")] * len(s.request.stop_ids))
-            if s.params.logit_bias:
-                rows.extend([row] * len(s.params.logit_bias))
-                ids.extend(s.params.logit_bias)
-                values.extend(s.params.logit_bias.values())
-        bias = (torch.tensor(rows, dtype=torch.int64), torch.tensor(ids, dtype=torch.int64),
-                torch.tensor(values, dtype=torch.float32)) if rows else None
-        # Structured outputs: one bitmask row per choice under a grammar; free rows pay nothing.
-        constrained = [row for row, s in enumerate(seqs) if s.grammar is not None]
-        allowed = (torch.tensor(constrained, dtype=torch.int64),
-                   token_bitmask([seqs[row].grammar for row in constrained], self.vocab_size)) if constrained else None
-        return sample(
-            logits, tensors,
-            seeds=[s.seed for s in seqs],
-            steps=[s.num_output_tokens for s in seqs],
-            output_ids=[s.output_ids for s in seqs] if needs_history else None,
-            prompt_ids=[s.token_ids[:s.num_prompt_tokens] for s in seqs] if tensors.any_repetition else None,
-            bias=bias,
-            allowed=allowed,
-            num_logprobs=max(p.logprobs for p in params),
-            chosen_logprobs=any(p.logprobs for p in params),
-        )
-
-    def _emit(self, seqs: list[Sequence], out: SampleOutput) -> None:
+    def _emit(self, seqs: list[Sequence], out: SampleOutput, want_logprobs: bool) -> None:
         token_ids = out.token_ids.tolist()
         reasons = self.scheduler.postprocess(seqs, token_ids)
-        want_logprobs = any(s.params.logprobs for s in seqs)
-        chosen_lp = out.logprobs.tolist() if want_logprobs else None
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        entries = _logprob_entries(seqs, token_ids, out) if want_logprobs else None
         now = time.monotonic()
         per_request: dict[str, list[Event]] = {}
-        for row, (seq, token, reason) in enumerate(zip(seqs, token_ids, reasons, strict=True)):
+        ended: set[str] = set()       # requests with a choice finished in this step
+        for row, seq in enumerate(seqs):
             state = seq.request
-            logprobs = []
-            if seq.params.logprobs and chosen_lp is not None:
-                n_top = seq.params.logprobs
-                logprobs.append(TokenLogprob(
-                    token_id=token, logprob=chosen_lp[row],
-                    top=[TopLogprob(t, lp) for t, lp in zip(top_ids[row][:n_top], top_lp[row][:n_top], strict=True)
-                         if lp != float("-inf")]))
-            events = per_request.setdefault(state.request_id, [])
-            events.append(Delta(state.request_id, seq.index, [token], logprobs))
-            if state.timings.first_token is None:
-                state.timings.first_token = now
+            request_id = state.request_id
+            events = per_request.get(request_id)
+            if events is None:
+                events = per_request[request_id] = []
+                if state.timings.first_token is None:
+                    state.timings.first_token = now
+            events.append(Delta(request_id, seq.index, [token_ids[row]], entries[row] if entries else []))
+            reason = reasons[row]
             if reason is not None:
-                events.append(ChoiceFinished(state.request_id, seq.index, reason))
+                events.append(ChoiceFinished(request_id, seq.index, reason))
+                ended.add(request_id)
         for request_id, events in per_request.items():
+            # A request still here had a choice running: it can only end in a step that
+            # finished one of its choices.
             state = self._requests[request_id]
-            if state.all_finished:
+            if request_id in ended and state.all_finished:
                 self._finish_request(state, events)
             elif self._streams[request_id].push(events, self._wakeups):
                 # The reader is a bound behind: stop generating until it catches up.
@@ -434,6 +394,25 @@ class Engine:
         with self._cond:
             stream = self._streams.pop(state.request_id)
         stream.push(events, self._wakeups)
+
+
+def _logprob_entries(seqs: list[Sequence], token_ids: list[int], out: SampleOutput) -> list[list[TokenLogprob]]:
+    """Each row's chosen-token log-prob with its top alternatives ([] for rows that asked
+    for none)."""
+    chosen = out.logprobs.tolist()
+    top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+    top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+    entries: list[list[TokenLogprob]] = []
+    for row, seq in enumerate(seqs):
+        n_top = seq.params.logprobs
+        if not n_top:
+            entries.append([])
+            continue
+        top = [] if top_ids is None or top_lp is None else [
+            TopLogprob(t, lp) for t, lp in zip(top_ids[row][:n_top], top_lp[row][:n_top], strict=True)
+            if lp != float("-inf")]
+        entries.append([TokenLogprob(token_id=token_ids[row], logprob=chosen[row], top=top)])
+    return entries
 
 
 __all__ = ["Engine"]

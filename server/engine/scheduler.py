@@ -47,6 +47,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.paused: list[Sequence] = []        # oldest pause first
+        self.admitted: list[Sequence] = []      # taken from the queue by the last schedule()
         self.num_preemptions = 0
 
     def add(self, seq: Sequence, front: bool = False) -> None:
@@ -66,6 +67,7 @@ class Scheduler:
                 self._release_paused(seq)
         budget = self.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
+        self.admitted = []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
@@ -98,6 +100,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            self.admitted.append(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             batch.append((seq, n))
             budget -= n
@@ -107,25 +110,30 @@ class Scheduler:
         """Append each sequence's sampled token and finish the sequences it ends; returns
         each one's finish reason (None = goes on)."""
         reasons: list[FinishReason | None] = []
+        max_seq_len = self.max_seq_len
+        # (Locals rather than the Sequence properties: this runs for every row of every step.)
         for seq, token in zip(seqs, token_ids, strict=True):
-            first = seq.num_output_tokens == 0
-            seq.token_ids.append(token)
+            tokens = seq.token_ids
+            first = len(tokens) == seq.num_prompt_tokens
+            tokens.append(token)
+            state = seq.request
+            grammar = seq.grammar
             reason: FinishReason | None = None
-            if token in seq.request.stop_ids:
+            if token in state.stop_ids:
                 reason = "stop"
-            elif seq.grammar is not None and not seq.grammar.accept(token):
+            elif grammar is not None and not grammar.accept(token):
                 # The mask allows only what the grammar accepts, so this is a bug, not a
                 # user error: end the choice rather than emit output that breaks the format.
-                log.error("grammar refused sampled token %d: %s", token, seq.grammar.error)
+                log.error("grammar refused sampled token %d: %s", token, grammar.error)
                 reason = "abort"
-            elif seq.grammar is not None and seq.grammar.is_stopped():
+            elif grammar is not None and grammar.is_stopped():
                 reason = "stop"              # complete, and nothing may follow
-            elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_seq_len:
+            elif (len(tokens) - seq.num_prompt_tokens >= state.request.params.max_tokens
+                  or len(tokens) >= max_seq_len):
                 reason = "length"
             if reason is not None:
                 seq.finish_reason = reason
                 self.finish(seq)
-            state = seq.request
             if first and seq.index == 0 and state.held_choices:
                 # The prompt's blocks are now computed and cached: the other choices start
                 # from them instead of computing the prompt again.
