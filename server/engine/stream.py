@@ -60,7 +60,12 @@ class RequestStream:
         self._visible = 0              # queued events the reader may take; the rest wait
         self._held = 0                 # tokens queued since events were last made visible
         self._shown_first = False      # the first token is shown at once (time to first token)
-        self._cond = threading.Condition()
+        # The condition's lock is taken as `with self._lock` (the C lock's own context
+        # manager; Condition's are Python frames), and blocked readers are counted so that
+        # a push notifies only when one waits: a push per stream per step adds up.
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._blocked = 0              # readers blocked in _wait
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._closed = False           # RequestFinished was delivered to the reader
         self.bound = bound             # tokens; None = unbounded (in-process readers)
@@ -73,7 +78,7 @@ class RequestStream:
         """Queue events for the reader; True when the backlog reached the bound and the
         engine should pause the request (the stream then remembers it is paused). An
         asyncio reader is woken now, or by `wakeups.flush()` when `wakeups` is given."""
-        with self._cond:
+        with self._lock:
             self._events.extend(events)
             # Counted only where a bound or an interval needs them (per request per step).
             tokens = (sum(len(e.token_ids) for e in events if isinstance(e, Delta))
@@ -89,8 +94,11 @@ class RequestStream:
                 self._visible = len(self._events)
                 self._held = 0
                 self._shown_first = self._shown_first or tokens > 0
-                self._cond.notify_all()
-                waiters, self._waiters = self._waiters, []
+                if self._blocked:
+                    self._cond.notify_all()
+                waiters = self._waiters
+                if waiters:
+                    self._waiters = []
             else:
                 waiters = []
         if waiters:
@@ -131,20 +139,28 @@ class RequestStream:
         return self
 
     def __next__(self) -> Event:
-        with self._cond:
+        with self._lock:
             while True:
                 event = self._pop()
                 if event is not None:
                     return event
-                self._cond.wait()
+                self._wait(None)
 
     def get(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after `timeout` seconds; raises StopIteration at the end."""
-        with self._cond:
+        with self._lock:
             event = self._pop()
-            if event is None and self._cond.wait(timeout):
+            if event is None and self._wait(timeout):
                 event = self._pop()
             return event
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Block (the lock held) until a push shows events or `timeout` passes."""
+        self._blocked += 1
+        try:
+            return self._cond.wait(timeout)
+        finally:
+            self._blocked -= 1
 
     async def next_batch(self) -> list[Event]:
         """Every event the reader may take now, waiting (on any asyncio loop) until there
@@ -152,7 +168,7 @@ class RequestStream:
         where `async for` takes the lock per event and again to find nothing more."""
         loop = asyncio.get_running_loop()
         while True:
-            with self._cond:
+            with self._lock:
                 batch: list[Event] = []
                 while self._visible and not self._closed:
                     event = self._pop()
@@ -170,7 +186,7 @@ class RequestStream:
     async def __anext__(self) -> Event:
         loop = asyncio.get_running_loop()
         while True:
-            with self._cond:
+            with self._lock:
                 try:
                     event = self._pop()
                 except StopIteration:
