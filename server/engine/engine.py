@@ -89,6 +89,9 @@ class Engine:
         self.scheduler = Scheduler(config, self.blocks, self.max_seq_len)
         self.runner = ModelRunner(self.model, self.cache)
         self._requests: dict[str, RequestState] = {}
+        # Requests with n > 1, whose held choices count as waiting (a set, not a pass over
+        # every request each step).
+        self._multi_choice: set[str] = set()
         self._streams: dict[str, RequestStream] = {}
         self._inbox: deque[tuple[str, object]] = deque()
         self._cond = threading.Condition()
@@ -281,9 +284,9 @@ class Engine:
                         self._abort_now(request_id)
             self._wakeups.flush()
             # Requests still in the inbox are counted too, so the overload check sees them.
+            held = sum(len(self._requests[r].held_choices) for r in self._multi_choice)
             with self._cond:
-                self._num_waiting_hint = len(self.scheduler.waiting) + len(self._inbox) + sum(
-                    len(s.held_choices) for s in self._requests.values())
+                self._num_waiting_hint = len(self.scheduler.waiting) + len(self._inbox) + held
 
     def _admit(self, request: EngineRequest, arrival: float) -> None:
         state = RequestState(request=request, timings=RequestTimings(arrival=arrival),
@@ -295,6 +298,8 @@ class Engine:
                 num_prompt_tokens=len(request.prompt_ids), seed=derive_seed(base_seed, index),
                 grammar=request.grammar.matcher(state.stop_ids) if request.grammar is not None else None))
         self._requests[request.request_id] = state
+        if request.params.n > 1:
+            self._multi_choice.add(request.request_id)
         self.scheduler.add(state.sequences[0])
         # The other choices wait until the first has computed the prompt, then find its
         # full blocks in the prefix cache instead of computing them again.
@@ -335,7 +340,7 @@ class Engine:
                 if not seq.request.cached_recorded:
                     seq.request.cached_tokens = seq.num_computed
                     seq.request.cached_recorded = True
-        logits, sampling_idx = self.runner.execute(batch)
+        logits, sampling_idx = self.runner.execute(batch, self.scheduler.decode_only)
         caching, block_size = self.config.enable_prefix_caching, self.blocks.block_size
         for seq, n in batch:
             seq.num_computed += n
@@ -355,32 +360,38 @@ class Engine:
         reasons = self.scheduler.postprocess(seqs, token_ids)
         entries = _logprob_entries(seqs, token_ids, out) if want_logprobs else None
         now = time.monotonic()
+        # A request of several choices gets one push with all of its rows' events; a
+        # single-choice request (most) is delivered from its row.
         per_request: dict[str, list[Event]] = {}
-        ended: set[str] = set()       # requests with a choice finished in this step
+        ended: set[str] = set()       # those with a choice finished in this step
         for row, seq in enumerate(seqs):
             state = seq.request
             request_id = state.request_id
-            events = per_request.get(request_id)
-            if events is None:
-                events = per_request[request_id] = []
-                if state.timings.first_token is None:
-                    state.timings.first_token = now
-            events.append(Delta(request_id, seq.index, [token_ids[row]], entries[row] if entries else []))
+            if state.timings.first_token is None:
+                state.timings.first_token = now
             reason = reasons[row]
+            delta = Delta(request_id, seq.index, [token_ids[row]], entries[row] if entries else [])
+            events: list[Event] = [delta] if reason is None else [delta, ChoiceFinished(request_id, seq.index, reason)]
+            if len(state.sequences) == 1:
+                self._deliver(state, events, reason is not None)
+                continue
+            per_request.setdefault(request_id, []).extend(events)
             if reason is not None:
-                events.append(ChoiceFinished(request_id, seq.index, reason))
                 ended.add(request_id)
         for request_id, events in per_request.items():
-            # A request still here had a choice running: it can only end in a step that
-            # finished one of its choices.
-            state = self._requests[request_id]
-            if request_id in ended and state.all_finished:
-                self._finish_request(state, events)
-            elif self._streams[request_id].push(events, self._wakeups):
-                # The reader is a bound behind: stop generating until it catches up.
-                for seq in state.sequences:
-                    if not seq.is_finished and seq not in state.held_choices:
-                        self.scheduler.pause(seq)
+            self._deliver(self._requests[request_id], events, request_id in ended)
+
+    def _deliver(self, state: RequestState, events: list[Event], choice_ended: bool) -> None:
+        """Push a step's events to the request's stream, or finish the request with them.
+        A request still here had a choice running, so it can only end in a step that
+        finished one of its choices."""
+        if choice_ended and state.all_finished:
+            self._finish_request(state, events)
+        elif self._streams[state.request_id].push(events, self._wakeups):
+            # The reader is a bound behind: stop generating until it catches up.
+            for seq in state.sequences:
+                if not seq.is_finished and seq not in state.held_choices:
+                    self.scheduler.pause(seq)
 
     def _finish_request(self, state: RequestState, events: list[Event]) -> None:
         state.timings.finished = time.monotonic()
@@ -391,6 +402,7 @@ class Engine:
         )
         events.append(RequestFinished(state.request_id, usage, state.timings))
         del self._requests[state.request_id]
+        self._multi_choice.discard(state.request_id)
         with self._cond:
             stream = self._streams.pop(state.request_id)
         stream.push(events, self._wakeups)

@@ -25,11 +25,12 @@ class ModelRunner:
         self.decode_planner = DecodePlanner(cache.block_size) if cache.in_place else None
 
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int]]:
+    def execute(self, batch: list[tuple[Sequence, int]], decode_only: bool = False) -> tuple[torch.Tensor, list[int]]:
         """Compute `n` new tokens for each (sequence, n). Returns float32 logits (S, V) for
         the S sequences whose computed tokens reach their end (they sample next), and
-        their indices in `batch`."""
-        if self.decode_planner is not None and all(n == 1 and seq.num_computed for seq, n in batch):
+        their indices in `batch`. `decode_only`: the scheduler's word that every n is 1
+        and every sequence has cached context (the kept decode plan then serves)."""
+        if self.decode_planner is not None and decode_only:
             return self._decode([seq for seq, _ in batch])
         ids: list[int] = []
         rows: list[RowSpec] = []
@@ -50,7 +51,7 @@ class ModelRunner:
         assert self.decode_planner is not None
         ids = [seq.token_ids[seq.num_computed] for seq in seqs]
         # A row whose token is not its last (a prompt's chunk cut to one token) does not sample.
-        sampling = [i for i, seq in enumerate(seqs) if seq.num_computed + 1 == seq.num_tokens]
+        sampling = [i for i, seq in enumerate(seqs) if seq.num_computed + 1 == len(seq.token_ids)]
         return self._forward(ids, self.decode_planner.plan(seqs), sampling, sampling)
 
     def _forward(self, ids: list[int], plan: AttentionPlan, last: list[int],

@@ -263,15 +263,16 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams] | SamplingTens
     x = apply_penalties(x, t, output_ids, prompt_ids)
     if allowed is not None and allowed[0].numel():
         x = apply_token_bitmask(x, *allowed)
-    sampled = t.temperature > 0
-    if t.any_sampled:
+    # (Only a batch with a sampled row pays for its mask: a greedy decode step skips it.)
+    sampled = t.temperature > 0 if t.any_sampled else None
+    if sampled is not None:
         x = x / torch.where(sampled, t.temperature, torch.ones_like(t.temperature))[:, None]
         x = _filter(x, t, sampled)
     if not (t.any_sampled or chosen_logprobs or num_logprobs > 0):
         return SampleOutput(token_ids=argmax_rows(x), logprobs=x.new_empty(0))
     logp = torch.log_softmax(x, dim=-1)
     greedy_ids = argmax_rows(logp)
-    if t.any_sampled:
+    if sampled is not None:
         if seeds is None:
             seeds = torch.randint(0, 1 << 62, (batch,), dtype=torch.int64)
         if steps is None:

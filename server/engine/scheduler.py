@@ -48,6 +48,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.paused: list[Sequence] = []        # oldest pause first
         self.admitted: list[Sequence] = []      # taken from the queue by the last schedule()
+        self.decode_only = False                # the last batch: one token each, context cached
         self.num_preemptions = 0
 
     def add(self, seq: Sequence, front: bool = False) -> None:
@@ -70,10 +71,15 @@ class Scheduler:
         self.admitted = []
         preempted = False
         i = 0
+        block_size = self.blocks.block_size
+        decode_only = True
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            while not self.blocks.ensure_capacity(seq, seq.num_computed + n):
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            decode_only = decode_only and n == 1 and seq.num_computed > 0
+            # (Most steps a decode's token fits its last block: no call for it.)
+            while (seq.num_computed + n > len(seq.block_table) * block_size
+                   and not self.blocks.ensure_capacity(seq, seq.num_computed + n)):
                 holder = next((p for p in self.paused if p.block_table), None)
                 if holder is not None:
                     self._release_paused(holder)
@@ -104,6 +110,7 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed, budget)
             batch.append((seq, n))
             budget -= n
+        self.decode_only = decode_only and not self.admitted
         return batch
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[FinishReason | None]:

@@ -344,7 +344,7 @@ def test_submit_many_is_seen_whole_by_the_first_step_and_is_all_or_none(model, p
                     start=False)
     seen: list[int] = []
     execute = engine.runner.execute
-    engine.runner.execute = lambda batch: (seen.append(len(batch)), execute(batch))[1]
+    engine.runner.execute = lambda batch, *rest: (seen.append(len(batch)), execute(batch, *rest))[1]
     # Refused whole: one prompt beyond the context, a repeated id, more than the queue takes.
     too_long = EngineRequest("long", [1] * (model.config.max_seq_len + 1), GREEDY)
     with pytest.raises(RequestRejected):
@@ -373,11 +373,11 @@ def test_a_failing_step_aborts_in_flight_requests_and_the_engine_keeps_serving(m
     real = engine.runner.execute
     calls = {"n": 0}
 
-    def flaky(batch):
+    def flaky(batch, *rest):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated kernel failure")
-        return real(batch)
+        return real(batch, *rest)
 
     engine.runner.execute = flaky
     events = list(submit(engine, "doomed", prompts[0]))
