@@ -6,7 +6,9 @@ same weights and prompts, reported as ratios.
   vs transformers      HF `generate` on the exported weights, padded batches, greedy
   vs bare forward      the engine's forward (same packing, KV pool and attention) in a
                        plain loop, plans prebuilt, no scheduler, sampler or bookkeeping:
-                       the practical limit
+                       the practical limit. Step time: the engine's steps and the bare
+                       loop's in turn on one thread (64 sequences). Served: the same batch
+                       through a started engine read by asyncio clients (no target)
   prefix cache         time to first token with a warm vs cold 512-token system prompt
   KV capacity          sequences that fit a KV budget: paged blocks vs contiguous
                        max-length reservation
@@ -115,7 +117,7 @@ def _dtype(model: GPT) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-# Alternating rounds of the bare loop and the engine on the same batch.
+# Rounds of the paired steps and of the served engine on the same batch.
 BARE_ROUNDS = 3
 
 # EngineConfig fields every engine of the run shares (set from the command line).
@@ -166,20 +168,6 @@ def run_engine(engine, work: list[Work], clients: int | None = None) -> dict[str
     start, cpu_start = time.perf_counter(), time.process_time()
     asyncio.run(main())
     return _rates(sum(produced), time.perf_counter() - start, time.process_time() - cpu_start)
-
-
-def run_offline(engine, work: list[Work]) -> dict[str, float]:
-    """Generate `work` as offline callers do (`offline.generate`: one submission, the
-    caller's thread collecting the streams), greedy with EOS ignored: the engine's own
-    step loop with nobody else on the interpreter, as `LLM.generate` measures vLLM's."""
-    from server.engine import offline
-    from server.engine.api import SamplingParams
-
-    params = [SamplingParams(temperature=0.0, max_tokens=w.max_tokens, ignore_eos=True) for w in work]
-    start, cpu_start = time.perf_counter(), time.process_time()
-    outputs = offline.generate(engine, [w.prompt_ids for w in work], params)
-    return _rates(sum(o.usage.completion_tokens for o in outputs), time.perf_counter() - start,
-                  time.process_time() - cpu_start)
 
 
 def _rates(tokens: int, seconds: float, cpu_seconds: float) -> dict[str, float]:
@@ -243,45 +231,112 @@ def hf_generate(model: GPT, tokenizer: SolTokenizer, work: list[Work], batch_siz
             "tokens_generated_incl_padding": produced}
 
 
-@torch.inference_mode()
-def bare_forward(model: GPT, prompt: list[int], batch: int, new_tokens: int,
-                 keep_tokens: bool = False) -> dict[str, Any]:
+class BareLoop:
     """The practical limit: the engine's own forward (tokens packed into one row, the paged
     KV pool and the attention it would use) over a batch of equal prompts, then greedy
-    decode, with every step's attention plan built before the clock starts. No scheduler,
-    no sampler beyond argmax, no streams or bookkeeping: what is left between this and the
-    engine is the engine's overhead. (A contiguous cache with SDPA instead measured the
-    attention kernels, not the overhead: bf16 SDPA over a GQA cache took 40 ms per
-    64-sequence decode step where the paged kernel took 10, on an AVX-512 CPU without AMX.)
-    `keep_tokens` adds the generated ids (batch lists) to the result."""
-    from server.engine.kv_cache import PagedKVCache, RowSpec, plan_attention
-    from server.engine.paged_attention import use_in_place
-    from server.engine.sampler import argmax_rows  # the engine's greedy pick, so both pay the same
+    decode, with every step's attention plan built up front. No scheduler, no sampler
+    beyond argmax, no streams or bookkeeping: what is left between this and the engine is
+    the engine's overhead. (A contiguous cache with SDPA instead measured the attention
+    kernels, not the overhead: bf16 SDPA over a GQA cache took 40 ms per 64-sequence
+    decode step where the paged kernel took 10, on an AVX-512 CPU without AMX.)"""
 
-    block_size = 16
-    per_row = -(-(len(prompt) + new_tokens) // block_size)
-    device = torch.device("cpu")
-    in_place = use_in_place(ENGINE_SETTINGS.get("attention", "auto"), device)
-    cache = PagedKVCache(model.config, batch * per_row, block_size, device, _dtype(model), in_place=in_place)
-    tables = [list(range(r * per_row, (r + 1) * per_row)) for r in range(batch)]
-    plans = [plan_attention([RowSpec(0, len(prompt), t) for t in tables], block_size, device, _dtype(model),
-                            in_place)]
-    plans += [plan_attention([RowSpec(len(prompt) + i, 1, t) for t in tables], block_size, device, _dtype(model),
-                             in_place) for i in range(new_tokens - 1)]
-    last = torch.arange(1, batch + 1) * len(prompt) - 1        # each prompt's last packed token
-    ids = torch.tensor(prompt * batch)[None]
+    def __init__(self, model: GPT, prompt: list[int], batch: int, new_tokens: int) -> None:
+        from server.engine.kv_cache import PagedKVCache, RowSpec, plan_attention
+        from server.engine.paged_attention import use_in_place
+
+        block_size = 16
+        per_row = -(-(len(prompt) + new_tokens) // block_size)
+        device = torch.device("cpu")
+        in_place = use_in_place(ENGINE_SETTINGS.get("attention", "auto"), device)
+        self.model = model
+        self.cache = PagedKVCache(model.config, batch * per_row, block_size, device, _dtype(model), in_place=in_place)
+        tables = [list(range(r * per_row, (r + 1) * per_row)) for r in range(batch)]
+        self.plans = [plan_attention([RowSpec(0, len(prompt), t) for t in tables], block_size, device,
+                                     _dtype(model), in_place)]
+        self.plans += [plan_attention([RowSpec(len(prompt) + i, 1, t) for t in tables], block_size, device,
+                                      _dtype(model), in_place) for i in range(new_tokens - 1)]
+        self.last = torch.arange(1, batch + 1) * len(prompt) - 1        # each prompt's last packed token
+        self.ids = torch.tensor(prompt * batch)[None]
+        self.done = 0
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        """The next step (the prefill, then one decode each): the batch's new tokens."""
+        from server.engine.sampler import argmax_rows  # the engine's greedy pick, so both pay the same
+
+        plan, first = self.plans[self.done], self.done == 0
+        hidden = self.model.hidden_states(self.ids, plan.positions[None], self.cache.hook(plan))
+        nxt = argmax_rows(self.model.lm_head(hidden[0, self.last] if first else hidden[0]).float())
+        self.ids = nxt[None]
+        self.done += 1
+        return nxt
+
+
+def bare_forward(model: GPT, prompt: list[int], batch: int, new_tokens: int,
+                 keep_tokens: bool = False) -> dict[str, Any]:
+    """The bare loop run through, timed. `keep_tokens` adds the generated ids (batch
+    lists) to the result."""
+    loop = BareLoop(model, prompt, batch, new_tokens)
     out: list[torch.Tensor] = []
     start, cpu_start = time.perf_counter(), time.process_time()
-    for i, plan in enumerate(plans):
-        hidden = model.hidden_states(ids, plan.positions[None], cache.hook(plan))
-        nxt = argmax_rows(model.lm_head(hidden[0, last] if i == 0 else hidden[0]).float())
-        ids = nxt[None]
+    for _ in range(new_tokens):
+        nxt = loop.step()
         if keep_tokens:
             out.append(nxt)
     result: dict[str, Any] = _rates(batch * new_tokens, time.perf_counter() - start, time.process_time() - cpu_start)
     if keep_tokens:
         result["token_ids"] = torch.stack(out, 1).tolist()
     return result
+
+
+def paired_steps(model: GPT, tokenizer: SolTokenizer, prompt: list[int], batch: int,
+                 new_tokens: int) -> dict[str, Any]:
+    """The engine's step time against the bare loop's, step for step: a synchronous engine
+    (as `offline.generate`, training and evaluation step it) and the bare loop take their
+    steps in turn on this thread, each timed (for the engine, one whole iteration: taking
+    submissions, scheduling, the forward, sampling, pushing events). Whatever the machine
+    does to one step it does to its neighbour: on a shared machine two back-to-back runs
+    of the same loop differ by up to 15%, a step and the next one far less. Both use the
+    thread's OpenMP team and malloc arena, warm from the run so far, and fresh KV blocks
+    in order, so only the step's own work differs."""
+    from server.engine.api import EngineRequest, RequestFinished, SamplingParams
+
+    loop = BareLoop(model, prompt, batch, new_tokens)
+    per_row = -(-(len(prompt) + new_tokens) // 16)
+    engine = _engine(model, tokenizer, start=False, max_num_seqs=batch,
+                     max_num_batched_tokens=max(512, batch * len(prompt)), enable_prefix_caching=False,
+                     num_blocks=batch * per_row + 16)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    streams = engine.submit_many([EngineRequest(f"paired-{i}", list(prompt), params) for i in range(batch)])
+    bare_s: list[float] = []
+    engine_s: list[float] = []
+    bare_cpu = engine_cpu = 0.0
+    for _ in range(new_tokens):
+        t0, c0 = time.perf_counter(), time.process_time()
+        loop.step()
+        t1, c1 = time.perf_counter(), time.process_time()
+        if not engine.run_step():
+            raise RuntimeError("the engine went idle before the bare loop's last step")
+        t2, c2 = time.perf_counter(), time.process_time()
+        bare_s.append(t1 - t0)
+        engine_s.append(t2 - t1)
+        bare_cpu += c1 - c0
+        engine_cpu += c2 - c1
+    if engine.run_step():
+        raise RuntimeError("the engine took more steps than the bare loop (one prefill, then one decode per token)")
+    tokens = sum(e.usage.completion_tokens for s in streams for e in s if isinstance(e, RequestFinished))
+    if tokens != batch * new_tokens:
+        raise RuntimeError(f"the engine made {tokens} tokens, not {batch * new_tokens}")
+    return {
+        "bare": _rates(tokens, sum(bare_s), bare_cpu),
+        "engine": _rates(tokens, sum(engine_s), engine_cpu),
+        # The target's ratio: time for the decode steps, 64 sequences decoding (the
+        # prefill step, the same work for both, would dilute the overhead).
+        "decode_ratio": sum(bare_s[1:]) / sum(engine_s[1:]),
+        "prefill_ms": {"bare": bare_s[0] * 1e3, "engine": engine_s[0] * 1e3},
+        "decode_step_ms_p50": {"bare": statistics.median(bare_s[1:]) * 1e3,
+                               "engine": statistics.median(engine_s[1:]) * 1e3},
+    }
 
 
 def prefix_ttft(model: GPT, tokenizer: SolTokenizer, stream: list[int], repeats: int) -> dict[str, float]:
@@ -359,7 +414,7 @@ def draw(sweep: list[dict[str, float]], hf: dict[str, float], bare: dict[str, fl
     ax.axhline(bare[rate], color="tab:green", ls=":",
                label=f"bare forward loop, batch {bare['batch']} (uniform lengths)")
     ax.plot([bare["batch"]], [same[rate]], marker="*", ms=12, ls="none", color="tab:green",
-            label="sol engine on the bare loop's uniform batch (offline generate)")
+            label="sol engine's steps on the same batch (paired with the bare loop's)")
     ax.plot([bare["batch"]], [served[rate]], marker="P", ms=10, ls="none", color="tab:purple",
             label="the same, read by asyncio clients (as served)")
     ax.set_xscale("log", base=2)
@@ -453,58 +508,46 @@ def run(args: argparse.Namespace) -> int:
     uniform_prompt, uniform_new = (64, 48) if quick else (128, 96)
     uniform_new = min(uniform_new, ctx - uniform_prompt)
     prompt = stream[:uniform_prompt]
-    # Alternating rounds, best of each: on a shared machine other work only ever slows a
-    # run down (one run of each moved the ratio by +-15% here), and alternating keeps a
-    # slow stretch of the machine from landing on one side only.
-    bare_runs: list[dict[str, Any]] = []
-    engine_runs: list[dict[str, float]] = []
+    paired_runs: list[dict[str, Any]] = []
     served_runs: list[dict[str, float]] = []
     uniform = [Work(list(prompt), uniform_new) for _ in range(n)]
-    warm_up = [Work(list(prompt), 2) for _ in range(n)]
-    # Room for the warm-up's blocks and then the timed run's, so that the timed run takes
-    # never-used blocks in order (the free list is first in, first out): each sequence's
-    # blocks then lie in a row, as the bare loop's do, and the ratio measures the step's
-    # overhead rather than where churn put the blocks.
-    blocks = 2 * n * -(-(uniform_prompt + uniform_new) // 16) + 16
-    settings = {"max_num_seqs": n, "max_num_batched_tokens": max(512, n * uniform_prompt),
-                "enable_prefix_caching": False, "num_blocks": blocks}
     for _ in range(BARE_ROUNDS):
-        bare_runs.append(bare_forward(model, prompt, n, uniform_new))
-        # The engine's step loop on this same thread, warm from the bare loop (a synchronous
-        # engine, as training and evaluation drive it; `offline.generate` steps it): the
-        # same OpenMP team and malloc arena as the bare loop, so that only the step's own
-        # work differs. (A new stepping thread's first steps pay for a new team and for
-        # first-touch pages in a new arena: a cold engine's 64-prompt prefill took 470 ms
-        # where the bare loop's took 300.)
-        engine = _engine(model, tokenizer, start=False, **settings)
-        run_offline(engine, warm_up)
-        engine_runs.append(run_offline(engine, uniform))
-        # Served: a started engine read by asyncio clients, warmed the same way first.
+        paired_runs.append(paired_steps(model, tokenizer, prompt, n, uniform_new))
+        # Served: a started engine read by asyncio clients, warmed first (a new stepping
+        # thread's first steps pay for a new OpenMP team and first-touch pages in a new
+        # malloc arena: a cold engine's 64-prompt prefill took 470 ms where the bare
+        # loop's took 300), with room for the warm-up's blocks and then fresh ones in order.
         # One OpenMP team on the cores at a time: with a second team alive (the main
-        # thread's beside the stepping thread's, or an idle engine thread's during the
-        # bare loop) libgomp has more threads than cores and puts idle workers to sleep,
-        # so every op pays a wake-up (gpt/openmp.py; the bare loop ran 40% slower beside
-        # an idle engine). The main thread gives its team back, as a server's loading
-        # thread does, and the engine (and its thread's team) is gone before the next round.
+        # thread's beside the stepping thread's, or an idle engine thread's) libgomp has
+        # more threads than cores and puts idle workers to sleep, so every op pays a
+        # wake-up (gpt/openmp.py; the bare loop ran 40% slower beside an idle engine). The
+        # main thread gives its team back, as a server's loading thread does, and the
+        # engine (and its thread's team) is gone before the next round.
         release_thread_pool()
-        engine = _engine(model, tokenizer, **settings)
+        engine = _engine(model, tokenizer, max_num_seqs=n, max_num_batched_tokens=max(512, n * uniform_prompt),
+                         enable_prefix_caching=False,
+                         num_blocks=2 * n * -(-(uniform_prompt + uniform_new) // 16) + 16)
         try:
-            run_engine(engine, warm_up)
+            run_engine(engine, [Work(list(prompt), 2) for _ in range(n)])
             served_runs.append(run_engine(engine, uniform))
         finally:
             engine.shutdown()
-    bare = max(bare_runs, key=lambda r: r[rate])
+    # The median round of the paired ratio (pairing already cancels the machine's drift;
+    # the median drops a round that a burst of other work hit on one side).
+    step_ratios = [r["decode_ratio"] for r in paired_runs]
+    paired = sorted(paired_runs, key=lambda r: r["decode_ratio"])[len(paired_runs) // 2]
+    bare = max((r["bare"] for r in paired_runs), key=lambda r: r[rate])
     bare["batch"] = n
-    same = max(engine_runs, key=lambda r: r[rate])
     served = max(served_runs, key=lambda r: r[rate])
-    # Every round's rate too: on a shared machine one round moves +-15%.
-    for best, runs in ((bare, bare_runs), (same, engine_runs), (served, served_runs)):
-        best["rounds"] = [r[rate] for r in runs]
+    served["rounds"] = [r[rate] for r in served_runs]
+    result.measurements["paired_steps"] = {"median_round": paired, "ratio_rounds": step_ratios}
     result.measurements["bare_forward"] = bare
-    result.measurements["engine_same_batch"] = same
     result.measurements["served_same_batch"] = served
-    result.ratios["engine_vs_bare_forward"] = same[rate] / bare[rate]
+    result.ratios["engine_vs_bare_forward"] = statistics.median(step_ratios)
+    # Throughput of the whole batch through the served engine against the bare loop's
+    # best round: this one includes the readers' share of the GIL and the cores.
     result.ratios["served_vs_bare_forward"] = served[rate] / bare[rate]
+    same = paired["engine"]
 
     print("prefix cache time to first token...", flush=True)
     release_thread_pool()

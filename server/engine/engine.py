@@ -168,23 +168,30 @@ class Engine:
         """Synchronous mode (an engine made with start=False, e.g. for training rollouts
         and evaluation): run steps on the calling thread until every submitted request
         has finished. Streams are then complete and can be read without blocking."""
+        while self.run_step():
+            pass
+
+    def run_step(self) -> bool:
+        """One iteration of the synchronous mode: take what was submitted or aborted, run
+        one step, wake the readers. False, with nothing run, once every submitted request
+        has finished."""
         if self.thread is not None:
-            raise RuntimeError("run_until_idle is for an engine without its own thread (start=False)")
-        while True:
+            raise RuntimeError("run_until_idle and run_step are for an engine without its own thread (start=False)")
+        with self._cond:
+            inbox = list(self._inbox)
+            self._inbox.clear()
+        self._apply(inbox)
+        self._wakeups.flush()
+        if not self.scheduler.has_work():
             with self._cond:
-                inbox = list(self._inbox)
-                self._inbox.clear()
-            self._apply(inbox)
+                # The thread's loop keeps this count; here nothing waits once idle.
+                self._num_waiting_hint = len(self._inbox)
+            return False
+        try:
+            self.step()
+        finally:
             self._wakeups.flush()
-            if not self.scheduler.has_work():
-                with self._cond:
-                    # The thread's loop keeps this count; here nothing waits once idle.
-                    self._num_waiting_hint = len(self._inbox)
-                return
-            try:
-                self.step()
-            finally:
-                self._wakeups.flush()
+        return True
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix block: call it, while idle, after the model's weights

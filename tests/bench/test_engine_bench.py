@@ -37,3 +37,20 @@ def test_bare_loop_generates_the_engines_greedy_tokens(tiny_tokenizer, monkeypat
     assert bare["token_ids"] == want
     assert len(set(want[0])) > 1, "a degenerate model (one token repeated) would prove nothing"
     assert bare["tokens"] == batch * new_tokens and bare["tokens_per_s"] > 0
+
+
+def test_paired_steps_take_one_engine_step_per_bare_step(tiny_tokenizer):
+    """The step-time ratio pairs each of the bare loop's steps with one whole engine
+    iteration: the engine must prefill the batch in one step and then decode one token a
+    step, or the pairs would compare different work (the bench refuses it)."""
+    model = make_tiny_model(tiny_tokenizer, tie_embeddings=False)
+    lively_init(model, seed=3)
+    prompt = tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog, then sleeps.")
+    batch, new_tokens = 3, 10
+
+    result = bench_engine.paired_steps(model, tiny_tokenizer, prompt, batch, new_tokens)
+
+    assert result["bare"]["tokens"] == result["engine"]["tokens"] == batch * new_tokens
+    assert result["bare"]["seconds"] > 0 and result["engine"]["seconds"] > 0
+    assert set(result["decode_step_ms_p50"]) == {"bare", "engine"}
+    assert result["decode_ratio"] > 0
