@@ -80,15 +80,28 @@ class SqliteStore:
             self._db.executescript(SCHEMA)
 
     @contextmanager
-    def _tx(self):
+    def _tx(self, durable: bool = True):
+        """One write transaction. `durable=False` for rows that only matter while this
+        process runs (run claims, quota reservations, the rate window: each lapses on its
+        own): committed without an fsync (WAL with synchronous=NORMAL; the next durable
+        commit syncs them too, and a power cut can only lose them, never corrupt the
+        file). Every request claims its id and ends with its usage record, all under one
+        lock: with an fsync each, a burst of 32 streaming requests queued 5-95 ms at the
+        claim (demo model, 2 cores), most of its time to first token."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def ping(self) -> None:
         with self._lock:
@@ -143,7 +156,7 @@ class SqliteStore:
         # BEGIN IMMEDIATE takes SQLite's write lock before reading, so check-and-reserve is
         # one step for every connection and process sharing the file.
         limited = key.rpm is not None or key.tpm is not None
-        with self._tx() as db:
+        with self._tx(durable=False) as db:
             db.execute("DELETE FROM reservations WHERE expires < ?", (now,))
             db.execute("DELETE FROM rate_window WHERE ts <= ?", (now - RATE_WINDOW_S,))
             row = db.execute("SELECT tokens_used FROM keys WHERE key_id=?", (key.key_id,)).fetchone()
@@ -175,7 +188,7 @@ class SqliteStore:
         return Admission(True)
 
     def release(self, key_id: str, request_id: str) -> None:
-        with self._tx() as db:
+        with self._tx(durable=False) as db:
             db.execute("DELETE FROM reservations WHERE key_id=? AND request_id=?", (key_id, request_id))
             # A request that ran is settled by `record` and stays in the window.
             if not db.execute("SELECT 1 FROM requests WHERE key_id=? AND request_id=?",
@@ -205,7 +218,7 @@ class SqliteStore:
         return True
 
     def claim(self, key_id: str, request_id: str, now: float) -> str:
-        with self._tx() as db:
+        with self._tx(durable=False) as db:
             if db.execute("SELECT 1 FROM requests WHERE key_id=? AND request_id=?", (key_id, request_id)).fetchone():
                 return "billed"
             db.execute("DELETE FROM running WHERE expires < ?", (now,))
@@ -214,7 +227,7 @@ class SqliteStore:
             return "ok" if cur.rowcount else "running"
 
     def unclaim(self, key_id: str, request_id: str) -> None:
-        with self._tx() as db:
+        with self._tx(durable=False) as db:
             db.execute("DELETE FROM running WHERE key_id=? AND request_id=?", (key_id, request_id))
 
     def has_record(self, key_id: str, request_id: str) -> bool:

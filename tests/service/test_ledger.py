@@ -160,3 +160,33 @@ def test_claim_is_single_flight(store):
     assert store.claim("k1", "r1", now) == "ok"
     store.record(rec("r1"))                                      # recording ends the claim
     assert store.claim("k1", "r1", now) == "billed"
+
+
+def test_sqlite_commits_run_state_without_fsync_and_usage_with_it(tmp_path):
+    """Run claims and quota reservations only matter while this process runs: they commit
+    without an fsync (WAL, synchronous=NORMAL), and the connection is back to FULL for the
+    usage records that bill. Both kinds are committed: another connection sees them."""
+    import sqlite3
+
+    from server.ledger_sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "ledger.db")
+    key = make_key(store, token_budget=1000)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+
+    def sync_modes(action) -> list[str]:
+        statements.clear()
+        action()
+        return [s for s in statements if s.upper().startswith("PRAGMA SYNCHRONOUS")]
+
+    assert sync_modes(lambda: store.claim("k1", "r1", time.time())) == ["PRAGMA synchronous=NORMAL",
+                                                                        "PRAGMA synchronous=FULL"]
+    assert sync_modes(lambda: store.admit(key, "r1", 10, time.time())).count("PRAGMA synchronous=NORMAL") == 1
+    assert sync_modes(lambda: store.record(rec("r1"))) == []
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2     # FULL
+    other = sqlite3.connect(tmp_path / "ledger.db")
+    assert other.execute("SELECT COUNT(*) FROM requests WHERE request_id='r1'").fetchone()[0] == 1
+    assert store.claim("k1", "r2", time.time()) == "ok"
+    assert other.execute("SELECT COUNT(*) FROM running WHERE request_id='r2'").fetchone()[0] == 1
+    other.close()
