@@ -302,10 +302,9 @@ def paired_steps(model: GPT, tokenizer: SolTokenizer, prompt: list[int], batch: 
     from server.engine.api import EngineRequest, RequestFinished, SamplingParams
 
     loop = BareLoop(model, prompt, batch, new_tokens)
-    per_row = -(-(len(prompt) + new_tokens) // 16)
     engine = _engine(model, tokenizer, start=False, max_num_seqs=batch,
                      max_num_batched_tokens=max(512, batch * len(prompt)), enable_prefix_caching=False,
-                     num_blocks=batch * per_row + 16)
+                     num_blocks=_blocks_for([Work(prompt, new_tokens)] * batch, 16) + 16)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     streams = engine.submit_many([EngineRequest(f"paired-{i}", list(prompt), params) for i in range(batch)])
     bare_s: list[float] = []
@@ -526,7 +525,7 @@ def run(args: argparse.Namespace) -> int:
         release_thread_pool()
         engine = _engine(model, tokenizer, max_num_seqs=n, max_num_batched_tokens=max(512, n * uniform_prompt),
                          enable_prefix_caching=False,
-                         num_blocks=2 * n * -(-(uniform_prompt + uniform_new) // 16) + 16)
+                         num_blocks=2 * _blocks_for(uniform, 16) + 16)
         try:
             run_engine(engine, [Work(list(prompt), 2) for _ in range(n)])
             served_runs.append(run_engine(engine, uniform))

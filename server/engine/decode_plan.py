@@ -51,7 +51,7 @@ class DecodePlanner:
         positions = np.fromiter(map(_num_computed, seqs), dtype=np.int64, count=len(seqs))
         lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(seqs))
         if not self._continues(seqs, tables):
-            self._start(seqs, lengths)
+            self._start(seqs, tables, lengths)
         else:
             self._grow(seqs, lengths)
         bs = self.block_size
@@ -68,13 +68,13 @@ class DecodePlanner:
         return (len(seqs) == len(self._seqs) and all(map(operator.is_, seqs, self._seqs))
                 and all(map(operator.is_, tables, self._tables_of)))
 
-    def _start(self, seqs: list[Sequence], lengths: np.ndarray) -> None:
-        tables = np.zeros((len(seqs), _padded(int(lengths.max()))), dtype=np.int64)
-        for row, seq in enumerate(seqs):
-            tables[row, :len(seq.block_table)] = seq.block_table
-        self._set_tables(tables)
+    def _start(self, seqs: list[Sequence], tables: list[list[int]], lengths: np.ndarray) -> None:
+        padded = np.zeros((len(seqs), _padded(int(lengths.max()))), dtype=np.int64)
+        for row, table in enumerate(tables):
+            padded[row, :len(table)] = table
+        self._set_tables(padded)
         self._seqs = list(seqs)
-        self._tables_of = [s.block_table for s in seqs]
+        self._tables_of = tables
         self._lengths = lengths
         self._rows_t = torch.arange(len(seqs), dtype=torch.int64)
 
