@@ -21,24 +21,30 @@ from grpc_reflection.v1alpha import reflection
 from gpt.checkpoint import CheckpointError
 from gpt.registry import Registry, RegistryError
 from proto.sol.v1 import sol_pb2 as pb
-from server.accounting import Accountant
-from server.admin import AdminServicer
-from server.auth import Authenticator, check_pepper, resolve_admin_key, resolve_pepper, run_blocking
+from server.accounting.accountant import Accountant
+from server.accounting.auth import (
+    Authenticator,
+    check_pepper,
+    resolve_admin_key,
+    resolve_pepper,
+    run_blocking,
+)
+from server.accounting.ledger import LedgerStore, Price
+from server.accounting.pricing import PriceBook
+from server.accounting.quota import QuotaGate
+from server.accounting.spool import Spool
 from server.config import ServerConfig
 from server.engine.config import EngineConfig
+from server.grpc.admin import AdminServicer
+from server.grpc.servicer import InferenceServicer
+from server.grpc.wire import add_service
 from server.health import Health
-from server.hotload import HotLoadConfig, HotLoader, LoadOutcome
 from server.inference import InferenceService
-from server.kv_budget import KVBudget
-from server.ledger import LedgerStore, Price
 from server.metrics import ServiceMetrics
-from server.models import EngineFactory, ModelManager, default_engine_factory
-from server.pricing import PriceBook
-from server.quota import QuotaGate
-from server.servicer import InferenceServicer
-from server.spool import Spool
+from server.models.hotload import HotLoadConfig, HotLoader, LoadOutcome
+from server.models.kv_budget import KVBudget
+from server.models.manager import EngineFactory, ModelManager, default_engine_factory
 from server.tls import ReloadingCredentials, TlsFiles
-from server.wire import add_service
 
 log = logging.getLogger("sol.app")
 
@@ -54,10 +60,10 @@ SERVICE_NAMES = (
 
 def make_store(config: ServerConfig) -> LedgerStore:
     if config.redis_url:
-        from server.ledger_redis import RedisStore
+        from server.accounting.ledger_redis import RedisStore
 
         return RedisStore(config.redis_url, timeout_s=config.store_timeout_s, tls_ca=config.redis_tls_ca)
-    from server.ledger_sqlite import SqliteStore
+    from server.accounting.ledger_sqlite import SqliteStore
 
     return SqliteStore(config.ledger_path)
 

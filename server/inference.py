@@ -27,7 +27,10 @@ from gpt.chat import Message, chat_prompt_ids
 from gpt.quoting import quote
 from gpt.registry import ModelNotFound, RegistryError
 from server import validation
-from server.accounting import Accountant
+from server.accounting.accountant import Accountant
+from server.accounting.ledger import KeyInfo, StoreUnavailable, UsageRecord, utc_day
+from server.accounting.pricing import PriceBook
+from server.accounting.quota import QuotaGate
 from server.config import ServerConfig
 from server.engine.api import (
     ChoiceFinished,
@@ -45,11 +48,8 @@ from server.engine.grammar import CompiledGrammar, GrammarError
 from server.engine.output import OutputProcessor
 from server.engine.stream import RequestStream
 from server.errors import ServiceError, exhausted, invalid, not_found, unavailable
-from server.ledger import KeyInfo, StoreUnavailable, UsageRecord, utc_day
 from server.metrics import ServiceMetrics
-from server.models import LoadedModel, ModelManager
-from server.pricing import PriceBook
-from server.quota import QuotaGate
+from server.models.manager import LoadedModel, ModelManager
 
 log = logging.getLogger("sol.inference")
 

@@ -25,8 +25,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import Receive, Scope, Send
 
 from gpt.registry import RegistryError
-from server.auth import Authenticator, AuthError
-from server.errors import ServiceError
+from server.accounting.auth import Authenticator, AuthError
+from server.accounting.ledger import KeyInfo
+from server.accounting.pricing import PriceBook
+from server.errors import ServiceError, auth_error
 from server.health import Health
 from server.http import responses
 from server.http.errors import service_error_body
@@ -40,9 +42,6 @@ from server.http.schemas import (
     ModelList,
 )
 from server.inference import InferenceService, Job
-from server.ledger import KeyInfo
-from server.pricing import PriceBook
-from server.servicer import auth_error
 
 log = logging.getLogger("sol.http")
 T = TypeVar("T")

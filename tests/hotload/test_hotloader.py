@@ -7,8 +7,8 @@ import weakref
 import pytest
 
 from server.engine.config import EngineConfig
-from server.hotload import HotLoadConfig, HotLoader
-from server.models import ModelManager, default_engine_factory
+from server.models.hotload import HotLoadConfig, HotLoader
+from server.models.manager import ModelManager, default_engine_factory
 from tests.hotload.helpers import expected_text, publish_broken, publish_seeded
 from tests.service.harness import wait_for
 
@@ -120,8 +120,8 @@ def test_wait_retired_returns_only_once_the_retired_pool_is_back(registry, tiny_
     import threading
 
     from gpt.checkpoint import load_checkpoint
-    from server.kv_budget import KVBudget
-    from server.models import LoadedModel
+    from server.models.kv_budget import KVBudget
+    from server.models.manager import LoadedModel
 
     builder = default_engine_factory(EngineConfig(max_num_seqs=4, block_size=8))
     publish_seeded(registry, tiny_tokenizer, seed=1)
@@ -156,7 +156,7 @@ def test_wait_retired_returns_only_once_the_retired_pool_is_back(registry, tiny_
 def test_kv_budget_is_never_over_committed_across_a_swap(registry, tiny_tokenizer):
     """Room for two versions' pools: a swap fits (serving + loading), a third version
     waits for the retired one to give its pool back, and the total never exceeds it."""
-    from server.kv_budget import KVBudget, KVBudgetExhausted
+    from server.models.kv_budget import KVBudget, KVBudgetExhausted
 
     builder = default_engine_factory(EngineConfig(max_num_seqs=4, block_size=8))
     publish_seeded(registry, tiny_tokenizer, seed=1)

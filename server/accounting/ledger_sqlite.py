@@ -10,7 +10,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.ledger import (
+from server.accounting.ledger import (
     IDEMPOTENCY_TTL_S,
     RATE_WINDOW_S,
     RESERVATION_TTL_S,

@@ -12,14 +12,14 @@ from gpt.quoting import quote
 from gpt.registry import NAME_RE, ModelNotFound, RegistryError, validate_name
 from proto.sol.v1 import sol_pb2 as pb
 from proto.sol.v1 import sol_pb2_grpc as pb_grpc
-from server.accounting import Accountant
-from server.auth import Authenticator, AuthError, hash_key, new_key
-from server.errors import exhausted, failed_precondition, invalid, not_found, unavailable
-from server.kv_budget import KVBudgetExhausted
-from server.ledger import KeyInfo, LedgerStore, Price, StoreUnavailable, UsageRow
-from server.models import ModelManager
-from server.pricing import PriceBook
-from server.servicer import InferenceServicer, auth_error
+from server.accounting.accountant import Accountant
+from server.accounting.auth import Authenticator, AuthError, hash_key, new_key
+from server.accounting.ledger import KeyInfo, LedgerStore, Price, StoreUnavailable, UsageRow
+from server.accounting.pricing import PriceBook
+from server.errors import auth_error, exhausted, failed_precondition, invalid, not_found, unavailable
+from server.grpc.servicer import InferenceServicer
+from server.models.kv_budget import KVBudgetExhausted
+from server.models.manager import ModelManager
 
 log = logging.getLogger("sol.admin")
 

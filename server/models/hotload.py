@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 from gpt.checkpoint import read_meta
 from gpt.registry import LATEST, REWARD_STAGE, ModelRef, Registry
-from server.models import LoadedModel, ModelManager
-from server.registry_watcher import AliasChange, RegistryWatcher
+from server.models.manager import LoadedModel, ModelManager
+from server.models.registry_watcher import AliasChange, RegistryWatcher
 
 log = logging.getLogger("sol.hotload")
 

@@ -18,24 +18,15 @@ import grpc
 from proto.sol.v1 import sol_pb2 as pb
 from proto.sol.v1 import sol_pb2_grpc as pb_grpc
 from server import validation
-from server.auth import Authenticator, AuthError
+from server.accounting.auth import Authenticator, AuthError
+from server.accounting.ledger import KeyInfo
+from server.accounting.pricing import PriceBook
 from server.engine.api import TokenLogprob
-from server.errors import ServiceError, bounded
+from server.errors import ServiceError, auth_error, bounded
 from server.inference import BilledUsage, ChoiceUpdate, InferenceService, Job
-from server.ledger import KeyInfo
-from server.models import LoadedModel
-from server.pricing import PriceBook
+from server.models.manager import LoadedModel
 
 log = logging.getLogger("sol.servicer")
-
-AUTH_CODES = {"unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
-              "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
-              "unavailable": grpc.StatusCode.UNAVAILABLE}
-
-
-def auth_error(err: AuthError) -> ServiceError:
-    return ServiceError(AUTH_CODES[err.code], str(err), 1.0 if err.code == "unavailable" else None)
-
 
 def logprobs_pb(logprobs: list[TokenLogprob]) -> list[pb.TokenLogprob]:
     return [pb.TokenLogprob(token_id=lp.token_id, token=lp.text, logprob=lp.logprob,

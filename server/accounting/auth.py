@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from server.ledger import KeyInfo, LedgerStore, StoreUnavailable
+from server.accounting.ledger import KeyInfo, LedgerStore, StoreUnavailable
 
 KEY_PREFIX = "sk-sol-"
 

@@ -32,7 +32,7 @@ from server.engine.engine import Engine
 from server.engine.grammar import CompiledGrammar, GrammarCompiler
 from server.engine.kv_cache import kv_bytes_per_block
 from server.engine.output import TokenTexts
-from server.kv_budget import KVBudget
+from server.models.kv_budget import KVBudget
 
 log = logging.getLogger("sol.models")
 

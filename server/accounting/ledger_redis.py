@@ -30,7 +30,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from server.ledger import (
+from server.accounting.ledger import (
     IDEMPOTENCY_TTL_S,
     RATE_WINDOW_S,
     RESERVATION_TTL_S,
@@ -91,7 +91,7 @@ end
 # the excess leave it RATE_WINDOW_S after their admission).
 # Returns {admitted, requests in window, tokens in window, reserved, tokens used,
 # request wait, token wait}; waits are strings (Lua numbers would come back as integers).
-# The rule matches server.ledger.refusal, which words the refusal.
+# The rule matches server.accounting.ledger.refusal, which words the refusal.
 ADMIT_LUA = DROP_ENTRY_LUA + """
 local now, window = tonumber(ARGV[3]), tonumber(ARGV[8])
 local cutoff = string.format('%.17g', now - window)
