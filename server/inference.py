@@ -172,7 +172,7 @@ class InferenceService:
         return True
 
     # --- the request path ---------------------------------------------------------------------
-    async def admit(self, key: KeyInfo, model_ref: str, params: SamplingParams, max_tokens_given: bool,
+    async def admit(self, key: KeyInfo, model_ref: str, params: SamplingParams,
                     messages: list[Message] | None = None, prompt: str | None = None, request_id: str = "",
                     labels: dict | None = None, streaming: bool = True) -> Job:
         """Everything before the first token: a job running in the engine, or a
@@ -188,8 +188,8 @@ class InferenceService:
         job: Job | None = None
         try:
             ids = self.prompt_ids(model, messages, prompt)
-            params = validation.fit_context(params, max_tokens_given, len(ids), model.max_context,
-                                            self.config.default_max_tokens)
+            max_tokens_given = params.max_tokens is not None    # else the server chooses, and says so
+            params = validation.fit_context(params, len(ids), model.max_context, self.config.default_max_tokens)
             validation.check(params, model.vocab_size)
             grammar = await self.compile_grammar(model, params)
             request_id = validation.request_id(request_id) if request_id else uuid.uuid4().hex
