@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Sequence as Seq
 
+from server.engine.blocks import blocks_for
 from server.engine.sequence import Sequence
 
 BlockKey = tuple[int | None, tuple[int, ...]]
@@ -51,7 +52,7 @@ class BlockManager:
         return self.num_blocks - self.num_free
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     # --- prefix cache ---------------------------------------------------------------------
     def _match(self, token_ids: Seq[int]) -> tuple[list[int], list[int]]:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from gpt.config import ModelConfig
+from server.engine.blocks import blocks_for
 from server.engine.kv_cache import kv_bytes_per_block
 
 DEFAULT_KV_BUDGET_BYTES = 256 << 20
@@ -84,5 +85,5 @@ def kv_pool_blocks(mc: ModelConfig, config: EngineConfig, dtype: torch.dtype) ->
     per_block = kv_bytes_per_block(mc, config.block_size, dtype)
     if config.kv_cache_bytes is not None:
         return max(1, config.kv_cache_bytes // per_block)
-    full = config.max_num_seqs * -(-mc.max_seq_len // config.block_size)
+    full = config.max_num_seqs * blocks_for(mc.max_seq_len, config.block_size)
     return max(1, min(DEFAULT_KV_BUDGET_BYTES // per_block, full))

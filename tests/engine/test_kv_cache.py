@@ -9,6 +9,7 @@ import torch
 
 from server.engine import paged_attention
 from server.engine.block_manager import BlockManager
+from server.engine.blocks import blocks_for
 from server.engine.kv_cache import PagedKVCache, RowSpec, plan_attention
 
 
@@ -39,10 +40,10 @@ def test_paged_attention_matches_full_forward(model, prompts, in_place, kernel_p
     seqs = []
     rng = random.Random(0)
     # Scatter the blocks over the pool so no sequence's blocks are contiguous.
-    pool_blocks = list(range(sum(-(-n // bs) for n in lengths) + 8))
+    pool_blocks = list(range(sum(blocks_for(n, bs) for n in lengths) + 8))
     rng.shuffle(pool_blocks)
     for p in prompts:
-        need = -(-len(p) // bs)
+        need = blocks_for(len(p), bs)
         seqs.append(_Seq(p, [pool_blocks.pop() for _ in range(need)]))
     cache = PagedKVCache(model.config, num_blocks=len(pool_blocks) + sum(len(s.blocks) for s in seqs),
                          block_size=bs, dtype=dtype, in_place=in_place)
@@ -133,7 +134,7 @@ def test_kernel_equals_attention_over_gathered_keys(head_dim, bs, dtype):
     """Every shape the kernel dispatches on, against SDPA over each token's own keys."""
     gen = torch.Generator().manual_seed(head_dim * 100 + bs)
     n_heads, kv_heads, lengths = 6, 2, [1, 5, 16, 17, 40, 63]
-    max_blocks = -(-max(lengths) // bs)
+    max_blocks = blocks_for(max(lengths), bs)
     num_blocks = len(lengths) * max_blocks + 3
     k_pool = torch.randn(num_blocks, kv_heads, head_dim, bs, generator=gen).to(dtype)
     v_pool = torch.randn(num_blocks, kv_heads, bs, head_dim, generator=gen).to(dtype)
