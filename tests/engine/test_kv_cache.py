@@ -183,3 +183,26 @@ def test_write_kv_equals_writing_through_views(dtype):
     assert torch.equal(k_pool, want_k) and torch.equal(v_pool, want_v)
     with pytest.raises(RuntimeError, match="outside the pool"):
         paged_attention.write_kv(k_pool, v_pool, k[0], v[0], slots + blocks * bs)
+
+
+def test_prefix_blocks_are_shared_only_under_the_same_cache_salt():
+    # A sequence's cache salt (its LoRA adapter version) roots its hash chain: the same
+    # prompt under another adapter, another version of it, or the base model misses.
+    from server.engine.sequence import Sequence
+
+    class _Req:
+        pass
+
+    def seq(salt):
+        return Sequence(request=_Req(), index=0, token_ids=list(range(9)), num_prompt_tokens=9, seed=0,
+                        cache_salt=salt)
+
+    bm = BlockManager(num_blocks=32, block_size=4)
+    first = seq(hash(("lora", "a", 1)))
+    assert bm.allocate(first) == 0
+    first.num_computed = 9
+    bm.register_full_blocks(first)
+    assert bm.allocate(seq(hash(("lora", "a", 1)))) == 8          # same adapter version: a hit
+    assert bm.allocate(seq(hash(("lora", "a", 2)))) == 0          # its next version: a miss
+    assert bm.allocate(seq(hash(("lora", "b", 1)))) == 0          # another adapter: a miss
+    assert bm.allocate(seq(None)) == 0                            # the base model: a miss
