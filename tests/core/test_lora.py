@@ -173,3 +173,38 @@ def test_an_adapter_for_another_base_or_in_a_pickle_is_refused(base, tmp_path):
     (tmp_path / "a" / ADAPTER_WEIGHTS).rename(tmp_path / "a" / "adapter_model.bin")
     with pytest.raises(AdapterError, match="pickle"):
         load_adapter(tmp_path / "a", _sol_model(other_dir).config)
+
+
+# --- adapters in the registry -----------------------------------------------------------------
+def test_an_adapter_is_a_registry_entry_that_names_its_base(tiny_checkpoint):
+    from gpt.adapter_store import is_adapter, load_published_adapter, publish_adapter
+    from gpt.checkpoint import load_checkpoint
+
+    registry, base = tiny_checkpoint
+    ckpt = load_checkpoint(base.path)
+    adapter = _random_adapter(ckpt.model.config, 2, "q,v", 7)
+    published = publish_adapter(registry, "tenant-a", adapter, base, aliases=("prod",))
+    assert is_adapter(published.path) and not is_adapter(base.path)
+    assert registry.resolve("tenant-a:prod").version == 1 and registry.resolve("tenant-a").version == 1
+    loaded, resolved_base = load_published_adapter(published.path, registry, ckpt.model.config)
+    assert resolved_base.ref == base.ref and loaded.spec == adapter.spec
+    # A second version is another entry; the first stays as it was.
+    second = publish_adapter(registry, "tenant-a", _random_adapter(ckpt.model.config, 2, "q,v", 8), base)
+    assert second.version == 2 and registry.resolve("tenant-a:prod").version == 1
+
+
+def test_a_tampered_adapter_or_a_changed_base_is_refused(tiny_checkpoint):
+    from gpt.adapter_store import load_published_adapter, publish_adapter
+    from gpt.checkpoint import load_checkpoint
+
+    registry, base = tiny_checkpoint
+    config = load_checkpoint(base.path).model.config
+    published = publish_adapter(registry, "tenant-b", _random_adapter(config, 2, "q", 9), base)
+    weights = published.path / ADAPTER_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AdapterError, match="sha256"):
+        load_published_adapter(published.path, registry, config)
+    with pytest.raises(AdapterError, match="own"):
+        publish_adapter(registry, base.name, _random_adapter(config, 2, "q", 9), base)
