@@ -208,3 +208,27 @@ def test_a_tampered_adapter_or_a_changed_base_is_refused(tiny_checkpoint):
         load_published_adapter(published.path, registry, config)
     with pytest.raises(AdapterError, match="own"):
         publish_adapter(registry, base.name, _random_adapter(config, 2, "q", 9), base)
+
+
+def test_import_adapter_and_merge_from_the_command_line(tiny_checkpoint, tmp_path, capsys):
+    # A PEFT adapter made on the exported base is imported as its own entry; merging it
+    # publishes a full model whose logits are PEFT's adapted model's.
+    from client.cli import main
+    from gpt.checkpoint import load_checkpoint
+
+    registry, base = tiny_checkpoint
+    assert main(["export-hf", "tiny@1", str(tmp_path / "hf"), "--registry", str(registry.root)]) == 0
+    capsys.readouterr()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    adapted = _peft_adapter(hf, tmp_path / "peft", ["q_proj", "v_proj", "down_proj"])
+    common = ["--registry", str(registry.root), "--json"]
+    assert main(["import-adapter", str(tmp_path / "peft"), "--name", "tenant", "--base", "tiny:base", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["ref"] == "tenant@1"
+    assert main(["models", "merge", "tenant", "--name", "tenant-merged", *common]) == 0
+    merged = load_checkpoint(registry.resolve("tenant-merged").path).model
+    ids = torch.tensor([[3, 17, 40, 2, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), adapted(ids).logits, atol=1e-4, rtol=1e-4)
+    # A wrong base is refused with the reason and nothing is published.
+    assert main(["import-adapter", str(tmp_path / "peft"), "--name", "x", "--base", "tenant", *common]) == 2
+    assert "is an adapter" in capsys.readouterr().err and "x" not in registry.models()
