@@ -22,6 +22,18 @@ class EngineConfig:
     max_num_batched_tokens: int = 512      # tokens in one step (the prefill chunk bound)
     max_waiting: int = 4096                # beyond this, submit raises EngineOverloaded
     enable_prefix_caching: bool = True
+    # Who goes next (server/engine/policy.py): "fcfs" = arrival order; "fair" = virtual
+    # token counters per tenant (EngineRequest.tenant), weighted shares, bands, priorities.
+    scheduling: str = "fcfs"
+    # A tenant's requests submitted and not yet scheduled, at most (0 = no bound beyond
+    # max_waiting): beyond it submit raises EngineOverloaded for that tenant alone.
+    max_waiting_per_tenant: int = 0
+    # Fair share: a batch-band tenant whose oldest waiting request has waited this long is
+    # ordered as interactive (the aging bound of the bands).
+    band_aging_s: float = 5.0
+    # Fair share: a prompt token served from the prefix cache is charged this fraction of
+    # the request's input cost (it costs a lookup, not a forward).
+    cached_cost_fraction: float = 0.1
     # A sequence paused by backpressure keeps its KV blocks this long, then gives them up
     # (full ones stay in the prefix cache) and is recomputed when its reader catches up.
     pause_grace_s: float = 2.0
