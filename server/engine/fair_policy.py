@@ -78,6 +78,7 @@ class VtcPolicy(SchedulingPolicy):
         self._order = itertools.count(1)
         self._front = itertools.count(-1, -1)
         self._next: Tenant | None = None         # peek's choice, for pop
+        self._forced: Tenant | None = None       # admission_victim's beneficiary
         # Sequences per tenant in the last step's batch (kept by charge).
         self.batch_counts: dict[Tenant, int] = {}
 
@@ -131,16 +132,23 @@ class VtcPolicy(SchedulingPolicy):
                 self._next = None
                 return
 
-    def _rank(self, tenant: Tenant, now: float) -> tuple[int, float, int]:
+    def _rank(self, tenant: Tenant, now: float) -> tuple[int, float, int, int]:
+        """The order of tenants: band (aged), counter, then, on a tie (a tenant just
+        lifted to the others' counter), the one with fewer sequences in the batch, then
+        arrival."""
         head = tenant.queue[0]
         band = tenant.band
         if band and now - head[3].request.timings.arrival >= self.band_aging_s:
             band = 0
-        return band, tenant.counter, head[1]
+        return band, tenant.counter, self.batch_counts.get(tenant, 0), head[1]
 
     def peek(self) -> Sequence | None:
         if not self.backlogged:
             return None
+        if self._forced is not None:
+            # admission_victim freed a slot for this tenant: it goes next, whatever the tie
+            # with the victim's tenant (whose sequence is back at the front of its queue).
+            self._next, self._forced = self._forced, None
         if self._next is None or not self._next.queue:
             if len(self.backlogged) == 1:
                 (self._next,) = self.backlogged
@@ -210,13 +218,14 @@ class VtcPolicy(SchedulingPolicy):
         if mine is None or counts.get(mine):
             return None
         rank = self._rank(mine, time.monotonic())[:2]
-        over = [t for t, n in counts.items() if n >= 2 and t is not mine and (t.band, t.counter) > rank]
+        over = [t for t, n in counts.items() if n >= 2 and t is not mine and (t.band, t.counter) >= rank]
         if not over:
             return None
         worst = max(over, key=lambda t: (t.band, t.counter))
         for seq in reversed(running):
             if seq.tenant is worst:
                 counts[worst] -= 1
+                self._forced = mine
                 return seq
         return None
 
