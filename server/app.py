@@ -75,6 +75,8 @@ class App:
             EngineConfig(device=config.device, num_blocks=config.kv_blocks, kernel_arch=config.kernel_arch,
                          threads=config.engine_threads or 0,
                          dtype=getattr(torch, config.dtype) if config.dtype else None,
+                         scheduling=config.scheduling, max_waiting_per_tenant=config.max_waiting_per_key,
+                         band_aging_s=config.band_aging_s,
                          **{name: value for name in ("max_waiting", "max_num_seqs", "max_num_batched_tokens")
                             if (value := getattr(config, name))}))
         self.port: int | None = None
@@ -113,7 +115,8 @@ class App:
         self.inference = InferenceServicer(self.service, self.auth, self.prices)
         self.admin = AdminServicer(self.store, self.auth, self.accountant, self.prices, self.models,
                                    self.inference, run)
-        self.metrics.attach(self.models.stats, lambda: (len(self.spool), self.accountant.store_up))
+        self.metrics.attach(lambda: self.models.stats(c.metrics_top_tenants),
+                            lambda: (len(self.spool), self.accountant.store_up))
         self.models.on_change.append(self._models_changed)
 
         self.server = grpc.aio.server(options=[

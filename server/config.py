@@ -71,6 +71,12 @@ def setting(default: Any = _NO_DEFAULT, *, help: str, env: str | None = None, fl
     return field(default_factory=from_env, metadata=meta)
 
 
+def _scheduling_name(value: str) -> str:
+    if value not in ("fair", "fcfs"):
+        raise ValueError(f"scheduling must be fair or fcfs (got {value!r})")
+    return value
+
+
 def _dtype_name(value: str) -> str:
     names = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
     if value not in names:
@@ -160,6 +166,19 @@ class ServerConfig:
                                        default_text="64")
     max_num_batched_tokens: int | None = setting(None, parse=int, help="tokens per engine step (the prefill "
                                                  "chunk bound)", default_text="512")
+    # Who goes next when the engine is busy (server/engine/fair_policy.py): "fair" gives
+    # each API key a share (its --share weight, keys create/update) of the tokens computed,
+    # "fcfs" serves requests in arrival order whoever sends them.
+    scheduling: str = setting("fair", env="SOL_SCHEDULING", parse=lambda v: _scheduling_name(v),
+                              help="fair (a share per API key) or fcfs (arrival order)")
+    max_waiting_per_key: int = setting(1024, env="SOL_MAX_WAITING_PER_KEY",
+                                       help="requests one key may have waiting for a model, beyond which it gets "
+                                            "RESOURCE_EXHAUSTED / HTTP 429; 0 = only the engine's bound")
+    band_aging_s: float = setting(5.0, flag="--band-aging",
+                                  help="seconds a batch-band key's request waits before it is ordered as "
+                                       "interactive (fair scheduling)")
+    metrics_top_tenants: int = setting(8, help="keys (by id) with their own scheduling gauges on /metrics, the "
+                                               "busiest first; 0 = none")
     # On a few cores the event loop (gRPC, HTTP, output processing: ~0.5 of a core under
     # 32 streaming clients) and a stepping thread whose OpenMP team spans every core take
     # turns on the same cores. Leaving the loop a core was measured and is not the default:

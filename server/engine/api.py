@@ -37,6 +37,11 @@ class EngineOverloaded(RuntimeError):
     """The waiting queue is full; retry later."""
 
 
+class TenantOverloaded(EngineOverloaded):
+    """One tenant has EngineConfig.max_waiting_per_tenant requests waiting; that tenant
+    retries later, others are unaffected."""
+
+
 @dataclass
 class JsonSchema:
     """OpenAI's `response_format.json_schema`: a JSON Schema the output must satisfy."""

@@ -36,6 +36,7 @@ from server.engine.api import (
     RequestFinished,
     RequestRejected,
     RequestTimings,
+    TenantOverloaded,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -166,7 +167,7 @@ class Engine:
         for tenant, n in adding.items():
             have = self._tenant_waiting.get(tenant, 0)
             if have + n > bound:
-                raise EngineOverloaded(f"tenant {tenant or '(default)'} has {have} requests waiting (at most {bound} "
+                raise TenantOverloaded(f"tenant {tenant or '(default)'} has {have} requests waiting (at most {bound} "
                                        "per tenant); retry when some have started")
         for tenant, n in adding.items():
             self._tenant_waiting[tenant] = self._tenant_waiting.get(tenant, 0) + n

@@ -124,6 +124,9 @@ class _Sampling(_Body):
     repetition_penalty: float | None = Field(default=None, description="vLLM extension: (0, 2]; default 1")
     ignore_eos: bool | None = Field(default=None, description="vLLM extension: keep generating past end of turn")
     min_tokens: Int32 | None = Field(default=None, description="vLLM extension: no stop before this many tokens")
+    priority: Int32 | None = Field(default=None, description="vLLM extension: order among your own requests when "
+                                                             "the server is busy, lower first; default 0 (your "
+                                                             "key's share against other keys is unchanged)")
     stop_token_ids: list[Int32] | None = Field(default=None, description="vLLM extension: token ids that end a "
                                                                          "choice; up to 16")
     return_token_ids: bool = Field(default=False, description="vLLM extension: each stream chunk's choices carry "
@@ -306,7 +309,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     root: str = Field(description="the version it serves now: NAME@VERSION")
-    sol: dict[str, Any] = Field(description="name, version, stage, aliases, max_context, price")
+    sol: dict[str, Any] = Field(description="name, version, stage, aliases, max_context, scheduling (fair or "
+                                            "fcfs), price")
 
 
 class ModelList(BaseModel):
