@@ -106,7 +106,8 @@ class App:
         self.inference = InferenceServicer(self.service, self.auth, self.prices)
         self.admin = AdminServicer(self.store, self.auth, self.accountant, self.prices, self.models,
                                    self.inference, run)
-        self.metrics.attach(self.models.stats, lambda: (len(self.spool), self.accountant.store_up))
+        self.metrics.attach(lambda: self.models.stats(c.metrics_top_tenants),
+                            lambda: (len(self.spool), self.accountant.store_up))
         self.models.on_change.append(self._models_changed)
 
         self.server = grpc.aio.server(options=[

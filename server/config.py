@@ -91,8 +91,9 @@ def engine_settings() -> list[tuple[dataclasses.Field, Setting]]:
         meta = f.metadata.get("serve")
         if meta is None:
             continue
-        default_text = meta["default_text"] or ("unset" if f.default is None else str(f.default))
-        out.append((f, Setting(meta["help"], meta["env"], meta["flag"] or True, meta["parse"] or _parser_for(f.default),
+        default = meta["serve_default"]
+        default_text = meta["default_text"] or ("unset" if default is None else str(default))
+        out.append((f, Setting(meta["help"], meta["env"], meta["flag"] or True, meta["parse"] or _parser_for(default),
                                default_text=default_text)))
     return out
 
@@ -102,10 +103,9 @@ def engine_config(**given: Any) -> EngineConfig:
     engine's defaults."""
     values = dict(given)
     for f, s in engine_settings():
-        if f.name not in values and s.env:
-            value = _from_env(s.env, s.parse, lambda: dataclasses.MISSING)
-            if value is not dataclasses.MISSING:
-                values[f.name] = value
+        if f.name not in values:
+            serve_default = f.metadata["serve"]["serve_default"]
+            values[f.name] = _from_env(s.env, s.parse, lambda d=serve_default: d) if s.env else serve_default
     return EngineConfig(**values)
 
 
@@ -175,6 +175,8 @@ class ServerConfig:
     kv_budget_mb: int = setting(1024, env="SOL_KV_BUDGET_MB",
                                 help="KV memory shared by every loaded model version, swaps included")
     kv_per_model_mb: int = setting(256, env="SOL_KV_PER_MODEL_MB", help="the most one version's KV pool may take")
+    metrics_top_tenants: int = setting(8, help="keys (by id) with their own scheduling gauges on /metrics, the "
+                                               "busiest first; 0 = none")
     # Pricing default for models without a price, and the cached prompt token discount.
     cached_discount: float = setting(0.5, help="price discount of cached prompt tokens for models without a "
                                                "SetPrice")

@@ -37,6 +37,11 @@ class EngineOverloaded(RuntimeError):
     """The waiting queue is full; retry later."""
 
 
+class TenantOverloaded(EngineOverloaded):
+    """One tenant has EngineConfig.max_waiting_per_tenant requests waiting; that tenant
+    retries later, others are unaffected."""
+
+
 @dataclass
 class JsonSchema:
     """OpenAI's `response_format.json_schema`: a JSON Schema the output must satisfy."""
@@ -239,6 +244,27 @@ class EngineRequest:
     # params.response_format compiled for this model (server.engine.grammar.GrammarCompiler),
     # done before submission so that no compile ever runs on the engine's thread.
     grammar: CompiledGrammar | None = None
+    # Fair share (server/engine/fair_policy.py): who the request is for and what it costs.
+    # The tenant is an opaque id (the service passes the API key id); "" is one shared
+    # tenant. `tenant_weight` is the tenant's share (2 = twice the service of a weight-1
+    # tenant when both are backlogged); `tenant_band` orders tenants before shares
+    # (BAND_INTERACTIVE before BAND_BATCH). `priority` orders a tenant's own requests
+    # (lower first). `input_cost`/`output_cost`: a prompt / generated token's charge
+    # against the tenant's share. The FCFS policy ignores all of them.
+    tenant: str = ""
+    tenant_weight: float = 1.0
+    tenant_band: int = 0
+    priority: int = 0
+    input_cost: float = 1.0
+    output_cost: float = 2.0
+
+
+# The key-level priority bands (EngineRequest.tenant_band): interactive tenants are served
+# before batch tenants; a batch tenant still runs whenever no interactive tenant is
+# backlogged, and one that has waited past EngineConfig.band_aging_s counts as interactive.
+BAND_INTERACTIVE = 0
+BAND_BATCH = 1
+BANDS = {"interactive": BAND_INTERACTIVE, "batch": BAND_BATCH}
 
 
 @dataclass
@@ -329,6 +355,15 @@ def stop_token_ids(request: EngineRequest) -> frozenset[int]:
 
 
 @dataclass
+class TenantStats:
+    tenant: str
+    running: int                     # sequences in the running batch
+    waiting: int                     # sequences waiting for admission (or paused)
+    counter: float                   # its virtual token counter (service / weight)
+    weight: float
+
+
+@dataclass
 class EngineStats:
     running: int
     waiting: int
@@ -338,6 +373,11 @@ class EngineStats:
     prefix_cache_hits: int           # of those, tokens found (cumulative)
     preemptions: int
     paused: int = 0                  # sequences paused because their reader lags
+    # The scheduling policy ("fcfs" or "fair") and, under fair share, the tenants with
+    # the most work in the engine (at most EngineStats' caller's top-k; see
+    # Engine.stats).
+    policy: str = "fcfs"
+    tenants: list[TenantStats] = field(default_factory=list)
 
     @property
     def kv_usage(self) -> float:

@@ -22,12 +22,24 @@ def parse_dtype(value: str) -> torch.dtype:
     return DTYPES[value]
 
 
+_UNSET: Any = object()
+
+
+def parse_scheduling(value: str) -> str:
+    if value not in ("fair", "fcfs"):
+        raise ValueError(f"scheduling must be fair or fcfs (got {value!r})")
+    return value
+
+
 def served(default: Any, *, help: str, env: str | None = None, flag: str | None = None,
-           parse: Callable[[str], Any] | None = None, default_text: str | None = None) -> Any:
+           parse: Callable[[str], Any] | None = None, default_text: str | None = None,
+           serve_default: Any = _UNSET) -> Any:
     """An EngineConfig field that `sol serve` sets: its help, environment variable and flag
     travel in the field's metadata, from which server/config.py generates the flag and reads
-    the environment (the engine itself reads neither)."""
-    meta = {"serve": {"help": help, "env": env, "flag": flag, "parse": parse, "default_text": default_text}}
+    the environment (the engine itself reads neither). `serve_default`: what a server uses
+    when neither is given, where that differs from an engine made in code."""
+    meta = {"serve": {"help": help, "env": env, "flag": flag, "parse": parse, "default_text": default_text,
+                      "serve_default": default if serve_default is _UNSET else serve_default}}
     return field(default=default, metadata=meta)
 
 
@@ -48,6 +60,26 @@ class EngineConfig:
     max_waiting: int = served(4096, help="requests waiting per model version; beyond it new ones are refused "
                                          "(RESOURCE_EXHAUSTED / 429)")
     enable_prefix_caching: bool = True
+    # Who goes next (server/engine/policy.py): "fcfs" = arrival order; "fair" = virtual
+    # token counters per tenant (EngineRequest.tenant), weighted shares, bands, priorities.
+    # A server shares by API key unless told otherwise; an engine of its own (training,
+    # benches) has one tenant and keeps arrival order.
+    scheduling: str = served("fcfs", env="SOL_SCHEDULING", parse=parse_scheduling, serve_default="fair",
+                             help="fair (a share per API key) or fcfs (arrival order)")
+    # A tenant's requests submitted and not yet scheduled, at most (0 = no bound beyond
+    # max_waiting): beyond it submit raises TenantOverloaded for that tenant alone.
+    max_waiting_per_tenant: int = served(0, flag="--max-waiting-per-key", env="SOL_MAX_WAITING_PER_KEY",
+                                         serve_default=1024,
+                                         help="requests one key may have waiting for a model, beyond which it gets "
+                                              "RESOURCE_EXHAUSTED / HTTP 429; 0 = only --max-waiting")
+    # Fair share: a batch-band tenant whose oldest waiting request has waited this long is
+    # ordered as interactive (the aging bound of the bands).
+    band_aging_s: float = served(5.0, flag="--band-aging",
+                                 help="seconds a batch-band key's request waits before it is ordered as interactive "
+                                      "(fair scheduling)")
+    # Fair share: a prompt token served from the prefix cache is charged this fraction of
+    # the request's input cost (it costs a lookup, not a forward).
+    cached_cost_fraction: float = 0.1
     # A sequence paused by backpressure keeps its KV blocks this long, then gives them up
     # (full ones stay in the prefix cache) and is recomputed when its reader catches up.
     pause_grace_s: float = 2.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from server.engine.api import EngineRequest, FinishReason, RequestTimings, SamplingParams
 
@@ -47,6 +47,13 @@ class Sequence:
     # The root of the prefix cache's hash chain: the adapter version the sequence runs
     # under (None = the base model), so cached blocks are shared only under the same one.
     cache_salt: int | None = None
+    # Fair share's bookkeeping (server/engine/fair_policy.py), unused under FCFS: the
+    # tenant's state, how many prompt positions have been charged (recomputes are free),
+    # and the request's costs per prompt / generated token over the tenant's weight.
+    tenant: Any = None
+    charged: int = 0
+    cost_in: float = 0.0
+    cost_out: float = 0.0
 
     @property
     def params(self) -> SamplingParams:

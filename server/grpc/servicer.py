@@ -114,6 +114,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.ModelInfo(name=m.name, version=m.version, aliases=self.models.aliases_of(m), stage=m.stage,
                             parent=m.parent, max_context=m.max_context, num_parameters=m.num_parameters,
                             eval_metrics=metrics, loaded_at=m.loaded_at, ready=True,
+                            scheduling=m.engine.config.scheduling,
                             price=pb.Price(prompt_per_1k=price.prompt_per_1k,
                                            completion_per_1k=price.completion_per_1k,
                                            cached_discount=price.cached_discount))
@@ -158,7 +159,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         params = validation.sampling_params(request.params)
         what: dict[str, Any] = {"messages": list(request.messages)} if chat else {"prompt": request.prompt}
         return await self.service.admit(key, request.model, params, request_id=request.request_id,
-                                        labels=labels, streaming=streaming, **what)
+                                        labels=labels, streaming=streaming, priority=request.priority, **what)
 
     async def _unary(self, request, context, method: str, chat: bool):
         job: Job | None = None

@@ -179,7 +179,8 @@ class HttpApi:
                 what: dict[str, Any] = ({"messages": [m.message() for m in body.messages]} if chat
                                         else {"prompt": body.text()})
                 job = await self.service.admit(key, body.model, params, request_id=request_id(request),
-                                               labels=call.labels, streaming=body.stream, **what)
+                                               labels=call.labels, streaming=body.stream,
+                                               priority=body.priority or 0, **what)
                 headers = {"x-request-id": job.request_id}
                 if body.stream:
                     call.deferred = streaming = True
@@ -247,7 +248,8 @@ class HttpApi:
         except ValueError:
             created = 0
         extra = {"name": m.name, "version": m.version, "stage": m.stage, "aliases": aliases,
-                 "max_context": m.max_context, "price": {"prompt_per_1k": price.prompt_per_1k,
+                 "max_context": m.max_context, "scheduling": m.engine.config.scheduling,
+                 "price": {"prompt_per_1k": price.prompt_per_1k,
                                                          "completion_per_1k": price.completion_per_1k,
                                                          "cached_discount": price.cached_discount}}
         return [{"id": ref, "object": "model", "created": created, "owned_by": "sol", "root": m.ref, "sol": extra}

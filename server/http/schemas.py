@@ -159,6 +159,9 @@ class _Sampling(SamplingFields):
     user: str | None = Field(default=None, description="your end user's id, for your records; not used by sol")
     response_format: ResponseFormatBody | None = Field(
         default=None, description="constrain the output: json_object, json_schema, or (sol) regex / grammar")
+    priority: Int32 | None = Field(default=None, description="vLLM extension: order among your own requests when "
+                                                             "the server is busy, lower first; default 0 (your "
+                                                             "key's share against other keys is unchanged)")
     return_token_ids: bool = Field(default=False, description="vLLM extension: each stream chunk's choices carry "
                                                               "`token_ids`, the ids of the tokens they add")
 
@@ -336,7 +339,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     root: str = Field(description="the version it serves now: NAME@VERSION")
-    sol: dict[str, Any] = Field(description="name, version, stage, aliases, max_context, price")
+    sol: dict[str, Any] = Field(description="name, version, stage, aliases, max_context, scheduling (fair or "
+                                            "fcfs), price")
 
 
 class ModelList(BaseModel):

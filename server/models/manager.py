@@ -288,8 +288,9 @@ class ModelManager:
         with self._lock:
             return sorted(a for a, v in self._aliases.get(model.name, {}).items() if v == model.version)
 
-    def stats(self) -> list[tuple[str, int, EngineStats]]:
-        return [(m.name, m.version, m.engine.stats()) for m in self.models()]
+    def stats(self, top_tenants: int = 0) -> list[tuple[str, int, EngineStats]]:
+        """Each loaded version's engine counts, with its `top_tenants` busiest tenants."""
+        return [(m.name, m.version, m.engine.stats(top_tenants)) for m in self.models()]
 
     @property
     def ready(self) -> bool:

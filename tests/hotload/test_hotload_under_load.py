@@ -12,7 +12,7 @@ import weakref
 import pytest
 
 from client.client import Client
-from server.engine.config import EngineConfig
+from server.config import engine_config
 from tests.hotload.helpers import GREEDY, PROMPT, expected_text, publish_broken, publish_seeded
 from tests.service.harness import ADMIN_KEY, RunningServer, wait_for
 
@@ -24,7 +24,7 @@ CLIENTS = 8
 def server(registry, tiny_tokenizer, tmp_path):
     publish_seeded(registry, tiny_tokenizer, seed=1, aliases=("sft",))
     s = RunningServer(registry.root, tmp_path / "home", watch=True, poll_interval_s=0.5,
-                      engine=EngineConfig(num_blocks=256)).start()
+                      engine=engine_config(num_blocks=256)).start()
     yield s
     s.stop()
 

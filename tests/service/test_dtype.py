@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from client.client import Client
-from server.config import ServerConfig
-from server.engine.config import EngineConfig, parse_dtype
+from server.config import ServerConfig, engine_config
+from server.engine.config import parse_dtype
 from tests.service.harness import ADMIN_KEY, RunningServer
 
 
@@ -21,7 +21,7 @@ def test_dtype_names_are_checked():
 
 def test_a_bf16_server_serves_with_half_the_kv_bytes(tiny_checkpoint, tmp_path):
     registry, _ = tiny_checkpoint
-    server = RunningServer(registry.root, tmp_path / "home", engine=EngineConfig(dtype=torch.bfloat16)).start()
+    server = RunningServer(registry.root, tmp_path / "home", engine=engine_config(dtype=torch.bfloat16)).start()
     try:
         (model,) = server.app.models.models()
         engine = model.engine
