@@ -10,7 +10,6 @@ kinds offer the interface of gpt/tokenizers/base.py.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 

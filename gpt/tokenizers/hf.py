@@ -182,13 +182,13 @@ class HFTokenizer:
         return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
 
     def encode_prompt(self, text: str) -> list[int]:
-        """As transformers' `tokenizer(text)`: special tokens parsed; BOS/EOS added by
-        tokenizer.json's post-processor, unless tokenizer_config.json sets add_bos_token or
-        add_eos_token (or there is no post-processor): then exactly as those flags say."""
-        flags = self.settings.add_bos_eos
-        if flags is None and self._has_post_processor:
+        """As transformers' `tokenizer(text)`: special tokens parsed, BOS/EOS added by
+        tokenizer.json's post-processor (transformers 5 ignores tokenizer_config.json's
+        add_bos_token/add_eos_token when tokenizer.json exists). Without a post-processor,
+        the flags say, as transformers 4's update_post_processor read them (5 adds nothing)."""
+        if self._has_post_processor:
             return self._backend.encode(text, add_special_tokens=True).ids
-        add_bos, add_eos = flags or (False, False)
+        add_bos, add_eos = self.settings.add_bos_eos or (False, False)
         ids = self._backend.encode(text, add_special_tokens=False).ids
         bos = self._id_of(self.bos_token, "bos_token")
         if add_bos and bos is not None:

@@ -30,8 +30,8 @@ class HFTokenizerSettings:
     eos_token: str | None = None
     pad_token: str | None = None
     unk_token: str | None = None
-    # add_bos_token / add_eos_token when tokenizer_config.json sets either (transformers then
-    # rebuilds the post-processor from them); None = tokenizer.json's post-processor decides.
+    # add_bos_token / add_eos_token when tokenizer_config.json sets either; they are used
+    # only where tokenizer.json has no post-processor (gpt/tokenizers/hf.py encode_prompt).
     add_bos_eos: tuple[bool, bool] | None = None
     generation_eos_ids: list[int] = field(default_factory=list)
     generation_bos_id: int | None = None

@@ -134,6 +134,9 @@ class SamplingParams:
     logprobs: int = 0                 # top-N alternatives per token; 0 = none
     n: int = 1                        # choices sharing the prompt's KV blocks
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
+    # Special tokens (role markers, BOS...) are left out of the output text unless False;
+    # stop tokens are never shown. Token ids and log-probs carry them either way.
+    skip_special_tokens: bool = True
     # The output's shape (JSON, JSON schema, regex, grammar); None = free text. The engine
     # needs it compiled (EngineRequest.grammar), which happens off its thread.
     response_format: ResponseFormat | None = None

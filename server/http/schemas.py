@@ -6,7 +6,7 @@ proto bounds them (int32, int64), so both protocols reach the same checks with t
 values.
 
 Each body maps onto the engine's `SamplingParams` by `sampling()`; vLLM's extension fields
-(top_k, min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids) are accepted
+(top_k, min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids, skip_special_tokens) are accepted
 under vLLM's names.
 """
 
@@ -126,6 +126,8 @@ class _Sampling(_Body):
     min_tokens: Int32 | None = Field(default=None, description="vLLM extension: no stop before this many tokens")
     stop_token_ids: list[Int32] | None = Field(default=None, description="vLLM extension: token ids that end a "
                                                                          "choice; up to 16")
+    skip_special_tokens: bool | None = Field(default=None, description="vLLM extension: leave special tokens "
+                                                                       "out of the text (default true)")
     return_token_ids: bool = Field(default=False, description="vLLM extension: each stream chunk's choices carry "
                                                               "`token_ids`, the ids of the tokens they add")
 
@@ -141,7 +143,7 @@ class _Sampling(_Body):
         max_tokens was given (the service resolves it against the context otherwise)."""
         values: dict[str, Any] = {name: getattr(self, name) for name in (
             "temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
-            "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids")}
+            "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids", "skip_special_tokens")}
         values = {k: v for k, v in values.items() if v is not None}
         if self.stop is not None:
             values["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)

@@ -5,7 +5,7 @@ import warnings
 
 from proto.sol.v1 import sol_pb2 as sol_dot_v1_dot_sol__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
