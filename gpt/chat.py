@@ -2,7 +2,7 @@
 
 Two layouts, chosen by the tokenizer:
 
-- sol's own models (`tokenizer.chat_template is None`): <|endoftext|> then, per message,
+- sol's own models (a SolTokenizer): <|endoftext|> then, per message,
   <|role|> content <|end|>; the generation prompt appends <|assistant|>. The mask is 1 on
   assistant content and its <|end|> only: the tokens a chat model is trained to produce.
   Message content is encoded as ordinary text, so a user cannot forge role markers by
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpt.chat_template import ChatTemplateError, TemplateChat, compile_template
-from gpt.tokenizer import ASSISTANT, END_OF_TURN, ENDOFTEXT, SOL_CHAT_TEMPLATE, SYSTEM, USER
+from gpt.tokenizer import ASSISTANT, END_OF_TURN, ENDOFTEXT, SOL_CHAT_TEMPLATE, SYSTEM, USER, SolTokenizer
 from gpt.tokenizers.base import Tokenizer
 
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
@@ -63,7 +63,7 @@ def render_chat(tokenizer: Tokenizer, messages: list[Message | dict], add_genera
     ChatTemplateError (a ValueError) when a model's template refuses or fails.
     `with_mask=False` skips the mask work (serving); `tools`, `documents` and other
     keywords reach a model's own template (sol's layout takes none)."""
-    if tokenizer.chat_template is not None:
+    if not isinstance(tokenizer, SolTokenizer):
         chat = _template_chat(tokenizer)
         ids, mask = chat.ids([_as_dict(m) for m in messages], add_generation_prompt, with_mask,
                              chat.variables(tools, documents, template_vars))
@@ -97,7 +97,7 @@ def chat_stop_ids(tokenizer: Tokenizer) -> list[int]:
     that starts a role's turn, so a chat model that starts a new turn is stopped. For a
     model's own template these are the special tokens it puts around messages' contents
     (found by rendering a probe conversation), after the eos ids."""
-    if tokenizer.chat_template is None:
+    if isinstance(tokenizer, SolTokenizer):
         return [tokenizer.special(END_OF_TURN), tokenizer.special(ENDOFTEXT),
                 *(tokenizer.special(t) for t in ROLES.values())]
     stops = list(tokenizer.eos_ids)

@@ -55,6 +55,7 @@ class SolTokenizer:
 
     chat_template = None          # sol's own layout (gpt/chat.py)
     concatenates_bytes = True
+    byte_piece_ids: frozenset[int] = frozenset()
 
     def __init__(self, tokenizer_json: str, name: str = "sol-bpe", source: str = TOKENIZER_FILE) -> None:
         self.json = tokenizer_json

@@ -23,12 +23,15 @@ class Tokenizer(Protocol):
     bos_id: int | None               # what a document starts with, if anything
     eos_ids: list[int]               # ids that end a plain completion (the first is the main one)
     pad_id: int                      # an id to pad batches with (never trained on)
-    # The Jinja chat template, or None for sol's own layout (gpt/chat.py).
+    # The model's Jinja chat template; None for sol's own layout (SolTokenizer, rendered by
+    # gpt/chat.py) or a model that has none.
     chat_template: str | None
     # True when decode(ids) equals the concatenated token_bytes of ids for ordinary tokens,
     # so text can be streamed by bytes alone (gpt/tokenizer.py's kind, byte-level BPE);
     # False when the decoder looks at neighbours (metaspace's leading space, byte fallback).
     concatenates_bytes: bool
+    # Byte-fallback pieces (<0xNN>): their text depends on the whole run of them.
+    byte_piece_ids: frozenset[int]
 
     def encode(self, text: str) -> list[int]:
         """Text as ordinary text: nothing added, special-token strings in it stay text."""

@@ -118,6 +118,10 @@ class HFTokenizer:
         self._byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
         self._byte_level = _byte_level_decoder(spec)
         self._pieces = [self._piece_bytes(i) for i in range(self.vocab_size)]
+        self.byte_piece_ids = frozenset(
+            i for i in range(self.vocab_size)
+            if self._byte_fallback and _BYTE_PIECE.fullmatch(self._backend.id_to_token(i) or "")
+            and i not in self._special_set)
         self.concatenates_bytes = self._byte_level and self._bytes_agree()
 
     # --- construction ---------------------------------------------------------------------

@@ -17,7 +17,9 @@ Two ways to make text, by what the tokenizer allows:
   character). The text new tokens add is decode(ids[prefix:]) minus
   decode(ids[prefix:read]), where `read` is where the text was last complete and
   `prefix` the token before that point's window, so each step decodes a few tokens;
-  text ending in U+FFFD (an unfinished character) waits for the next token.
+  text ending in U+FFFD (an unfinished character) waits for the next token. A run of
+  byte-fallback pieces is decoded as a whole (one invalid byte turns every byte of the
+  run into U+FFFD), so its text waits until a token that is no byte piece follows.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from collections.abc import Callable
 class _DecodeWindow:
     """Text from a token stream through `decode` over a short window (see above)."""
 
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], byte_pieces: frozenset[int]) -> None:
         self._decode = decode
+        self._byte_pieces = byte_pieces
         self._ids: list[int] = []
         self._prefix = 0          # window start
         self._read = 0            # tokens whose text has been handed out
@@ -38,6 +41,8 @@ class _DecodeWindow:
 
     def add(self, token_id: int) -> str:
         self._ids.append(token_id)
+        if token_id in self._byte_pieces:
+            return ""
         text = self._decode(self._ids[self._prefix:])
         if len(text) <= len(self._prefix_text) or text.endswith("\ufffd"):
             return ""
@@ -57,13 +62,14 @@ class _DecodeWindow:
 
 class IncrementalDetokenizer:
     def __init__(self, token_bytes: Callable[[int], bytes] | None = None, stop: list[str] | None = None, *,
-                 decode: Callable[[list[int]], str] | None = None) -> None:
-        """Text by `token_bytes`, or by a `decode` window when given (see the module)."""
+                 decode: Callable[[list[int]], str] | None = None, byte_pieces: frozenset[int] = frozenset()) -> None:
+        """Text by `token_bytes`, or by a `decode` window when given (see the module);
+        `byte_pieces` are the tokenizer's byte-fallback ids (<0xNN>)."""
         if (token_bytes is None) == (decode is None):
             raise ValueError("give token_bytes or decode")
         self._token_bytes = token_bytes
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._window = _DecodeWindow(decode) if decode is not None else None
+        self._window = _DecodeWindow(decode, byte_pieces) if decode is not None else None
         self.stop = [s for s in (stop or []) if s]
         self._max_stop = max((len(s) for s in self.stop), default=0)
         self.text = ""            # all decoded text so far (after a stop: truncated before it)

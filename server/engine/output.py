@@ -39,21 +39,22 @@ class TokenTexts:
     which ids are special (hidden from the text unless a request asks for them)."""
 
     def __init__(self, decode_bytes: Callable[[list[int]], bytes], decode: Callable[[list[int]], str] | None = None,
-                 special_ids: Iterable[int] = ()) -> None:
+                 special_ids: Iterable[int] = (), byte_pieces: Iterable[int] = ()) -> None:
         self._decode_bytes = decode_bytes
         self._decode = decode
         self.special_ids = frozenset(special_ids)
+        self._byte_pieces = frozenset(byte_pieces)
         self._cache: dict[int, bytes] = {}
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any) -> TokenTexts:
         """For a gpt.tokenizers.base.Tokenizer."""
         return cls(tokenizer.decode_bytes, None if tokenizer.concatenates_bytes else tokenizer.decode,
-                   tokenizer.special_ids.values())
+                   tokenizer.special_ids.values(), tokenizer.byte_piece_ids)
 
     def detokenizer(self, stop: list[str] | None) -> IncrementalDetokenizer:
         if self._decode is not None:
-            return IncrementalDetokenizer(stop=stop, decode=self._decode)
+            return IncrementalDetokenizer(stop=stop, decode=self._decode, byte_pieces=self._byte_pieces)
         return IncrementalDetokenizer(self.bytes, stop)
 
     def bytes(self, token_id: int) -> bytes:
