@@ -1,27 +1,30 @@
-"""The chat template: the one function that turns messages into token ids and a loss mask.
+"""Messages -> token ids (+ loss mask): the one entry point serving and training call.
 
-Layout: <|endoftext|> then, per message, <|role|> content <|end|>; the generation prompt
-appends <|assistant|>. The mask is 1 on assistant content and its <|end|> only: the
-tokens a chat model is trained to produce. Message content is encoded as ordinary text,
-so a user cannot forge role markers by typing them.
+Two layouts, chosen by the tokenizer:
+
+- sol's own models (a SolTokenizer): <|endoftext|> then, per message,
+  <|role|> content <|end|>; the generation prompt appends <|assistant|>. The mask is 1 on
+  assistant content and its <|end|> only: the tokens a chat model is trained to produce.
+  Message content is encoded as ordinary text, so a user cannot forge role markers by
+  typing them. `JINJA_TEMPLATE` is the same layout for Hugging Face (exported).
+- a model's own Jinja template (an imported Hugging Face checkpoint): rendered and encoded
+  by gpt/chat_template.py, with the same ids as transformers' `apply_chat_template`, and
+  the same guarantee that content cannot forge a special token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from gpt.tokenizer import ASSISTANT, END_OF_TURN, ENDOFTEXT, SYSTEM, USER, SolTokenizer
+from gpt.chat_template import ChatTemplateError, TemplateChat, compile_template
+from gpt.tokenizer import ASSISTANT, END_OF_TURN, ENDOFTEXT, SOL_CHAT_TEMPLATE, SYSTEM, USER, SolTokenizer
+from gpt.tokenizers.base import Tokenizer
 
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-
-# The same template for Hugging Face `apply_chat_template` (exported with checkpoints).
-JINJA_TEMPLATE = (
-    "{{ '" + ENDOFTEXT + "' }}"
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '" + END_OF_TURN + "' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
-)
+JINJA_TEMPLATE = SOL_CHAT_TEMPLATE
+__all__ = ["ROLES", "JINJA_TEMPLATE", "ChatTemplateError", "Message", "RenderedChat", "render_chat",
+           "chat_prompt_ids", "chat_stop_ids"]
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,33 @@ def _as_message(m: Message | dict) -> Message:
     return m if isinstance(m, Message) else Message(role=m["role"], content=m["content"])
 
 
-def render_chat(tokenizer: SolTokenizer, messages: list[Message | dict],
-                add_generation_prompt: bool = False) -> RenderedChat:
-    """Messages -> (ids, mask). Raises ValueError on an unknown role."""
+def _as_dict(m: Message | dict) -> dict[str, Any]:
+    return {"role": m.role, "content": m.content} if isinstance(m, Message) else dict(m)
+
+
+def _template_chat(tokenizer: Tokenizer) -> TemplateChat:
+    source = tokenizer.chat_template
+    if not source:
+        raise ChatTemplateError("this model has no chat template (no chat_template in tokenizer_config.json and no "
+                                "chat_template.jinja): send a prompt to complete instead of messages")
+    origin = getattr(getattr(tokenizer, "settings", None), "chat_template_origin", "")
+    return TemplateChat(tokenizer, compile_template(source, origin))
+
+
+def render_chat(tokenizer: Tokenizer, messages: list[Message | dict], add_generation_prompt: bool = False, *,
+                with_mask: bool = True, tools: list[dict] | None = None, documents: list[dict] | None = None,
+                **template_vars: Any) -> RenderedChat:
+    """Messages -> (ids, mask). Raises ValueError on an unknown role (sol's layout) and
+    ChatTemplateError (a ValueError) when a model's template refuses or fails.
+    `with_mask=False` skips the mask work (serving); `tools`, `documents` and other
+    keywords reach a model's own template (sol's layout takes none)."""
+    if not isinstance(tokenizer, SolTokenizer):
+        chat = _template_chat(tokenizer)
+        ids, mask = chat.ids([_as_dict(m) for m in messages], add_generation_prompt, with_mask,
+                             chat.variables(tools, documents, template_vars))
+        return RenderedChat(ids=ids, mask=mask)
+    if tools or documents or template_vars:
+        raise ValueError("sol's chat layout takes no tools, documents or template variables")
     ids = [tokenizer.special(ENDOFTEXT)]
     mask = [0]
     end = tokenizer.special(END_OF_TURN)
@@ -60,11 +87,23 @@ def render_chat(tokenizer: SolTokenizer, messages: list[Message | dict],
     return RenderedChat(ids=ids, mask=mask)
 
 
-def chat_prompt_ids(tokenizer: SolTokenizer, messages: list[Message | dict]) -> list[int]:
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[Message | dict], **template_vars: Any) -> list[int]:
     """What the server feeds the model: the conversation plus the generation prompt."""
-    return render_chat(tokenizer, messages, add_generation_prompt=True).ids
+    return render_chat(tokenizer, messages, add_generation_prompt=True, with_mask=False, **template_vars).ids
 
 
-def chat_stop_ids(tokenizer: SolTokenizer) -> list[int]:
-    """Tokens that end an assistant turn."""
-    return [tokenizer.special(END_OF_TURN), tokenizer.special(ENDOFTEXT)]
+def chat_stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """Tokens that end an assistant turn: the end-of-turn/eos ids, then every special token
+    that starts a role's turn, so a chat model that starts a new turn is stopped. For a
+    model's own template these are the special tokens it puts around messages' contents
+    (found by rendering a probe conversation), after the eos ids."""
+    if isinstance(tokenizer, SolTokenizer):
+        return [tokenizer.special(END_OF_TURN), tokenizer.special(ENDOFTEXT),
+                *(tokenizer.special(t) for t in ROLES.values())]
+    stops = list(tokenizer.eos_ids)
+    try:
+        chat = _template_chat(tokenizer)
+        structural = chat.structural_specials(chat.variables(None, None, {}))
+    except ChatTemplateError:
+        structural = []
+    return stops + [i for i in structural if i not in stops]

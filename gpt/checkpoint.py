@@ -21,7 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from gpt.config import ModelConfig
 from gpt.model import GPT
-from gpt.tokenizer import TOKENIZER_FILE, SolTokenizer
+from gpt.tokenizer import TOKENIZER_FILE, load_tokenizer
+from gpt.tokenizers.base import Tokenizer
+from gpt.tokenizers.hf_files import HF_TOKENIZER_FILES
 
 MODEL_FILE = "model.safetensors"
 HEADS_FILE = "heads.safetensors"
@@ -37,7 +39,7 @@ class CheckpointError(ValueError):
 @dataclass
 class Checkpoint:
     model: GPT
-    tokenizer: SolTokenizer
+    tokenizer: Tokenizer
     config: ModelConfig
     meta: dict[str, Any]
     heads: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -73,7 +75,7 @@ def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_checkpoint(directory: Path, model: GPT, tokenizer: SolTokenizer, meta: dict[str, Any],
+def write_checkpoint(directory: Path, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any],
                      heads: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Write every file into `directory` (which must be new or empty), fsync, and return
     the final meta. Callers publish by renaming the directory into place."""
@@ -82,7 +84,8 @@ def write_checkpoint(directory: Path, model: GPT, tokenizer: SolTokenizer, meta:
     save_file(model_state_for_saving(model), str(directory / MODEL_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(model.config.to_json(), encoding="utf-8")
     tokenizer.save(directory)
-    files = list(REQUIRED_FILES)
+    # A model's own tokenizer brings its settings files (chat template, eos...): checksum them too.
+    files = list(REQUIRED_FILES) + [name for name in HF_TOKENIZER_FILES if (directory / name).is_file()]
     if heads:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in heads.items()}, str(directory / HEADS_FILE))
         files.append(HEADS_FILE)
@@ -183,7 +186,7 @@ def load_checkpoint(directory: Path, device: torch.device | str = "cpu",
     meta = verify_files(directory) if verify else read_meta(directory)
     config = read_config(directory)
     try:
-        tokenizer = SolTokenizer.load(directory)
+        tokenizer = load_tokenizer(directory)
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"broken checkpoint: {directory / TOKENIZER_FILE}: {err}") from None
     if tokenizer.vocab_size > config.vocab_size:

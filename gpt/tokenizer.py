@@ -1,19 +1,27 @@
-"""Byte-level BPE: trained with the `tokenizers` library, served through `tiktoken`.
+"""sol's own tokenizer, and `load_tokenizer`, which picks the kind a checkpoint holds.
 
-The trained `tokenizer.json` is the stored form (it is also what Hugging Face loads);
-at serving time its merges become a `tiktoken.Encoding`. Token ids are the trainer's ids,
-so both encoders give the same ids (a test checks it on held-out text).
+sol's own is a byte-level BPE trained with the `tokenizers` library and served through
+`tiktoken`: the trained `tokenizer.json` is the stored form (it is also what Hugging Face
+loads); at serving time its merges become a `tiktoken.Encoding`. Token ids are the
+trainer's ids, so both encoders give the same ids (a test checks it on held-out text).
+A model imported from Hugging Face keeps its own tokenizer (gpt/tokenizers/hf.py); both
+kinds offer the interface of gpt/tokenizers/base.py.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import tiktoken
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from gpt.chat_template import compile_template
+from gpt.tokenizers.base import Tokenizer as TokenizerInterface
+from gpt.tokenizers.base import TokenizerError as TokenizerError
+from gpt.tokenizers.byte_level import byte_decoder
+from gpt.tokenizers.hf import HFTokenizer, check_tokenizer_json
+from gpt.tokenizers.hf_files import read_settings
 
 # Special tokens, fixed ids 0..N-1 in every sol tokenizer. <|endoftext|> opens and closes
 # documents; the chat roles open a turn and <|end|> closes it.
@@ -24,6 +32,16 @@ ASSISTANT = "<|assistant|>"
 END_OF_TURN = "<|end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, SYSTEM, USER, ASSISTANT, END_OF_TURN)
 
+# sol's chat layout as a Jinja template, for Hugging Face `apply_chat_template` (exported
+# with checkpoints; gpt/chat.py renders the same layout directly, content as plain text).
+SOL_CHAT_TEMPLATE = (
+    "{{ '" + ENDOFTEXT + "' }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '" + END_OF_TURN + "' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
+)
+
 # GPT-4 style split, except that digits are split one by one: small models learn
 # arithmetic far better when every digit is its own token.
 SPLIT_PATTERN = (
@@ -32,35 +50,24 @@ SPLIT_PATTERN = (
 TOKENIZER_FILE = "tokenizer.json"
 
 
-@functools.cache
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's byte -> printable-unicode table used by byte-level BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
 class SolTokenizer:
     """Encode/decode with tiktoken; knows the special tokens and the stored JSON form."""
 
-    def __init__(self, tokenizer_json: str, name: str = "sol-bpe") -> None:
+    chat_template = None          # sol's own layout (gpt/chat.py)
+    concatenates_bytes = True
+    byte_piece_ids: frozenset[int] = frozenset()
+
+    def __init__(self, tokenizer_json: str, name: str = "sol-bpe", source: str = TOKENIZER_FILE) -> None:
         self.json = tokenizer_json
-        spec = json.loads(tokenizer_json)
-        model = spec.get("model") or {}
+        spec = check_tokenizer_json(tokenizer_json, source)
+        model = spec["model"]
         if model.get("type") != "BPE":
             raise ValueError("unsupported tokenizer: only byte-level BPE tokenizer.json files are supported")
         specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special", True)}
         missing = [t for t in SPECIAL_TOKENS if t not in specials]
         if missing:
             raise ValueError(f"unsupported tokenizer: missing special tokens {missing}")
-        decode_byte = _byte_decoder()
+        decode_byte = byte_decoder()
         ranks: dict[bytes, int] = {}
         try:
             for token, idx in model["vocab"].items():
@@ -77,6 +84,10 @@ class SolTokenizer:
         self.vocab_size = max(max(ranks.values()), max(specials.values())) + 1
         self.eot_id = specials[ENDOFTEXT]
         self.end_of_turn_id = specials[END_OF_TURN]
+        self.bos_id = self.eot_id       # conversations start with <|endoftext|>; prompts add nothing
+        self.eos_ids = [self.eot_id]
+        self.pad_id = self.eot_id
+        self._special_set = frozenset(specials.values())
 
     # --- encoding -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -86,8 +97,15 @@ class SolTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.encoding.encode_ordinary_batch(texts)
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.encoding.decode(list(ids))
+    def encode_prompt(self, text: str) -> list[int]:
+        """A completion prompt is plain text for sol's models (nothing added)."""
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        ids = list(ids)
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_set]
+        return self.encoding.decode(ids)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.encoding.decode_bytes(list(ids))
@@ -96,7 +114,7 @@ class SolTokenizer:
         return self.special_ids[token]
 
     def is_special(self, token_id: int) -> bool:
-        return token_id in self.special_ids.values()
+        return token_id in self._special_set
 
     # --- storage --------------------------------------------------------------------------
     def save(self, directory: Path) -> Path:
@@ -109,7 +127,7 @@ class SolTokenizer:
         path = Path(directory) / TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer missing: {path}")
-        return cls(path.read_text(encoding="utf-8"))
+        return cls(path.read_text(encoding="utf-8"), source=str(path))
 
     def hf_tokenizer(self) -> Tokenizer:
         return Tokenizer.from_str(self.json)
@@ -119,6 +137,35 @@ class SolTokenizer:
         texts = list(texts)
         tokens = sum(len(ids) for ids in self.encode_batch(texts))
         return sum(len(t.encode()) for t in texts) / max(1, tokens)
+
+
+def is_sol_tokenizer(spec: dict) -> bool:
+    """sol's signature: its five special tokens at ids 0..4 of a BPE model."""
+    specials = {t.get("content"): t.get("id") for t in spec.get("added_tokens") or [] if isinstance(t, dict)}
+    return (spec["model"].get("type") == "BPE"
+            and all(specials.get(tok) == i for i, tok in enumerate(SPECIAL_TOKENS)))
+
+
+def load_tokenizer(directory: Path) -> TokenizerInterface:
+    """The tokenizer of a checkpoint directory, of the kind its files say: sol's own
+    (sol's special tokens, and no chat template other than sol's layout) or the model's
+    own Hugging Face tokenizer.json with tokenizer_config.json, special_tokens_map.json,
+    generation_config.json and chat_template.jinja (each optional). A model's chat
+    template is compiled here, so a broken one refuses the checkpoint. Raises
+    FileNotFoundError, or TokenizerError naming the file and what is wrong."""
+    directory = Path(directory)
+    path = directory / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer missing: {path}")
+    text = path.read_text(encoding="utf-8")
+    spec = check_tokenizer_json(text, str(path))
+    settings = read_settings(directory)
+    if is_sol_tokenizer(spec) and settings.chat_template in (None, SOL_CHAT_TEMPLATE):
+        return SolTokenizer(text, source=str(path))
+    tokenizer = HFTokenizer.load(directory)
+    if tokenizer.chat_template is not None:
+        compile_template(tokenizer.chat_template, settings.chat_template_origin)
+    return tokenizer
 
 
 def _split_pattern(spec: dict) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from gpt.chat import Message, chat_prompt_ids
+from gpt.chat import ChatTemplateError, Message, chat_prompt_ids
 from gpt.quoting import quote
 from gpt.registry import ModelNotFound, RegistryError
 from server import validation
@@ -172,7 +172,10 @@ class InferenceService:
         """The prompt's token ids: messages through the chat template, or raw text."""
         if messages is not None:
             msgs = validation.messages(messages, self.config.max_messages, self.config.max_prompt_chars)
-            return chat_prompt_ids(model.tokenizer, msgs)
+            try:
+                return chat_prompt_ids(model.tokenizer, msgs)
+            except ChatTemplateError as err:
+                raise invalid(str(err)) from None
         if prompt is not None:
             return validation.raw_prompt(model.tokenizer, prompt, self.config.max_prompt_chars)
         raise invalid("send messages (rendered with the chat template) or a prompt")
@@ -275,7 +278,7 @@ class InferenceService:
 
     def _submit(self, job: Job) -> None:
         model = job.model
-        eos = model.stop_ids if job.chat else [model.tokenizer.eot_id]
+        eos = model.stop_ids if job.chat else model.tokenizer.eos_ids
         if job.streaming or job.params.stop:
             buffered, interval = self.config.stream_buffer_tokens, self.config.stream_interval
         else:

@@ -12,7 +12,7 @@ from typing import Any
 
 from gpt.chat import ROLES, Message
 from gpt.quoting import quote
-from gpt.tokenizer import SolTokenizer
+from gpt.tokenizers.base import Tokenizer
 from proto.sol.v1 import sol_pb2 as pb
 from server.engine.api import SamplingParams
 from server.errors import invalid
@@ -93,12 +93,12 @@ def messages(msgs, max_messages: int, max_chars: int) -> list[Message]:
     return out
 
 
-def raw_prompt(tokenizer: SolTokenizer, prompt: str, max_chars: int) -> list[int]:
+def raw_prompt(tokenizer: Tokenizer, prompt: str, max_chars: int) -> list[int]:
     if not prompt:
         raise invalid("prompt is empty: send the text to continue")
     if len(prompt) > max_chars:
         raise invalid(f"prompt is {len(prompt)} characters long (at most {max_chars}); shorten it")
-    return tokenizer.encode(prompt)
+    return tokenizer.encode_prompt(prompt)
 
 
 def fit_context(params: SamplingParams, prompt_len: int, max_context: int,

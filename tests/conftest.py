@@ -42,6 +42,15 @@ def tiny_tokenizer(corpus) -> SolTokenizer:
     return train_tokenizer(corpus.train, vocab_size=preset("tiny").vocab_size, show_progress=False)
 
 
+@pytest.fixture(scope="session")
+def hf_tokenizer_dirs(tmp_path_factory, corpus) -> dict:
+    """Hugging Face tokenizer directories (qwen, llama3, llama2, mistral) built and saved
+    as users' checkpoints hold them (tests/hf_tokenizers.py)."""
+    from tests.hf_tokenizers import build_all
+
+    return build_all(tmp_path_factory.mktemp("hf-tokenizers"), corpus.train)
+
+
 def make_tiny_model(tokenizer: SolTokenizer, seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     config = preset("tiny").replace(vocab_size=tokenizer.vocab_size, **overrides)

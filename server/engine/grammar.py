@@ -39,7 +39,8 @@ import llguidance.numpy as llg_numpy
 import numpy as np
 import torch
 
-from gpt.tokenizer import SolTokenizer
+from gpt.chat import chat_stop_ids
+from gpt.tokenizers.base import Tokenizer
 from server.engine.api import ResponseFormat
 
 log = logging.getLogger(__name__)
@@ -205,15 +206,15 @@ class GrammarCompiler:
         self.misses = 0
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: SolTokenizer, vocab_size: int | None = None,
+    def for_tokenizer(cls, tokenizer: Tokenizer, vocab_size: int | None = None,
                       cache_size: int = 256) -> GrammarCompiler:
-        """From a sol tokenizer's token bytes; `vocab_size` is the model's (it may pad the
+        """From a tokenizer's token bytes; `vocab_size` is the model's (it may pad the
         tokenizer's vocabulary: padding ids are never allowed)."""
         specials = set(tokenizer.special_ids.values())
         names = {i: name.encode() for name, i in tokenizer.special_ids.items()}
         token_bytes = [names[i] if i in specials else tokenizer.decode_bytes([i]) for i in range(tokenizer.vocab_size)]
         return cls(token_bytes, specials, vocab_size or tokenizer.vocab_size, tokenizer.encode,
-                   tokenizer.end_of_turn_id, cache_size)
+                   chat_stop_ids(tokenizer)[0], cache_size)
 
     def cached(self, fmt: ResponseFormat) -> CompiledGrammar | None:
         """The compiled grammar if the cache has it (cheap: no compile)."""

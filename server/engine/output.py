@@ -14,8 +14,9 @@ free of per-token string work: the engine core needs no tokenizer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.engine.api import (
     ChoiceFinished,
@@ -32,11 +33,29 @@ from server.engine.detokenizer import IncrementalDetokenizer
 
 
 class TokenTexts:
-    """Each token's bytes and text, cached: one per model, shared by its requests."""
+    """Each token's bytes and text, cached: one per model, shared by its requests. Also
+    how a stream's text is made: from token bytes, or through `decode` when the
+    tokenizer's decoder looks at neighbouring tokens (server/engine/detokenizer.py), and
+    which ids are special (hidden from the text unless a request asks for them)."""
 
-    def __init__(self, decode_bytes: Callable[[list[int]], bytes]) -> None:
+    def __init__(self, decode_bytes: Callable[[list[int]], bytes], decode: Callable[[list[int]], str] | None = None,
+                 special_ids: Iterable[int] = (), byte_pieces: Iterable[int] = ()) -> None:
         self._decode_bytes = decode_bytes
+        self._decode = decode
+        self.special_ids = frozenset(special_ids)
+        self._byte_pieces = frozenset(byte_pieces)
         self._cache: dict[int, bytes] = {}
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any) -> TokenTexts:
+        """For a gpt.tokenizers.base.Tokenizer."""
+        return cls(tokenizer.decode_bytes, None if tokenizer.concatenates_bytes else tokenizer.decode,
+                   tokenizer.special_ids.values(), tokenizer.byte_piece_ids)
+
+    def detokenizer(self, stop: list[str] | None) -> IncrementalDetokenizer:
+        if self._decode is not None:
+            return IncrementalDetokenizer(stop=stop, decode=self._decode, byte_pieces=self._byte_pieces)
+        return IncrementalDetokenizer(self.bytes, stop)
 
     def bytes(self, token_id: int) -> bytes:
         b = self._cache.get(token_id)
@@ -63,8 +82,9 @@ class OutputProcessor:
         self.stop_ids = stop_token_ids(request)
         self.texts = texts
         self.abort_choice = abort_choice
-        self.choices = [_Choice(IncrementalDetokenizer(texts.bytes, self.params.stop))
-                        for _ in range(self.params.n)]
+        # Hidden from the text: stop tokens always, special tokens unless asked for.
+        self.hidden = self.stop_ids | texts.special_ids if self.params.skip_special_tokens else self.stop_ids
+        self.choices = [_Choice(texts.detokenizer(self.params.stop)) for _ in range(self.params.n)]
 
     def process(self, events: list[Event]) -> list[OutputEvent]:
         """Output events for a batch of engine events: at most one TextDelta per choice,
@@ -109,7 +129,7 @@ class OutputProcessor:
                 for alt in lp.top:
                     alt.text = self.texts.text(alt.token_id)
                 delta.logprobs.append(lp)
-            delta.text += choice.detok.add(token, hide=token in self.stop_ids,
+            delta.text += choice.detok.add(token, hide=token in self.hidden,
                                            check_stop=choice.tokens >= self.params.min_tokens)
             if choice.detok.stopped:
                 choice.finished = True

@@ -26,7 +26,7 @@ from gpt.checkpoint import Checkpoint, load_checkpoint
 from gpt.config import ModelConfig
 from gpt.quoting import quote
 from gpt.registry import LATEST, ModelNotFound, ModelRef, Registry
-from gpt.tokenizer import SolTokenizer
+from gpt.tokenizers.base import Tokenizer
 from server.engine.api import EngineRequest, EngineStats, RequestFinished, ResponseFormat, SamplingParams
 from server.engine.config import EngineConfig, kv_pool_blocks, resolve_device_dtype
 from server.engine.engine import Engine
@@ -45,7 +45,7 @@ class LoadedModel:
     name: str
     version: int
     path: Path
-    tokenizer: SolTokenizer
+    tokenizer: Tokenizer
     engine: Engine
     meta: dict[str, Any]
     max_context: int
@@ -128,11 +128,11 @@ def default_engine_factory(config: EngineConfig | None = None) -> EngineBuilder:
     return EngineBuilder(config)
 
 
-def warm_up(engine: Engine, tokenizer: SolTokenizer, timeout_s: float = 120.0) -> None:
+def warm_up(engine: Engine, tokenizer: Tokenizer, timeout_s: float = 120.0) -> None:
     """One short generation through the whole engine path, so the first real request
     does not pay for lazy initialisation (and a broken model is caught before serving)."""
     stream = engine.submit(EngineRequest(request_id=f"warmup-{time.monotonic_ns()}",
-                                         prompt_ids=tokenizer.encode("Hello") or [tokenizer.eot_id],
+                                         prompt_ids=tokenizer.encode_prompt("Hello") or tokenizer.eos_ids[:1],
                                          params=SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -194,7 +194,7 @@ class ModelManager:
                 num_parameters=ckpt.config.num_parameters(),
                 loaded_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 stop_ids=chat_stop_ids(ckpt.tokenizer),
-                texts=TokenTexts(ckpt.tokenizer.decode_bytes), kv_reserved=reserved, budget=self.kv_budget)
+                texts=TokenTexts.for_tokenizer(ckpt.tokenizer), kv_reserved=reserved, budget=self.kv_budget)
             with self._lock:
                 self._loaded[(resolved.name, resolved.version)] = existing
             log.info("loaded %s from %s", existing.ref, resolved.path)

@@ -66,7 +66,7 @@ class RewardStage:
         self.pairs = [(reply_ids(tokenizer, p.problem.prompt, p.chosen),
                        reply_ids(tokenizer, p.problem.prompt, p.rejected)) for p in pairs]
         self.cfg = cfg
-        self.pad = tokenizer.eot_id
+        self.pad = tokenizer.pad_id
         self.device = torch.device(device)
 
     def micro_batch(self, step: int, micro: int, rank: int, world: int

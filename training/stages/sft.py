@@ -41,7 +41,7 @@ class SFTStage:
             raise ValueError("SFT needs at least one conversation")
         self.examples = [sft_example(tokenizer, c) for c in conversations]
         self.cfg = cfg
-        self.pad = tokenizer.eot_id
+        self.pad = tokenizer.pad_id
         self.device = torch.device(device)
 
     def micro_batch(self, step: int, micro: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
