@@ -315,3 +315,27 @@ def test_two_replicas_sharing_redis_stay_within_the_limits(tiny_checkpoint, tmp_
     finally:
         a.stop()
         b.stop()
+
+
+def test_fallback_enforces_the_budget_with_what_runs_and_what_settled(store):
+    """With the store away, the budget counts this process's running reservations and
+    its settled usage: 60 concurrent requests of 23 tokens against a budget of 300 admit
+    13, not 60."""
+    key = make_key(store, token_budget=300)
+    gate = QuotaGate(store, _inline)
+
+    async def burst(prefix: str, count: int) -> list[bool]:
+        return [a.admitted for a in await asyncio.gather(*(gate.admit(key, f"{prefix}{i}", 23)
+                                                          for i in range(count)))]
+
+    assert asyncio.run(gate.admit(key, "warm", 23)).admitted      # through the store: 23 reserved
+    gate.note_usage("k1", 23, "warm")
+    store.record(usage("warm", 23))
+    gate.store = Down()
+    admitted = asyncio.run(burst("a", 60))
+    assert sum(admitted) == (300 - 23) // 23 == 12
+    # They finish using 10 each: 12 x 13 tokens come back, and only that.
+    for i, ok in enumerate(admitted):
+        if ok:
+            gate.note_usage("k1", 10, f"a{i}")
+    assert sum(asyncio.run(burst("b", 60))) == (300 - 23 - 120) // 23 == 6
