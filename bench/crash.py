@@ -141,7 +141,8 @@ class Server:
     def start(self, timeout: float = 180.0) -> float:
         from client.client import Client
 
-        env = {**os.environ, "SOL_HOME": str(self.home), "SOL_ADMIN_KEY": ADMIN_KEY, "SOL_KEY_PEPPER": "crash"}
+        env = {**os.environ, "SOL_HOME": str(self.home), "SOL_ADMIN_KEY": ADMIN_KEY, "SOL_KEY_PEPPER": "crash",
+               "SOL_METERING_TOKENS": str(self.metering_tokens)}
         env.pop("SOL_REDIS_URL", None)
         if self.redis_url:
             env["SOL_REDIS_URL"] = self.redis_url
@@ -149,8 +150,7 @@ class Server:
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "client.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--http-port", str(self.http_port), "--metrics-port", "0", "--no-watch",
-                 "--metering-tokens", str(self.metering_tokens)],
+                 "--http-port", str(self.http_port), "--metrics-port", "0", "--no-watch"],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         with Client(f"127.0.0.1:{self.port}", retries=0) as c:
             if not c.wait_ready(timeout):

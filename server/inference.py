@@ -330,6 +330,7 @@ class InferenceService:
         order, the end of the request or None)."""
         stream, processor = job.stream, job.processor
         assert stream is not None and processor is not None
+        finished = None
         while batch := await stream.next_batch():
             updates, finished = self._absorb(job, processor.process(batch))
             if finished is not None and job.ended_by is not None:
@@ -342,6 +343,11 @@ class InferenceService:
             if finished is None and job.streaming:
                 await self._meter(job)
             yield updates, finished
+        if finished is None:
+            # An engine that closed the stream without its end (it failed): the caller must
+            # hear it, not see a normal end (an HTTP stream's [DONE]).
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"model {job.model.ref} stopped this request without "
+                                                         "finishing it; retry the request")
 
     async def _meter(self, job: Job) -> None:
         """Write the job's usage so far ahead to the ledger when `metering_tokens` new

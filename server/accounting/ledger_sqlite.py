@@ -333,6 +333,11 @@ class SqliteStore:
         return dead
 
     def reap(self, now: float) -> int:
+        # Looked for outside a write transaction: every replica asks every few seconds,
+        # and there is rarely anything to reap.
+        with self._lock:
+            if not self._dead_instances(self._db, now):
+                return 0
         billed = 0
         with self._tx() as db:
             for instance in self._dead_instances(db, now):
