@@ -67,6 +67,18 @@ def register(sub, bench_sub) -> None:
     add_json_flag(p)
     p.set_defaults(handler=_serve)
 
+    p = bench_sub.add_parser("crash", help="crash-safe metering: SIGKILL and restart `sol serve` under mixed "
+                             "gRPC/HTTP streaming load; the ledger against what clients received")
+    p.add_argument("--cycles", type=int, default=20, help="kills (default 20)")
+    p.add_argument("--clients", type=int, default=6, help="streaming clients, half gRPC, half HTTP (default 6)")
+    p.add_argument("--ledger", choices=["sqlite", "redis"], default="sqlite",
+                   help="embedded SQLite (default), or a redis-server started on a free port")
+    p.add_argument("--redis-url", help="an existing Redis for the ledger (beats --ledger)")
+    p.add_argument("--metering-tokens", type=int, default=16, help="the server's --metering-tokens (default 16)")
+    p.add_argument("--home", help="SOL_HOME of the server (default: a new temporary directory)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_crash)
+
     p = bench_sub.add_parser("hotload", help="latency during model swaps vs steady state; publish-to-serve time")
     p.add_argument("--preset", default="small", help="model preset of the published versions (default small)")
     p.add_argument("--clients", type=int, default=8)
@@ -111,6 +123,12 @@ def _serve(args: argparse.Namespace) -> int:
     from bench.serve import run_bench_serve
 
     return run_bench_serve(args)
+
+
+def _crash(args: argparse.Namespace) -> int:
+    from bench.crash import run_bench_crash
+
+    return run_bench_crash(args)
 
 
 def _hotload(args: argparse.Namespace) -> int:

@@ -13,9 +13,13 @@ machine and run on others prebuilds them for a common target (e.g. `x86-64-v3`;
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
+import os
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -51,6 +55,36 @@ def _cpu_flags() -> str:
     return ""
 
 
+# torch's builder guards a build directory with a lock *file* that it removes when done; a
+# process killed while holding it (SIGKILL or OOM during a server's start) leaves it, and
+# every later load of that library waits on it forever. sol's loads take an flock (the
+# kernel drops it with the process) around torch's, and a torch lock file found while
+# holding the flock that is older than this is a dead loader's: removed. (The age spares
+# a loader without the flock: another program, or an older sol.)
+STALE_LOCK_S = 120.0
+
+
+@contextlib.contextmanager
+def build_lock(name: str):
+    """Hold sol's lock of library `name`'s build directory; clear a stale torch lock."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build = Path(_get_build_directory(name, verbose=False))        # made if missing, as load() does
+    fd = os.open(build.parent / f".{name}.sol-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        stale = build / "lock"
+        with contextlib.suppress(FileNotFoundError):
+            age = time.time() - stale.stat().st_mtime
+            if age > STALE_LOCK_S:
+                log.warning("removing %s, left %.0f s ago by a kernel build that did not finish (a killed "
+                            "process)", stale, age)
+                stale.unlink()
+        yield
+    finally:
+        os.close(fd)
+
+
 class KernelLibrary:
     """One C++ source file built into a library of ops in `torch.ops.<namespace>`, once
     per process, for the first target architecture asked for."""
@@ -80,9 +114,10 @@ class KernelLibrary:
             # A native build is this CPU's; one for a named target (an image's) serves any.
             machine = _cpu_flags() if arch == "native" else ""
             tag = hashlib.sha256((machine + " ".join(flags + LDFLAGS)).encode()).hexdigest()[:10]
-            load(name=f"{self.name}_{tag}", sources=[str(self.source)], extra_cflags=flags,
-                 extra_ldflags=LDFLAGS, extra_include_paths=[str(INCLUDE_DIR)], is_python_module=False,
-                 verbose=False)
+            with build_lock(f"{self.name}_{tag}"):
+                load(name=f"{self.name}_{tag}", sources=[str(self.source)], extra_cflags=flags,
+                     extra_ldflags=LDFLAGS, extra_include_paths=[str(INCLUDE_DIR)], is_python_module=False,
+                     verbose=False)
             return hasattr(getattr(torch.ops, self.namespace), self.probe_op)
         except Exception as exc:  # no compiler, no ninja, a read-only cache: keep serving
             log.warning("the %s kernels could not be built (%s); using the PyTorch path", self.name, exc)

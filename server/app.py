@@ -33,6 +33,7 @@ from server.accounting.pricing import PriceBook
 from server.accounting.quota import QuotaGate
 from server.accounting.spool import Spool
 from server.config import ServerConfig
+from server.errors import unavailable
 from server.grpc.admin import AdminServicer
 from server.grpc.servicer import InferenceServicer
 from server.grpc.wire import add_service
@@ -99,9 +100,10 @@ class App:
         check_pepper(self.store, pepper)
         self.auth = Authenticator(self.store, pepper,
                                   resolve_admin_key(c.admin_key, c.admin_key_file, c.home), run, c.auth_cache_s)
-        self.accountant = Accountant(self.store, self.spool, run)
+        self.accountant = Accountant(self.store, self.spool, run, slot=c.replica_slot if c.port else "", lease_s=c.instance_lease_s)
         self.prices = PriceBook(self.store, run, Price(cached_discount=c.cached_discount))
         self.quota = QuotaGate(self.store, run)
+        self.quota.seed(self.spool.records())
         self.service = InferenceService(c, self.models, self.quota, self.accountant, self.prices, self.metrics)
         self.inference = InferenceServicer(self.service, self.auth, self.prices)
         self.admin = AdminServicer(self.store, self.auth, self.accountant, self.prices, self.models,
@@ -142,7 +144,13 @@ class App:
             self._metrics_server, _ = self.metrics.serve(c.metrics_port, c.host)
             self.metrics_port = self._metrics_server.server_port
         await self.prices.refresh()
+        # Before the first request: what this replica's previous run left (a crash) is
+        # billed and its request ids and reservations freed.
+        await self.accountant.begin()
         self.accountant.start()
+        # Revocations made on other replicas end this one's running requests of the key.
+        self._revocation_watch = asyncio.get_running_loop().create_task(
+            self.service.watch_revocations(self.auth.revoked, c.auth_cache_s))
         self.prices.start()
         tls = "plain text" if self.tls is None else "TLS" + (", client certificates required" if self.tls.mutual
                                                               else "")
@@ -233,6 +241,7 @@ class App:
         except TimeoutError:
             log.warning("grace period over with %d requests in flight; cancelling them",
                         len(self.service.inflight.jobs))
+            await self._cut_running()
         await self.server.stop(grace=1.0)
         if self.http is not None:
             await self.http.stop()
@@ -246,6 +255,8 @@ class App:
             else:
                 await asyncio.sleep(0.01)
         await self.prices.close()
+        if getattr(self, "_revocation_watch", None) is not None:
+            self._revocation_watch.cancel()
         await self.accountant.close()
         await asyncio.get_running_loop().run_in_executor(None, self.models.shutdown)
         if self._metrics_server is not None:
@@ -261,6 +272,15 @@ class App:
             print("sol: stopped" + (f"; {left} usage records stay spooled for the next start" if left else ""),
                   file=sys.stderr, flush=True)
         self._stopped.set()
+
+    async def _cut_running(self, wait_s: float = 5.0) -> None:
+        """End what still runs after the grace period: each request is billed and its call
+        ends with UNAVAILABLE (an HTTP stream with an error event), not a silent cut."""
+        self.service.end(unavailable("this server is shutting down and its grace period ended before the "
+                                     "request finished: it was stopped and billed for the tokens generated so "
+                                     "far; retry (another replica will answer)"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.service.inflight.empty.wait(), timeout=wait_s)
 
     async def run_until_signal(self) -> int:
         stop = asyncio.Event()

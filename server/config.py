@@ -181,6 +181,21 @@ class ServerConfig:
     cached_discount: float = setting(0.5, help="price discount of cached prompt tokens for models without a "
                                                "SetPrice")
     store_timeout_s: float = 1.0
+    # Crash-safe metering: a running request's usage so far is written ahead to the ledger
+    # (not billed) every N tokens or T seconds, before the tokens go out, so a server
+    # killed at any moment leaves at most N delivered tokens per request unbilled; the
+    # next start (or any replica, once the lease lapses) bills them exactly once.
+    metering_tokens: int = setting(16, env="SOL_METERING_TOKENS",
+                                   help="crash-safe metering: write a running request's usage ahead every this "
+                                        "many output tokens (over its n choices); at most this many delivered "
+                                        "tokens per request go unbilled if the server is killed")
+    metering_interval_s: float = setting(1.0, env="SOL_METERING_INTERVAL", flag="--metering-interval",
+                                         help="crash-safe metering: and at least this often (seconds) while a "
+                                              "request has unwritten tokens")
+    instance_lease_s: float = setting(10.0, env="SOL_INSTANCE_LEASE", flag="--instance-lease",
+                                      help="seconds without a heartbeat after which other replicas consider this "
+                                           "server dead, bill its running requests and free their request ids "
+                                           "and budget reservations (a restart frees them at once)")
     # Key lookups are cached this long: a revocation reaches other replicas within it.
     auth_cache_s: float = 2.0
     warmup: bool = True
@@ -192,6 +207,9 @@ class ServerConfig:
                                           "events are missing")
 
     def __post_init__(self) -> None:
+        if self.metering_tokens < 1 or self.metering_interval_s <= 0 or self.instance_lease_s <= 0:
+            raise ValueError(f"metering_tokens must be >= 1, metering_interval_s and instance_lease_s > 0 (got "
+                             f"{self.metering_tokens}, {self.metering_interval_s}, {self.instance_lease_s})")
         if not 1 <= self.stream_interval <= self.stream_buffer_tokens:
             raise ValueError(f"stream_interval must be in [1, stream_buffer_tokens = {self.stream_buffer_tokens}] "
                              f"(got {self.stream_interval})")
@@ -201,9 +219,15 @@ class ServerConfig:
         return self.home / "ledger.sqlite3"
 
     @property
+    def replica_slot(self) -> str:
+        """This replica's place (host and port): a restart takes over its predecessor's
+        spool and, in the ledger, frees what the predecessor held."""
+        return f"{socket.gethostname()}-{self.port}"
+
+    @property
     def spool_path(self) -> Path:
         # One spool per host and port: replicas sharing a volume never interleave writes.
-        return self.home / "spool" / f"{socket.gethostname()}-{self.port}.jsonl"
+        return self.home / "spool" / f"{self.replica_slot}.jsonl"
 
 
 def settings() -> list[tuple[dataclasses.Field, Setting]]:

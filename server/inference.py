@@ -6,9 +6,14 @@ speaks through the same calls):
 
 Every request the engine accepted is billed exactly once with the usage the output kept,
 whether it finished, was cancelled (CancelRequest: the stream then ends normally with
-usage), or lost its client (disconnect, deadline: the engine request is aborted and
-billed in the background). Errors are ServiceErrors: a status and a message that says
-what to change; adapters translate them to their protocol.
+usage), lost its client (disconnect, deadline: the engine request is aborted and
+billed in the background), or was ended by the server (its key revoked, the drain's
+grace period over: billed, then the ServiceError that says why ends the call). A
+streaming request's usage so far is written ahead (checkpointed) every
+`metering_tokens` tokens or `metering_interval_s` seconds, before those tokens go out,
+so a crash leaves fewer than `metering_tokens` delivered tokens per request unbilled.
+Errors are ServiceErrors: a status and a message that says what to change; adapters
+translate them to their protocol.
 """
 
 from __future__ import annotations
@@ -109,6 +114,10 @@ class Job:
     tokens: dict[int, int] = field(default_factory=dict)
     finish: dict[int, str] = field(default_factory=dict)
     token_times: list[tuple[float, int]] = field(default_factory=list)   # (arrival, tokens) of choice 0's messages
+    attempt: str = ""                # this run of the request id, in the ledger
+    ended_by: ServiceError | None = None   # the server stopped it (revoked key, drain): the call ends with it
+    metered: int = 0                 # output tokens written ahead to the ledger so far
+    metered_at: float = field(default_factory=time.monotonic)
 
     def text(self, index: int) -> str:
         return "".join(self.texts.get(index, []))
@@ -191,6 +200,39 @@ class InferenceService:
         job.stream.abort()
         return True
 
+    def end(self, error: ServiceError, key_id: str | None = None) -> int:
+        """Stop running requests (one key's, or all) on the server's behalf: each is
+        billed for what it generated, then its call ends with `error`. Returns how many."""
+        stopped = 0
+        for job in list(self.inflight.jobs.values()):
+            if (key_id is None or job.key.key_id == key_id) and job.stream is not None and not job.billed \
+                    and job.ended_by is None:
+                job.ended_by = error
+                job.stream.abort()
+                stopped += 1
+        return stopped
+
+    def end_revoked(self, key_id: str) -> int:
+        return self.end(ServiceError(grpc.StatusCode.UNAUTHENTICATED,
+                                     f"API key {key_id} was revoked while this request ran: it was stopped and "
+                                     "billed for the tokens generated so far; use another key"), key_id)
+
+    async def watch_revocations(self, revoked, interval_s: float) -> None:
+        """Every `interval_s`, ask the store (`revoked(key ids)`, fresh, not cached) whether
+        a key with running requests here was revoked on another replica, and end them."""
+        while True:
+            await asyncio.sleep(interval_s)
+            key_ids = {job.key.key_id for job in self.inflight.jobs.values() if job.stream is not None}
+            if not key_ids:
+                continue
+            try:
+                for key_id in await revoked(key_ids):
+                    self.end_revoked(key_id)
+            except StoreUnavailable:
+                continue
+            except Exception:  # noqa: BLE001 - the watch must outlive any store trouble
+                log.exception("checking running requests' keys for revocation failed")
+
     # --- the request path ---------------------------------------------------------------------
     async def admit(self, key: KeyInfo, model_ref: str, params: SamplingParams,
                     messages: list[Message] | None = None, prompt: str | None = None, request_id: str = "",
@@ -229,6 +271,7 @@ class InferenceService:
                                                                    "(on another replica); wait for it or send a "
                                                                    "new request_id")
             claimed = True
+            job.attempt = self.accountant.new_attempt()
             estimate = len(ids) + params.max_tokens * params.n
             admitting = True
             admission = await self.quota.admit(key, request_id, estimate, max_tokens=params.max_tokens,
@@ -314,8 +357,44 @@ class InferenceService:
         order, the end of the request or None)."""
         stream, processor = job.stream, job.processor
         assert stream is not None and processor is not None
+        finished = None
         while batch := await stream.next_batch():
-            yield self._absorb(job, processor.process(batch))
+            updates, finished = self._absorb(job, processor.process(batch))
+            if finished is not None and job.ended_by is not None:
+                # Stopped by the server: what came with the end still goes out, then the
+                # bill, then the reason.
+                if updates:
+                    yield updates, None
+                await self.bill(job, finished)
+                raise job.ended_by
+            if finished is None and job.streaming:
+                await self._meter(job)
+            yield updates, finished
+        if finished is None:
+            # An engine that closed the stream without its end (it failed): the caller must
+            # hear it, not see a normal end (an HTTP stream's [DONE]).
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"model {job.model.ref} stopped this request without "
+                                                         "finishing it; retry the request")
+
+    async def _meter(self, job: Job) -> None:
+        """Write the job's usage so far ahead to the ledger when `metering_tokens` new
+        output tokens or `metering_interval_s` seconds have passed since the last write,
+        before the adapter sends them: a crash then leaves fewer than metering_tokens of
+        what the client received unbilled. (Unary requests are not written ahead: their
+        client receives nothing before the end.)"""
+        done = sum(job.tokens.values())
+        now = time.monotonic()
+        if done <= job.metered or (done - job.metered < self.config.metering_tokens
+                                   and now - job.metered_at < self.config.metering_interval_s):
+            return
+        job.metered, job.metered_at = done, now
+        await self.accountant.checkpoint(self._record(job, len(job.prompt_ids), done, 0))
+
+    def _record(self, job: Job, prompt: int, completion: int, cached: int) -> UsageRecord:
+        cost = self.prices.get(job.model.name).cost(prompt, completion, cached)
+        return UsageRecord(key_id=job.key.key_id, request_id=job.request_id, model=job.model.name,
+                           version=job.model.version, prompt_tokens=prompt, completion_tokens=completion,
+                           cached_tokens=cached, cost=cost, day=utc_day(), attempt=job.attempt)
 
     def _absorb(self, job: Job, events: list[OutputEvent]) -> tuple[list[ChoiceUpdate], RequestFinished | None]:
         updates: dict[int, ChoiceUpdate] = {}
@@ -350,14 +429,12 @@ class InferenceService:
     async def bill(self, job: Job, finished: RequestFinished) -> BilledUsage:
         """Record the request's usage, once."""
         u = finished.usage
-        cost = self.prices.get(job.model.name).cost(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+        rec = self._record(job, u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+        cost = rec.cost
         if not job.billed:
             job.billed = True
             job.model.release()
-            await self.accountant.record(UsageRecord(
-                key_id=job.key.key_id, request_id=job.request_id, model=job.model.name, version=job.model.version,
-                prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens,
-                cost=cost, day=utc_day()))
+            await self.accountant.record(rec)
             self.quota.note_usage(job.key.key_id, u.total_tokens, job.request_id)
             self.metrics.observe_finished(job.model.name, finished.timings, u, job.finish.values(), job.token_times,
                                           cost)
@@ -396,6 +473,8 @@ class InferenceService:
                 finished = f or finished
             if finished is not None:
                 await self.bill(job, finished)
+        except ServiceError:
+            pass                    # ended by the server (revoked, drain): billed before it raised
         except Exception:  # noqa: BLE001 - background task: log, never lose the loop
             log.exception("billing an abandoned request failed")
         finally:

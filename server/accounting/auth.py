@@ -149,6 +149,17 @@ class Authenticator:
                                                "use another key")
         return key
 
+    async def revoked(self, key_ids) -> list[str]:
+        """Which of `key_ids` the store says are revoked now (read fresh, not from the
+        cache: a revocation made on another replica). StoreUnavailable when it is away."""
+        out = []
+        for key_id in key_ids:
+            key = await self._run(self.store.get_key, key_id)
+            if key is not None and key.revoked:
+                out.append(key_id)
+                self.forget(key_id)
+        return out
+
     def forget(self, key_id: str) -> None:
         """Drop a key from the cache now (after a revocation on this replica)."""
         for digest, (key, _) in list(self._cache.items()):

@@ -15,6 +15,15 @@ Semantics every store guarantees (tests/service/test_ledger.py runs them on both
 - `record` settles the reservations to the actual usage (freeing the difference);
   `release` gives back the reservations and the request count of a request that
   never ran.
+- Crash-safe metering (see `merge_attempt`): each run of a request id is an *attempt*
+  ("<instance>.<n>"). While it runs, `checkpoint` keeps its usage so far (write-ahead,
+  not billed). Claims, reservations and checkpoints belong to the server instance that
+  made them; an instance holds a lease (`register_instance`, `heartbeat`), and `reap`
+  turns the checkpoints of dead instances (lease lapsed, or restarted in the same slot,
+  or, for the embedded store, a pid that no longer runs) into *cut* bills and frees
+  their claims and reservations. A cut bill is superseded by its attempt's final
+  record (the difference is billed, once); a request id whose attempts were all cut
+  may be run again, and the new attempt's usage adds to it.
 
 Rate limits use a sliding window of RATE_WINDOW_S: a request counts, with its tokens,
 from its admission until RATE_WINDOW_S later. Its tokens are its reservation while it
@@ -29,7 +38,7 @@ import datetime as dt
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Protocol
 
 # How long a request id is remembered for idempotency, and how long an unsettled
@@ -103,20 +112,39 @@ class UsageRecord:
     cost: float
     day: str
     ts: float = field(default_factory=time.time)
+    # The run this usage belongs to ("<instance>.<n>"; "" for records before attempts).
+    attempt: str = ""
+    # Billed from a checkpoint of a run its server never finished (crash): the attempt's
+    # final record, should it still come, supersedes it.
+    cut: bool = False
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @property
+    def instance(self) -> str:
+        """The server instance that ran the attempt."""
+        return self.attempt.rpartition(".")[0]
+
     def to_dict(self) -> dict:
-        return {"key_id": self.key_id, "request_id": self.request_id, "model": self.model,
-                "version": self.version, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "cached_tokens": self.cached_tokens,
-                "cost": self.cost, "day": self.day, "ts": self.ts}
+        d = {"key_id": self.key_id, "request_id": self.request_id, "model": self.model,
+             "version": self.version, "prompt_tokens": self.prompt_tokens,
+             "completion_tokens": self.completion_tokens, "cached_tokens": self.cached_tokens,
+             "cost": self.cost, "day": self.day, "ts": self.ts}
+        if self.attempt:
+            d["attempt"] = self.attempt
+        if self.cut:
+            d["cut"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> UsageRecord:
-        return cls(**d)
+        # Stored records carry more than a record's fields (a request's attempts).
+        return cls(**{k: v for k, v in d.items() if k in _RECORD_FIELDS})
+
+
+_RECORD_FIELDS = frozenset(f.name for f in fields(UsageRecord))
 
 
 @dataclass
@@ -149,6 +177,7 @@ class Admission:
     retry_after_s: float = 0.0       # 0 = retrying will not help (budget spent, request too large)
     limit: str = ""                  # which limit refused: "rpm", "tpm" or "budget"
     room: int = 0                    # tokens that limit has for a request now ("tpm", "budget")
+    used: int | None = None          # the key's tokens_used the store saw (an admission), if it says
 
 
 @dataclass(frozen=True)
@@ -199,10 +228,62 @@ class LedgerStore(Protocol):
         a claim left by a dead replica lapses after RESERVATION_TTL_S."""
         ...
     def unclaim(self, key_id: str, request_id: str) -> None: ...
+
+    # crash-safe metering (the store's `instance` attribute names this process's instance)
+    def register_instance(self, instance: str, slot: str, lease_s: float, now: float) -> None:
+        """Start `instance` with a lease of `lease_s`; an earlier instance of the same
+        `slot` (this replica before a restart) is dead from now on."""
+        ...
+    def heartbeat(self, instance: str, lease_s: float, now: float) -> None: ...
+    def checkpoint(self, rec: UsageRecord) -> None:
+        """Keep a running attempt's usage so far (replacing its previous checkpoint)."""
+        ...
+    def reap(self, now: float) -> int:
+        """Bill the checkpoints of dead instances as cut records and free their claims
+        and reservations; returns the requests billed."""
+        ...
     def get_record(self, key_id: str, request_id: str) -> UsageRecord | None: ...
     def usage(self, key_id: str = "", model: str = "", from_day: str = "", to_day: str = "") -> list[UsageRow]: ...
 
     def close(self) -> None: ...
+
+
+def merge_attempt(stored: dict | None, rec: UsageRecord) -> tuple[dict, UsageRecord] | None:
+    """How `rec` changes a request id's stored record (`stored`: the JSON of the totals
+    over its attempts, with "attempts": {attempt: [prompt, completion, cached, cost, cut]}).
+    Returns (the new stored record, the delta to add to the usage counters), or None when
+    `rec` changes nothing: a duplicate (a retried write, a spool replay, a second reap).
+
+    - an attempt seen for the first time adds its usage (a retry after a cut run is a
+      new attempt: both runs' tokens were delivered, both are billed);
+    - a final record of an attempt billed as cut replaces it: the difference is billed;
+    - anything else about a known attempt is a duplicate.
+    The rule is shared by both stores, so they cannot drift apart."""
+    attempts: dict[str, list] = {}
+    if stored is not None:
+        attempts = {k: list(v) for k, v in stored.get("attempts", {}).items()}
+        if not attempts:
+            # A record from before attempts: one final run.
+            attempts[stored.get("attempt", "")] = [stored["prompt_tokens"], stored["completion_tokens"],
+                                                    stored["cached_tokens"], stored["cost"], False]
+    old = attempts.get(rec.attempt)
+    if old is not None and (not old[4] or rec.cut):
+        return None
+    prev = old or [0, 0, 0, 0.0, False]
+    delta = replace(rec, prompt_tokens=rec.prompt_tokens - prev[0],
+                    completion_tokens=rec.completion_tokens - prev[1],
+                    cached_tokens=rec.cached_tokens - prev[2], cost=rec.cost - prev[3])
+    attempts[rec.attempt] = [rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, rec.cost, rec.cut]
+    total = [sum(a[i] for a in attempts.values()) for i in range(4)]
+    first = UsageRecord.from_dict(stored) if stored is not None else rec
+    merged = replace(first, prompt_tokens=total[0], completion_tokens=total[1], cached_tokens=total[2],
+                     cost=total[3], attempt=rec.attempt, cut=all(a[4] for a in attempts.values()))
+    return {**merged.to_dict(), "attempts": attempts, "served": not merged.cut}, delta
+
+
+def is_served(stored: dict | None) -> bool:
+    """A request id that a run finished (not only cut by a crash): a retry is a duplicate."""
+    return stored is not None and stored.get("served", True)
 
 
 def window_state(entries: Sequence[tuple[float, int]], key: KeyInfo, estimate: int, now: float) -> WindowState:

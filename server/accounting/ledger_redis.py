@@ -18,7 +18,12 @@ the ledger is billing data. Key layout (prefix `sol:`):
     rlt:{id}              hash  request id -> its tokens in the window (reservation, then usage),
                                 and "#tokens", their total (request ids cannot hold a '#')
     resv:{id}             hash  request id -> "tokens expires" (budget reservations)
-    run:{id}:{request}    str   a replica runs this request id (single-flight), until recorded
+    run:{id}:{request}    str   the instance running this request id (single-flight), until recorded
+    instances             zset  server instance -> lease expiry (crash-safe metering)
+    instance-slot:{slot}  str   the live instance of a replica slot (host-port): a restart
+                                replaces it, and the one replaced is dead at once
+    meter:{instance}      hash  "key id|request|attempt" -> the attempt's checkpoint (JSON)
+    held:{instance}       set   "key id|request" of the instance's run claims and reservations
 """
 
 from __future__ import annotations
@@ -42,17 +47,31 @@ from server.accounting.ledger import (
     UsageRecord,
     UsageRow,
     WindowState,
+    merge_attempt,
     refusal,
 )
 
 P = "sol:"
 MAX_COOLDOWN_S = 4.0
 
+# Apply one merged record (ledger.merge_attempt, computed by the caller from the stored
+# value it read): a compare-and-set on the stored value (ARGV[10], "" = none), so two
+# writers of one request id cannot both apply their delta; returns -1 when it changed.
+# ARGV[9] "" only cleans up (a duplicate). The attempt's claim (held by its instance,
+# ARGV[12]), reservation and checkpoint (field ARGV[11] of KEYS[8]) end with it.
 RECORD_LUA = """
-redis.call('HDEL', KEYS[5], ARGV[1])
-redis.call('DEL', KEYS[7])
-if not redis.call('SET', KEYS[1], ARGV[9], 'NX', 'EX', tonumber(ARGV[2])) then return 0 end
-redis.call('HINCRBY', KEYS[2], 'requests', 1)
+local owner = ARGV[12]
+local run = redis.call('GET', KEYS[7])
+if run == owner or (owner == '' and run == '1') then redis.call('DEL', KEYS[7]) end
+local resv = redis.call('HGET', KEYS[5], ARGV[1])
+if resv and (string.match(resv, '^%S+ %S+ (%S+)$') or '') == owner then redis.call('HDEL', KEYS[5], ARGV[1]) end
+redis.call('HDEL', KEYS[8], ARGV[11])
+redis.call('SREM', KEYS[9], ARGV[15])
+if ARGV[9] == '' then return 0 end
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[10] then return -1 end
+redis.call('SET', KEYS[1], ARGV[9], 'EX', tonumber(ARGV[2]))
+redis.call('HINCRBY', KEYS[2], 'requests', ARGV[13])
 redis.call('HINCRBY', KEYS[2], 'prompt_tokens', ARGV[3])
 redis.call('HINCRBY', KEYS[2], 'completion_tokens', ARGV[4])
 redis.call('HINCRBY', KEYS[2], 'cached_tokens', ARGV[5])
@@ -62,16 +81,39 @@ if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HINCRBY', KEYS[3], 'token
 -- Settle the rate window: the reservation becomes the actual usage, freeing the rest.
 local held = redis.call('HGET', KEYS[4], ARGV[1])
 if held then
-  redis.call('HSET', KEYS[4], ARGV[1], ARGV[8])
-  redis.call('HINCRBY', KEYS[4], '#tokens', tonumber(ARGV[8]) - tonumber(held))
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[14])
+  redis.call('HINCRBY', KEYS[4], '#tokens', tonumber(ARGV[14]) - tonumber(held))
 end
 return 1
 """
 
+# A request id is billed once a run finished it; one whose runs were all cut by a crash
+# ("served": false) may run again. The claim holds the instance (ARGV[2]) and is indexed
+# under it (KEYS[3]), so its death frees it.
 CLAIM_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 'billed' end
-if redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[1])) then return 'ok' end
+local rec = redis.call('GET', KEYS[1])
+if rec and cjson.decode(rec)['served'] ~= false then return 'billed' end
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', tonumber(ARGV[1])) then
+  if ARGV[2] ~= '' then redis.call('SADD', KEYS[3], ARGV[3]) end
+  return 'ok'
+end
 return 'running'
+"""
+
+# Free what a dead instance held: its claims (still its own) and reservations.
+FREE_LUA = """
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local sep = string.find(member, '|', 1, true)
+  local key_id, request = string.sub(member, 1, sep - 1), string.sub(member, sep + 1)
+  local run = ARGV[2] .. 'run:' .. key_id .. ':' .. request
+  if redis.call('GET', run) == ARGV[1] then redis.call('DEL', run) end
+  local resv = ARGV[2] .. 'resv:' .. key_id
+  local value = redis.call('HGET', resv, request)
+  if value and string.match(value, '^%S+ %S+ (%S+)$') == ARGV[1] then redis.call('HDEL', resv, request) end
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
 """
 
 # Shared by the scripts below: take one request's entry out of a key's rate window (the
@@ -153,7 +195,13 @@ if limited then
   redis.call('EXPIRE', KEYS[4], 2 * math.ceil(window))
 end
 if budget >= 0 then
-  redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. ' ' .. tostring(now + tonumber(ARGV[7])))
+  local owner = ARGV[9] or ''
+  local value = ARGV[2] .. ' ' .. tostring(now + tonumber(ARGV[7]))
+  if owner ~= '' then
+    value = value .. ' ' .. owner
+    redis.call('SADD', KEYS[5], ARGV[10])
+  end
+  redis.call('HSET', KEYS[3], ARGV[1], value)
 end
 return {1, rq, tk, reserved, used, '0', '0'}
 """
@@ -227,6 +275,8 @@ class RedisStore:
         self._admit = self._r.register_script(ADMIT_LUA)
         self._claim = self._r.register_script(CLAIM_LUA)
         self._release = self._r.register_script(RELEASE_LUA)
+        self._free = self._r.register_script(FREE_LUA)
+        self.instance = ""          # this process's server instance, once registered
 
     @_unavailable
     def ping(self) -> None:
@@ -321,13 +371,14 @@ class RedisStore:
     # --- quotas -----------------------------------------------------------------------------
     @_unavailable
     def admit(self, key: KeyInfo, request_id: str, estimate_tokens: int, now: float) -> Admission:
-        keys = [f"{P}key:{key.key_id}", f"{P}rl:{key.key_id}", f"{P}resv:{key.key_id}", f"{P}rlt:{key.key_id}"]
+        keys = [f"{P}key:{key.key_id}", f"{P}rl:{key.key_id}", f"{P}resv:{key.key_id}", f"{P}rlt:{key.key_id}",
+                f"{P}held:{self.instance}"]
         args = [request_id, estimate_tokens, repr(now), -1 if key.rpm is None else key.rpm,
                 -1 if key.tpm is None else key.tpm, -1 if key.token_budget is None else key.token_budget,
-                RESERVATION_TTL_S, repr(RATE_WINDOW_S)]
+                RESERVATION_TTL_S, repr(RATE_WINDOW_S), self.instance, f"{key.key_id}|{request_id}"]
         ok, rq, tk, reserved, used, rwait, twait = self._admit(keys=keys, args=args)
         if int(ok):
-            return Admission(True)
+            return Admission(True, used=int(used))
         fresh = KeyInfo(**{**key.__dict__, "tokens_used": int(used)})
         window = WindowState(int(rq), int(tk), float(rwait), float(twait))
         return refusal(fresh, window, int(reserved), estimate_tokens) or Admission(
@@ -341,22 +392,75 @@ class RedisStore:
     # --- usage ------------------------------------------------------------------------------
     @_unavailable
     def record(self, rec: UsageRecord) -> bool:
+        # Optimistic: most request ids have no stored record yet; on a conflict, read it
+        # and merge again.
+        stored: str | None = None
+        for _ in range(16):
+            applied = self._apply(rec, stored)
+            if applied >= 0:
+                return bool(applied)
+            stored = self._r.get(f"{P}req:{rec.key_id}:{rec.request_id}")
+        raise StoreUnavailable(f"request {rec.request_id}: its record kept changing under concurrent writes")
+
+    def _apply(self, rec: UsageRecord, stored: str | None) -> int:
+        merged = merge_attempt(json.loads(stored) if stored else None, rec)
+        new, delta = merged if merged is not None else ("", rec)
         keys = [f"{P}req:{rec.key_id}:{rec.request_id}", f"{P}usage:{rec.day}:{rec.key_id}:{rec.model}",
                 f"{P}key:{rec.key_id}", f"{P}rlt:{rec.key_id}", f"{P}resv:{rec.key_id}",
-                f"{P}usage-index", f"{P}run:{rec.key_id}:{rec.request_id}"]
-        args = [rec.request_id, IDEMPOTENCY_TTL_S, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens,
-                repr(float(rec.cost)), f"{rec.day}|{rec.key_id}|{rec.model}", rec.total_tokens,
-                json.dumps(rec.to_dict())]
-        return bool(self._record(keys=keys, args=args))
+                f"{P}usage-index", f"{P}run:{rec.key_id}:{rec.request_id}", f"{P}meter:{rec.instance}",
+                f"{P}held:{rec.instance}"]
+        total = new["prompt_tokens"] + new["completion_tokens"] if new else 0
+        args = [rec.request_id, IDEMPOTENCY_TTL_S, delta.prompt_tokens, delta.completion_tokens,
+                delta.cached_tokens, repr(float(delta.cost)), f"{rec.day}|{rec.key_id}|{rec.model}",
+                delta.total_tokens, json.dumps(new) if new else "", stored or "",
+                f"{rec.key_id}|{rec.request_id}|{rec.attempt}", rec.instance, 0 if stored else 1, total,
+                f"{rec.key_id}|{rec.request_id}"]
+        return int(self._record(keys=keys, args=args))
 
     @_unavailable
     def claim(self, key_id: str, request_id: str, now: float) -> str:
-        return self._claim(keys=[f"{P}req:{key_id}:{request_id}", f"{P}run:{key_id}:{request_id}"],
-                           args=[RESERVATION_TTL_S])
+        return self._claim(keys=[f"{P}req:{key_id}:{request_id}", f"{P}run:{key_id}:{request_id}",
+                                 f"{P}held:{self.instance}"],
+                           args=[RESERVATION_TTL_S, self.instance, f"{key_id}|{request_id}"])
+
+    # --- crash-safe metering ------------------------------------------------------------------
+    @_unavailable
+    def register_instance(self, instance: str, slot: str, lease_s: float, now: float) -> None:
+        with self._r.pipeline(transaction=True) as p:
+            p.getset(f"{P}instance-slot:{slot}", instance)
+            p.zadd(f"{P}instances", {instance: now + lease_s})
+            previous, _ = p.execute()
+        if previous and previous != instance:
+            # This replica's earlier run is dead now, whatever its lease says.
+            self._r.zadd(f"{P}instances", {previous: 0}, xx=True)
+        self.instance = instance
+
+    @_unavailable
+    def heartbeat(self, instance: str, lease_s: float, now: float) -> None:
+        self._r.zadd(f"{P}instances", {instance: now + lease_s})
+
+    @_unavailable
+    def checkpoint(self, rec: UsageRecord) -> None:
+        self._r.hset(f"{P}meter:{rec.instance}", f"{rec.key_id}|{rec.request_id}|{rec.attempt}",
+                     json.dumps(rec.to_dict()))
+
+    @_unavailable
+    def reap(self, now: float) -> int:
+        dead = [i for i in self._r.zrangebyscore(f"{P}instances", "-inf", repr(now)) if i != self.instance]
+        billed = 0
+        for instance in dead:
+            for value in self._r.hvals(f"{P}meter:{instance}"):
+                billed += self.record(UsageRecord.from_dict({**json.loads(value), "cut": True}))
+            self._free(keys=[f"{P}held:{instance}", f"{P}meter:{instance}", f"{P}instances"],
+                       args=[instance, P])
+        return billed
 
     @_unavailable
     def unclaim(self, key_id: str, request_id: str) -> None:
-        self._r.delete(f"{P}run:{key_id}:{request_id}")
+        with self._r.pipeline(transaction=True) as p:
+            p.delete(f"{P}run:{key_id}:{request_id}")
+            p.srem(f"{P}held:{self.instance}", f"{key_id}|{request_id}")
+            p.execute()
 
     @_unavailable
     def has_record(self, key_id: str, request_id: str) -> bool:

@@ -5,6 +5,8 @@ processes on one machine may share the file (SQLite's locking, WAL journal)."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -20,6 +22,8 @@ from server.accounting.ledger import (
     UsageRecord,
     UsageRow,
     WindowState,
+    is_served,
+    merge_attempt,
     refusal,
     window_state,
 )
@@ -60,6 +64,48 @@ CREATE TABLE IF NOT EXISTS reservations (
 _KEY_COLUMNS = "key_id, name, prefix, created, revoked, token_budget, rpm, tpm, tokens_used, share, band"
 # Columns added after the first release: (name, definition) for ALTER TABLE on old files.
 _KEY_MIGRATIONS = (("share", "REAL NOT NULL DEFAULT 1.0"), ("band", "TEXT NOT NULL DEFAULT 'interactive'"))
+# Crash-safe metering: server instances with their lease and process marker, and the
+# checkpoints (write-ahead usage) of running attempts. Run claims and reservations gain
+# the instance that holds them (`_migrate_instances`).
+INSTANCES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    instance TEXT PRIMARY KEY, slot TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+    marker TEXT NOT NULL, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS meter (
+    key_id TEXT NOT NULL, request_id TEXT NOT NULL, attempt TEXT NOT NULL, instance TEXT NOT NULL,
+    record TEXT NOT NULL, PRIMARY KEY (key_id, request_id, attempt));
+CREATE INDEX IF NOT EXISTS meter_instance ON meter (instance);
+"""
+
+
+def _migrate_instances(db: sqlite3.Connection) -> None:
+    db.executescript(INSTANCES_SCHEMA)
+    for table in ("running", "reservations"):
+        columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if "instance" not in columns:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN instance TEXT NOT NULL DEFAULT ''")
+
+
+def process_marker(pid: int) -> str | None:
+    """What tells this run of process `pid` from a later process given the same pid: the
+    boot id and the process's start time (Linux), else just its liveness. None: no such
+    process."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            start = f.read().rpartition(")")[2].split()[19]
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f"{f.read().strip()}:{start}"
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return "alive"
+
+
 
 
 def _key(row) -> KeyInfo:
@@ -85,6 +131,8 @@ class SqliteStore:
             for column, definition in _KEY_MIGRATIONS:
                 if column not in have:     # a ledger written before the column existed
                     self._db.execute(f"ALTER TABLE keys ADD COLUMN {column} {definition}")
+            _migrate_instances(self._db)
+        self.instance = ""          # this process's server instance, once registered
 
     @contextmanager
     def _tx(self, durable: bool = True):
@@ -197,9 +245,10 @@ class SqliteStore:
                 db.execute("INSERT OR REPLACE INTO rate_window VALUES (?,?,?,?)",
                            (key.key_id, request_id, now, estimate_tokens))
             if key.token_budget is not None:
-                db.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?,?)",
-                           (key.key_id, request_id, estimate_tokens, now + RESERVATION_TTL_S))
-        return Admission(True)
+                db.execute("INSERT OR REPLACE INTO reservations (key_id, request_id, tokens, expires, instance) "
+                           "VALUES (?,?,?,?,?)",
+                           (key.key_id, request_id, estimate_tokens, now + RESERVATION_TTL_S, self.instance))
+        return Admission(True, used=used)
 
     def release(self, key_id: str, request_id: str) -> None:
         with self._tx(durable=False) as db:
@@ -212,37 +261,108 @@ class SqliteStore:
     # --- usage ------------------------------------------------------------------------------
     def record(self, rec: UsageRecord) -> bool:
         with self._tx() as db:
-            db.execute("DELETE FROM reservations WHERE key_id=? AND request_id=?", (rec.key_id, rec.request_id))
-            db.execute("DELETE FROM running WHERE key_id=? AND request_id=?", (rec.key_id, rec.request_id))
-            cur = db.execute("INSERT OR IGNORE INTO requests VALUES (?,?,?,?)",
-                             (rec.key_id, rec.request_id, rec.ts, json.dumps(rec.to_dict())))
-            if cur.rowcount == 0:
-                return False
-            db.execute("INSERT INTO usage VALUES (?,?,?,1,?,?,?,?) ON CONFLICT(day, key_id, model) DO UPDATE SET "
-                       "requests=requests+1, prompt_tokens=prompt_tokens+excluded.prompt_tokens, "
-                       "completion_tokens=completion_tokens+excluded.completion_tokens, "
-                       "cached_tokens=cached_tokens+excluded.cached_tokens, cost=cost+excluded.cost",
-                       (rec.day, rec.key_id, rec.model, rec.prompt_tokens, rec.completion_tokens,
-                        rec.cached_tokens, rec.cost))
-            db.execute("UPDATE keys SET tokens_used=tokens_used+? WHERE key_id=?", (rec.total_tokens, rec.key_id))
-            # Settle the rate window: the reservation becomes the actual usage, freeing the rest.
-            db.execute("UPDATE rate_window SET tokens=? WHERE key_id=? AND request_id=?",
-                       (rec.total_tokens, rec.key_id, rec.request_id))
-            db.execute("DELETE FROM requests WHERE ts < ?", (rec.ts - IDEMPOTENCY_TTL_S,))
+            return self._record(db, rec)
+
+    def _record(self, db: sqlite3.Connection, rec: UsageRecord) -> bool:
+        """Apply `rec` in the open transaction `db` (see ledger.merge_attempt)."""
+        owner = rec.instance
+        # The attempt's claim and reservation end with it (a cut record's were freed with
+        # its instance; a retry running elsewhere holds its own).
+        db.execute("DELETE FROM reservations WHERE key_id=? AND request_id=? AND instance=?",
+                   (rec.key_id, rec.request_id, owner))
+        db.execute("DELETE FROM running WHERE key_id=? AND request_id=? AND instance=?",
+                   (rec.key_id, rec.request_id, owner))
+        db.execute("DELETE FROM meter WHERE key_id=? AND request_id=? AND attempt=?",
+                   (rec.key_id, rec.request_id, rec.attempt))
+        row = db.execute("SELECT record FROM requests WHERE key_id=? AND request_id=?",
+                         (rec.key_id, rec.request_id)).fetchone()
+        merged = merge_attempt(json.loads(row[0]) if row else None, rec)
+        if merged is None:
+            return False
+        stored, delta = merged
+        db.execute("INSERT OR REPLACE INTO requests VALUES (?,?,?,?)",
+                   (rec.key_id, rec.request_id, stored["ts"], json.dumps(stored)))
+        db.execute("INSERT INTO usage VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(day, key_id, model) DO UPDATE SET "
+                   "requests=requests+excluded.requests, prompt_tokens=prompt_tokens+excluded.prompt_tokens, "
+                   "completion_tokens=completion_tokens+excluded.completion_tokens, "
+                   "cached_tokens=cached_tokens+excluded.cached_tokens, cost=cost+excluded.cost",
+                   (rec.day, rec.key_id, rec.model, 0 if row else 1, delta.prompt_tokens, delta.completion_tokens,
+                    delta.cached_tokens, delta.cost))
+        db.execute("UPDATE keys SET tokens_used=tokens_used+? WHERE key_id=?", (delta.total_tokens, rec.key_id))
+        # Settle the rate window: the reservation becomes the actual usage, freeing the rest.
+        db.execute("UPDATE rate_window SET tokens=? WHERE key_id=? AND request_id=?",
+                   (stored["prompt_tokens"] + stored["completion_tokens"], rec.key_id, rec.request_id))
+        db.execute("DELETE FROM requests WHERE ts < ?", (rec.ts - IDEMPOTENCY_TTL_S,))
         return True
 
     def claim(self, key_id: str, request_id: str, now: float) -> str:
         with self._tx(durable=False) as db:
-            if db.execute("SELECT 1 FROM requests WHERE key_id=? AND request_id=?", (key_id, request_id)).fetchone():
+            row = db.execute("SELECT record FROM requests WHERE key_id=? AND request_id=?",
+                             (key_id, request_id)).fetchone()
+            if row and is_served(json.loads(row[0])):
                 return "billed"
             db.execute("DELETE FROM running WHERE expires < ?", (now,))
-            cur = db.execute("INSERT OR IGNORE INTO running VALUES (?,?,?)",
-                             (key_id, request_id, now + RESERVATION_TTL_S))
+            cur = db.execute("INSERT OR IGNORE INTO running (key_id, request_id, expires, instance) VALUES (?,?,?,?)",
+                             (key_id, request_id, now + RESERVATION_TTL_S, self.instance))
             return "ok" if cur.rowcount else "running"
 
     def unclaim(self, key_id: str, request_id: str) -> None:
         with self._tx(durable=False) as db:
             db.execute("DELETE FROM running WHERE key_id=? AND request_id=?", (key_id, request_id))
+
+    # --- crash-safe metering ------------------------------------------------------------------
+    def register_instance(self, instance: str, slot: str, lease_s: float, now: float) -> None:
+        pid = os.getpid()
+        with self._tx() as db:
+            # This replica's earlier run is dead now, whatever its lease says.
+            db.execute("UPDATE instances SET expires=0 WHERE slot=? AND instance != ?", (slot, instance))
+            db.execute("INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?)",
+                       (instance, slot, socket.gethostname(), pid, process_marker(pid) or "", now + lease_s))
+        self.instance = instance
+
+    def heartbeat(self, instance: str, lease_s: float, now: float) -> None:
+        with self._tx(durable=False) as db:
+            db.execute("UPDATE instances SET expires=? WHERE instance=?", (now + lease_s, instance))
+
+    def checkpoint(self, rec: UsageRecord) -> None:
+        # Not fsynced: a committed WAL transaction survives the process being killed (only a
+        # power cut could lose it, and the checkpoint before it stays).
+        with self._tx(durable=False) as db:
+            db.execute("INSERT OR REPLACE INTO meter VALUES (?,?,?,?,?)",
+                       (rec.key_id, rec.request_id, rec.attempt, rec.instance, json.dumps(rec.to_dict())))
+
+    def _dead_instances(self, db: sqlite3.Connection, now: float) -> list[str]:
+        host = socket.gethostname()
+        dead = []
+        for instance, ihost, pid, marker, expires in db.execute(
+                "SELECT instance, host, pid, marker, expires FROM instances WHERE instance != ?", (self.instance,)):
+            # On this host a process that is gone (or whose pid now names another process)
+            # is dead at once; elsewhere only its lease tells.
+            if expires < now or (ihost == host and process_marker(pid) != marker):
+                dead.append(instance)
+        # Checkpoints of instances no longer registered (reaped before a late spool replay
+        # wrote them) are as dead.
+        dead += [r[0] for r in db.execute("SELECT DISTINCT instance FROM meter WHERE instance NOT IN "
+                                          "(SELECT instance FROM instances)")]
+        return dead
+
+    def reap(self, now: float) -> int:
+        # Looked for outside a write transaction: every replica asks every few seconds,
+        # and there is rarely anything to reap.
+        with self._lock:
+            if not self._dead_instances(self._db, now):
+                return 0
+        billed = 0
+        with self._tx() as db:
+            for instance in self._dead_instances(db, now):
+                for (record,) in db.execute("SELECT record FROM meter WHERE instance=?", (instance,)).fetchall():
+                    rec = UsageRecord.from_dict({**json.loads(record), "cut": True})
+                    billed += self._record(db, rec)
+                db.execute("DELETE FROM meter WHERE instance=?", (instance,))
+                db.execute("DELETE FROM running WHERE instance=?", (instance,))
+                db.execute("DELETE FROM reservations WHERE instance=?", (instance,))
+                db.execute("DELETE FROM instances WHERE instance=?", (instance,))
+        return billed
 
     def has_record(self, key_id: str, request_id: str) -> bool:
         with self._lock:

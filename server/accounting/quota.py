@@ -4,11 +4,14 @@ replica sees the same counters. Tokens are reserved at admission (prompt + max_t
 x n) and settled to the actual usage when the request is recorded (or given back by
 `release` when it never ran), so concurrent requests cannot overshoot a limit.
 
-While the store is away, a per-process fallback keeps the rate limits (a sliding
-window of what this process admitted, which it also keeps while the store is up, so
-an outage does not start from an empty window) and the last known budget, and
-serving goes on. Each replica then enforces the limits alone: R replicas may admit up
-to R times a limit until the store is back."""
+While the store is away, a per-process fallback keeps every limit, and serving goes
+on: the rate limits from a sliding window of what this process admitted (kept while
+the store is up too, so an outage does not start from an empty window), and the
+budget from the key's tokens_used as the store last reported it, plus what this
+process settled since (spooled records included, also those a restart found in the
+spool), plus the reservations of its requests still running (admitted through the
+store or locally). Each replica then enforces the limits alone: R replicas admit at
+most R times a limit until the store is back."""
 
 from __future__ import annotations
 
@@ -76,9 +79,18 @@ class QuotaGate:
         self.store = store
         self._run = run
         self._window = LocalWindow()
-        # Tokens used through this process since its last admission through the store, per
-        # key: what the cached key's tokens_used does not know yet while the store is away.
-        self._local_tokens: dict[str, int] = {}
+        # The fallback's budget, per key: tokens settled through this process (only grows),
+        # the tokens_used the store reported at its last admission with how much had
+        # settled when that admission was sent (what settled later the store may not have
+        # seen), and the reservations of this process's running requests.
+        self._settled: dict[str, int] = {}
+        self._base: dict[str, tuple[int, int]] = {}
+        self._held: dict[str, dict[str, int]] = {}
+
+    def seed(self, records) -> None:
+        """Usage this process has spooled from an earlier run (not in the store yet)."""
+        for rec in records:
+            self._settled[rec.key_id] = self._settled.get(rec.key_id, 0) + rec.total_tokens
 
     @staticmethod
     def needs_store(key: KeyInfo) -> bool:
@@ -95,22 +107,29 @@ class QuotaGate:
         if not self.needs_store(key):
             return Admission(True)
         now = time.time()
+        mark = self._settled.get(key.key_id, 0)
         try:
             admission = await self._run(self.store.admit, key, request_id, estimate_tokens, now)
         except StoreUnavailable:
             admission = self._admit_locally(key, request_id, estimate_tokens, now)
         else:
-            self._local_tokens.pop(key.key_id, None)
+            if admission.used is not None:
+                self._base[key.key_id] = (admission.used, mark)
             if admission.admitted and self._rate_limited(key):
                 self._window.add(key.key_id, request_id, estimate_tokens, now)
+        if admission.admitted and key.token_budget is not None:
+            self._held.setdefault(key.key_id, {})[request_id] = estimate_tokens
         if not admission.admitted and not max_tokens_given and max_tokens:
             admission = with_assumed_max_tokens(admission, key, estimate_tokens, max_tokens, n)
         return admission
 
     def _admit_locally(self, key: KeyInfo, request_id: str, estimate: int, now: float) -> Admission:
-        approx = KeyInfo(**{**key.__dict__, "tokens_used": key.tokens_used + self._local_tokens.get(key.key_id, 0)})
+        base, mark = self._base.get(key.key_id, (key.tokens_used, 0))
+        used = max(key.tokens_used, base + self._settled.get(key.key_id, 0) - mark)
+        approx = KeyInfo(**{**key.__dict__, "tokens_used": used})
+        held = sum(t for r, t in self._held.get(key.key_id, {}).items() if r != request_id)
         window = window_state(self._window.entries(key.key_id, now), key, estimate, now)
-        refused = refusal(approx, window, 0, estimate)
+        refused = refusal(approx, window, held, estimate)
         if refused:
             return refused
         if self._rate_limited(key):
@@ -120,9 +139,17 @@ class QuotaGate:
     def note_usage(self, key_id: str, tokens: int, request_id: str = "") -> None:
         """A request's actual usage: settles this process's window entry (when the
         request id is given) and counts toward the fallback's budget."""
-        self._local_tokens[key_id] = self._local_tokens.get(key_id, 0) + tokens
+        self._settled[key_id] = self._settled.get(key_id, 0) + tokens
         if request_id:
             self._window.settle(key_id, request_id, tokens)
+            self._unhold(key_id, request_id)
+
+    def _unhold(self, key_id: str, request_id: str) -> None:
+        held = self._held.get(key_id)
+        if held is not None:
+            held.pop(request_id, None)
+            if not held:
+                del self._held[key_id]
 
     async def release(self, key: KeyInfo, request_id: str) -> None:
         """Give back the reservations (budget, rate window) of a request that never ran
@@ -130,6 +157,7 @@ class QuotaGate:
         if not self.needs_store(key):
             return
         self._window.remove(key.key_id, request_id)
+        self._unhold(key.key_id, request_id)
         # If the store is away the reservation lapses by itself: budget reservations after
         # RESERVATION_TTL_S, window entries after RATE_WINDOW_S.
         with contextlib.suppress(StoreUnavailable):

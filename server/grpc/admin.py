@@ -127,6 +127,9 @@ class AdminServicer(pb_grpc.AdminServicer):
                 raise not_found(f"no key with id {quote(request.key_id)} (see ListKeys)")
             revoked = await self._run(self.store.revoke_key, request.key_id)
             self.auth.forget(request.key_id)
+            # Its running requests here stop now (billed); other replicas' within their
+            # revocation watch (auth_cache_s).
+            self.inference.service.end_revoked(request.key_id)
             return pb.RevokeKeyResponse(revoked=revoked)
         return await self._call(context, "RevokeKey", fn)
 

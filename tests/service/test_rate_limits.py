@@ -315,3 +315,51 @@ def test_two_replicas_sharing_redis_stay_within_the_limits(tiny_checkpoint, tmp_
     finally:
         a.stop()
         b.stop()
+
+
+def test_fallback_enforces_the_budget_with_what_runs_and_what_settled(store):
+    """With the store away, the budget counts this process's running reservations and
+    its settled usage: 60 concurrent requests of 23 tokens against a budget of 300 admit
+    13, not 60."""
+    key = make_key(store, token_budget=300)
+    gate = QuotaGate(store, _inline)
+
+    async def burst(prefix: str, count: int) -> list[bool]:
+        return [a.admitted for a in await asyncio.gather(*(gate.admit(key, f"{prefix}{i}", 23)
+                                                          for i in range(count)))]
+
+    assert asyncio.run(gate.admit(key, "warm", 23)).admitted      # through the store: 23 reserved
+    gate.note_usage("k1", 23, "warm")
+    store.record(usage("warm", 23))
+    gate.store = Down()
+    admitted = asyncio.run(burst("a", 60))
+    assert sum(admitted) == (300 - 23) // 23 == 12
+    # They finish using 10 each: 12 x 13 tokens come back, and only that.
+    for i, ok in enumerate(admitted):
+        if ok:
+            gate.note_usage("k1", 10, f"a{i}")
+    assert sum(asyncio.run(burst("b", 60))) == (300 - 23 - 120) // 23 == 6
+
+
+def test_a_budget_holds_through_a_redis_outage_on_a_real_server(tmp_path, tiny_tokenizer):
+    """Through the public API: with Redis killed, a budget of 300 admits what fits in it
+    (13 of 60 concurrent requests of 23 tokens), not all 60 (1,380 tokens)."""
+    from tests.service.harness import publish_tiny
+
+    redis = RedisServer(tmp_path)
+    redis.start()
+    s = RunningServer(publish_tiny(tmp_path, tiny_tokenizer), tmp_path / "home", redis_url=redis.url).start()
+    try:
+        with Client(s.target, admin_key=ADMIN_KEY, retries=0) as admin:
+            clients, key_id = limited([s.target], admin, token_budget=300)
+        redis.stop()
+        done, refused = concurrent_chats(clients, n=60, max_tokens=16, ignore_eos=True)
+        spent = sum(r.usage.total_tokens for r in done)
+        assert len(done) == 300 // 23 and spent <= 300, (len(done), spent)
+        check_refusals_budget = [e for e in refused if "budget" in e.message]
+        assert len(check_refusals_budget) == len(refused) == 60 - len(done)
+        for c in clients:
+            c.close()
+    finally:
+        s.stop()
+        redis.stop()
