@@ -193,7 +193,9 @@ class App:
                   f"{self.config.poll_interval_s:g} s)", file=sys.stderr, flush=True)
 
     def _load_outcome(self, outcome: LoadOutcome) -> None:
-        if outcome.ok:
+        if outcome.superseded:
+            print(f"sol: loaded {outcome.ref}, but {outcome.error}", file=sys.stderr, flush=True)
+        elif outcome.ok:
             self.metrics.model_loads.labels(outcome.model).inc()
             self.metrics.model_load_seconds.labels(outcome.model).observe(outcome.seconds)
             print(f"sol: serving {outcome.ref} ({', '.join(self._aliases_of(outcome)) or 'no aliases'})",
