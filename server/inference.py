@@ -53,6 +53,8 @@ from server.models.manager import LoadedModel, ModelManager
 
 log = logging.getLogger("sol.inference")
 
+SHUTTING_DOWN = "the server is shutting down; retry the request (another replica, or this one once it is back)"
+
 
 @dataclass
 class ChoiceUpdate:
@@ -92,6 +94,7 @@ class Job:
     tokens: dict[int, int] = field(default_factory=dict)
     finish: dict[int, str] = field(default_factory=dict)
     token_times: list[tuple[float, int]] = field(default_factory=list)   # (arrival, tokens) of choice 0's messages
+    cut: bool = False                # ended by the drain after the grace period (UNAVAILABLE)
 
     def text(self, index: int) -> str:
         return "".join(self.texts.get(index, []))
@@ -288,7 +291,26 @@ class InferenceService:
         stream, processor = job.stream, job.processor
         assert stream is not None and processor is not None
         while batch := await stream.next_batch():
-            yield self._absorb(job, processor.process(batch))
+            updates, finished = self._absorb(job, processor.process(batch))
+            if finished is not None and job.cut and "abort" in job.finish.values():
+                # Cut by the drain: the text so far goes out and is billed, then the
+                # request ends with UNAVAILABLE, which says to retry.
+                if updates:
+                    yield updates, None
+                await self.bill(job, finished)
+                raise unavailable(SHUTTING_DOWN)
+            yield updates, finished
+
+    def cut_all(self) -> int:
+        """The grace period is over: stop every running request's generation. Each
+        reader gets what was generated, billed, then UNAVAILABLE (see `updates`), as soon
+        as its client reads; returns how many were cut."""
+        jobs = list(self.inflight.jobs.values())
+        for job in jobs:
+            job.cut = True
+            if job.stream is not None:
+                job.stream.abort()
+        return len(jobs)
 
     def _absorb(self, job: Job, events: list[OutputEvent]) -> tuple[list[ChoiceUpdate], RequestFinished | None]:
         updates: dict[int, ChoiceUpdate] = {}
@@ -369,6 +391,10 @@ class InferenceService:
                 finished = f or finished
             if finished is not None:
                 await self.bill(job, finished)
+        except ServiceError as err:
+            if not job.cut:
+                raise
+            log.debug("abandoned request %s ends with the drain: %s", job.request_id, err.message)
         except Exception:  # noqa: BLE001 - background task: log, never lose the loop
             log.exception("billing an abandoned request failed")
         finally:
