@@ -9,9 +9,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -46,6 +48,15 @@ from server.models.manager import EngineFactory, ModelManager, default_engine_fa
 from server.tls import ReloadingCredentials, TlsFiles
 
 log = logging.getLogger("sol.app")
+
+# The drain past the grace period (README, "Drain"): clients still reading get their
+# final status within CUT_READ_S; then both protocols close what is left within STOP_S
+# (a reader that stopped reading cannot take a status behind its full window); then the
+# cleanup (billing what was cut, the ledger flush, the engines) gets CLEANUP_S.
+CUT_READ_S = 1.0
+STOP_S = 0.5
+CLEANUP_S = 1.5
+DRAIN_BOUND_S = CUT_READ_S + STOP_S + CLEANUP_S
 
 INFERENCE = pb.DESCRIPTOR.services_by_name["Inference"]
 ADMIN = pb.DESCRIPTOR.services_by_name["Admin"]
@@ -164,10 +175,13 @@ class App:
         """The OpenAI-compatible HTTP adapter over the same InferenceService, on this loop.
         Imported here: a gRPC-only server (--http-port 0) never loads FastAPI."""
         from server.http.app import create_app
-        from server.http.server import HttpServer
+        from server.http.server import HttpServer, HttpTimeouts
 
+        c = self.config
         self.http = HttpServer(create_app(self.service, self.auth, self.prices, self.health),
-                               self.config.host, self.config.http_port, tls=self.tls)
+                               c.host, c.http_port, shutdown_grace_s=STOP_S, tls=self.tls,
+                               timeouts=HttpTimeouts(c.http_header_timeout_s, c.http_body_timeout_s,
+                                                     c.http_keepalive_timeout_s, c.http_max_header_bytes))
         await self.http.start()
         self.http_port = self.http.port
 
@@ -195,7 +209,9 @@ class App:
                   f"{self.config.poll_interval_s:g} s)", file=sys.stderr, flush=True)
 
     def _load_outcome(self, outcome: LoadOutcome) -> None:
-        if outcome.ok:
+        if outcome.superseded:
+            print(f"sol: loaded {outcome.ref}, but {outcome.error}", file=sys.stderr, flush=True)
+        elif outcome.ok:
             self.metrics.model_loads.labels(outcome.model).inc()
             self.metrics.model_load_seconds.labels(outcome.model).observe(outcome.seconds)
             print(f"sol: serving {outcome.ref} ({', '.join(self._aliases_of(outcome)) or 'no aliases'})",
@@ -224,32 +240,36 @@ class App:
 
     async def drain(self, quiet: bool = False) -> None:
         """Readiness first, then no new requests, then wait for the running ones (up to
-        the grace period), bill what was cut short, flush the ledger."""
+        the grace period); past it, end them with UNAVAILABLE, close what is left, bill
+        what was cut short, flush the ledger: exit within grace + DRAIN_BOUND_S."""
+        loop = asyncio.get_running_loop()
         grace = self.config.grace_period_s
+        grace_ends = loop.time() + grace
         await self.health.start_drain()
         self.metrics.ready.set(0)
         # Refuse new requests in the same loop turn as readiness flips: nothing may slip
         # in while the hot-loader below takes its time to stop.
         self.service.draining = True
         if self.hotloader is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.hotloader.stop)
+            # A load under way is not waited for: it cannot serve any more.
+            await loop.run_in_executor(None, self.hotloader.stop, STOP_S)
         if not quiet:
-            print(f"sol: draining: {len(self.service.inflight.jobs)} requests in flight, grace {grace:.0f} s",
+            print(f"sol: draining: {len(self.service.inflight.jobs)} requests in flight, grace {grace:g} s",
                   file=sys.stderr, flush=True)
         try:
-            await asyncio.wait_for(self.service.inflight.empty.wait(), timeout=grace)
+            await asyncio.wait_for(self.service.inflight.empty.wait(), timeout=max(0.0, grace_ends - loop.time()))
         except TimeoutError:
-            log.warning("grace period over with %d requests in flight; cancelling them",
-                        len(self.service.inflight.jobs))
-            await self._cut_running()
-        await self.server.stop(grace=1.0)
+            cut = await self._cut_running(CUT_READ_S)
+            log.warning("grace period over: %d request(s) in flight ended with UNAVAILABLE (retry)", cut)
+        stops = [self.server.stop(grace=STOP_S)]
         if self.http is not None:
-            await self.http.stop()
+            stops.append(self.http.stop())
+        await asyncio.gather(*stops)
+        log.info("drain: protocols stopped %.2f s after the grace period began", loop.time() - grace_ends + grace)
         # Handlers cut off by the stop finish their cleanup on later loop turns: wait for
         # every request to leave and for the billing of the cut-off ones.
-        deadline = asyncio.get_running_loop().time() + 10.0
-        while (self.service.inflight.jobs or self.service.background) and \
-                asyncio.get_running_loop().time() < deadline:
+        deadline = loop.time() + CLEANUP_S
+        while (self.service.inflight.jobs or self.service.background) and loop.time() < deadline:
             if self.service.background:
                 await asyncio.wait(list(self.service.background), timeout=0.1)
             else:
@@ -258,7 +278,9 @@ class App:
         if getattr(self, "_revocation_watch", None) is not None:
             self._revocation_watch.cancel()
         await self.accountant.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.models.shutdown)
+        log.info("drain: requests billed, ledger flushed %.2f s in", loop.time() - grace_ends + grace)
+        await loop.run_in_executor(None, self.models.shutdown, CLEANUP_S)
+        log.info("drain: engines stopped %.2f s in", loop.time() - grace_ends + grace)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self.store.close()
@@ -273,14 +295,17 @@ class App:
                   file=sys.stderr, flush=True)
         self._stopped.set()
 
-    async def _cut_running(self, wait_s: float = 5.0) -> None:
+    async def _cut_running(self, wait_s: float) -> int:
         """End what still runs after the grace period: each request is billed and its call
-        ends with UNAVAILABLE (an HTTP stream with an error event), not a silent cut."""
-        self.service.end(unavailable("this server is shutting down and its grace period ended before the "
+        ends with UNAVAILABLE (an HTTP stream with an error event), not a silent cut. A
+        client still reading gets its text so far and the status within `wait_s`; one that
+        stopped reading (its stream back-pressured) is closed with the protocols."""
+        cut = self.service.end(unavailable("this server is shutting down and its grace period ended before the "
                                      "request finished: it was stopped and billed for the tokens generated so "
                                      "far; retry (another replica will answer)"))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.service.inflight.empty.wait(), timeout=wait_s)
+        return cut
 
     async def run_until_signal(self) -> int:
         stop = asyncio.Event()
@@ -341,6 +366,13 @@ def _safe_url(url: str | None) -> str:
     return f"{scheme}://***@{rest.split('@', 1)[1]}"
 
 
-def serve(config: ServerConfig, engine_factory: EngineFactory | None = None) -> int:
+def serve(config: ServerConfig, engine_factory: EngineFactory | None = None) -> NoReturn:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(App(config, engine_factory).run_until_signal())
+    code = asyncio.run(App(config, engine_factory).run_until_signal())
+    # The drain has closed what this process owns (ledger, spool, engines, sockets). The
+    # interpreter's own teardown then took up to 9 s (gRPC core's, with a stream stuck
+    # behind a client's full window), past any grace period: exit now instead.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

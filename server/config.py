@@ -116,6 +116,20 @@ class ServerConfig:
     metrics_port: int = setting(9400, env="SOL_METRICS_PORT", help="Prometheus port, 0 = off")
     # The OpenAI-compatible HTTP API and playground: same process, engines, keys and ledger.
     http_port: int = setting(8000, env="SOL_HTTP_PORT", help="OpenAI-compatible HTTP API and playground, 0 = off")
+    # Slow or idle HTTP clients must not hold a connection (one fd each) for ever: uvicorn
+    # closes idle keep-alive connections itself, the deadlines for a request's header
+    # block and body are server/http/server.py's (uvicorn has none).
+    http_header_timeout_s: float = setting(10.0, env="SOL_HTTP_HEADER_TIMEOUT", flag="--http-header-timeout",
+                                           help="seconds from a connection's first byte (or from its opening) to "
+                                                "the end of a request's header block; beyond it 408 and close")
+    http_body_timeout_s: float = setting(30.0, env="SOL_HTTP_BODY_TIMEOUT", flag="--http-body-timeout",
+                                         help="seconds from the end of a request's headers to the end of its body; "
+                                              "beyond it 408 and close")
+    http_keepalive_timeout_s: float = setting(30.0, env="SOL_HTTP_KEEPALIVE_TIMEOUT",
+                                              flag="--http-keepalive-timeout",
+                                              help="seconds an idle keep-alive HTTP connection stays open")
+    http_max_header_bytes: int = setting(16384, env="SOL_HTTP_MAX_HEADER_BYTES",
+                                         help="largest HTTP request line + header block; beyond it 400 and close")
     registry: Path = setting(env="SOL_REGISTRY", parse=Path, factory=default_registry_root,
                              help="registry directory", default_text="$SOL_HOME/registry")
     models: list[str] = setting(flag="--model", repeat=True, metavar="REF",
@@ -210,6 +224,11 @@ class ServerConfig:
         if self.metering_tokens < 1 or self.metering_interval_s <= 0 or self.instance_lease_s <= 0:
             raise ValueError(f"metering_tokens must be >= 1, metering_interval_s and instance_lease_s > 0 (got "
                              f"{self.metering_tokens}, {self.metering_interval_s}, {self.instance_lease_s})")
+        for name in ("http_header_timeout_s", "http_body_timeout_s", "http_keepalive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
+        if self.http_max_header_bytes < 1024:
+            raise ValueError(f"http_max_header_bytes must be at least 1024 (got {self.http_max_header_bytes})")
         if not 1 <= self.stream_interval <= self.stream_buffer_tokens:
             raise ValueError(f"stream_interval must be in [1, stream_buffer_tokens = {self.stream_buffer_tokens}] "
                              f"(got {self.stream_interval})")

@@ -62,6 +62,7 @@ from server.models.manager import LoadedModel, ModelManager
 log = logging.getLogger("sol.inference")
 
 
+
 # Fair share's charge per prompt / generated token when the model has no prices: a
 # generated token costs a forward step of its own, a prompt token a share of a batched one.
 DEFAULT_TOKEN_COSTS = (1.0, 2.0)

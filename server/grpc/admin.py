@@ -220,8 +220,8 @@ class AdminServicer(pb_grpc.AdminServicer):
                     log.warning("registry is read-only (%s); %s:%s -> %s holds on this server only",
                                 err, name, alias, version)
                 if self.hotloader is not None:
-                    outcome = await self._run(lambda: self.hotloader.submit(
-                        lambda: self.hotloader.switch(name, alias, version)).result())
+                    # At once for a loaded version (a roll-back never waits behind a load).
+                    outcome = await self._run(lambda: self.hotloader.request_switch(name, alias, version).result())
                     if not outcome.ok:
                         raise failed_precondition(f"cannot serve {outcome.ref}: {outcome.error}")
                 else:

@@ -17,10 +17,12 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import uvicorn
 from starlette.types import ASGIApp
 
+from server.http.deadlines import DeadlineH11Protocol
 from server.tls import TlsError, TlsFiles
 
 log = logging.getLogger("sol.http")
@@ -50,18 +52,38 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True)
+class HttpTimeouts:
+    """How long a client may take (ServerConfig's --http-* flags): the deadlines to the
+    end of a request's headers and of its body (server/http/deadlines.py), the idle
+    keep-alive (uvicorn's own timer) and the header block's size (h11's limit)."""
+
+    header_s: float = 10.0
+    body_s: float = 30.0
+    keepalive_s: float = 30.0
+    max_header_bytes: int = 16384
+
+
 class HttpServer:
     def __init__(self, app: ASGIApp, host: str, port: int, shutdown_grace_s: float = 1.0,
-                 tls: TlsFiles | None = None, tls_poll_s: float = 2.0) -> None:
+                 tls: TlsFiles | None = None, tls_poll_s: float = 2.0,
+                 timeouts: HttpTimeouts | None = None) -> None:
         self.sock = bind(host, port)
         self.port: int = self.sock.getsockname()[1]
         self.tls = tls
         self.tls_poll_s = tls_poll_s
+        self.timeouts = t = timeouts or HttpTimeouts()
+        self.shutdown_grace_s = shutdown_grace_s
         # No lifespan (the App starts and stops everything), no access log (metrics count
         # requests; a line per request would cost more CPU than the request's framing).
         self.server = _EmbeddedServer(uvicorn.Config(
-            app, lifespan="off", access_log=False, log_level="warning", timeout_graceful_shutdown=shutdown_grace_s,
-            timeout_keep_alive=30, server_header=False, **(tls.uvicorn_options() if tls else {})))
+            app, lifespan="off", access_log=False, log_level="warning",
+            # Past ours (stop() closes the stuck connections first), so uvicorn's own cut,
+            # which logs at ERROR, is only the last resort.
+            timeout_graceful_shutdown=shutdown_grace_s + 2.0,
+            http=DeadlineH11Protocol.configure(t.header_s, t.body_s), timeout_keep_alive=t.keepalive_s,
+            h11_max_incomplete_event_size=t.max_header_bytes, server_header=False,
+            **(tls.uvicorn_options() if tls else {})))
         self._task: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
 
@@ -103,6 +125,19 @@ class HttpServer:
             self.sock.close()
             return
         self.server.should_exit = True
+        # uvicorn closes idle connections and those whose response ends; a response still
+        # open after the grace has a reader that stopped reading (its writes paused): it
+        # cannot be finished, so its connection is closed here, which the app sees as a
+        # disconnect (billing what was sent). Left to uvicorn, its task would be cancelled
+        # and logged at ERROR as an exception in the app.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_grace_s
+        while self.server.server_state.connections and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self.server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
         try:
             await self._task
         except Exception:  # noqa: BLE001 - shutting down: report, go on with the drain

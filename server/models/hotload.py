@@ -9,6 +9,11 @@ the routing table at once, and its engine (weights and KV blocks) is shut down w
 last request ends. A broken checkpoint is refused with a log line and a metric, and the
 old version keeps serving.
 
+Alias moves never wait behind a load: a move to a version already loaded (a roll-back,
+say) is applied at once on the thread that saw it, while the worker may still be busy
+with a slow or broken load; a load that finishes after its alias moved elsewhere does
+not take the alias back (the newest request for an alias wins) and is retired.
+
 Which aliases are followed: those named with `--model NAME[:ALIAS]`, or, by default,
 the serving aliases (`latest`, `base`, `sft`, `rlhf`) of every model in the registry,
 including models that appear after the server started. `NAME@VERSION` pins a version.
@@ -51,6 +56,7 @@ class LoadOutcome:
     ok: bool
     seconds: float
     error: str = ""
+    superseded: bool = False      # loaded, but its alias had moved elsewhere meanwhile
 
     @property
     def ref(self) -> str:
@@ -73,6 +79,11 @@ class HotLoader:
         self._retire_lock = threading.Lock()
         self._retired = threading.Condition(self._retire_lock)
         self._stop = threading.Event()
+        # The version each alias was last asked to serve, in the order the requests came:
+        # a slow load whose alias moved on meanwhile must not move it back. The lock makes
+        # "still wanted? then point the alias" one step against concurrent moves.
+        self._wanted: dict[tuple[str, str], int] = {}
+        self._alias_lock = threading.Lock()
         self._reaper: threading.Thread | None = None
         self.watcher = RegistryWatcher(registry, self._on_changes, self.config.poll_interval_s,
                                        self.config.use_events)
@@ -97,7 +108,9 @@ class HotLoader:
         # snapshot, by reconciling every followed alias once.
         self.submit(self.reconcile)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop following. A load under way is not waited for beyond `timeout_s` (the
+        threads are daemons): a drain must not sit behind a slow checkpoint."""
         self.watcher.stop()
         self._stop.set()
         self._jobs.put(None)
@@ -105,7 +118,7 @@ class HotLoader:
             self._retired.notify_all()
         for t in (self._worker, self._reaper):
             if t is not None:
-                t.join(timeout=10)
+                t.join(timeout=timeout_s)
 
     def submit(self, job: Callable[[], object]) -> Future:
         """Run `job` on the hot-load worker (loads are serialised: one at a time)."""
@@ -137,17 +150,60 @@ class HotLoader:
             if change.new_version is not None and self.follows(change.model, change.alias):
                 log.info("registry: %s:%s moved %s -> %s", change.model, change.alias,
                          change.old_version, change.new_version)
-                self.submit(lambda c=change: self.switch(c.model, c.alias, c.new_version))
+                self.request_switch(change.model, change.alias, change.new_version)
 
     def reconcile(self) -> None:
         for name in self.registry.models():
             for alias, version in self.registry.aliases(name).items():
                 if self.follows(name, alias):
-                    self.switch(name, alias, version)
+                    self.request_switch(name, alias, version)
+
+    def request_switch(self, name: str, alias: str, version: int) -> Future:
+        """Make `name:alias` serve `version`: at once when that version is loaded (the
+        future is done on return), else once the worker has loaded it. Callable from any
+        thread; the latest request for an alias wins."""
+        with self._alias_lock:
+            self._wanted[(name, alias)] = version
+        if self.manager.is_loaded(name, version) and not self._is_reward_model(name, version):
+            try:
+                outcome = self._move_loaded(name, alias, version)
+            except LookupError:
+                pass        # unloaded in the meantime: load it again on the worker
+            else:
+                future: Future = Future()
+                future.set_result(outcome)
+                return future
+        return self.submit(lambda: self._run_switch(name, alias, version))
+
+    def _move_loaded(self, name: str, alias: str, version: int) -> LoadOutcome:
+        started = time.monotonic()
+        with self._retired:
+            self._switching += 1
+        try:
+            with self._alias_lock:
+                if self._wanted.get((name, alias), version) == version:
+                    self.manager.set_alias(name, alias, version)
+                self.retire_unreferenced(name)
+        finally:
+            with self._retired:
+                self._switching -= 1
+                self._retired.notify_all()
+        outcome = LoadOutcome(name, version, ok=True, seconds=time.monotonic() - started)
+        log.info("%s:%s now serves %s (already loaded)", name, alias, outcome.ref)
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+        return outcome
 
     def switch(self, name: str, alias: str, version: int) -> LoadOutcome:
-        """Make `name:alias` serve `version`: load (verify + warm) if needed, move the
-        alias, retire what nothing points to any more. Runs on the worker thread."""
+        """Make `name:alias` serve `version` now, on the calling thread (the worker's,
+        or a test's): the newest request for the alias."""
+        with self._alias_lock:
+            self._wanted[(name, alias)] = version
+        return self._run_switch(name, alias, version)
+
+    def _run_switch(self, name: str, alias: str, version: int) -> LoadOutcome:
+        """Load (verify + warm) if needed, move the alias unless a later request moved
+        it elsewhere meanwhile, retire what nothing points to any more."""
         with self._retired:
             self._switching += 1
         try:
@@ -171,14 +227,24 @@ class HotLoader:
                 # loading. Older ones still finishing their requests go first.
                 self._wait_until(lambda: not self._retiring_of(name), self.config.retire_timeout_s)
                 self.manager.load(ref)
-            self.manager.set_alias(name, alias, version)
+            with self._alias_lock:
+                wanted = self._wanted.get((name, alias), version)
+                if wanted == version:
+                    self.manager.set_alias(name, alias, version)
+                self.retire_unreferenced(name)
         except Exception as err:  # a broken checkpoint must never take serving down
             outcome = LoadOutcome(name, version, ok=False, seconds=time.monotonic() - started, error=str(err))
             log.error("refused %s for %s:%s, old version keeps serving: %s", ref, name, alias, err)
+            self.retire_unreferenced(name)
         else:
-            outcome = LoadOutcome(name, version, ok=True, seconds=time.monotonic() - started)
-            log.info("%s:%s now serves %s (%.2fs)", name, alias, ref, outcome.seconds)
-        self.retire_unreferenced(name)
+            if wanted == version:
+                outcome = LoadOutcome(name, version, ok=True, seconds=time.monotonic() - started)
+                log.info("%s:%s now serves %s (%.2fs)", name, alias, ref, outcome.seconds)
+            else:
+                outcome = LoadOutcome(name, version, ok=True, seconds=time.monotonic() - started,
+                                      error=f"{name}:{alias} moved on to version {wanted} while it loaded",
+                                      superseded=True)
+                log.info("loaded %s, but %s", ref, outcome.error)
         if self.on_outcome is not None:
             self.on_outcome(outcome)
         return outcome

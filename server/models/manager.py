@@ -22,7 +22,7 @@ from typing import Any
 
 from gpt.adapter_store import is_adapter
 from gpt.chat import chat_stop_ids
-from gpt.checkpoint import Checkpoint, load_checkpoint
+from gpt.checkpoint import HEADS_FILE, Checkpoint, CheckpointError, load_checkpoint, read_config
 from gpt.config import ModelConfig
 from gpt.quoting import quote
 from gpt.registry import LATEST, ModelNotFound, ModelRef, Registry
@@ -34,6 +34,7 @@ from server.engine.grammar import CompiledGrammar, GrammarCompiler
 from server.engine.kv_cache import kv_bytes_per_block
 from server.engine.output import TokenTexts
 from server.models.kv_budget import KVBudget
+from server.models.sanity import LoadPlan, SanityLimits, check_config, check_forward, check_weights
 
 log = logging.getLogger("sol.models")
 
@@ -128,11 +129,15 @@ def default_engine_factory(config: EngineConfig | None = None) -> EngineBuilder:
     return EngineBuilder(config)
 
 
+def warmup_ids(tokenizer: Tokenizer) -> list[int]:
+    return tokenizer.encode_prompt("Hello") or tokenizer.eos_ids[:1]
+
+
 def warm_up(engine: Engine, tokenizer: Tokenizer, timeout_s: float = 120.0) -> None:
     """One short generation through the whole engine path, so the first real request
     does not pay for lazy initialisation (and a broken model is caught before serving)."""
     stream = engine.submit(EngineRequest(request_id=f"warmup-{time.monotonic_ns()}",
-                                         prompt_ids=tokenizer.encode_prompt("Hello") or tokenizer.eos_ids[:1],
+                                         prompt_ids=warmup_ids(tokenizer),
                                          params=SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -148,8 +153,10 @@ def warm_up(engine: Engine, tokenizer: Tokenizer, timeout_s: float = 120.0) -> N
 
 class ModelManager:
     def __init__(self, registry: Registry, engine_factory: EngineFactory, warmup: bool = True,
-                 kv_budget: KVBudget | None = None, kv_wait_s: float = 120.0) -> None:
+                 kv_budget: KVBudget | None = None, kv_wait_s: float = 120.0,
+                 limits: SanityLimits | None = None) -> None:
         self.registry = registry
+        self.limits = limits or SanityLimits()
         self.engine_factory = engine_factory
         self.warmup = warmup
         self.kv_budget = kv_budget
@@ -167,8 +174,19 @@ class ModelManager:
         with self._lock:
             existing = self._loaded.get((resolved.name, resolved.version))
         if existing is None:
+            # config.json's sizes are checked before anything is allocated for them (a
+            # config that cannot be read is left to load_checkpoint to report, after its
+            # checksums).
+            try:
+                model_config = read_config(resolved.path)
+            except (CheckpointError, OSError):
+                model_config = None
+            if model_config is not None:
+                check_config(model_config, resolved.path, self._plan(model_config), self.limits)
             # Loaded on the CPU in fp32; the engine moves it to its device and dtype.
             ckpt = load_checkpoint(resolved.path, device="cpu")
+            check_weights(ckpt.model.state_dict(), resolved.path)
+            check_weights(ckpt.heads, resolved.path, HEADS_FILE)
             # Reserve the KV pool before allocating it: a load waits for retiring versions
             # to give theirs back rather than over-commit memory.
             reserved = 0
@@ -179,6 +197,8 @@ class ModelManager:
             engine = None
             try:
                 engine = self.engine_factory(ckpt, reserved) if reserved else self.engine_factory(ckpt)
+                # The model as it serves (device, dtype): bf16 overflow shows here.
+                check_forward(engine.model, warmup_ids(ckpt.tokenizer), resolved.path)
                 if self.warmup:
                     warm_up(engine, ckpt.tokenizer)
             except BaseException:
@@ -206,6 +226,21 @@ class ModelManager:
                 self._aliases.setdefault(resolved.name, {})[parsed.alias] = resolved.version
         self._changed()
         return existing
+
+    def _plan(self, model_config: ModelConfig) -> LoadPlan | None:
+        """Where the engine factory will put a version and the KV pool it will reserve,
+        for the sanity check of its config; None for a factory that does not say."""
+        engine_config = getattr(self.engine_factory, "config", None)
+        sizing = getattr(self.engine_factory, "pool_bytes", None)
+        if not isinstance(engine_config, EngineConfig) or sizing is None:
+            return None
+        device, dtype = resolve_device_dtype(engine_config)
+        pool = sizing(model_config)
+        limit = None
+        if self.kv_budget is not None:
+            limit = self.kv_budget.per_model_bytes
+            pool = min(pool, limit)
+        return LoadPlan(device, dtype, pool, limit)
 
     def load_default(self, refs: list[str]) -> list[LoadedModel]:
         """`refs`, or every model's latest in the registry when none are given."""

@@ -43,3 +43,11 @@ def expected_text(registry: Registry, ref: str) -> str:
     out = generate(engine, [chat_prompt_ids(ckpt.tokenizer, PROMPT)], GREEDY)
     # GREEDY ignores EOS, so no token is hidden: the served text is these tokens' text.
     return ckpt.tokenizer.decode(out[0].token_ids)
+
+
+def served_version(manager, ref: str = "m") -> int | None:
+    """The version `ref` resolves to on the manager, None when it names none."""
+    try:
+        return manager.resolve(ref).version
+    except LookupError:
+        return None

@@ -9,15 +9,8 @@ import pytest
 from server.engine.config import EngineConfig
 from server.models.hotload import HotLoadConfig, HotLoader
 from server.models.manager import ModelManager, default_engine_factory
-from tests.hotload.helpers import expected_text, publish_broken, publish_seeded
+from tests.hotload.helpers import expected_text, publish_broken, publish_seeded, served_version
 from tests.service.harness import wait_for
-
-
-@pytest.fixture
-def manager(registry):
-    m = ModelManager(registry, default_engine_factory(EngineConfig(num_blocks=64, block_size=8)))
-    yield m
-    m.shutdown()
 
 
 @pytest.fixture
@@ -33,13 +26,6 @@ def hotloader(manager, registry):
     yield make
     for h in loaders:
         h.stop()
-
-
-def served_version(manager, ref="m"):
-    try:
-        return manager.resolve(ref).version
-    except LookupError:
-        return None
 
 
 def test_new_version_swaps_in_and_the_old_one_is_released(registry, tiny_tokenizer, manager, hotloader):

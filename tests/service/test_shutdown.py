@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -38,20 +39,36 @@ def readiness(target: str) -> int | None:
             return None
 
 
-def test_sigterm_drains_streams_then_exits_zero(tiny_tokenizer, tmp_path):
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    home: Path
+    target: str              # gRPC
+    http_port: int
+    log: Path
+
+
+def start_serve(tokenizer, tmp_path: Path, max_seq_len: int, *flags: str) -> Served:
+    """`sol serve` in a subprocess on loopback, serving a tiny model of `max_seq_len`
+    published under tmp_path/home, its output in tmp_path/serve.log; the admin key is ADMIN."""
     home = tmp_path / "home"
-    registry = Registry(home / "registry")
-    # A longer context so the streams are still running when the signal arrives.
-    publish_checkpoint(registry, "tiny", make_tiny_model(tiny_tokenizer, max_seq_len=2048), tiny_tokenizer,
-                       {"stage": "base"})
+    publish_checkpoint(Registry(home / "registry"), "tiny", make_tiny_model(tokenizer, max_seq_len=max_seq_len),
+                       tokenizer, {"stage": "base"})
     port, http_port = free_port(), free_port()
-    target = f"127.0.0.1:{port}"
     env = {**os.environ, "SOL_HOME": str(home), "SOL_ADMIN_KEY": ADMIN, "SOL_KEY_PEPPER": "p"}
     env.pop("SOL_REDIS_URL", None)
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-port", "0", "--http-port", str(http_port), "--grace-period", "60"], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:     # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--host", "127.0.0.1", "--port",
+                                 str(port), "--metrics-port", "0", "--http-port", str(http_port), *flags], cwd=REPO,
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    return Served(proc, home, f"127.0.0.1:{port}", http_port, log)
+
+
+def test_sigterm_drains_streams_then_exits_zero(tiny_tokenizer, tmp_path):
+    # A longer context so the streams are still running when the signal arrives.
+    served = start_serve(tiny_tokenizer, tmp_path, 2048, "--grace-period", "60")
+    proc, home, target, http_port = served.proc, served.home, served.target, served.http_port
     try:
         wait_for(lambda: readiness(target) == health_pb2.HealthCheckResponse.SERVING, timeout=120,
                  interval=0.1, message="the server to become ready")
@@ -149,5 +166,4 @@ def test_sigterm_drains_streams_then_exits_zero(tiny_tokenizer, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        log.close()
-        print((tmp_path / "serve.log").read_text())
+        print(served.log.read_text())
