@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from gpt.checkpoint import CheckpointError
 from gpt.registry import Registry, RegistryError
@@ -35,6 +34,7 @@ from server.accounting.quota import QuotaGate
 from server.accounting.spool import Spool
 from server.config import ServerConfig
 from server.engine.config import EngineConfig
+from server.grpc import reflection
 from server.grpc.admin import AdminServicer
 from server.grpc.servicer import InferenceServicer
 from server.grpc.wire import add_service
@@ -54,7 +54,7 @@ SERVICE_NAMES = (
     INFERENCE.full_name,
     ADMIN.full_name,
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-    reflection.SERVICE_NAME,
+    *reflection.SERVICE_NAMES,
 )
 
 
@@ -126,7 +126,7 @@ class App:
         add_service(self.server, INFERENCE, self.inference, self.inference.call)
         add_service(self.server, ADMIN, self.admin, self.inference.call)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
-        reflection.enable_server_reflection(SERVICE_NAMES, self.server)
+        reflection.enable(SERVICE_NAMES, self.server)
         if self.tls is not None:
             self.tls_credentials = ReloadingCredentials(self.tls)
         self.port = _listen(self.server, c.host, c.port, "--port",
@@ -157,6 +157,11 @@ class App:
               + (f", metrics on http://{c.host}:{self.metrics_port}/metrics" if self.metrics_port else "")
               + f"; ledger: {'redis ' + _safe_url(c.redis_url) if c.redis_url else c.ledger_path}",
               file=sys.stderr, flush=True)
+        if self.http_port:
+            base = f"{'http' if self.tls is None else 'https'}://{_url_host(c.host)}:{self.http_port}"
+            cors = ", ".join(c.cors_origins) if c.cors_origins else "off"
+            print(f"sol: HTTP (OpenAI-compatible) API on {base}/v1, playground on {base}/ (CORS: {cors})",
+                  file=sys.stderr, flush=True)
 
     async def _start_http(self) -> None:
         """The OpenAI-compatible HTTP adapter over the same InferenceService, on this loop.
@@ -164,7 +169,8 @@ class App:
         from server.http.app import create_app
         from server.http.server import HttpServer
 
-        self.http = HttpServer(create_app(self.service, self.auth, self.prices, self.health),
+        self.http = HttpServer(create_app(self.service, self.auth, self.prices, self.health,
+                                          cors_origins=self.config.cors_origins),
                                self.config.host, self.config.http_port, tls=self.tls)
         await self.http.start()
         self.http_port = self.http.port
@@ -317,6 +323,11 @@ def _other_thread(loop: asyncio.AbstractEventLoop) -> bool:
         return asyncio.get_running_loop() is not loop
     except RuntimeError:
         return True
+
+
+def _url_host(host: str) -> str:
+    """`host` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _safe_url(url: str | None) -> str:

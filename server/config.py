@@ -71,6 +71,15 @@ def setting(default: Any = _NO_DEFAULT, *, help: str, env: str | None = None, fl
     return field(default_factory=from_env, metadata=meta)
 
 
+def _origins(value: str) -> list[str]:
+    """A comma-separated allow-list of browser origins (scheme://host[:port], or *)."""
+    origins = [o.strip().rstrip("/") for o in value.split(",") if o.strip()]
+    for o in origins:
+        if o != "*" and not (o.startswith(("http://", "https://")) and "/" not in o.split("://", 1)[1]):
+            raise ValueError(f"a CORS origin is scheme://host[:port] or * (got {o!r})")
+    return origins
+
+
 def _dtype_name(value: str) -> str:
     names = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
     if value not in names:
@@ -85,6 +94,12 @@ class ServerConfig:
     metrics_port: int = setting(9400, env="SOL_METRICS_PORT", help="Prometheus port, 0 = off")
     # The OpenAI-compatible HTTP API and playground: same process, engines, keys and ledger.
     http_port: int = setting(8000, env="SOL_HTTP_PORT", help="OpenAI-compatible HTTP API and playground, 0 = off")
+    # Browsers may call the HTTP API from these other origins (CORS); none by default, so a
+    # page elsewhere cannot spend a key a user pasted into it against this server.
+    cors_origins: list[str] = setting(env="SOL_CORS_ORIGINS", parse=_origins, factory=list, metavar="ORIGINS",
+                                      help="comma-separated origins (https://app.example.com, or *) whose pages "
+                                           "may call the HTTP API from a browser",
+                                      default_text="none: CORS off")
     registry: Path = setting(env="SOL_REGISTRY", parse=Path, factory=default_registry_root,
                              help="registry directory", default_text="$SOL_HOME/registry")
     models: list[str] = setting(flag="--model", repeat=True, metavar="REF",
