@@ -34,6 +34,7 @@ from server.accounting.quota import QuotaGate
 from server.accounting.spool import Spool
 from server.config import ServerConfig
 from server.engine.config import EngineConfig
+from server.gateway_metrics import GatewayCollector
 from server.grpc import reflection
 from server.grpc.admin import AdminServicer
 from server.grpc.servicer import InferenceServicer
@@ -114,6 +115,9 @@ class App:
         self.admin = AdminServicer(self.store, self.auth, self.accountant, self.prices, self.models,
                                    self.inference, run)
         self.metrics.attach(self.models.stats, lambda: (len(self.spool), self.accountant.store_up))
+        # The same engine figures under vLLM's names, for inference gateways.
+        self.metrics.registry.register(GatewayCollector(
+            self.models.stats, lambda: next((m.engine.config.block_size for m in self.models.models()), None)))
         self.models.on_change.append(self._models_changed)
 
         self.server = grpc.aio.server(options=[
