@@ -252,6 +252,19 @@ class HttpApi:
             card = next((c for c in cards if c["id"] == model_id), None)
             return card or {**cards[0], "id": model_id}
 
+    async def request_usage(self, request_id: str, request: Request) -> dict[str, Any]:
+        """What one of this key's requests was billed (gRPC's GetRequestUsage): how a client
+        that stopped reading a stream learns its usage."""
+        async with self.call("GetRequestUsage") as call:
+            key = await self.key(request)
+            rec = await self.service.billed_usage(key, request_id)
+            call.labels["model"] = rec.model
+            return {"id": rec.request_id, "object": "sol.request_usage", "model": f"{rec.model}@{rec.version}",
+                    "usage": {"prompt_tokens": rec.prompt_tokens, "completion_tokens": rec.completion_tokens,
+                              "total_tokens": rec.total_tokens,
+                              "prompt_tokens_details": {"cached_tokens": rec.cached_tokens}},
+                    "sol": {"cost": rec.cost, "version": rec.version, "request_id": rec.request_id}}
+
     async def tokenize(self, body: TokenizeRequest, request: Request) -> dict[str, Any]:
         async with self.call("Tokenize") as call:
             await self.key(request)
@@ -321,6 +334,13 @@ def build_router(api: HttpApi) -> APIRouter:
         """One model reference (NAME@VERSION, NAME:ALIAS, NAME): the version it serves, its
         stage, aliases, context and price."""
         return await api.retrieve_model(model_id, request)
+
+    @router.get("/v1/requests/{request_id}/usage", tags=["sol"], responses={401: ERRORS[401], 404: ERRORS[404]})
+    async def request_usage(request_id: str, request: Request, _: Credentials) -> dict[str, Any]:
+        """sol extension: the usage and cost billed for one of this key's requests (its id is
+        the response's `id` and `x-request-id`), also for a stream the client stopped; 404
+        while it is still running."""
+        return await api.request_usage(request_id, request)
 
     @router.post("/tokenize", response_model=TokenizeResponse, response_model_exclude_none=True, tags=["vLLM"],
                  responses={400: ERRORS[400], 401: ERRORS[401], 404: ERRORS[404]})

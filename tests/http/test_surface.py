@@ -105,6 +105,17 @@ def test_retrieve_needs_a_key(http_server):
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
 
+def test_request_usage_is_the_ledgers(client, raw):
+    r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=5)
+    billed = raw.get(f"/v1/requests/{r.id}/usage").json()
+    assert billed["usage"] == r.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens",
+                                                           "prompt_tokens_details"}, exclude_none=True) | {
+        "prompt_tokens_details": {"cached_tokens": r.usage.prompt_tokens_details.cached_tokens}}
+    assert billed["sol"]["cost"] == pytest.approx(r.model_extra["sol"]["cost"]) and billed["model"] == r.model
+    missing = raw.get("/v1/requests/never-sent/usage")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
 # --- /tokenize and /detokenize -------------------------------------------------------------------
 def test_tokenize_messages_counts_what_a_chat_request_bills(client, raw):
     t = raw.post("/tokenize", json={"model": "tiny:sft", "messages": USER}).json()
