@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -39,10 +40,15 @@ ADAPTER_CONFIG = K8S / "monitoring" / "prometheus-adapter" / "config.yaml"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILES = (DEPLOY / "docker" / "Dockerfile", DEPLOY / "docker" / "Dockerfile.cuda")
 METRICS_SOURCE = ROOT / "server" / "metrics.py"
+GATEWAY_METRICS_SOURCE = ROOT / "server" / "gateway_metrics.py"
+# CRDs of the custom resources the manifests create (tests/deploy/data/crds/README.md
+# says where each comes from).
+CRDS = ROOT / "tests" / "deploy" / "data" / "crds"
 
 # Every kustomization a user applies. The serving overlays are checked as a whole
 # serving stack; the others render and validate on their own.
-SERVING_OVERLAYS = ("overlays/cpu", "overlays/gpu", "examples/gpu-external-redis", "examples/cpu-tls")
+SERVING_OVERLAYS = ("overlays/cpu", "overlays/gpu", "examples/gpu-external-redis", "examples/cpu-tls",
+                    "examples/cpu-inference-gateway")
 K8S_TARGETS = SERVING_OVERLAYS + ("training/single", "training/multinode", "monitoring/prometheus-adapter",
                                   "tools/registry-admin")
 # Oldest release the manifests support (native gRPC probes are GA in 1.27) and the newest
@@ -168,6 +174,9 @@ def check_kubernetes_schemas() -> list[str]:
     for target in K8S_TARGETS:
         count = 0
         for obj in render(target):
+            if obj["apiVersion"].split("/")[0] in crd_groups():
+                problems += [f"{target} {p}" for p in _check_custom_resource(obj)]
+                continue
             if obj["apiVersion"].startswith("monitoring.coreos.com/"):
                 problems += [f"{target} {p}" for p in _check_prometheus_operator_object(obj)]
                 continue
@@ -236,6 +245,177 @@ def _check_prometheus_operator_object(obj: dict) -> list[str]:
         return [f"{_kind_name(obj)}: no schema for this Prometheus Operator kind"]
     return [f"{_kind_name(obj)}: {e.message} at {'/'.join(map(str, e.path))}"
             for e in jsonschema.Draft202012Validator(schema).iter_errors(obj)]
+
+
+# ---- custom resources, against their projects' CRDs --------------------------------------
+
+def _crd_versions() -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> openAPIV3Schema of every served version in CRDS."""
+    out = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        for doc in _yaml().safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "CustomResourceDefinition":
+                spec = doc["spec"]
+                for v in spec["versions"]:
+                    if v.get("served"):
+                        out[(f"{spec['group']}/{v['name']}", spec["names"]["kind"])] = v["schema"]["openAPIV3Schema"]
+    return out
+
+
+def crd_groups() -> set[str]:
+    return {api.split("/")[0] for api, _ in _crd_versions()}
+
+
+def _closed(schema: dict) -> dict:
+    """The schema with every object that lists its properties closed to others: the API
+    server prunes unknown fields, and `kubectl apply` (strict field validation) refuses
+    them, so a typo in a manifest must fail here."""
+    schema = dict(schema)
+    if "properties" in schema:
+        schema["properties"] = {k: _closed(v) for k, v in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    if isinstance(schema.get("items"), dict):
+        schema["items"] = _closed(schema["items"])
+    return schema
+
+
+# The CEL rules (x-kubernetes-validations) of the CRDs in CRDS, as Python. jsonschema does
+# not evaluate CEL; a rule missing here fails the check rather than pass unchecked.
+_CEL_RULES: dict[str, Callable[[Any], bool]] = {
+    "self.kind != 'Service' || has(self.port)": lambda v: v.get("kind", "Service") != "Service" or "port" in v,
+    "self.all(p1, self.exists_one(p2, p1.number==p2.number))":
+        lambda v: len({p.get("number") for p in v}) == len(v),
+}
+
+
+def _cel_problems(schema: dict, value: Any, where: str) -> list[str]:
+    problems = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        check = _CEL_RULES.get(rule["rule"])
+        if check is None:
+            problems.append(f"{where}: CEL rule {rule['rule']!r} is not implemented in deploy/validate.py")
+        elif not check(value):
+            problems.append(f"{where}: {rule.get('message', rule['rule'])}")
+    if isinstance(value, dict):
+        for k, sub in schema.get("properties", {}).items():
+            if k in value:
+                problems += _cel_problems(sub, value[k], f"{where}/{k}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            problems += _cel_problems(schema["items"], item, f"{where}/{i}")
+    return problems
+
+
+def _check_custom_resource(obj: dict) -> list[str]:
+    try:
+        import jsonschema
+    except ImportError as err:
+        raise Skip("jsonschema is not installed: pip install jsonschema") from err
+    schema = _crd_versions().get((obj["apiVersion"], obj["kind"]))
+    if schema is None:
+        return [f"{_kind_name(obj)}: no served version {obj['apiVersion']} of {obj['kind']} in {CRDS.relative_to(ROOT)}"]
+    problems = [f"{_kind_name(obj)}: {e.message} at {'/'.join(map(str, e.path))}"
+                for e in jsonschema.Draft7Validator(_closed(schema)).iter_errors(obj)]
+    return problems + [f"{_kind_name(obj)}: {p}" for p in _cel_problems(schema, obj, "")]
+
+
+def gateway_exported_metrics(source: str) -> set[str]:
+    """The vLLM-named series server/gateway_metrics.py exposes."""
+    prefix = re.search(r'^PREFIX\s*=\s*"([^"]+)"', source, re.M)
+    return {prefix.group(1) + name for name in re.findall(r'f"\{PREFIX\}([a-z_]+)"', source)} if prefix else set()
+
+
+# The endpoint picker's metric flags and their defaults (v1.5.0, pkg/epp/server/options.go).
+EPP_METRIC_FLAGS = {"--total-queued-requests-metric": "vllm:num_requests_waiting",
+                    "--total-running-requests-metric": "vllm:num_requests_running",
+                    "--kv-cache-usage-percentage-metric": "vllm:kv_cache_usage_perc",
+                    "--lora-info-metric": "vllm:lora_requests_info",
+                    "--cache-info-metric": "vllm:cache_config_info"}
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    out, pending = {}, None
+    for a in args:
+        if pending is not None:
+            out[pending], pending = a, None
+        elif a.startswith("--") and "=" in a:
+            k, v = a.split("=", 1)
+            out[k] = v.strip('"')
+        elif a.startswith("--"):
+            pending = a
+    return out
+
+
+def _gateway_rules(target: str, objs: list[dict], by_kind: dict[str, dict[str, dict]]) -> list[str]:
+    """An InferencePool selects the sol pods on their HTTP port, its endpoint picker
+    exists and is configured for it, scrapes sol's metrics port for metric names sol
+    exports, and the NetworkPolicy lets it in."""
+    problems: list[str] = []
+    pools = by_kind.get("InferencePool", {})
+    if not pools:
+        return problems
+    sol_pod = by_kind["Deployment"]["sol"]["spec"]["template"]
+    sol_ports = _container_ports(sol_pod)
+    exported = gateway_exported_metrics(GATEWAY_METRICS_SOURCE.read_text())
+    for name, pool in pools.items():
+        spec = pool["spec"]
+        if not _matches(spec["selector"], sol_pod["metadata"]["labels"]):
+            problems.append(f"{target}: InferencePool/{name} does not select the sol pods")
+        if [p["number"] for p in spec["targetPorts"]][:1] != [sol_ports.get("http")]:
+            problems.append(f"{target}: InferencePool/{name} must target sol's HTTP port {sol_ports.get('http')}")
+        ref = spec["endpointPickerRef"]
+        svc = by_kind.get("Service", {}).get(ref["name"])
+        if svc is None or ref["port"]["number"] not in [p["port"] for p in svc["spec"]["ports"]]:
+            problems.append(f"{target}: InferencePool/{name}'s endpoint picker Service {ref['name']}:"
+                            f"{ref['port']['number']} does not exist")
+            continue
+        pickers = [(o, t) for o, t in _pod_templates(objs) if _matches(svc["spec"]["selector"], t["metadata"]["labels"])]
+        if len(pickers) != 1:
+            problems.append(f"{target}: Service/{ref['name']} must select the one endpoint picker Deployment")
+            continue
+        deploy, template = pickers[0]
+        (epp,) = template["spec"]["containers"]
+        flags = _flags(epp.get("args", []))
+        namespace = pool["metadata"].get("namespace")
+        if flags.get("--pool-name") != name or flags.get("--pool-namespace", namespace) != namespace:
+            problems.append(f"{target}: {_kind_name(deploy)} must pick for InferencePool {namespace}/{name} "
+                            "(--pool-name, --pool-namespace)")
+        # sol serves /metrics on its metrics port; without the flag the picker scrapes the
+        # pool's target port (the HTTP API), where there is none.
+        if flags.get("--model-server-metrics-port") != str(sol_ports.get("metrics")):
+            problems.append(f"{target}: {_kind_name(deploy)} needs --model-server-metrics-port="
+                            f"{sol_ports.get('metrics')} (sol's metrics port)")
+        for flag, default in EPP_METRIC_FLAGS.items():
+            metric = flags.get(flag, default).split("{", 1)[0]
+            if metric and metric not in exported:
+                problems.append(f"{target}: the endpoint picker reads {metric} ({flag}), which "
+                                "server/gateway_metrics.py does not export")
+        config_path = flags.get("--config-file", "")
+        mounts = {m["mountPath"]: m["name"] for m in epp.get("volumeMounts", [])}
+        volume = next((v for v in template["spec"].get("volumes", [])
+                       if v["name"] == mounts.get(config_path.rsplit("/", 1)[0])), None)
+        cm = by_kind.get("ConfigMap", {}).get((volume or {}).get("configMap", {}).get("name", ""))
+        text = (cm or {}).get("data", {}).get(config_path.rsplit("/", 1)[-1])
+        if text is None:
+            problems.append(f"{target}: {_kind_name(deploy)} --config-file={config_path} is not a mounted ConfigMap key")
+            continue
+        config = _yaml().safe_load(text)
+        declared = {p.get("name", p["type"]) for p in config.get("plugins", [])}
+        if config.get("kind") != "EndpointPickerConfig" or "metrics-data-source" not in declared:
+            problems.append(f"{target}: the picker's config must be an EndpointPickerConfig with a metrics-data-source")
+        for profile in config.get("schedulingProfiles", []):
+            for ref_ in profile.get("plugins", []):
+                if ref_["pluginRef"] not in declared:
+                    problems.append(f"{target}: scheduling profile {profile['name']} uses undeclared plugin "
+                                    f"{ref_['pluginRef']}")
+        policy = by_kind.get("NetworkPolicy", {}).get("sol-server")
+        if policy is not None and not any(
+                any(_matches(f.get("podSelector", {}), template["metadata"]["labels"]) for f in rule.get("from", []))
+                and "metrics" in [p.get("port") for p in rule.get("ports", [])]
+                for rule in policy["spec"].get("ingress", [])):
+            problems.append(f"{target}: NetworkPolicy/sol-server must let the endpoint picker reach the metrics port")
+    return problems
 
 
 def _container_ports(template: dict) -> dict[str, int]:
@@ -387,6 +567,7 @@ def _serving_rules(target: str, objs: list[dict]) -> list[str]:
                 problems.append(f"{target}: {_kind_name(obj)} container {c['name']} has no resource requests")
             if ":" not in c["image"] or c["image"].endswith(":latest"):
                 problems.append(f"{target}: {_kind_name(obj)} image {c['image']!r} is not pinned to a tag")
+    problems += _gateway_rules(target, objs, by_kind)
     gpus = server.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
     if "gpu" in target and not gpus:
         problems.append(f"{target}: the server must request nvidia.com/gpu")

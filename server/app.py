@@ -17,7 +17,6 @@ from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from gpt.checkpoint import CheckpointError
 from gpt.registry import Registry, RegistryError
@@ -36,6 +35,8 @@ from server.accounting.quota import QuotaGate
 from server.accounting.spool import Spool
 from server.config import ServerConfig
 from server.errors import unavailable
+from server.gateway_metrics import GatewayCollector
+from server.grpc import reflection
 from server.grpc.admin import AdminServicer
 from server.grpc.servicer import InferenceServicer
 from server.grpc.wire import add_service
@@ -64,7 +65,7 @@ SERVICE_NAMES = (
     INFERENCE.full_name,
     ADMIN.full_name,
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-    reflection.SERVICE_NAME,
+    *reflection.SERVICE_NAMES,
 )
 
 
@@ -121,6 +122,9 @@ class App:
                                    self.inference, run)
         self.metrics.attach(lambda: self.models.stats(c.metrics_top_tenants),
                             lambda: (len(self.spool), self.accountant.store_up))
+        # The same engine figures under vLLM's names, for inference gateways.
+        self.metrics.registry.register(GatewayCollector(
+            self.models.stats, lambda: next((m.engine.config.block_size for m in self.models.models()), None)))
         self.models.on_change.append(self._models_changed)
 
         self.server = grpc.aio.server(options=[
@@ -133,7 +137,7 @@ class App:
         add_service(self.server, INFERENCE, self.inference, self.inference.call)
         add_service(self.server, ADMIN, self.admin, self.inference.call)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
-        reflection.enable_server_reflection(SERVICE_NAMES, self.server)
+        reflection.enable(SERVICE_NAMES, self.server)
         if self.tls is not None:
             self.tls_credentials = ReloadingCredentials(self.tls)
         self.port = _listen(self.server, c.host, c.port, "--port",
@@ -170,6 +174,11 @@ class App:
               + (f", metrics on http://{c.host}:{self.metrics_port}/metrics" if self.metrics_port else "")
               + f"; ledger: {'redis ' + _safe_url(c.redis_url) if c.redis_url else c.ledger_path}",
               file=sys.stderr, flush=True)
+        if self.http_port:
+            base = f"{'http' if self.tls is None else 'https'}://{_url_host(c.host)}:{self.http_port}"
+            cors = ", ".join(c.cors_origins) if c.cors_origins else "off"
+            print(f"sol: HTTP (OpenAI-compatible) API on {base}/v1, playground on {base}/ (CORS: {cors})",
+                  file=sys.stderr, flush=True)
 
     async def _start_http(self) -> None:
         """The OpenAI-compatible HTTP adapter over the same InferenceService, on this loop.
@@ -178,7 +187,8 @@ class App:
         from server.http.server import HttpServer, HttpTimeouts
 
         c = self.config
-        self.http = HttpServer(create_app(self.service, self.auth, self.prices, self.health),
+        self.http = HttpServer(create_app(self.service, self.auth, self.prices, self.health,
+                                          cors_origins=c.cors_origins),
                                c.host, c.http_port, shutdown_grace_s=STOP_S, tls=self.tls,
                                timeouts=HttpTimeouts(c.http_header_timeout_s, c.http_body_timeout_s,
                                                      c.http_keepalive_timeout_s, c.http_max_header_bytes))
@@ -356,6 +366,11 @@ def _other_thread(loop: asyncio.AbstractEventLoop) -> bool:
         return asyncio.get_running_loop() is not loop
     except RuntimeError:
         return True
+
+
+def _url_host(host: str) -> str:
+    """`host` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _safe_url(url: str | None) -> str:

@@ -107,6 +107,20 @@ def engine_config(**given: Any) -> EngineConfig:
             serve_default = f.metadata["serve"]["serve_default"]
             values[f.name] = _from_env(s.env, s.parse, lambda d=serve_default: d) if s.env else serve_default
     return EngineConfig(**values)
+def _origins(value: str) -> list[str]:
+    """A comma-separated allow-list of browser origins (scheme://host[:port], or *)."""
+    origins = [o.strip().rstrip("/") for o in value.split(",") if o.strip()]
+    for o in origins:
+        if o != "*" and not (o.startswith(("http://", "https://")) and "/" not in o.split("://", 1)[1]):
+            raise ValueError(f"a CORS origin is scheme://host[:port] or * (got {o!r})")
+    return origins
+
+
+def _dtype_name(value: str) -> str:
+    names = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+    if value not in names:
+        raise ValueError(f"dtype must be float32 or bfloat16 (got {value!r})")
+    return names[value]
 
 
 @dataclass
@@ -130,6 +144,12 @@ class ServerConfig:
                                               help="seconds an idle keep-alive HTTP connection stays open")
     http_max_header_bytes: int = setting(16384, env="SOL_HTTP_MAX_HEADER_BYTES",
                                          help="largest HTTP request line + header block; beyond it 400 and close")
+    # Browsers may call the HTTP API from these other origins (CORS); none by default, so a
+    # page elsewhere cannot spend a key a user pasted into it against this server.
+    cors_origins: list[str] = setting(env="SOL_CORS_ORIGINS", parse=_origins, factory=list, metavar="ORIGINS",
+                                      help="comma-separated origins (https://app.example.com, or *) whose pages "
+                                           "may call the HTTP API from a browser",
+                                      default_text="none: CORS off")
     registry: Path = setting(env="SOL_REGISTRY", parse=Path, factory=default_registry_root,
                              help="registry directory", default_text="$SOL_HOME/registry")
     models: list[str] = setting(flag="--model", repeat=True, metavar="REF",

@@ -30,11 +30,17 @@ def bounded(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
 
 
 class ServiceError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+    """`param` names the one request field at fault, where the refusal is about one field
+    (OpenAI's error `param`: "temperature", "messages[2].role", "response_format"); None
+    when it is about several, or about none."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after_s = retry_after_s
+        self.param = param
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         if self.retry_after_s is None:
@@ -42,12 +48,12 @@ class ServiceError(Exception):
         return ((RETRY_AFTER_MD, str(int(self.retry_after_s * 1000))),)
 
 
-def invalid(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+def invalid(message: str, param: str | None = None) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, param=param)
 
 
-def not_found(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.NOT_FOUND, message)
+def not_found(message: str, param: str | None = None) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, message, param=param)
 
 
 def exhausted(message: str, retry_after_s: float | None = None) -> ServiceError:

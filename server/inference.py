@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from gpt.chat import ChatTemplateError, Message, chat_prompt_ids
+from gpt.chat import ChatTemplateError, Message, chat_prompt_ids, render_chat
 from gpt.quoting import quote
 from gpt.registry import ModelNotFound, RegistryError
 from server import validation
@@ -170,25 +170,55 @@ class InferenceService:
         retires a version only after its last user released it)."""
         if not ref:
             raise invalid("model is empty: name one, e.g. NAME, NAME:ALIAS or NAME@VERSION "
-                          "(ListModels shows what is served)")
+                          "(ListModels shows what is served)", "model")
         try:
             return self.models.checkout(ref) if checkout else self.models.resolve(ref)
         except ModelNotFound as err:
-            raise not_found(str(err)) from None
+            raise not_found(str(err), "model") from None
         except RegistryError as err:
-            raise invalid(str(err)) from None
+            raise invalid(str(err), "model") from None
 
-    def prompt_ids(self, model: LoadedModel, messages: list[Message] | None, prompt: str | None) -> list[int]:
-        """The prompt's token ids: messages through the chat template, or raw text."""
+    def prompt_ids(self, model: LoadedModel, messages: list[Message] | None, prompt: str | None,
+                   add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's token ids: messages through the chat template (with the assistant's
+        turn opened unless `add_generation_prompt` is False), or raw text."""
         if messages is not None:
             msgs = validation.messages(messages, self.config.max_messages, self.config.max_prompt_chars)
             try:
-                return chat_prompt_ids(model.tokenizer, msgs)
+                if add_generation_prompt:
+                    return chat_prompt_ids(model.tokenizer, msgs)
+                return render_chat(model.tokenizer, msgs, add_generation_prompt=False).ids
             except ChatTemplateError as err:
-                raise invalid(str(err)) from None
+                raise invalid(str(err), "messages") from None
         if prompt is not None:
             return validation.raw_prompt(model.tokenizer, prompt, self.config.max_prompt_chars)
         raise invalid("send messages (rendered with the chat template) or a prompt")
+
+    def tokenize(self, model_ref: str, messages: list[Message] | None = None, prompt: str | None = None,
+                 add_generation_prompt: bool = True, labels: dict | None = None) -> tuple[LoadedModel, list[int]]:
+        """(the model, the token ids it would be given): the same template, tokenizer and
+        limits as a request's prompt, without running or billing anything."""
+        model = self.resolve(model_ref)
+        if labels is not None:
+            labels["model"] = model.name
+        return model, self.prompt_ids(model, messages, prompt, add_generation_prompt)
+
+    def detokenize(self, model_ref: str, tokens: list[int], labels: dict | None = None) -> tuple[LoadedModel, str]:
+        """(the model, the text its tokenizer makes of `tokens`); INVALID_ARGUMENT names the
+        first id outside the tokenizer's vocabulary."""
+        model = self.resolve(model_ref)
+        if labels is not None:
+            labels["model"] = model.name
+        vocab = model.tokenizer.vocab_size
+        for i, t in enumerate(tokens):
+            if not 0 <= t < vocab:
+                raise invalid(f"tokens[{i}] = {t} is not a token id of {model.ref} (its vocabulary is [0, {vocab}))",
+                              "tokens")
+        return model, model.tokenizer.decode(tokens)
+
+    def token_texts(self, model: LoadedModel, ids: list[int]) -> list[str]:
+        """Each token's own text (bytes that are not whole UTF-8 characters become U+FFFD)."""
+        return [model.tokenizer.decode_bytes([t]).decode("utf-8", "replace") for t in ids]
 
     def job(self, key: KeyInfo, request_id: str) -> Job | None:
         return self.inflight.jobs.get((key.key_id, request_id))
@@ -252,7 +282,8 @@ class InferenceService:
         try:
             ids = self.prompt_ids(model, messages, prompt)
             max_tokens_given = params.max_tokens is not None    # else the server chooses, and says so
-            params = validation.fit_context(params, len(ids), model.max_context, self.config.default_max_tokens)
+            params = validation.fit_context(params, len(ids), model.max_context, self.config.default_max_tokens,
+                                            "messages" if messages is not None else "prompt")
             validation.check(params, model.vocab_size)
             grammar = await self.compile_grammar(model, params)
             request_id = validation.request_id(request_id) if request_id else uuid.uuid4().hex
@@ -313,12 +344,12 @@ class InferenceService:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except GrammarError as err:
-            raise invalid(str(err)) from None
+            raise invalid(str(err), "response_format") from None
         except TimeoutError:
             # The compile finishes in its thread (and lands in the cache); this request does
             # not wait for it.
             raise invalid(f"response_format {fmt.type} took longer than {timeout:g} s to compile; simplify the "
-                          "schema, regex or grammar") from None
+                          "schema, regex or grammar", "response_format") from None
 
     def _submit(self, job: Job) -> None:
         model = job.model

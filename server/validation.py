@@ -18,6 +18,13 @@ from server.engine.api import SamplingParams
 from server.errors import invalid
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# A problem of SamplingParams.validate names its field first ("temperature must be ...",
+# "at most 8 stop strings", "response_format.json_schema.name must ..."): the leftmost
+# field name in it is the one at fault. tests/service/test_error_param.py checks every
+# limit maps to its field.
+_FIELD_RE = re.compile(r"\b(response_format(?:\.[a-z_]+)*|"
+                       + "|".join(sorted((f.name for f in dataclasses.fields(SamplingParams)), key=len, reverse=True))
+                       + r")\b")
 
 
 def _dataclass_of(hint) -> type:
@@ -73,47 +80,58 @@ def check(params: SamplingParams, vocab_size: int) -> SamplingParams:
     try:
         params.validate(vocab_size)
     except ValueError as err:
-        raise invalid(str(err)) from None
+        raise invalid(str(err), param_of(str(err))) from None
     return params
+
+
+def param_of(message: str) -> str | None:
+    """The one field a refusal of SamplingParams.validate is about, or None when its
+    problems (joined by "; ") name several fields, or none."""
+    fields = {m.group(1) if (m := _FIELD_RE.search(problem)) else None for problem in message.split("; ")}
+    return fields.pop() if len(fields) == 1 else None
 
 
 def messages(msgs, max_messages: int, max_chars: int) -> list[Message]:
     if not msgs:
-        raise invalid("messages is empty: send at least one message, e.g. {role: \"user\", content: \"...\"}")
+        raise invalid("messages is empty: send at least one message, e.g. {role: \"user\", content: \"...\"}",
+                      "messages")
     if len(msgs) > max_messages:
-        raise invalid(f"too many messages: {len(msgs)} (at most {max_messages}); drop older turns")
+        raise invalid(f"too many messages: {len(msgs)} (at most {max_messages}); drop older turns", "messages")
     out, total = [], 0
     for i, m in enumerate(msgs):
         if m.role not in ROLES:
-            raise invalid(f"messages[{i}].role {quote(m.role)} is unknown; use one of {sorted(ROLES)}")
+            raise invalid(f"messages[{i}].role {quote(m.role)} is unknown; use one of {sorted(ROLES)}",
+                          f"messages[{i}].role")
         total += len(m.content)
         out.append(Message(m.role, m.content))
     if total > max_chars:
-        raise invalid(f"messages are {total} characters long (at most {max_chars}); shorten the conversation")
+        raise invalid(f"messages are {total} characters long (at most {max_chars}); shorten the conversation",
+                      "messages")
     return out
 
 
 def raw_prompt(tokenizer: Tokenizer, prompt: str, max_chars: int) -> list[int]:
     if not prompt:
-        raise invalid("prompt is empty: send the text to continue")
+        raise invalid("prompt is empty: send the text to continue", "prompt")
     if len(prompt) > max_chars:
-        raise invalid(f"prompt is {len(prompt)} characters long (at most {max_chars}); shorten it")
+        raise invalid(f"prompt is {len(prompt)} characters long (at most {max_chars}); shorten it", "prompt")
     return tokenizer.encode_prompt(prompt)
 
 
-def fit_context(params: SamplingParams, prompt_len: int, max_context: int,
-                default_max_tokens: int) -> SamplingParams:
+def fit_context(params: SamplingParams, prompt_len: int, max_context: int, default_max_tokens: int,
+                prompt_field: str = "messages") -> SamplingParams:
     """Resolve max_tokens against the model's context: prompt + max_tokens must fit; an
-    unset max_tokens becomes the server's default, capped by the room left."""
+    unset max_tokens becomes the server's default, capped by the room left.
+    `prompt_field` names the prompt's field in refusals (messages or prompt)."""
     room = max_context - prompt_len
     if room < 1:
         raise invalid(f"the prompt is {prompt_len} tokens but the model's context is {max_context} tokens; "
-                      "shorten the conversation or the prompt")
+                      "shorten the conversation or the prompt", prompt_field)
     if params.max_tokens is None:
         params.max_tokens = min(default_max_tokens, room)
     elif params.max_tokens > room:
         raise invalid(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                      f"context of {max_context} tokens; lower max_tokens to at most {room}")
+                      f"context of {max_context} tokens; lower max_tokens to at most {room}", "max_tokens")
     return params
 
 

@@ -61,9 +61,10 @@ def error_response(status: int, message: str, type_: str, code: str | None = Non
 
 def service_error_body(err: ServiceError) -> tuple[int, dict]:
     status, type_ = STATUS.get(err.code, SERVER_ERROR)
-    return status, body(err.message, type_, err.code.name.lower())
+    return status, body(err.message, type_, err.code.name.lower(), err.param)
 
 
 def service_error_response(err: ServiceError) -> JSONResponse:
     status, type_ = STATUS.get(err.code, SERVER_ERROR)
-    return error_response(status, err.message, type_, err.code.name.lower(), retry_after_s=err.retry_after_s)
+    return error_response(status, err.message, type_, err.code.name.lower(), err.param,
+                          retry_after_s=err.retry_after_s)

@@ -39,8 +39,10 @@ from server.http.schemas import (
     CompletionResponse,
     ErrorBody,
     HealthBody,
+    ModelCard,
     ModelList,
 )
+from server.http.tokens import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.inference import InferenceService, Job
 
 log = logging.getLogger("sol.http")
@@ -236,6 +238,50 @@ class HttpApi:
             await self.key(request)
             return {"object": "list", "data": [card for m in self.models.models() for card in self._cards(m)]}
 
+    async def retrieve_model(self, model_id: str, request: Request) -> dict[str, Any]:
+        """One model card: a listed reference as /v1/models shows it, or any other
+        reference the server resolves (NAME:latest) with the card of the version it serves."""
+        async with self.call("GetModel") as call:
+            await self.key(request)
+            try:
+                model = self.service.resolve(model_id)
+            except ServiceError as err:
+                # A malformed id names no model either: OpenAI answers any unknown id with 404.
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, err.message, param="model") from None
+            call.labels["model"] = model.name
+            cards = self._cards(model)
+            card = next((c for c in cards if c["id"] == model_id), None)
+            return card or {**cards[0], "id": model_id}
+
+    async def request_usage(self, request_id: str, request: Request) -> dict[str, Any]:
+        """What one of this key's requests was billed (gRPC's GetRequestUsage): how a client
+        that stopped reading a stream learns its usage."""
+        async with self.call("GetRequestUsage") as call:
+            key = await self.key(request)
+            rec = await self.service.billed_usage(key, request_id)
+            call.labels["model"] = rec.model
+            return {"id": rec.request_id, "object": "sol.request_usage", "model": f"{rec.model}@{rec.version}",
+                    "usage": {"prompt_tokens": rec.prompt_tokens, "completion_tokens": rec.completion_tokens,
+                              "total_tokens": rec.total_tokens,
+                              "prompt_tokens_details": {"cached_tokens": rec.cached_tokens}},
+                    "sol": {"cost": rec.cost, "version": rec.version, "request_id": rec.request_id}}
+
+    async def tokenize(self, body: TokenizeRequest, request: Request) -> dict[str, Any]:
+        async with self.call("Tokenize") as call:
+            await self.key(request)
+            model, ids = self.service.tokenize(body.model, add_generation_prompt=body.add_generation_prompt,
+                                               labels=call.labels, **body.what())
+            out: dict[str, Any] = {"count": len(ids), "max_model_len": model.max_context, "tokens": ids}
+            if body.return_token_strs:
+                out["token_strs"] = self.service.token_texts(model, ids)
+            return out
+
+    async def detokenize(self, body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+        async with self.call("Detokenize") as call:
+            await self.key(request)
+            _, text = self.service.detokenize(body.model, body.tokens, labels=call.labels)
+            return {"prompt": text}
+
     def _cards(self, m) -> list[dict[str, Any]]:
         aliases = self.models.aliases_of(m)
         refs = [m.ref, *(f"{m.name}:{a}" for a in aliases)]
@@ -283,6 +329,33 @@ def build_router(api: HttpApi) -> APIRouter:
     async def models(request: Request, _: Credentials) -> dict[str, Any]:
         """Every reference this server serves: NAME@VERSION, each NAME:ALIAS, and NAME."""
         return await api.list_models(request)
+
+    @router.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["OpenAI"],
+                responses={401: ERRORS[401], 404: ERRORS[404]})
+    async def model(model_id: str, request: Request, _: Credentials) -> dict[str, Any]:
+        """One model reference (NAME@VERSION, NAME:ALIAS, NAME): the version it serves, its
+        stage, aliases, context and price."""
+        return await api.retrieve_model(model_id, request)
+
+    @router.get("/v1/requests/{request_id}/usage", tags=["sol"], responses={401: ERRORS[401], 404: ERRORS[404]})
+    async def request_usage(request_id: str, request: Request, _: Credentials) -> dict[str, Any]:
+        """sol extension: the usage and cost billed for one of this key's requests (its id is
+        the response's `id` and `x-request-id`), also for a stream the client stopped; 404
+        while it is still running."""
+        return await api.request_usage(request_id, request)
+
+    @router.post("/tokenize", response_model=TokenizeResponse, response_model_exclude_none=True, tags=["vLLM"],
+                 responses={400: ERRORS[400], 401: ERRORS[401], 404: ERRORS[404]})
+    async def tokenize(body: TokenizeRequest, request: Request, _: Credentials) -> dict[str, Any]:
+        """vLLM's /tokenize: a prompt or a conversation (through the chat template) as the
+        model's token ids, with the model's context; nothing is generated or billed."""
+        return await api.tokenize(body, request)
+
+    @router.post("/detokenize", response_model=DetokenizeResponse, tags=["vLLM"],
+                 responses={400: ERRORS[400], 401: ERRORS[401], 404: ERRORS[404]})
+    async def detokenize(body: DetokenizeRequest, request: Request, _: Credentials) -> dict[str, Any]:
+        """vLLM's /detokenize: token ids back to text with the model's tokenizer."""
+        return await api.detokenize(body, request)
 
     @router.get("/health", response_model=HealthBody, tags=["health"])
     async def health() -> dict[str, str]:

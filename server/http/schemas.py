@@ -94,7 +94,8 @@ class ResponseFormatBody(_Body):
             return None
         if self.type == "json_schema":
             if self.json_schema is None:
-                raise invalid("response_format.json_schema is required with type json_schema")
+                raise invalid("response_format.json_schema is required with type json_schema",
+                              "response_format.json_schema")
             return ResponseFormat("json_schema", JsonSchema(self.json_schema.name, self.json_schema.schema_ or {},
                                                             self.json_schema.strict))
         return ResponseFormat(self.type, regex=self.regex or "", grammar=self.grammar or "")
@@ -203,7 +204,8 @@ def token_bias(bias: dict[str, float]) -> dict[int, float]:
         try:
             out[int(key)] = value
         except ValueError:
-            raise invalid(f"logit_bias keys must be token ids, e.g. {{\"50256\": -100}} (got {key[:20]!r})") from None
+            raise invalid(f"logit_bias keys must be token ids, e.g. {{\"50256\": -100}} (got {key[:20]!r})",
+                          "logit_bias") from None
     return out
 
 
@@ -222,7 +224,7 @@ class ChatCompletionRequest(_Sampling):
         """(logprobs to ask of the engine, alternatives to return). The engine counts the
         chosen token's log-prob under top-N >= 1, so 'logprobs, no alternatives' asks for 1."""
         if self.top_logprobs is not None and not self.logprobs:
-            raise invalid("top_logprobs needs logprobs: true")
+            raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
         if not self.logprobs:
             return 0, 0
         top = self.top_logprobs or 0
@@ -246,22 +248,22 @@ class CompletionRequest(_Sampling):
 
     def text(self) -> str:
         if self.echo:
-            raise invalid("echo is not supported; send echo: false")
+            raise invalid("echo is not supported; send echo: false", "echo")
         if self.suffix:
-            raise invalid("suffix (insertion) is not supported; leave it empty")
+            raise invalid("suffix (insertion) is not supported; leave it empty", "suffix")
         if self.best_of not in (None, 1):
-            raise invalid("best_of is not supported; use n for several choices")
+            raise invalid("best_of is not supported; use n for several choices", "best_of")
         if isinstance(self.prompt, str):
             return self.prompt
         if len(self.prompt) != 1:
-            raise invalid(f"send one prompt per request (got {len(self.prompt)})")
+            raise invalid(f"send one prompt per request (got {len(self.prompt)})", "prompt")
         return self.prompt[0]
 
     def top_n(self) -> tuple[int, int]:
         if self.logprobs is None:
             return 0, 0
         if self.logprobs < 0:
-            raise invalid(f"logprobs must be in [0, {MAX_LOGPROBS}] (got {self.logprobs})")
+            raise invalid(f"logprobs must be in [0, {MAX_LOGPROBS}] (got {self.logprobs})", "logprobs")
         return max(1, self.logprobs), self.logprobs
 
 
