@@ -32,3 +32,7 @@ def returns_text(prompt_messages: list[dict], completion: str, row: dict) -> str
 def slow(prompt_messages: list[dict], completion: str, row: dict) -> float:
     time.sleep(2.0)
     return 0.0
+
+
+def has_digit_seven(prompt_messages: list[dict], completion: str, row: dict) -> float:
+    return 1.0 if "7" in completion else 0.0
