@@ -35,4 +35,6 @@ def slow(prompt_messages: list[dict], completion: str, row: dict) -> float:
 
 
 def has_digit_seven(prompt_messages: list[dict], completion: str, row: dict) -> float:
+    """1 when the reply holds a 7: learnable by a tiny model on any prompt."""
     return 1.0 if "7" in completion else 0.0
+
