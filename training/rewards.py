@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import queue
+import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,40 @@ def load_reward_function(spec: str) -> RewardFn:
     return fn
 
 
+class _CallTimedOut(Exception):
+    """The call outlived its timeout (not a TimeoutError the function itself raised)."""
+
+
+class _Worker:
+    """One daemon thread that runs the reward calls. A call past its timeout cannot be
+    stopped, so its worker is abandoned (a daemon thread does not hold up the process's
+    exit) and the next call gets a new one."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        self.results: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name="reward", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self.jobs.get()
+            try:
+                self.results.put((True, fn(*args)))
+            except Exception as err:     # handed to the caller, which names the row
+                self.results.put((False, err))
+
+    def call(self, fn: Callable, args: tuple, timeout_s: float) -> Any:
+        """fn(*args), or raises _CallTimedOut / what fn raised."""
+        self.jobs.put((fn, args))
+        try:
+            ok, value = self.results.get(timeout=timeout_s)
+        except queue.Empty:
+            raise _CallTimedOut from None
+        if not ok:
+            raise value
+        return value
+
+
 @dataclass
 class RewardFunction:
     """A loaded reward function called under the contract's checks."""
@@ -66,21 +101,20 @@ class RewardFunction:
     timeout_s: float = DEFAULT_TIMEOUT_S
     calls: int = 0
     seconds: float = 0.0
-    _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "reward"), repr=False)
+    _worker: _Worker | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, spec: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> RewardFunction:
         return cls(spec, load_reward_function(spec), timeout_s)
 
     def __call__(self, messages: list[dict], completion: str, row: dict[str, Any], where: str) -> float:
-        import time
-
         began = time.perf_counter()
-        future = self._pool.submit(self.fn, messages, completion, row)
+        if self._worker is None:
+            self._worker = _Worker()
         try:
-            value = future.result(timeout=self.timeout_s)
-        except FutureTimeout:
-            # The call keeps its thread; the stage stops, so it cannot pile up.
+            value = self._worker.call(self.fn, (messages, completion, row), self.timeout_s)
+        except _CallTimedOut:
+            self._worker = None
             raise RewardError(f"{where}: reward {self.spec} took longer than {self.timeout_s:g} s") from None
         except Exception as err:
             raise RewardError(f"{where}: reward {self.spec} raised {type(err).__name__}: {err}") from err

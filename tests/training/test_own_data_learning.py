@@ -131,3 +131,17 @@ def test_continued_pretraining_on_a_text_file_lowers_heldout_loss(demo, demo_fil
     out = _train(["pretrain", "--from", refs["base"], "--data", str(demo_files / "corpus.txt"), "--steps", "10"],
                  registry, tmp_path, monkeypatch, capsys)
     assert out["eval_loss_after"] < out["eval_loss_before"], out
+
+
+def test_without_files_dpo_and_grpo_train_on_the_builtin_tasks(demo, tmp_path, monkeypatch, capsys):
+    registry, refs = demo
+    argv = ["--preset", "tiny", "--name", "demo", "--registry", str(registry.root), "--run-dir", str(tmp_path),
+            "--quiet", "--json", "--steps", "2"]
+    assert run_cli(["train", "dpo", "--from", refs["sft"], *argv], monkeypatch) == 0
+    dpo = json.loads(capsys.readouterr().out)
+    assert dpo["metrics"]["data"]["data"] == "<built-in tasks>" and dpo["metrics"]["data"]["heldout"]["rows"] == 64
+    assert run_cli(["train", "rlhf", "--from", refs["sft"], "--algo", "grpo", "--reward",
+                    "python:training.rewards:builtin_tasks", *argv], monkeypatch) == 0
+    rl = json.loads(capsys.readouterr().out)
+    # Held out: the pipeline's own evaluation problems; the reward is their verifier.
+    assert rl["metrics"]["data"]["heldout"]["rows"] == 128 and 0.0 <= rl["eval_reward_after"] <= 1.0
