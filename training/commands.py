@@ -1,4 +1,7 @@
-"""CLI: `sol train {tokenizer,pretrain,sft,reward,rlhf}`, `sol pipeline`.
+"""CLI: `sol train {tokenizer,pretrain,sft,reward,dpo,rlhf}`, `sol pipeline`.
+
+`--data FILE` (and `--prompts FILE` for rlhf) trains on a user's own JSON Lines file
+instead of the built-in tasks (training/own_data.py; formats in training/datasets/).
 
 Every command works alone or under torchrun, e.g.
 `torchrun --nproc_per_node 2 .venv/bin/sol train pretrain --name demo` (rank 0 logs and
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from client.output import add_json_flag, emit, table
 
-STAGES = ("tokenizer", "pretrain", "sft", "reward", "rlhf")
+STAGES = ("tokenizer", "pretrain", "sft", "reward", "dpo", "rlhf")
 STAGE_CONFIG = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "rlhf": "rlhf"}
 
 
@@ -47,17 +50,44 @@ def register(subparsers, bench_subparsers) -> None:
             p.add_argument("--out", type=Path, required=True, help="directory for tokenizer.json")
         else:
             p.add_argument("--steps", type=int, default=None, help="override the preset's optimizer steps")
+            p.add_argument("--lr", type=float, default=None, help="override the preset's peak learning rate")
             p.add_argument("--run-dir", type=Path, default=None,
                            help="metrics and resumable state (default $SOL_HOME/runs/<name>/<stage>)")
             p.add_argument("--fresh", action="store_true", help="ignore saved state instead of resuming")
         if stage == "pretrain":
             p.add_argument("--tokenizer", type=Path, default=None,
                            help="directory with a tokenizer.json (default: train one)")
-        if stage in ("sft", "reward", "rlhf"):
+        if stage in ("sft", "reward", "dpo", "rlhf"):
             default = "NAME:base" if stage == "sft" else "NAME:sft"
             p.add_argument("--from", dest="parent", default=None, help=f"parent checkpoint (default {default})")
+        if stage == "pretrain":
+            p.add_argument("--from", dest="parent", default=None,
+                           help="continue pretraining this checkpoint (needs --data)")
+        if stage in ("pretrain", "sft", "reward", "dpo"):
+            kind = {"pretrain": "text (.jsonl of {\"text\"} or .txt)", "sft": "chat SFT",
+                    "reward": "preference", "dpo": "preference"}[stage]
+            p.add_argument("--data", type=Path, default=None,
+                           help=f"{kind} JSON Lines file to train on (default: the built-in tasks)")
+            p.add_argument("--eval-data", type=Path, default=None,
+                           help="held-out file of the same format (default: a tenth of --data, by --seed)")
+        if stage == "dpo":
+            p.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default 0.1)")
         if stage == "rlhf":
-            p.add_argument("--reward", default=None, help="reward model checkpoint (default NAME:rm)")
+            p.add_argument("--reward", default=None,
+                           help="rm:REF (a reward model; default NAME:rm) or python:MODULE:FUNCTION")
+            p.add_argument("--prompts", type=Path, default=None,
+                           help="RL prompts JSON Lines file (default: the built-in tasks)")
+            p.add_argument("--eval-prompts", type=Path, default=None,
+                           help="held-out prompts (default: a tenth of --prompts, by --seed)")
+            p.add_argument("--algo", choices=("ppo", "grpo"), default="ppo", help="ppo (default) or grpo")
+            p.add_argument("--group", type=int, default=None,
+                           help="replies per prompt (GRPO's group; default: the preset's, at least 4 for grpo)")
+            p.add_argument("--reward-timeout", type=float, default=10.0,
+                           help="seconds one Python reward call may take (default 10)")
+        if stage != "tokenizer":
+            p.add_argument("--skip-long", action="store_true",
+                           help="leave out (and count) rows whose prompt alone fills the context instead of "
+                                "refusing the file")
         add_json_flag(p)
         p.set_defaults(handler=_train)
 
@@ -126,10 +156,15 @@ def _train(args) -> int:
         emit({"tokenizer": str(out / "tokenizer.json"), "vocab_size": tokenizer.vocab_size}, args.json,
              f"tokenizer with {tokenizer.vocab_size} tokens written to {out / 'tokenizer.json'}")
         return 0
-    if args.steps is not None:
+    if args.stage in STAGE_CONFIG:
         key = STAGE_CONFIG[args.stage]
         cfg = getattr(preset, key)
-        setattr(preset, key, dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, steps=args.steps)))
+        loop = cfg.loop
+        if args.steps is not None:
+            loop = dataclasses.replace(loop, steps=args.steps)
+        if args.lr is not None:
+            loop = dataclasses.replace(loop, lr=args.lr)
+        setattr(preset, key, dataclasses.replace(cfg, loop=loop))
     registry = _registry(args)
     run_dir = args.run_dir or _runs_root(registry) / args.name / "stages"
     info = distributed.setup()
@@ -140,9 +175,19 @@ def _train(args) -> int:
     distributed.teardown()
     if info.is_main:
         resolved = outcome.resolved
-        emit({"stage": outcome.stage, "ref": resolved.ref, "path": str(resolved.path), "metrics": outcome.metrics},
-             args.json, f"published {resolved.ref} ({outcome.stage}) at {resolved.path}")
+        heldout = {k: v for k, v in outcome.metrics.items() if k.startswith("eval_")}
+        human = f"published {resolved.ref} ({outcome.stage}) at {resolved.path}"
+        if heldout:
+            human += "\nheld-out: " + ", ".join(f"{k} {v:.4f}" for k, v in heldout.items())
+        emit({"stage": outcome.stage, "ref": resolved.ref, "path": str(resolved.path), **heldout,
+              "metrics": outcome.metrics}, args.json, human)
     return 0
+
+
+def _uses_own_data(args) -> bool:
+    return (getattr(args, "data", None) is not None or getattr(args, "prompts", None) is not None
+            or args.stage == "dpo" or (args.stage == "rlhf" and (args.algo == "grpo" or (
+                args.reward or "").startswith("python:"))))
 
 
 def _run_stage(args, ctx, registry):
@@ -154,6 +199,12 @@ def _run_stage(args, ctx, registry):
     from training.heads import RewardModel
 
     device = ctx.info.device
+    if _uses_own_data(args):
+        from training.own_data_commands import run_own_data_stage
+
+        return run_own_data_stage(args, ctx, registry)
+    if args.stage == "pretrain" and args.parent:
+        raise ValueError("sol train pretrain --from REF continues pretraining on --data FILE; give --data")
 
     def load(ref: str):
         resolved = registry.resolve(ref.replace("NAME", args.name))

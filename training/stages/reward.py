@@ -60,11 +60,15 @@ class RewardStage:
     name = "reward"
 
     def __init__(self, tokenizer: SolTokenizer, pairs: list[PreferencePair], cfg: RewardConfig,
-                 device: torch.device | str = "cpu") -> None:
-        if not pairs:
+                 device: torch.device | str = "cpu",
+                 encoded: list[tuple[tuple[list[int], int], tuple[list[int], int]]] | None = None) -> None:
+        """`encoded`: ((chosen ids, reply start), (rejected ids, reply start)) per pair,
+        already rendered (a user's file), instead of task `pairs`."""
+        self.pairs = encoded if encoded is not None else [
+            (reply_ids(tokenizer, p.problem.prompt, p.chosen), reply_ids(tokenizer, p.problem.prompt, p.rejected))
+            for p in pairs]
+        if not self.pairs:
             raise ValueError("reward training needs at least one preference pair")
-        self.pairs = [(reply_ids(tokenizer, p.problem.prompt, p.chosen),
-                       reply_ids(tokenizer, p.problem.prompt, p.rejected)) for p in pairs]
         self.cfg = cfg
         self.pad = tokenizer.pad_id
         self.device = torch.device(device)

@@ -13,10 +13,22 @@ With `ptx_coef` > 0 each minibatch also carries the language-model loss on a bat
 demonstrations (InstructGPT's PPO-ptx, with the SFT conversations where InstructGPT used
 pretraining text): it anchors what the policy already does right, so PPO can take larger
 steps without the drift that a KL penalty alone lets through.
+
+With `algo="grpo"` (Shao et al. 2024) there is no value head: each prompt gets a group of
+`samples_per_prompt` replies, a reply's advantage is its reward's z-score within its
+group, (r - mean) / std, on every one of its tokens, and the KL to the reference is a
+term of the loss (the k3 estimator per token, weight `grpo_beta`) instead of a per-token
+reward penalty.
+
+The prompts are the built-in task problems, or any token prompts (`prompt_ids`) with a
+`scorer`: a function of (prompt indices, reply texts, finished flags) -> rewards, such as a
+user's Python reward function over their own prompt file (training/own_data.py). Without
+a scorer the reward model scores the replies.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +85,8 @@ class RLHFConfig:
     missing_eos_penalty: float = 1.0  # subtracted from the (normalised) score of an unfinished reply
     ptx_coef: float = 0.0             # weight of the demonstrations' LM loss in each minibatch (0 = off)
     ptx_batch_size: int = 64          # demonstrations per minibatch
+    algo: str = "ppo"                 # "ppo" (value head, GAE) or "grpo" (group z-scores, no value head)
+    grpo_beta: float = 0.04           # GRPO: weight of the per-token KL to the reference in the loss
 
     @property
     def steps_per_rollout(self) -> int:
@@ -81,6 +95,10 @@ class RLHFConfig:
         if self.rollouts % self.loop.batch_size:
             raise ValueError(f"rollouts {self.rollouts} must be a multiple of the minibatch {self.loop.batch_size}")
         return self.ppo_epochs * self.rollouts // self.loop.batch_size
+
+
+# (prompt indices, reply texts, whether each reply finished) -> one reward per reply
+Scorer = Callable[[list[int], list[str], list[bool]], list[float]]
 
 
 @dataclass
@@ -96,6 +114,7 @@ class Rollout:
     advantages: torch.Tensor    # (B, R) whitened
     returns: torch.Tensor       # (B, R)
     stats: dict[str, float]
+    ref_logp: torch.Tensor | None = None    # (B, R) the reference's log-probs (GRPO's KL term)
 
 
 def reply_logprobs(logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, temperature: float
@@ -122,16 +141,29 @@ def varied_groups_first(replies: list[list[int]], group: int, keep: int) -> tupl
 class RLHFStage:
     name = "rlhf"
 
-    def __init__(self, policy: PolicyWithValue, reference: GPT, reward_model: RewardModel,
-                 tokenizer: SolTokenizer, problems: list[Problem], cfg: RLHFConfig,
+    def __init__(self, policy: PolicyWithValue, reference: GPT, reward_model: RewardModel | None,
+                 tokenizer: SolTokenizer, problems: list[Problem] | None, cfg: RLHFConfig,
                  device: torch.device | str = "cpu",
-                 demonstrations: list[list[dict[str, str]]] | None = None) -> None:
+                 demonstrations: list[list[dict[str, str]]] | None = None,
+                 prompt_ids: list[list[int]] | None = None, scorer: Scorer | None = None) -> None:
         self.policy = policy
         self.reference = reference.eval().requires_grad_(False)
-        self.reward_model = reward_model.eval().requires_grad_(False)
+        if reward_model is None and scorer is None:
+            raise ValueError("RLHF needs a reward model or a scorer")
+        self.reward_model = reward_model.eval().requires_grad_(False) if reward_model is not None else None
+        self.scorer = scorer
         self.tokenizer = tokenizer
         self.problems = problems
-        self.prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p.prompt}]) for p in problems]
+        if problems is not None:
+            self.prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p.prompt}]) for p in problems]
+        elif prompt_ids:
+            self.prompts = prompt_ids
+        else:
+            raise ValueError("RLHF needs prompts: task problems or prompt token ids")
+        if cfg.algo not in ("ppo", "grpo"):
+            raise ValueError(f"algo must be 'ppo' or 'grpo', got {cfg.algo!r}")
+        if cfg.algo == "grpo" and cfg.samples_per_prompt < 2:
+            raise ValueError(f"GRPO needs a group of at least 2 replies per prompt, got {cfg.samples_per_prompt}")
         self.cfg = cfg
         self.device = torch.device(device)
         if cfg.prompt_oversample < 1 or (cfg.prompt_oversample > 1 and cfg.samples_per_prompt < 2):
@@ -171,7 +203,7 @@ class RLHFStage:
         k = cfg.samples_per_prompt
         n_prompts = cfg.rollouts // k
         drawn = n_prompts * cfg.prompt_oversample
-        picks = torch.randint(0, len(self.problems), (drawn * world,), generator=g)
+        picks = torch.randint(0, len(self.prompts), (drawn * world,), generator=g)
         picks = picks[rank * drawn:(rank + 1) * drawn].repeat_interleave(k).tolist()
         prompts = [self.prompts[i] for i in picks]
         seeds = [(cfg.loop.seed * 1_000_003 + iteration) * 65_537 + rank * drawn * k + i for i in range(len(picks))]
@@ -205,7 +237,14 @@ class RLHFStage:
         values = values_all[rows, index] * mask
         last = torch.tensor([len(p) + len(r) - 1 for p, r in zip(prompts, replies, strict=True)], device=self.device)
         starts = torch.tensor([len(p) for p in prompts], device=self.device)
-        raw = self.reward_model(seqs, last, starts).float()
+        texts = [self.tokenizer.decode([t for t in r if t != self.tokenizer.end_of_turn_id]) for r in replies]
+        if self.scorer is not None:
+            raw = torch.tensor(self.scorer(picks, texts, finished_kept), dtype=torch.float32, device=self.device)
+        else:
+            raw = self.reward_model(seqs, last, starts).float()
+        if cfg.algo == "grpo":
+            return self._grpo_rollout(seqs, index, targets, mask, logp, ref_logp, raw, picks, texts, keep, varied,
+                                      finished_kept)
         centred = raw
         if k > 1:
             # Several replies to one prompt: their mean is the prompt's baseline, so that the
@@ -221,8 +260,6 @@ class RLHFStage:
         rewards, kl = kl_rewards(score, logp, ref_logp, mask, self.kl.value)
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, mask)
-        texts = [self.tokenizer.decode([t for t in r if t != self.tokenizer.end_of_turn_id]) for r in replies]
-        correct = [self.problems[i].check(t) for i, t in zip(picks, texts, strict=True)]
         kl_per_reply = kl.sum(1).mean().item()
         stats = {
             "score": raw.mean().item(),
@@ -231,13 +268,38 @@ class RLHFStage:
             "kl_coef": self.kl.value,
             "reply_tokens": mask.sum(1).mean().item(),
             "finished": finished.float().mean().item(),
-            "sample_accuracy": sum(correct) / len(correct),
-            "varied_groups_drawn": sum(varied) / len(varied),
-            "varied_groups_kept": sum(varied[i // k] for i in keep[::k]) / n_prompts,
+            **self._group_stats(picks, texts, keep, varied),
             "value_mean": masked_mean(values, mask).item(),
         }
         self.kl.update(kl_per_reply, cfg.rollouts * world)
         return Rollout(seqs, index, targets, mask, logp, values, advantages, returns, stats)
+
+    def _group_stats(self, picks: list[int], texts: list[str], keep: list[int], varied: list[bool]
+                     ) -> dict[str, float]:
+        k = self.cfg.samples_per_prompt
+        stats = {"varied_groups_drawn": sum(varied) / len(varied),
+                 "varied_groups_kept": sum(varied[i // k] for i in keep[::k]) / (len(keep) // k)}
+        if self.problems is not None:
+            correct = [self.problems[i].check(t) for i, t in zip(picks, texts, strict=True)]
+            stats["sample_accuracy"] = sum(correct) / len(correct)
+        return stats
+
+    def _grpo_rollout(self, seqs: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                      logp: torch.Tensor, ref_logp: torch.Tensor, raw: torch.Tensor, picks: list[int],
+                      texts: list[str], keep: list[int], varied: list[bool], finished: list[bool]) -> Rollout:
+        """Group-relative advantages: each reply's reward as a z-score among the replies
+        to its prompt, the same on every reply token; no values, no returns."""
+        groups = raw.view(-1, self.cfg.samples_per_prompt)
+        # A group whose rewards all agree has no preferred reply: its advantages are 0.
+        z = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
+        advantages = z.flatten()[:, None] * mask
+        logp, ref_logp = logp * mask, ref_logp * mask
+        zeros = torch.zeros_like(mask)
+        stats = {"score": raw.mean().item(), "score_std_in_group": groups.std(1).mean().item(),
+                 "kl": ((logp - ref_logp) * mask).sum(1).mean().item(), "kl_coef": self.cfg.grpo_beta,
+                 "reply_tokens": mask.sum(1).mean().item(), "finished": sum(finished) / len(finished),
+                 **self._group_stats(picks, texts, keep, varied)}
+        return Rollout(seqs, index, targets, mask, logp, zeros, advantages, zeros, stats, ref_logp)
 
     def rollout_engine(self, rows: int) -> Engine:
         """The policy's engine: made once, on the policy's live weights (no copy), with a
@@ -288,9 +350,17 @@ class RLHFStage:
         sel = torch.arange(rows.numel(), device=rows.device)[:, None]
         values = values_all[sel, index]
         pg = policy_loss(logp, ro.logp[rows], ro.advantages[rows], mask, cfg.cliprange)
-        vf, vf_clip = value_loss(values, ro.values[rows], ro.returns[rows], mask, cfg.cliprange_value)
-        loss = pg.loss + cfg.vf_coef * vf
         extra: dict[str, float] = {}
+        if cfg.algo == "grpo":
+            # k3 = exp(ref - new) - (ref - new) - 1: non-negative, unbiased for KL(new || ref).
+            to_ref = ro.ref_logp[rows] - logp
+            kl_term = masked_mean(torch.exp(to_ref) - to_ref - 1, mask)
+            vf = vf_clip = torch.zeros((), device=seqs.device)
+            loss = pg.loss + cfg.grpo_beta * kl_term
+            extra["kl_loss"] = kl_term.item()
+        else:
+            vf, vf_clip = value_loss(values, ro.values[rows], ro.returns[rows], mask, cfg.cliprange_value)
+            loss = pg.loss + cfg.vf_coef * vf
         if demos is not None:
             ptx = assistant_lm_loss(logits_all[n:, :demos[0].shape[1]], demos[1])
             loss = loss + cfg.ptx_coef * ptx

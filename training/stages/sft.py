@@ -36,10 +36,13 @@ class SFTStage:
     name = "sft"
 
     def __init__(self, tokenizer: SolTokenizer, conversations: list[list[dict[str, str]]], cfg: SFTConfig,
-                 device: torch.device | str = "cpu") -> None:
-        if not conversations:
+                 device: torch.device | str = "cpu",
+                 examples: list[tuple[list[int], list[int]]] | None = None) -> None:
+        """`examples`: (inputs, targets) already encoded (a user's file, with its weights
+        and the long-row rule applied) instead of `conversations`."""
+        self.examples = examples if examples is not None else [sft_example(tokenizer, c) for c in conversations]
+        if not self.examples:
             raise ValueError("SFT needs at least one conversation")
-        self.examples = [sft_example(tokenizer, c) for c in conversations]
         self.cfg = cfg
         self.pad = tokenizer.pad_id
         self.device = torch.device(device)
