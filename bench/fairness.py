@@ -164,7 +164,10 @@ def run_bench_fairness(args: argparse.Namespace) -> int:
         registry, resolved = _random_model(home, args.preset)
         tokenizer = load_checkpoint(resolved.path, device="cpu").tokenizer
         light_prompts = build_prompts(tokenizer, 64, args.prompt_tokens, seed=1)
-        heavy_prompts = build_prompts(tokenizer, 64, 8 * args.prompt_tokens, seed=2)
+        # Each heavy tenant its own prompts: shared ones would be served from the prefix
+        # cache to whichever asked second, at the cached rate.
+        heavy_prompts = {name: build_prompts(tokenizer, 64, 8 * args.prompt_tokens, seed=seed)
+                         for seed, name in enumerate(("heavy", "heavy-2", "heavy-1"), start=2)}
         model = f"{resolved.name}@{resolved.version}"
         admin_key = "sk-sol-admin-bench"
         servers: dict[str, tuple] = {}
@@ -183,7 +186,7 @@ def run_bench_fairness(args: argparse.Namespace) -> int:
                 keys = servers[scheduling][2]
                 if name == "light":
                     return Tenant(name, keys[name], 1, light_prompts, args.max_tokens)
-                return Tenant(name, keys[name], args.heavy_clients, heavy_prompts, args.heavy_max_tokens)
+                return Tenant(name, keys[name], args.heavy_clients, heavy_prompts[name], args.heavy_max_tokens)
 
             # Both servers run side by side (an idle one costs nothing) and the phases that
             # compare them alternate, so a busy spell of this shared machine hits both alike.
