@@ -14,7 +14,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -34,7 +33,6 @@ from server.accounting.pricing import PriceBook
 from server.accounting.quota import QuotaGate
 from server.accounting.spool import Spool
 from server.config import ServerConfig
-from server.engine.config import EngineConfig
 from server.grpc.admin import AdminServicer
 from server.grpc.servicer import InferenceServicer
 from server.grpc.wire import add_service
@@ -71,14 +69,7 @@ def make_store(config: ServerConfig) -> LedgerStore:
 class App:
     def __init__(self, config: ServerConfig, engine_factory: EngineFactory | None = None) -> None:
         self.config = config
-        self.engine_factory = engine_factory or default_engine_factory(
-            EngineConfig(device=config.device, num_blocks=config.kv_blocks, kernel_arch=config.kernel_arch,
-                         threads=config.engine_threads or 0,
-                         dtype=getattr(torch, config.dtype) if config.dtype else None,
-                         scheduling=config.scheduling, max_waiting_per_tenant=config.max_waiting_per_key,
-                         band_aging_s=config.band_aging_s,
-                         **{name: value for name in ("max_waiting", "max_num_seqs", "max_num_batched_tokens")
-                            if (value := getattr(config, name))}))
+        self.engine_factory = engine_factory or default_engine_factory(config.engine)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
@@ -102,7 +93,7 @@ class App:
         self.spool = Spool(c.spool_path)
         self.metrics = ServiceMetrics()
         self.health = Health()
-        budget = None if c.kv_blocks is not None else KVBudget(c.kv_budget_mb << 20, c.kv_per_model_mb << 20)
+        budget = None if c.engine.num_blocks is not None else KVBudget(c.kv_budget_mb << 20, c.kv_per_model_mb << 20)
         self.models = ModelManager(Registry(c.registry), self.engine_factory, warmup=c.warmup, kv_budget=budget)
         pepper = resolve_pepper(c.key_pepper, c.home)
         check_pepper(self.store, pepper)

@@ -189,7 +189,7 @@ class InferenceService:
         return True
 
     # --- the request path ---------------------------------------------------------------------
-    async def admit(self, key: KeyInfo, model_ref: str, params: SamplingParams, max_tokens_given: bool,
+    async def admit(self, key: KeyInfo, model_ref: str, params: SamplingParams,
                     messages: list[Message] | None = None, prompt: str | None = None, request_id: str = "",
                     labels: dict | None = None, streaming: bool = True, priority: int = 0) -> Job:
         """Everything before the first token: a job running in the engine, or a
@@ -205,8 +205,8 @@ class InferenceService:
         job: Job | None = None
         try:
             ids = self.prompt_ids(model, messages, prompt)
-            params = validation.fit_context(params, max_tokens_given, len(ids), model.max_context,
-                                            self.config.default_max_tokens)
+            max_tokens_given = params.max_tokens is not None    # else the server chooses, and says so
+            params = validation.fit_context(params, len(ids), model.max_context, self.config.default_max_tokens)
             validation.check(params, model.vocab_size)
             grammar = await self.compile_grammar(model, params)
             request_id = validation.request_id(request_id) if request_id else uuid.uuid4().hex
@@ -295,7 +295,7 @@ class InferenceService:
         except RequestRejected as err:
             raise invalid(str(err)) from None
         except TenantOverloaded:
-            raise exhausted(f"key {job.key.key_id} has {self.config.max_waiting_per_key} requests waiting for "
+            raise exhausted(f"key {job.key.key_id} has {self.config.engine.max_waiting_per_tenant} requests waiting for "
                             f"model {model.ref} (--max-waiting-per-key); retry when some have started",
                             1.0) from None
         except EngineOverloaded as err:

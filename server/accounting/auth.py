@@ -102,10 +102,6 @@ class Authenticator:
         self._cache: dict[str, tuple[KeyInfo | None, float]] = {}
         self.cache_s = cache_s
 
-    def is_admin(self, metadata: Any) -> bool:
-        token = bearer(metadata)
-        return bool(token) and hmac.compare_digest(hash_key(self.pepper, token), self._admin_hash)
-
     def check_admin(self, metadata: Any) -> None:
         token = bearer(metadata)
         if token is None:

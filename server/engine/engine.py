@@ -13,6 +13,7 @@ output processor's job, on the reader's side (`server.engine.output`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import secrets
 import sys
@@ -27,6 +28,7 @@ from gpt.allocator import keep_freed_memory
 from gpt.model import GPT
 from gpt.openmp import release_thread_pool
 from server.engine.api import (
+    DEFAULT_MAX_TOKENS,
     ChoiceFinished,
     Delta,
     EngineOverloaded,
@@ -273,6 +275,11 @@ class Engine:
         # An id outside the embedding would fail the whole step, and every request in it.
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if request.params.max_tokens is None:
+            # Unset: the engine's default, capped by the room the context leaves (the
+            # service resolves it against its own default before it submits).
+            room = max(1, self.max_seq_len - len(prompt))
+            request.params = dataclasses.replace(request.params, max_tokens=min(DEFAULT_MAX_TOKENS, room))
         total = len(prompt) + request.params.max_tokens
         if total > self.max_seq_len:
             raise RequestRejected(

@@ -44,6 +44,9 @@ class Sequence:
     # Structured outputs: where this choice stands in its grammar. It advances with every
     # sampled token, and output tokens survive preemption, so it stays valid across one.
     grammar: GrammarMatcher | None = None
+    # The root of the prefix cache's hash chain: the adapter version the sequence runs
+    # under (None = the base model), so cached blocks are shared only under the same one.
+    cache_salt: int | None = None
     # Fair share's bookkeeping (server/engine/fair_policy.py), unused under FCFS: the
     # tenant's state, how many prompt positions have been charged (recomputes are free),
     # and the request's costs per prompt / generated token over the tenant's weight.

@@ -156,9 +156,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def _admit(self, request, context, chat: bool, labels: dict[str, Any], streaming: bool) -> Job:
         key = await self.authenticate(context)
-        params, given = validation.sampling_params(request.params)
+        params = validation.sampling_params(request.params)
         what: dict[str, Any] = {"messages": list(request.messages)} if chat else {"prompt": request.prompt}
-        return await self.service.admit(key, request.model, params, given, request_id=request.request_id,
+        return await self.service.admit(key, request.model, params, request_id=request.request_id,
                                         labels=labels, streaming=streaming, priority=request.priority, **what)
 
     async def _unary(self, request, context, method: str, chat: bool):

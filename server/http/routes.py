@@ -175,10 +175,10 @@ class HttpApi:
                 key = await self.key(request)
                 engine_logprobs, top = body.top_n()
                 top_n = top if engine_logprobs else None
-                params, given = body.sampling(engine_logprobs)
+                params = body.sampling(engine_logprobs)
                 what: dict[str, Any] = ({"messages": [m.message() for m in body.messages]} if chat
                                         else {"prompt": body.text()})
-                job = await self.service.admit(key, body.model, params, given, request_id=request_id(request),
+                job = await self.service.admit(key, body.model, params, request_id=request_id(request),
                                                labels=call.labels, streaming=body.stream,
                                                priority=body.priority or 0, **what)
                 headers = {"x-request-id": job.request_id}

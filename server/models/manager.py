@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt.adapter_store import is_adapter
 from gpt.chat import chat_stop_ids
 from gpt.checkpoint import Checkpoint, load_checkpoint
 from gpt.config import ModelConfig
@@ -209,7 +210,8 @@ class ModelManager:
     def load_default(self, refs: list[str]) -> list[LoadedModel]:
         """`refs`, or every model's latest in the registry when none are given."""
         refs = refs or [f"{name}:{LATEST}" for name in self.registry.models()
-                        if LATEST in self.registry.aliases(name)]
+                        if LATEST in (aliases := self.registry.aliases(name))
+                        and not is_adapter(self.registry.version_dir(name, aliases[LATEST]))]
         return [self.load(r) for r in refs]
 
     def sync_aliases(self, name: str) -> None:

@@ -188,3 +188,21 @@ def test_kv_budget_is_never_over_committed_across_a_swap(registry, tiny_tokenize
         h.stop()
         manager.shutdown()
     assert budget.used_bytes == 0
+
+
+def test_adapter_entries_are_not_loaded_as_models(manager, registry, tiny_checkpoint):
+    # An adapter version in the registry (with its own latest alias) must neither break
+    # the default load nor be hot-loaded as a model of its own.
+    from gpt.adapter_store import publish_adapter
+    from gpt.checkpoint import load_checkpoint
+    from gpt.lora import LoraAdapter, LoraSpec
+
+    _, base = tiny_checkpoint
+    config = load_checkpoint(base.path).model.config
+    publish_adapter(registry, "tenant", LoraAdapter.zeros_like(LoraSpec(2, 4.0, ("q",)), config), base)
+    loaded = manager.load_default([])
+    assert [m.name for m in loaded] == ["tiny"]
+    h = HotLoader(manager, registry, HotLoadConfig(poll_interval_s=0.2))
+    outcome = h.switch("tenant", "latest", 1)
+    assert not outcome.ok and "adapter" in outcome.error
+    assert not manager.is_loaded("tenant", 1)

@@ -14,6 +14,7 @@ from client.client import Client
 from client.types import SolError
 from server.accounting.ledger import KeyInfo
 from server.accounting.ledger_sqlite import SqliteStore
+from server.config import engine_config
 from tests.service.harness import ADMIN_KEY, RunningServer, publish_tiny, wait_for
 
 
@@ -50,8 +51,8 @@ def test_sqlite_ledger_of_an_earlier_version_gets_the_columns(tmp_path):
 @pytest.fixture
 def server(tiny_tokenizer, tmp_path):
     # One sequence per step: a second request of a key waits, a third is over the bound.
-    s = RunningServer(publish_tiny(tmp_path, tiny_tokenizer), tmp_path / "home", max_num_seqs=1,
-                      max_waiting_per_key=1).start()
+    s = RunningServer(publish_tiny(tmp_path, tiny_tokenizer), tmp_path / "home",
+                      engine=engine_config(max_num_seqs=1, max_waiting_per_tenant=1)).start()
     yield s
     s.stop()
 
