@@ -1,4 +1,4 @@
-"""CLI: `sol bench engine|grammar|serve|hotload|train|vs-vllm`. The flags live here and each benchmark
+"""CLI: `sol bench engine|grammar|serve|fairness|hotload|train|vs-vllm`. The flags live here and each benchmark
 module is imported only when it runs, so `sol --help` does not pay for torch twice."""
 
 from __future__ import annotations
@@ -79,6 +79,23 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_crash)
 
+    p = bench_sub.add_parser("fairness", help="a light key's TTFT beside a flooding key under fcfs and fair "
+                             "scheduling; throughput; 2:1 shares")
+    p.add_argument("--preset", default="tiny", help="model preset, random init (default tiny)")
+    p.add_argument("--seconds", type=float, default=12.0, help="length of each measured phase (default 12)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating fcfs/fair mixed phases (default 2)")
+    p.add_argument("--weights-seconds", type=float, default=30.0,
+                   help="length of the 2:1 shares phase (default 30)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="the server's batch (default 8; the heavy tenant "
+                   "runs more streams than this)")
+    p.add_argument("--heavy-clients", type=int, default=32, help="the heavy tenant's streams (default 32)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="light prompts; heavy ones are 8x (default 16)")
+    p.add_argument("--max-tokens", type=int, default=16, help="light requests' output (default 16)")
+    p.add_argument("--heavy-max-tokens", type=int, default=32, help="heavy requests' output (default 32)")
+    p.add_argument("--out", default=None, help="output directory (default $SOL_HOME/bench/fairness)")
+    add_json_flag(p)
+    p.set_defaults(handler=_fairness)
+
     p = bench_sub.add_parser("hotload", help="latency during model swaps vs steady state; publish-to-serve time")
     p.add_argument("--preset", default="small", help="model preset of the published versions (default small)")
     p.add_argument("--clients", type=int, default=8)
@@ -129,6 +146,12 @@ def _crash(args: argparse.Namespace) -> int:
     from bench.crash import run_bench_crash
 
     return run_bench_crash(args)
+
+
+def _fairness(args: argparse.Namespace) -> int:
+    from bench.fairness import run_bench_fairness
+
+    return run_bench_fairness(args)
 
 
 def _hotload(args: argparse.Namespace) -> int:

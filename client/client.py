@@ -165,8 +165,12 @@ class Client:
 
     @staticmethod
     def _request(kind, model: str, request_id: str | None, user: str, params: dict[str, Any], **payload):
+        # `priority` is the request's, not a sampling parameter: order among the key's own
+        # requests when the server is busy (lower first).
+        params = dict(params)
+        priority = int(params.pop("priority", 0) or 0)
         return kind(model=model, params=sampling_pb(params), request_id=request_id or uuid.uuid4().hex,
-                    user=user, **payload)
+                    user=user, priority=priority, **payload)
 
     def wait_ready(self, timeout: float, service: str = "") -> bool:
         """Poll grpc.health.v1 until `service` is SERVING ("" = ready to serve a model,

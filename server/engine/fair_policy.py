@@ -53,7 +53,7 @@ from server.engine.policy import SchedulingPolicy
 from server.engine.sequence import Sequence
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Tenant:
     name: str
     weight: float = 1.0
@@ -181,21 +181,25 @@ class VtcPolicy(SchedulingPolicy):
 
     # --- charging ---------------------------------------------------------------------------
     def charge(self, batch: list[tuple[Sequence, int]]) -> None:
+        # The one pass over the step's rows fair share adds (locals: it runs every step).
         counts: dict[Tenant, int] = {}
+        get = counts.get
         for seq, n in batch:
             tenant = seq.tenant
-            counts[tenant] = counts.get(tenant, 0) + 1
+            counts[tenant] = get(tenant, 0) + 1
             start = seq.num_computed
             end = start + n
-            if start >= seq.num_prompt_tokens:
+            prompt = seq.num_prompt_tokens
+            if start >= prompt:
                 # A decode row (or the recompute of output tokens): only what it samples.
                 if end == len(seq.token_ids):
                     tenant.counter += seq.cost_out
                 continue
             cost = 0.0
-            if end > seq.charged:
-                prompt_end = min(end, seq.num_prompt_tokens)
-                new = prompt_end - max(start, seq.charged)
+            charged = seq.charged
+            if end > charged:
+                prompt_end = end if end < prompt else prompt
+                new = prompt_end - (start if start > charged else charged)
                 if new > 0:
                     cost += new * seq.cost_in
                     seq.charged = prompt_end
