@@ -12,11 +12,13 @@ under vLLM's names.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gpt.chat import Message
+from gpt.quoting import quote
 from server.engine.api import JsonSchema, ResponseFormat, SamplingParams
 from server.errors import invalid
 
@@ -164,13 +166,18 @@ class _Sampling(_Body):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+# A token id as a JSON object key: ASCII digits only (int() would also take '١', ' 7 ',
+# '1_0' or 5,000 digits), a sign for the range check to refuse.
+TOKEN_ID_KEY_RE = re.compile(r"-?[0-9]{1,10}")
+
+
 def token_bias(bias: dict[str, float]) -> dict[int, float]:
     out = {}
     for key, value in bias.items():
-        try:
-            out[int(key)] = value
-        except ValueError:
-            raise invalid(f"logit_bias keys must be token ids, e.g. {{\"50256\": -100}} (got {key[:20]!r})") from None
+        if not TOKEN_ID_KEY_RE.fullmatch(key):
+            raise invalid(f"logit_bias keys must be token ids in ASCII digits, e.g. {{\"50256\": -100}} "
+                          f"(got {quote(key)})")
+        out[int(key)] = value
     return out
 
 
