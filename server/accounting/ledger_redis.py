@@ -29,6 +29,7 @@ the ledger is billing data. Key layout (prefix `sol:`):
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -50,6 +51,9 @@ from server.accounting.ledger import (
     merge_attempt,
     refusal,
 )
+from server.accounting.ledger_repair import repair_redis
+
+log = logging.getLogger("sol.ledger")
 
 P = "sol:"
 MAX_COOLDOWN_S = 4.0
@@ -277,6 +281,11 @@ class RedisStore:
         self._release = self._r.register_script(RELEASE_LUA)
         self._free = self._r.register_script(FREE_LUA)
         self.instance = ""          # this process's server instance, once registered
+        try:
+            repair_redis(self._r, P, url.rsplit("@", 1)[-1])
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as err:
+            # Serving starts without Redis (usage is spooled); the repair runs at the next open.
+            log.warning("ledger repair skipped: redis unreachable (%s)", err)
 
     @_unavailable
     def ping(self) -> None:
