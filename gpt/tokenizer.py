@@ -162,3 +162,9 @@ def _chunks(texts: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
     for text in texts:
         for start in range(0, len(text), size):
             yield text[start:start + size]
+
+
+def load_tokenizer(directory: Path) -> SolTokenizer:
+    """The tokenizer stored in a checkpoint (or Hugging Face) directory. Only sol's own
+    byte-level BPE is read here; a directory with another tokenizer is refused."""
+    return SolTokenizer.load(directory)
