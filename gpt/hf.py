@@ -1,108 +1,167 @@
-"""Hugging Face interop: sol checkpoints are Llama checkpoints with renamed tensors.
+"""Hugging Face interop: import a model directory as users have it, export one back.
 
-Export writes what `transformers.AutoModelForCausalLM` / `AutoTokenizer` load as they
-are (LlamaConfig config.json, model.safetensors with HF names, generation_config.json,
-tokenizer.json + tokenizer_config.json carrying the chat template). Import reads such a
-directory back into a sol model and tokenizer.
+Import reads config.json (gpt/hf_format.py maps it onto sol's config for the Llama,
+Mistral, Qwen2 and Qwen3 families, refusing what sol does not implement), the weights
+from model.safetensors or the shards that model.safetensors.index.json names (in their
+own dtype, tensor by tensor into the model: gpt/checkpoint.py build_model), and the
+tokenizer through `gpt.tokenizer.load_tokenizer`. Its tokenizer files are kept byte for
+byte. Pickled weights (`*.bin`) are never loaded.
+
+Export writes what `transformers.AutoModelForCausalLM` loads as it is: the family's
+config.json, model.safetensors with Hugging Face names in the model's dtype, and the
+tokenizer files (the imported ones as they came, or sol's with its chat template).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from gpt import hf_format, tensor_io
 from gpt.chat import JINJA_TEMPLATE
-from gpt.checkpoint import CheckpointError, load_state_checked, model_state_for_saving
+from gpt.checkpoint import CheckpointError, build_model, hf_entries, model_state_for_saving, sha256_file
 from gpt.config import ModelConfig
 from gpt.model import GPT
-from gpt.tokenizer import END_OF_TURN, ENDOFTEXT, TOKENIZER_FILE, SolTokenizer
+from gpt.tokenizer import END_OF_TURN, ENDOFTEXT, TOKENIZER_FILE, SolTokenizer, load_tokenizer
 
-HF_PREFIX = "model."
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# The tokenizer's files a Hugging Face directory may hold, copied verbatim on import.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "added_tokens.json")
+
+
+class HFImportError(ValueError):
+    """A Hugging Face directory sol will not import, with what is wrong in it."""
 
 
 def to_hf_state(model: GPT) -> dict[str, torch.Tensor]:
-    state = model_state_for_saving(model)
-    return {(k if k == "lm_head.weight" else HF_PREFIX + k): v for k, v in state.items()}
+    return {hf_format.hf_name(k): v for k, v in model_state_for_saving(model).items()}
 
 
-def from_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        if k.endswith("rotary_emb.inv_freq"):
-            continue  # a buffer some exporters write; sol recomputes it
-        out[k.removeprefix(HF_PREFIX)] = v
-    return out
+def hf_config(config: ModelConfig, tokenizer: Any = None, dtype: str = "float32") -> dict[str, Any]:
+    """config.json of `config`'s family, with sol's tokenizer's bos/eos ids."""
+    return {**hf_format.hf_config(config, dtype), **_token_ids(tokenizer)}
 
 
-def hf_config(config: ModelConfig, tokenizer: SolTokenizer) -> dict[str, Any]:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.d_model,
-        "intermediate_size": config.d_ff,
-        "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads,
-        "head_dim": config.head_dim,
-        "max_position_embeddings": config.max_seq_len,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": None,
-        "rms_norm_eps": config.norm_eps,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": tokenizer.special(ENDOFTEXT),
-        "eos_token_id": [tokenizer.special(END_OF_TURN), tokenizer.special(ENDOFTEXT)],
-        "torch_dtype": "float32",
-    }
+def read_config(directory: Path) -> ModelConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise HFImportError(f"{path} not found: not a Hugging Face model directory")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HFImportError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise HFImportError(f"{path} is not a JSON object")
+    try:
+        return hf_format.config_from_hf(data)
+    except ValueError as err:
+        raise HFImportError(f"{path}: {err}") from None
 
 
-def config_from_hf(data: dict[str, Any]) -> ModelConfig:
-    """Map a Hugging Face Llama config.json to sol's config, refusing what sol's model
-    does not implement rather than loading it wrongly."""
-    if data.get("model_type") != "llama" and "LlamaForCausalLM" not in data.get("architectures", []):
-        raise ValueError(f"unsupported architecture {data.get('architectures') or data.get('model_type')}: "
-                         "only Llama-style checkpoints can be imported")
-    unsupported = []
-    if data.get("attention_bias") or data.get("mlp_bias"):
-        unsupported.append("biases")
-    if data.get("rope_scaling"):
-        rope_type = (data["rope_scaling"] or {}).get("rope_type", (data["rope_scaling"] or {}).get("type"))
-        if rope_type not in (None, "default"):
-            unsupported.append(f"rope_scaling {rope_type}")
-    if data.get("hidden_act", "silu") != "silu":
-        unsupported.append(f"hidden_act {data['hidden_act']}")
-    n_heads = data["num_attention_heads"]
-    if data.get("head_dim") not in (None, data["hidden_size"] // n_heads):
-        unsupported.append("head_dim different from hidden_size / num_attention_heads")
-    if unsupported:
-        raise ValueError("unsupported Llama variant: " + ", ".join(unsupported))
-    rope_theta = data.get("rope_theta") or (data.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    return ModelConfig(
-        vocab_size=data["vocab_size"], d_model=data["hidden_size"], n_layers=data["num_hidden_layers"],
-        n_heads=n_heads, n_kv_heads=data.get("num_key_value_heads") or n_heads,
-        d_ff=data["intermediate_size"], max_seq_len=data.get("max_position_embeddings", 2048),
-        rope_theta=float(rope_theta), norm_eps=data.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(data.get("tie_word_embeddings", False)),
-    )
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files holding the weights: model.safetensors, or every shard the
+    index names, each checked to exist and to hold what the index says it holds."""
+    directory = Path(directory)
+    if (directory / SINGLE_FILE).is_file():
+        return [directory / SINGLE_FILE]
+    index_path = directory / INDEX_FILE
+    if not index_path.is_file():
+        pickles = sorted(p.name for p in directory.glob("*.bin"))
+        if pickles:
+            raise HFImportError(f"{directory} has only pickled weights ({', '.join(pickles[:3])}): sol never "
+                                "unpickles; convert them to safetensors (e.g. save_pretrained(..., "
+                                "safe_serialization=True))")
+        raise HFImportError(f"{directory} has no {SINGLE_FILE} nor {INDEX_FILE}")
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise HFImportError(f"{index_path} is not a safetensors index ({err})") from None
+    shards: dict[str, list[str]] = {}
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise HFImportError(f"{index_path} names {shard!r} for {tensor!r}: shards must be .safetensors files "
+                                "in the same directory")
+        shards.setdefault(shard, []).append(tensor)
+    for shard, tensors in sorted(shards.items()):
+        path = directory / shard
+        if not path.is_file():
+            raise HFImportError(f"{path} is missing: {index_path.name} names it for {len(tensors)} tensors "
+                                f"(e.g. {tensors[0]!r})")
+        try:
+            held = tensor_io.read_header(path)
+        except tensor_io.TensorFileError as err:
+            raise HFImportError(str(err)) from None
+        absent = sorted(set(tensors) - set(held))
+        stray = sorted(set(held) - set(weight_map))
+        if absent:
+            raise HFImportError(f"{path} lacks {absent[:3]}, which {index_path.name} says it holds")
+        if stray:
+            raise HFImportError(f"{path} holds {stray[:3]}, which {index_path.name} does not list")
+    return [directory / shard for shard in sorted(shards)]
 
 
-def export_hf(model: GPT, tokenizer: SolTokenizer, out_dir: Path) -> Path:
+def load_model(directory: Path, dtype: torch.dtype | None = None) -> GPT:
+    """The model of a Hugging Face directory, in the dtype its weights are stored in
+    (or `dtype`), without its tokenizer."""
+    directory = Path(directory)
+    config = read_config(directory)
+    files = weight_files(directory)
+    try:
+        return build_model(config, hf_entries(files), files[0] if len(files) == 1 else directory / INDEX_FILE,
+                           dtype).eval()
+    except (CheckpointError, tensor_io.TensorFileError) as err:
+        raise HFImportError(str(err).removeprefix("broken checkpoint: ")) from None
+
+
+def tokenizer_files(directory: Path) -> list[Path]:
+    return [Path(directory) / name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()]
+
+
+def import_hf(directory: Path, dtype: torch.dtype | None = None) -> tuple[GPT, SolTokenizer]:
+    """Model and tokenizer of a Hugging Face directory (refused with HFImportError)."""
+    directory = Path(directory)
+    model = load_model(directory, dtype)
+    try:
+        tokenizer = load_tokenizer(directory)
+    except (OSError, ValueError, KeyError) as err:
+        raise HFImportError(f"{directory}: the tokenizer cannot be loaded ({err})") from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise HFImportError(f"{directory / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens, more than the "
+                            f"model's vocab_size {model.config.vocab_size}")
+    return model, tokenizer
+
+
+def reference_files(directory: Path) -> dict[str, str]:
+    """{absolute path: sha256} of the weight files, for an import that keeps them in place."""
+    return {str(path.resolve()): sha256_file(path) for path in weight_files(directory)}
+
+
+def export_hf(model: GPT, tokenizer: SolTokenizer, out_dir: Path, source_dir: Path | None = None) -> Path:
+    """Write `model` as its family's Hugging Face directory. The tokenizer files of
+    `source_dir` (a checkpoint imported from Hugging Face) are copied as they are;
+    without them sol's tokenizer is written with its chat template."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf_state(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out / "config.json", hf_config(model.config, tokenizer))
-    _write_json(out / "generation_config.json", {
-        "bos_token_id": tokenizer.special(ENDOFTEXT),
-        "eos_token_id": [tokenizer.special(END_OF_TURN), tokenizer.special(ENDOFTEXT)],
-        "do_sample": False,
-    })
+    dtype = next(model.parameters()).dtype
+    tensor_io.write_file(out / SINGLE_FILE, to_hf_state(model), metadata={"format": "pt"})
+    _write_json(out / "config.json", hf_config(model.config, tokenizer, str(dtype).removeprefix("torch.")))
+    # sol's own checkpoints hold tokenizer.json alone; an imported one kept the rest of its
+    # tokenizer's files, and they all go back as they came.
+    kept = tokenizer_files(source_dir) if source_dir else []
+    if any(p.name != TOKENIZER_FILE for p in kept):
+        for path in kept:
+            shutil.copyfile(path, out / path.name)
+        return out
+    _write_json(out / "generation_config.json", {**_token_ids(tokenizer), "do_sample": False})
     tokenizer.save(out)
     _write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -119,41 +178,12 @@ def export_hf(model: GPT, tokenizer: SolTokenizer, out_dir: Path) -> Path:
     return out
 
 
-def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return load_file(str(single))
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            if Path(shard).name != shard:
-                raise ValueError(f"refusing shard path outside the directory: {shard!r}")
-            state.update(load_file(str(directory / shard)))
-        return state
-    raise FileNotFoundError(f"no model.safetensors (or index) in {directory}; pickled .bin weights are not loaded")
-
-
-def import_hf(directory: Path) -> tuple[GPT, SolTokenizer]:
-    directory = Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found")
-    config = config_from_hf(json.loads(config_path.read_text()))
-    tokenizer = SolTokenizer.load(directory)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"{directory / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens, more than the "
-                         f"model's vocab_size {config.vocab_size}")
-    state = from_hf_state(_read_hf_tensors(directory))
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    model = GPT(config)
-    try:
-        load_state_checked(model, {k: v.float() for k, v in state.items()}, directory / "model.safetensors")
-    except CheckpointError as err:
-        raise ValueError(str(err)) from None
-    return model.eval(), tokenizer
+def _token_ids(tokenizer: Any) -> dict[str, Any]:
+    """bos/eos ids of sol's tokenizer (an imported one's are in its own files)."""
+    if not isinstance(tokenizer, SolTokenizer):
+        return {}
+    return {"bos_token_id": tokenizer.special(ENDOFTEXT),
+            "eos_token_id": [tokenizer.special(END_OF_TURN), tokenizer.special(ENDOFTEXT)]}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

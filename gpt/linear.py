@@ -68,25 +68,31 @@ def _packed_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dtype == weight.dtype and _onednn_supports(x.dtype))
 
 
-# The first layer of a fused group -> (every member's weight key, the packed concatenation).
-_fused: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
+# The first layer of a fused group -> (every member's weight and bias key, the packed
+# concatenated weight, the concatenated bias or None).
+_fused: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, torch.Tensor, torch.Tensor | None]] = (
+    weakref.WeakKeyDictionary())
 
 
 def fused_projection(layers: tuple[nn.Linear, ...], x: torch.Tensor) -> torch.Tensor | None:
-    """x through every layer of `layers` (same input size, no bias) in one oneDNN call:
-    their outputs side by side on the last dim. None where the prepacked path does not
-    apply (autograd on, another device or dtype): the caller then runs the layers one by
-    one. The packed concatenation follows in-place updates of any member, as Linear's does."""
+    """x through every layer of `layers` (same input size; all with a bias or none: Qwen2's
+    query/key/value) in one oneDNN call: their outputs side by side on the last dim, each
+    with its own bias added. None where the prepacked path does not apply (autograd on,
+    another device or dtype, biases on some members only): the caller then runs the layers
+    one by one. The packed concatenation follows in-place updates of any member's weight
+    or bias, as Linear's does."""
     first = layers[0]
-    if not _packed_path(x, first.weight) or any(layer.bias is not None for layer in layers):
+    has_bias = [layer.bias is not None for layer in layers]
+    if not _packed_path(x, first.weight) or (any(has_bias) and not all(has_bias)):
         return None
-    key = tuple(_weight_key(layer.weight) for layer in layers)
+    key = tuple(_weight_key(t) for layer in layers for t in (layer.weight, layer.bias) if t is not None)
     hit = _fused.get(first)
     if hit is None or hit[0] != key:
         weight = torch.cat([layer.weight.detach() for layer in layers])
-        hit = (key, torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT))
+        bias = torch.cat([layer.bias.detach() for layer in layers]) if has_bias[0] else None
+        hit = (key, torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT), bias)
         _fused[first] = hit
-    return torch.ops.mkldnn._linear_pointwise(x, hit[1], None, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, hit[1], hit[2], "none", [], "")
 
 
 class Linear(nn.Linear):

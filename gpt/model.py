@@ -1,4 +1,6 @@
-"""The Llama-style decoder used by training and serving alike.
+"""The Llama-style decoder used by training and serving alike, and by every imported
+Hugging Face family (Llama, Mistral, Qwen2, Qwen3): what a family adds is configuration
+(gpt/config.py), switched on here per layer.
 
 The serving engine drives a paged KV cache through `AttentionHook` instead of a second
 model definition: each layer hands the hook its rotated queries, keys and values and
@@ -15,13 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt import fused_ops
-from gpt.config import ModelConfig
+from gpt.config import ModelConfig, RopeScaling
 from gpt.linear import Linear, fused_projection
+from gpt.rope import inverse_frequencies
 
 
 class AttentionHook(Protocol):
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: (B, H, T, D); k, v: (B, KVH, T, D), RoPE applied. Returns (B, H, T, D)."""
+        """q: (B, H, T, D); k, v: (B, KVH, T, D), RoPE applied. Returns (B, H, T, D).
+        D is the config's head_dim, which need not be d_model / H (Qwen3)."""
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -57,13 +61,25 @@ class RotaryEmbedding(nn.Module):
     they follow the model's device and dtype (a bf16 model rounds the float32 values
     once)."""
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+    def __init__(self, head_dim: int, theta: float, max_positions: int, scaling: RopeScaling | None = None) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq
+        self.head_dim, self.theta, self.max_positions, self.scaling = head_dim, theta, max_positions, scaling
+        cos, sin = self._tables()
+        self.register_buffer("cos_table", cos, persistent=False)
+        self.register_buffer("sin_table", sin, persistent=False)
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = inverse_frequencies(self.head_dim, self.theta, self.scaling)
+        freqs = torch.arange(self.max_positions, dtype=torch.int64).float()[:, None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos_table", emb.cos(), persistent=False)
-        self.register_buffer("sin_table", emb.sin(), persistent=False)
+        return emb.cos(), emb.sin()
+
+    def rebuild(self) -> None:
+        """Recompute the tables in place (in float32, then rounded to the buffers' dtype):
+        for a model whose storage was allocated empty rather than initialised."""
+        cos, sin = self._tables()
+        self.cos_table.copy_(cos)
+        self.sin_table.copy_(sin)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (B, 1, T, head_dim) for positions (B, T), each < max_positions."""
@@ -86,16 +102,22 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        self.q_proj = Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        self.q_proj = Linear(config.d_model, config.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(config.n_heads * self.head_dim, config.d_model, bias=config.o_bias)
+        # Qwen3: each query and key head RMS-normalised (one weight over head_dim, shared by
+        # the heads) before rotary.
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 hook: AttentionHook | None) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = fused_projection((self.q_proj, self.k_proj, self.v_proj), x)
-        if qkv is not None:
+        if qkv is not None and self.q_norm is not None:
+            q, k, v = self._normed_fused(qkv, cos, sin)
+        elif qkv is not None:
             # One call for the three projections; queries and keys rotated together.
             heads = self.n_heads + self.n_kv_heads
             if fused_ops.applies(qkv):
@@ -109,12 +131,31 @@ class Attention(nn.Module):
             q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]
             v = qkv[..., heads * self.head_dim:].view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         else:
-            q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+            k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
             v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         out = causal_attention(q, k, v) if hook is None else hook(self.layer, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _normed_fused(self, qkv: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys of the packed projection normalised per head, then rotated: the
+        norm must come first, so rotary cannot run in place in the projection's output as
+        it does without the norms. Each step is one fused kernel where they apply."""
+        b, t, _ = qkv.shape
+        hq, hk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q = self.q_norm(qkv[..., :hq].view(b, t, self.n_heads, self.head_dim))
+        k = self.k_norm(qkv[..., hq:hq + hk].view(b, t, self.n_kv_heads, self.head_dim))
+        v = qkv[..., hq + hk:].view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if fused_ops.applies(q) and q.is_contiguous() and k.is_contiguous():
+            cos2, sin2 = cos.reshape(b * t, -1), sin.reshape(b * t, -1)
+            fused_ops.rope_(q.view(b * t, -1), cos2, sin2, self.n_heads, self.head_dim)
+            fused_ops.rope_(k.view(b * t, -1), cos2, sin2, self.n_kv_heads, self.head_dim)
+            return q.transpose(1, 2), k.transpose(1, 2), v
+        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
 
 
 class MLP(nn.Module):
@@ -156,15 +197,22 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_seq_len)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_seq_len, config.rope_scaling)
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         self.apply(self._init_weights)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head where the config ties them (again after
+        tensors were assigned into the module)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       hook: AttentionHook | None = None) -> torch.Tensor:

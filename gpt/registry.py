@@ -7,6 +7,7 @@ Aliases (`base`, `sft`, `rm`, `rlhf`, `latest`, ...) are small files replaced at
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -171,9 +172,10 @@ class Registry:
         """`write(tmp_dir)` fills a fresh directory; it is renamed into the next version
         and `aliases` (plus `latest`, unless `move_latest` is off) are pointed at it."""
         model_dir = self.model_dir(name)
-        model_dir.mkdir(parents=True, exist_ok=True)
         for alias in aliases:
             validate_name(alias, "alias")
+        new_model = not model_dir.is_dir()
+        model_dir.mkdir(parents=True, exist_ok=True)
         tmp = model_dir / f".tmp-{uuid.uuid4().hex}"
         try:
             write(tmp)
@@ -193,6 +195,10 @@ class Registry:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+                if new_model:
+                    # A first version that failed leaves no empty model behind.
+                    with contextlib.suppress(OSError):
+                        model_dir.rmdir()
         for alias in (*aliases, LATEST) if move_latest else aliases:
             self.set_alias(name, alias, version)
         return ResolvedModel(name, version, model_dir / str(version))
@@ -221,12 +227,13 @@ class Registry:
 
 
 def publish_checkpoint(registry: Registry, name: str, model, tokenizer, meta: dict[str, Any],
-                       aliases: tuple[str, ...] = (), heads=None) -> ResolvedModel:
+                       aliases: tuple[str, ...] = (), heads=None, **write_options: Any) -> ResolvedModel:
     """Write a verified checkpoint of `model` as the next version of `name`. `latest`
     names the newest servable model, so a reward model (stage "rm", a scoring head
-    rather than a chat model) keeps its own aliases and does not move it."""
+    rather than a chat model) keeps its own aliases and does not move it.
+    `write_options` go to write_checkpoint (an import's tokenizer files, referenced weights)."""
     from gpt.checkpoint import write_checkpoint
 
     meta = {"name": name, **meta}
-    return registry.publish(name, lambda tmp: write_checkpoint(tmp, model, tokenizer, meta, heads), aliases,
-                            move_latest=meta.get("stage") != REWARD_STAGE)
+    return registry.publish(name, lambda tmp: write_checkpoint(tmp, model, tokenizer, meta, heads, **write_options),
+                            aliases, move_latest=meta.get("stage") != REWARD_STAGE)

@@ -58,15 +58,20 @@ def register(sub, bench_sub) -> None:
     add_json_flag(p)
     p.set_defaults(handler=_tokenizer_stats)
 
-    p = sub.add_parser("export-hf", help="write a model as a Hugging Face Llama directory")
+    p = sub.add_parser("export-hf", help="write a model as a Hugging Face directory of its family (Llama, "
+                       "Mistral, Qwen2, Qwen3)")
     p.add_argument("ref", help="NAME, NAME:ALIAS or NAME@VERSION")
     p.add_argument("out_dir", type=Path)
     _add_registry_flag(p)
     p.set_defaults(handler=_export_hf)
 
-    p = sub.add_parser("import-hf", help="publish a Hugging Face Llama directory into the registry")
+    p = sub.add_parser("import-hf", help="publish a Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3; "
+                       "safetensors, sharded or not) into the registry")
     p.add_argument("hf_dir", type=Path)
     p.add_argument("--name", required=True)
+    p.add_argument("--reference", action="store_true",
+                   help="keep the weight files where they are instead of copying them: the version records their "
+                        "absolute paths and sha256, verified at every load (moving or changing them breaks it)")
     p.add_argument("--alias", action="append", default=[], help="aliases to point at it (repeatable)")
     _add_registry_flag(p)
     add_json_flag(p)
@@ -114,9 +119,12 @@ def _models_show(args) -> int:
              f"  stage:      {meta.get('stage', '-')}   parent: {meta.get('parent') or '-'}   step: {meta.get('step', '-')}",
              f"  parameters: {meta.get('num_parameters', '-'):,}" if isinstance(meta.get("num_parameters"), int)
              else "  parameters: -",
-             f"  model:      {config.n_layers} layers, d_model {config.d_model}, heads {config.n_heads}/"
-             f"{config.n_kv_heads} kv, vocab {config.vocab_size}, context {config.max_seq_len}",
+             f"  model:      {config.family}, {config.n_layers} layers, d_model {config.d_model}, heads "
+             f"{config.n_heads}/{config.n_kv_heads} kv x {config.head_dim}, vocab {config.vocab_size}, context "
+             f"{config.max_seq_len}, {meta.get('dtype', 'float32')}",
              f"  created:    {meta.get('created_at', '-')}   data: {meta.get('data_fingerprint', '-')}"]
+    if meta.get("referenced_files"):
+        lines.append(f"  weights:    referenced in place, not copied: {', '.join(sorted(meta['referenced_files']))}")
     if meta.get("metrics"):
         lines.append("  metrics:    " + ", ".join(f"{k}={v}" for k, v in sorted(meta["metrics"].items())))
     if args.verify:
@@ -164,19 +172,27 @@ def _export_hf(args) -> int:
     from gpt.hf import export_hf
 
     resolved = _registry(args).resolve(args.ref)
-    ckpt = load_checkpoint(resolved.path)
-    export_hf(ckpt.model, ckpt.tokenizer, args.out_dir)
-    print(f"exported {resolved.ref} to {args.out_dir} (load with transformers.AutoModelForCausalLM)")
+    ckpt = load_checkpoint(resolved.path, dtype=None)      # in the dtype it is stored in
+    export_hf(ckpt.model, ckpt.tokenizer, args.out_dir, source_dir=resolved.path)
+    print(f"exported {resolved.ref} to {args.out_dir} (a {ckpt.config.family} directory: load with "
+          "transformers.AutoModelForCausalLM)")
     return 0
 
 
 def _import_hf(args) -> int:
-    from gpt.hf import import_hf
-    from gpt.registry import publish_checkpoint
+    from gpt.hf import import_hf, reference_files, tokenizer_files
+    from gpt.registry import publish_checkpoint, validate_name
 
+    validate_name(args.name)
+    # Everything is read and checked before the registry is touched (a refusal, an
+    # HFImportError, is one line from the CLI and leaves nothing behind); the version is
+    # then written to a temporary directory and renamed into place (gpt/registry.py).
+    referenced = reference_files(args.hf_dir) if args.reference else None
     model, tokenizer = import_hf(args.hf_dir)
-    resolved = publish_checkpoint(_registry(args), args.name, model, tokenizer,
-                                  {"stage": "imported", "source": str(args.hf_dir.resolve())},
-                                  aliases=tuple(args.alias))
-    emit({"ref": resolved.ref, "path": str(resolved.path)}, args.json, f"imported {args.hf_dir} as {resolved.ref}")
+    meta = {"stage": "imported", "source": str(args.hf_dir.resolve()), "family": model.config.family}
+    resolved = publish_checkpoint(_registry(args), args.name, model, tokenizer, meta, aliases=tuple(args.alias),
+                                  tokenizer_files=tokenizer_files(args.hf_dir), referenced_files=referenced)
+    how = " (weights referenced in place)" if referenced else ""
+    emit({"ref": resolved.ref, "path": str(resolved.path), "referenced": bool(referenced)}, args.json,
+         f"imported {args.hf_dir} as {resolved.ref}{how}")
     return 0

@@ -139,4 +139,21 @@ def test_fused_projection_follows_updates_and_leaves_training_alone():
     # With autograd on there is no fused path: the caller runs the layers one by one.
     assert linear_mod.fused_projection(layers, x) is None
     with torch.inference_mode():
-        assert linear_mod.fused_projection(tuple(Linear(96, 8, bias=True) for _ in range(2)), x) is None
+        # Biases on some members only: not fused.
+        assert linear_mod.fused_projection((Linear(96, 8, bias=True), Linear(96, 8, bias=False)), x) is None
+
+
+@needs_onednn
+def test_fused_projection_adds_each_members_bias_and_follows_its_updates():
+    torch.manual_seed(1)
+    layers = (Linear(96, 64, bias=True), Linear(96, 32, bias=True), Linear(96, 32, bias=True))
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        for layer in layers:
+            layer.bias.uniform_(-1, 1)
+        got = linear_mod.fused_projection(layers, x)
+        assert torch.allclose(got, torch.cat([F.linear(x, la.weight, la.bias) for la in layers], -1), atol=1e-5)
+        layers[1].bias.add_(3.0)               # in place, as load_state_dict or an optimizer would
+        again = linear_mod.fused_projection(layers, x)
+    assert torch.allclose(again[:, 64:96], got[:, 64:96] + 3.0, atol=1e-5)
+    assert torch.equal(again[:, :64], got[:, :64])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gpt.config import ModelConfig
-from gpt.hf import _read_hf_tensors, config_from_hf, from_hf_state
+from gpt.hf import load_model
 from gpt.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -44,10 +44,7 @@ def _hf_base(path, hidden=64, seed=0):
 
 
 def _sol_model(path) -> GPT:
-    config = config_from_hf(json.loads((path / "config.json").read_text()))
-    model = GPT(config)
-    model.load_state_dict(from_hf_state(_read_hf_tensors(path)), strict=False)
-    return model.eval()
+    return load_model(path, dtype=torch.float32).eval()
 
 
 def _peft_adapter(base, path, targets=ALL, r=4, alpha=8.0, **extra):
