@@ -37,6 +37,7 @@ import torch
 from gpt.model import GPT
 from gpt.openmp import release_thread_pool
 from gpt.tokenizer import SolTokenizer
+from server.engine.blocks import blocks_for
 
 TARGETS: dict[str, tuple[str, float] | None] = {
     "continuous_vs_one_at_a_time": (">=", 6.0),
@@ -193,7 +194,7 @@ def throughput_sweep(model: GPT, tokenizer: SolTokenizer, work: list[Work], leve
 
 
 def _blocks_for(work: list[Work], block_size: int) -> int:
-    return sum(-(-(len(w.prompt_ids) + w.max_tokens) // block_size) for w in work)
+    return sum(blocks_for(len(w.prompt_ids) + w.max_tokens, block_size) for w in work)
 
 
 @torch.inference_mode()
@@ -245,7 +246,7 @@ class BareLoop:
         from server.engine.paged_attention import use_in_place
 
         block_size = 16
-        per_row = -(-(len(prompt) + new_tokens) // block_size)
+        per_row = blocks_for(len(prompt) + new_tokens, block_size)
         device = torch.device("cpu")
         in_place = use_in_place(ENGINE_SETTINGS.get("attention", "auto"), device)
         self.model = model

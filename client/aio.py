@@ -184,10 +184,15 @@ class AsyncClient:
         return (await self._unary(self.inference.CountTokens, req)).tokens
 
     async def create_key(self, name: str, token_budget: int | None = None, rpm: int | None = None,
-                         tpm: int | None = None) -> tuple[str, KeyInfo]:
-        req = pb.CreateKeyRequest(name=name, token_budget=token_budget, rpm=rpm, tpm=tpm)
+                         tpm: int | None = None, share: float | None = None,
+                         band: str | None = None) -> tuple[str, KeyInfo]:
+        req = pb.CreateKeyRequest(name=name, token_budget=token_budget, rpm=rpm, tpm=tpm, share=share, band=band)
         r = await self._unary(self.admin.CreateKey, req, admin=True)
         return r.key, KeyInfo.from_pb(r.info)
+
+    async def update_key(self, key_id: str, share: float | None = None, band: str | None = None) -> KeyInfo:
+        req = pb.UpdateKeyRequest(key_id=key_id, share=share, band=band)
+        return KeyInfo.from_pb((await self._unary(self.admin.UpdateKey, req, admin=True)).info)
 
     async def revoke_key(self, key_id: str) -> bool:
         return (await self._unary(self.admin.RevokeKey, pb.RevokeKeyRequest(key_id=key_id), admin=True)).revoked

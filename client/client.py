@@ -229,11 +229,17 @@ class Client:
 
     # --- admin ----------------------------------------------------------------------------
     def create_key(self, name: str, token_budget: int | None = None, rpm: int | None = None,
-                   tpm: int | None = None) -> tuple[str, KeyInfo]:
-        """Returns (the key in clear, shown this once; its info)."""
-        req = pb.CreateKeyRequest(name=name, token_budget=token_budget, rpm=rpm, tpm=tpm)
+                   tpm: int | None = None, share: float | None = None, band: str | None = None) -> tuple[str, KeyInfo]:
+        """Returns (the key in clear, shown this once; its info). `share`: the key's
+        fair-share weight (default 1); `band`: "interactive" (default) or "batch"."""
+        req = pb.CreateKeyRequest(name=name, token_budget=token_budget, rpm=rpm, tpm=tpm, share=share, band=band)
         r = self._unary(self.admin.CreateKey, req, admin=True)
         return r.key, KeyInfo.from_pb(r.info)
+
+    def update_key(self, key_id: str, share: float | None = None, band: str | None = None) -> KeyInfo:
+        """Change a key's share or band (None = unchanged); the updated key."""
+        req = pb.UpdateKeyRequest(key_id=key_id, share=share, band=band)
+        return KeyInfo.from_pb(self._unary(self.admin.UpdateKey, req, admin=True).info)
 
     def revoke_key(self, key_id: str) -> bool:
         return self._unary(self.admin.RevokeKey, pb.RevokeKeyRequest(key_id=key_id), admin=True).revoked

@@ -87,10 +87,18 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--token-budget", type=int, default=None, help="total tokens the key may use")
     p.add_argument("--rpm", type=int, default=None, help="requests per minute")
     p.add_argument("--tpm", type=int, default=None, help="tokens per minute")
+    _add_scheduling_flags(p)
     _add_target(p)
     _add_admin_key(p)
     add_json_flag(p)
     p.set_defaults(handler=_keys_create)
+    p = keys_sub.add_parser("update", help="change a key's share or band")
+    p.add_argument("key_id")
+    _add_scheduling_flags(p)
+    _add_target(p)
+    _add_admin_key(p)
+    add_json_flag(p)
+    p.set_defaults(handler=_keys_update)
     p = keys_sub.add_parser("revoke", help="revoke a key by id")
     p.add_argument("key_id")
     _add_target(p)
@@ -263,27 +271,36 @@ def _served(args) -> int:
         with _client(args) as c:
             models = c.list_models()
         rows = [[m.name, m.version, ",".join(m.aliases) or "-", m.stage or "-", m.max_context,
-                 f"{m.num_parameters / 1e6:.2f}M", m.loaded_at or "-"] for m in models]
-        human = table(rows, ["MODEL", "VERSION", "ALIASES", "STAGE", "CONTEXT", "PARAMETERS", "LOADED"]) \
+                 f"{m.num_parameters / 1e6:.2f}M", m.scheduling or "-", m.loaded_at or "-"] for m in models]
+        human = table(rows, ["MODEL", "VERSION", "ALIASES", "STAGE", "CONTEXT", "PARAMETERS", "SCHEDULING",
+                             "LOADED"]) \
             if rows else f"{c.target} serves no model yet"
         emit([dataclasses.asdict(m) for m in models], args.json, human=human)
         return 0
     return _run(go)
 
 
+def _add_scheduling_flags(p) -> None:
+    p.add_argument("--share", type=float, default=None,
+                   help="fair-share weight against other keys when the server is busy (default 1; 2 = twice the "
+                        "tokens of a weight-1 key)")
+    p.add_argument("--band", choices=("interactive", "batch"), default=None,
+                   help="interactive keys are served before batch keys (default interactive)")
+
+
 def _key_row(k) -> list:
     limits = lambda v: "-" if v is None else v  # noqa: E731
     return [k.key_id, k.name, k.prefix + "...", limits(k.token_budget), limits(k.rpm), limits(k.tpm), k.tokens_used,
-            "revoked" if k.revoked else "active"]
+            f"{k.share:g}", k.band, "revoked" if k.revoked else "active"]
 
 
-KEY_HEADER = ["KEY ID", "NAME", "PREFIX", "BUDGET", "RPM", "TPM", "USED", "STATE"]
+KEY_HEADER = ["KEY ID", "NAME", "PREFIX", "BUDGET", "RPM", "TPM", "USED", "SHARE", "BAND", "STATE"]
 
 
 def _keys_create(args) -> int:
     def go() -> int:
         with _client(args, admin=True) as c:
-            key, info = c.create_key(args.name, args.token_budget, args.rpm, args.tpm)
+            key, info = c.create_key(args.name, args.token_budget, args.rpm, args.tpm, args.share, args.band)
         data = {"key": key, **dataclasses.asdict(info)}
         if args.json:
             emit(data, True)
@@ -291,6 +308,17 @@ def _keys_create(args) -> int:
             # The key alone on stdout, so `export SOL_API_KEY=$(sol keys create --name me)` works.
             print(key)
             print(f"sol: key id {info.key_id}; the key is shown this once: store it now", file=sys.stderr)
+        return 0
+    return _run(go)
+
+
+def _keys_update(args) -> int:
+    def go() -> int:
+        if args.share is None and args.band is None:
+            raise SystemExit("sol keys update: nothing to change; give --share and/or --band")
+        with _client(args, admin=True) as c:
+            info = c.update_key(args.key_id, args.share, args.band)
+        emit(dataclasses.asdict(info), args.json, human=table([_key_row(info)], KEY_HEADER))
         return 0
     return _run(go)
 

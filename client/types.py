@@ -142,11 +142,12 @@ class ModelInfo:
     num_parameters: int
     eval_metrics: dict[str, float]
     loaded_at: str
+    scheduling: str = ""             # the engine's policy: fair or fcfs
 
     @classmethod
     def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
         return cls(m.name, m.version, list(m.aliases), m.stage, m.parent, m.max_context, m.num_parameters,
-                   dict(m.eval_metrics), m.loaded_at)
+                   dict(m.eval_metrics), m.loaded_at, m.scheduling)
 
 
 @dataclass
@@ -160,12 +161,14 @@ class KeyInfo:
     rpm: int | None
     tpm: int | None
     tokens_used: int
+    share: float = 1.0
+    band: str = "interactive"
 
     @classmethod
     def from_pb(cls, k: pb.ApiKey) -> KeyInfo:
         opt = lambda f: getattr(k, f) if k.HasField(f) else None  # noqa: E731
         return cls(k.key_id, k.name, k.prefix, k.created, k.revoked, opt("token_budget"), opt("rpm"), opt("tpm"),
-                   k.tokens_used)
+                   k.tokens_used, k.share or 1.0, k.band or "interactive")
 
 
 @dataclass

@@ -195,9 +195,6 @@ class Registry:
         os.replace(tmp, target)
         fsync_dir(target.parent)
 
-    def remove_alias(self, name: str, alias: str) -> None:
-        self._alias_file(name, alias).unlink(missing_ok=True)
-
     def gc(self, name: str, keep_last: int = 3) -> list[int]:
         """Delete versions that no alias points to, keeping the `keep_last` newest."""
         pinned = set(self.aliases(name).values())

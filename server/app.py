@@ -14,31 +14,35 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gpt.checkpoint import CheckpointError
 from gpt.registry import Registry, RegistryError
 from proto.sol.v1 import sol_pb2 as pb
-from server.accounting import Accountant
-from server.admin import AdminServicer
-from server.auth import Authenticator, check_pepper, resolve_admin_key, resolve_pepper, run_blocking
+from server.accounting.accountant import Accountant
+from server.accounting.auth import (
+    Authenticator,
+    check_pepper,
+    resolve_admin_key,
+    resolve_pepper,
+    run_blocking,
+)
+from server.accounting.ledger import LedgerStore, Price
+from server.accounting.pricing import PriceBook
+from server.accounting.quota import QuotaGate
+from server.accounting.spool import Spool
 from server.config import ServerConfig
-from server.engine.config import EngineConfig
+from server.grpc.admin import AdminServicer
+from server.grpc.servicer import InferenceServicer
+from server.grpc.wire import add_service
 from server.health import Health
-from server.hotload import HotLoadConfig, HotLoader, LoadOutcome
 from server.inference import InferenceService
-from server.kv_budget import KVBudget
-from server.ledger import LedgerStore, Price
 from server.metrics import ServiceMetrics
-from server.models import EngineFactory, ModelManager, default_engine_factory
-from server.pricing import PriceBook
-from server.quota import QuotaGate
-from server.servicer import InferenceServicer
-from server.spool import Spool
+from server.models.hotload import HotLoadConfig, HotLoader, LoadOutcome
+from server.models.kv_budget import KVBudget
+from server.models.manager import EngineFactory, ModelManager, default_engine_factory
 from server.tls import ReloadingCredentials, TlsFiles
-from server.wire import add_service
 
 log = logging.getLogger("sol.app")
 
@@ -54,10 +58,10 @@ SERVICE_NAMES = (
 
 def make_store(config: ServerConfig) -> LedgerStore:
     if config.redis_url:
-        from server.ledger_redis import RedisStore
+        from server.accounting.ledger_redis import RedisStore
 
         return RedisStore(config.redis_url, timeout_s=config.store_timeout_s, tls_ca=config.redis_tls_ca)
-    from server.ledger_sqlite import SqliteStore
+    from server.accounting.ledger_sqlite import SqliteStore
 
     return SqliteStore(config.ledger_path)
 
@@ -65,12 +69,7 @@ def make_store(config: ServerConfig) -> LedgerStore:
 class App:
     def __init__(self, config: ServerConfig, engine_factory: EngineFactory | None = None) -> None:
         self.config = config
-        self.engine_factory = engine_factory or default_engine_factory(
-            EngineConfig(device=config.device, num_blocks=config.kv_blocks, kernel_arch=config.kernel_arch,
-                         threads=config.engine_threads or 0,
-                         dtype=getattr(torch, config.dtype) if config.dtype else None,
-                         **{name: value for name in ("max_waiting", "max_num_seqs", "max_num_batched_tokens")
-                            if (value := getattr(config, name))}))
+        self.engine_factory = engine_factory or default_engine_factory(config.engine)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
@@ -94,7 +93,7 @@ class App:
         self.spool = Spool(c.spool_path)
         self.metrics = ServiceMetrics()
         self.health = Health()
-        budget = None if c.kv_blocks is not None else KVBudget(c.kv_budget_mb << 20, c.kv_per_model_mb << 20)
+        budget = None if c.engine.num_blocks is not None else KVBudget(c.kv_budget_mb << 20, c.kv_per_model_mb << 20)
         self.models = ModelManager(Registry(c.registry), self.engine_factory, warmup=c.warmup, kv_budget=budget)
         pepper = resolve_pepper(c.key_pepper, c.home)
         check_pepper(self.store, pepper)
@@ -107,7 +106,8 @@ class App:
         self.inference = InferenceServicer(self.service, self.auth, self.prices)
         self.admin = AdminServicer(self.store, self.auth, self.accountant, self.prices, self.models,
                                    self.inference, run)
-        self.metrics.attach(self.models.stats, lambda: (len(self.spool), self.accountant.store_up))
+        self.metrics.attach(lambda: self.models.stats(c.metrics_top_tenants),
+                            lambda: (len(self.spool), self.accountant.store_up))
         self.models.on_change.append(self._models_changed)
 
         self.server = grpc.aio.server(options=[

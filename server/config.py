@@ -3,6 +3,10 @@ flag, environment variable and help. The flags are generated from it (`add_flags
 the environment is read only here, when a ServerConfig is made, for the fields a flag did
 not set. Precedence: flag > environment > default.
 
+The engine's settings are not restated here: `ServerConfig.engine` is the engine's own
+`EngineConfig`, and each of its fields that carries `sol serve` metadata (server/engine/
+config.py, `served`) gets its flag and environment variable generated the same way.
+
 Adding a setting is one field; README's configuration table lists the public ones."""
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.registry import default_home, default_registry_root
+from server.engine.config import EngineConfig
 
 _NO_DEFAULT: Any = dataclasses.MISSING
 
@@ -49,9 +54,7 @@ def setting(default: Any = _NO_DEFAULT, *, help: str, env: str | None = None, fl
     """A dataclass field with a flag (`--field-name` unless named; False for none) and,
     with `env`, an environment fallback read when the config is made."""
     if parse is None:
-        # bool before int: a bool is an int to isinstance.
-        parse = next((p for t, p in ((bool, parse_bool), (int, int), (float, float), (Path, Path))
-                      if isinstance(default, t)), str)
+        parse = _parser_for(default)
     if default_text is None:
         default_text = "unset" if default is None or default is _NO_DEFAULT else str(default)
     meta = {"setting": Setting(help, env, flag, parse, repeat, metavar, default_text)}
@@ -61,21 +64,49 @@ def setting(default: Any = _NO_DEFAULT, *, help: str, env: str | None = None, fl
             field(default=default, metadata=meta)
 
     def from_env() -> Any:
-        raw = os.environ.get(env)
-        if raw in (None, ""):
-            return fallback()
-        try:
-            return parse(raw)
-        except ValueError as err:
-            raise ValueError(f"{env}={raw!r}: {err}") from None
+        return _from_env(env, parse, fallback)
     return field(default_factory=from_env, metadata=meta)
 
 
-def _dtype_name(value: str) -> str:
-    names = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-    if value not in names:
-        raise ValueError(f"dtype must be float32 or bfloat16 (got {value!r})")
-    return names[value]
+def _from_env(env: str, parse: Callable[[str], Any], fallback: Callable[[], Any]) -> Any:
+    raw = os.environ.get(env)
+    if raw in (None, ""):
+        return fallback()
+    try:
+        return parse(raw)
+    except ValueError as err:
+        raise ValueError(f"{env}={raw!r}: {err}") from None
+
+
+def _parser_for(default: Any) -> Callable[[str], Any]:
+    # bool before int: a bool is an int to isinstance.
+    return next((p for t, p in ((bool, parse_bool), (int, int), (float, float), (Path, Path))
+                 if isinstance(default, t)), str)
+
+
+def engine_settings() -> list[tuple[dataclasses.Field, Setting]]:
+    """The EngineConfig fields `sol serve` sets, as Settings made from their metadata."""
+    out = []
+    for f in dataclasses.fields(EngineConfig):
+        meta = f.metadata.get("serve")
+        if meta is None:
+            continue
+        default = meta["serve_default"]
+        default_text = meta["default_text"] or ("unset" if default is None else str(default))
+        out.append((f, Setting(meta["help"], meta["env"], meta["flag"] or True, meta["parse"] or _parser_for(default),
+                               default_text=default_text)))
+    return out
+
+
+def engine_config(**given: Any) -> EngineConfig:
+    """The engine's settings: `given` (flags, code), else the environment, else the
+    engine's defaults."""
+    values = dict(given)
+    for f, s in engine_settings():
+        if f.name not in values:
+            serve_default = f.metadata["serve"]["serve_default"]
+            values[f.name] = _from_env(s.env, s.parse, lambda d=serve_default: d) if s.env else serve_default
+    return EngineConfig(**values)
 
 
 @dataclass
@@ -136,42 +167,16 @@ class ServerConfig:
                                                help="seconds a response_format (JSON schema, regex, grammar) may "
                                                     "take to compile")
     max_messages: int = 1024
-    # Engine sizing (None = the engine's defaults).
-    device: str | None = setting(None, help="cpu, cuda, cuda:1 ...", default_text="CUDA when present")
-    # bf16 halves the KV cache and runs about twice as fast on CPUs with avx512_bf16/AMX
-    # (measured: `sol bench engine --dtype bfloat16`), at bf16's precision; fp32 is exact.
-    dtype: str | None = setting(None, env="SOL_DTYPE", parse=lambda v: _dtype_name(v),
-                                help="weights and KV cache dtype: float32 or bfloat16",
-                                default_text="bfloat16 on CUDA, float32 on CPU")
-    # An explicit pool per engine; turns the budget off.
-    kv_blocks: int | None = setting(None, parse=int, help="KV pool per model version in blocks",
-                                    default_text="sized by the engine within the KV budget")
+    # The engine's own settings (device, dtype, KV pool, step limits, threads, kernels):
+    # flags and environment variables generated from EngineConfig's metadata.
+    engine: EngineConfig = field(default_factory=engine_config)
     # KV memory shared by every loaded model version (hot-load included), and the most
     # one version's pool may take.
     kv_budget_mb: int = setting(1024, env="SOL_KV_BUDGET_MB",
                                 help="KV memory shared by every loaded model version, swaps included")
     kv_per_model_mb: int = setting(256, env="SOL_KV_PER_MODEL_MB", help="the most one version's KV pool may take")
-    max_waiting: int | None = None
-    # The step's limits (vLLM's --max-num-seqs / --max-num-batched-tokens): more sequences
-    # per step raise throughput under load; a larger token budget takes more of a long
-    # prompt per step (faster time to first token) at the cost of a longer step for the
-    # sequences decoding beside it.
-    max_num_seqs: int | None = setting(None, parse=int, help="sequences per engine step",
-                                       default_text="64")
-    max_num_batched_tokens: int | None = setting(None, parse=int, help="tokens per engine step (the prefill "
-                                                 "chunk bound)", default_text="512")
-    # On a few cores the event loop (gRPC, HTTP, output processing: ~0.5 of a core under
-    # 32 streaming clients) and a stepping thread whose OpenMP team spans every core take
-    # turns on the same cores. Leaving the loop a core was measured and is not the default:
-    # `small`, 2 cores, 32 streaming clients, alternating runs of the vs-vllm online
-    # workloads, team of 2 vs 1: fp32 uniform 1448/1304 vs 966/821 tok/s, mixed 976/1105
-    # vs 869/863; bf16 uniform 1440/1699 vs 1270/1357, mixed 1430/1507 vs 1383/1318.
-    engine_threads: int | None = setting(None, parse=int, env="SOL_ENGINE_THREADS",
-                                         help="intra-op threads of each model's stepping thread on the CPU",
-                                         default_text="torch's thread count (OMP_NUM_THREADS)")
-    kernel_arch: str = setting("native", env="SOL_KERNEL_ARCH",
-                               help="-march of the CPU kernels built on first use (an image run on other "
-                                    "machines prebuilds them for a common target such as x86-64-v3)")
+    metrics_top_tenants: int = setting(8, help="keys (by id) with their own scheduling gauges on /metrics, the "
+                                               "busiest first; 0 = none")
     # Pricing default for models without a price, and the cached prompt token discount.
     cached_discount: float = setting(0.5, help="price discount of cached prompt tokens for models without a "
                                                "SetPrice")
@@ -214,25 +219,31 @@ def _help(s: Setting) -> str:
     return f"{s.help} ({where}default {s.default_text})"
 
 
+ENGINE_DEST = "engine."                  # argparse dests of the engine's flags
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """`sol serve`'s flags. An absent flag leaves its field to the environment and the
     default (argparse.SUPPRESS keeps it out of the namespace)."""
-    for f, s in settings():
-        if not s.flag:
-            continue
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": _help(s)}
-        if s.parse is parse_bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            metavar = s.metavar or _flag(f, s).removeprefix("--").replace("-", "_").upper()
-            kwargs.update(type=s.parse, metavar=metavar, action="append" if s.repeat else "store")
-        parser.add_argument(_flag(f, s), **kwargs)
+    for dest_prefix, pairs in (("", settings()), (ENGINE_DEST, engine_settings())):
+        for f, s in pairs:
+            if not s.flag:
+                continue
+            kwargs: dict[str, Any] = {"dest": dest_prefix + f.name, "default": argparse.SUPPRESS, "help": _help(s)}
+            if s.parse is parse_bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                metavar = s.metavar or _flag(f, s).removeprefix("--").replace("-", "_").upper()
+                kwargs.update(type=s.parse, metavar=metavar, action="append" if s.repeat else "store")
+            parser.add_argument(_flag(f, s), **kwargs)
 
 
 def from_flags(args: argparse.Namespace) -> ServerConfig:
     """The config from parsed `sol serve` flags, the environment filling the rest."""
     given = {f.name: getattr(args, f.name) for f, s in settings() if s.flag and hasattr(args, f.name)}
-    config = ServerConfig(**given)
+    engine = {f.name: getattr(args, ENGINE_DEST + f.name) for f, _ in engine_settings()
+              if hasattr(args, ENGINE_DEST + f.name)}
+    config = ServerConfig(engine=engine_config(**engine), **given)
     if "admin_key_file" in given:
         config.admin_key = None          # an explicit file beats the environment
     return config

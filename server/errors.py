@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import grpc
 
+from server.accounting.auth import AuthError
+
 RETRY_AFTER_MD = "retry-after-ms"
 # 1 KiB of UTF-8 is at most 3 KiB percent-encoded: well inside an 8 KiB trailer block.
 MAX_MESSAGE_BYTES = 1024
@@ -58,3 +60,13 @@ def unavailable(message: str, retry_after_s: float | None = 1.0) -> ServiceError
 
 def failed_precondition(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+AUTH_CODES = {"unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+              "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+              "unavailable": grpc.StatusCode.UNAVAILABLE}
+
+
+def auth_error(err: AuthError) -> ServiceError:
+    """A refused key or admin check as the status both adapters answer with."""
+    return ServiceError(AUTH_CODES[err.code], str(err), 1.0 if err.code == "unavailable" else None)

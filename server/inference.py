@@ -27,9 +27,14 @@ from gpt.chat import ChatTemplateError, Message, chat_prompt_ids
 from gpt.quoting import quote
 from gpt.registry import ModelNotFound, RegistryError
 from server import validation
-from server.accounting import Accountant
+from server.accounting.accountant import Accountant
+from server.accounting.ledger import KeyInfo, Price, StoreUnavailable, UsageRecord, utc_day
+from server.accounting.pricing import PriceBook
+from server.accounting.quota import QuotaGate
 from server.config import ServerConfig
 from server.engine.api import (
+    BAND_INTERACTIVE,
+    BANDS,
     ChoiceFinished,
     EngineOverloaded,
     EngineRequest,
@@ -37,6 +42,7 @@ from server.engine.api import (
     RequestFinished,
     RequestRejected,
     SamplingParams,
+    TenantOverloaded,
     TextDelta,
     TokenLogprob,
     Usage,
@@ -45,13 +51,23 @@ from server.engine.grammar import CompiledGrammar, GrammarError
 from server.engine.output import OutputProcessor
 from server.engine.stream import RequestStream
 from server.errors import ServiceError, exhausted, invalid, not_found, unavailable
-from server.ledger import KeyInfo, StoreUnavailable, UsageRecord, utc_day
 from server.metrics import ServiceMetrics
-from server.models import LoadedModel, ModelManager
-from server.pricing import PriceBook
-from server.quota import QuotaGate
+from server.models.manager import LoadedModel, ModelManager
 
 log = logging.getLogger("sol.inference")
+
+
+# Fair share's charge per prompt / generated token when the model has no prices: a
+# generated token costs a forward step of its own, a prompt token a share of a batched one.
+DEFAULT_TOKEN_COSTS = (1.0, 2.0)
+
+
+def token_costs(price: Price) -> tuple[float, float]:
+    """(input, output) cost of a token against the key's share: the model's price ratio
+    when both prices are set (prompt = 1), else DEFAULT_TOKEN_COSTS."""
+    if price.prompt_per_1k > 0 and price.completion_per_1k > 0:
+        return 1.0, price.completion_per_1k / price.prompt_per_1k
+    return DEFAULT_TOKEN_COSTS
 
 
 @dataclass
@@ -83,6 +99,7 @@ class Job:
     chat: bool
     grammar: CompiledGrammar | None = None
     streaming: bool = True           # the client reads the output as it comes (else all at the end)
+    priority: int = 0                # order among the key's own requests (lower first)
     created: int = field(default_factory=lambda: int(time.time()))
     stream: RequestStream | None = None
     processor: OutputProcessor | None = None
@@ -175,9 +192,9 @@ class InferenceService:
         return True
 
     # --- the request path ---------------------------------------------------------------------
-    async def admit(self, key: KeyInfo, model_ref: str, params: SamplingParams, max_tokens_given: bool,
+    async def admit(self, key: KeyInfo, model_ref: str, params: SamplingParams,
                     messages: list[Message] | None = None, prompt: str | None = None, request_id: str = "",
-                    labels: dict | None = None, streaming: bool = True) -> Job:
+                    labels: dict | None = None, streaming: bool = True, priority: int = 0) -> Job:
         """Everything before the first token: a job running in the engine, or a
         ServiceError. `messages` make a chat request, `prompt` a completion; `streaming`
         False for a client that takes the whole output at the end."""
@@ -191,13 +208,13 @@ class InferenceService:
         job: Job | None = None
         try:
             ids = self.prompt_ids(model, messages, prompt)
-            params = validation.fit_context(params, max_tokens_given, len(ids), model.max_context,
-                                            self.config.default_max_tokens)
+            max_tokens_given = params.max_tokens is not None    # else the server chooses, and says so
+            params = validation.fit_context(params, len(ids), model.max_context, self.config.default_max_tokens)
             validation.check(params, model.vocab_size)
             grammar = await self.compile_grammar(model, params)
             request_id = validation.request_id(request_id) if request_id else uuid.uuid4().hex
             job = Job(key=key, model=model, request_id=request_id, prompt_ids=ids, params=params,
-                      chat=messages is not None, grammar=grammar, streaming=streaming)
+                      chat=messages is not None, grammar=grammar, streaming=streaming, priority=priority)
             if not self.inflight.add(job):
                 job = None
                 raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {quote(request_id)} is already running; "
@@ -270,13 +287,20 @@ class InferenceService:
             # Stop strings need it to read as the tokens come (it finds them, and stops the
             # engine), so such a request keeps the streaming settings.
             buffered, interval = None, job.params.max_tokens * job.params.n + 1
+        input_cost, output_cost = token_costs(self.prices.get(model.name))
         request = EngineRequest(request_id=uuid.uuid4().hex, prompt_ids=job.prompt_ids, params=job.params,
                                 eos_token_ids=eos, max_buffered_tokens=buffered, stream_interval=interval,
-                                grammar=job.grammar)
+                                grammar=job.grammar, tenant=job.key.key_id, tenant_weight=job.key.share,
+                                tenant_band=BANDS.get(job.key.band, BAND_INTERACTIVE), priority=job.priority,
+                                input_cost=input_cost, output_cost=output_cost)
         try:
             job.stream = model.engine.submit(request)
         except RequestRejected as err:
             raise invalid(str(err)) from None
+        except TenantOverloaded:
+            raise exhausted(f"key {job.key.key_id} has {self.config.engine.max_waiting_per_tenant} requests waiting for "
+                            f"model {model.ref} (--max-waiting-per-key); retry when some have started",
+                            1.0) from None
         except EngineOverloaded as err:
             raise exhausted(f"model {model.ref} is overloaded ({err}); retry with backoff", 1.0) from None
         except ValueError as err:

@@ -1,6 +1,8 @@
 """Prometheus metrics, named like vLLM's and labelled by model, never by API key (keys
-are unbounded cardinality and per-key figures belong to the ledger). Served on their
-own HTTP port. Engine gauges are read from `Engine.stats()` at scrape time."""
+are unbounded cardinality and per-key figures belong to the ledger), with one bounded
+exception: the fair-share scheduler's gauges of the busiest `--metrics-top-tenants` keys
+(by key id, at most that many series per model). Served on their own HTTP port. Engine
+gauges are read from `Engine.stats()` at scrape time."""
 
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ class _EngineCollector:
             queries.add_metric([name], sum(s.prefix_cache_queries for s in all_stats))
             hits.add_metric([name], sum(s.prefix_cache_hits for s in all_stats))
             preempt.add_metric([name], sum(s.preemptions for s in all_stats))
+        yield from _tenant_gauges(per_model)
         spool = GaugeMetricFamily(f"{NS}_ledger_spool_records", "Usage records spooled locally, waiting for the "
                                                                 "ledger store")
         spooled, store_up = self._ledger()
@@ -67,6 +70,31 @@ class _EngineCollector:
         up = GaugeMetricFamily(f"{NS}_ledger_store_up", "1 when the ledger store (Redis or SQLite) takes writes")
         up.add_metric([], 1 if store_up else 0)
         yield from (running, waiting, kv, queries, hits, preempt, spool, up)
+
+
+def _tenant_gauges(per_model: dict[str, list[EngineStats]]) -> list[GaugeMetricFamily]:
+    """The scheduler's view of its busiest tenants (EngineStats.tenants: already the top
+    k of each engine), summed over a model's loaded versions."""
+    running = GaugeMetricFamily(f"{NS}_tenant_requests_running", "A key's sequences in the last step's batch "
+                                "(the busiest keys only)", labels=["model", "tenant"])
+    waiting = GaugeMetricFamily(f"{NS}_tenant_requests_waiting", "A key's sequences waiting for admission "
+                                "(the busiest keys only)", labels=["model", "tenant"])
+    counter = GaugeMetricFamily(f"{NS}_tenant_virtual_tokens", "A key's virtual token counter: the service it "
+                                "received over its share, in token costs (fair scheduling)",
+                                labels=["model", "tenant"])
+    for name, all_stats in per_model.items():
+        rows: dict[str, list[float]] = {}
+        for st in all_stats:
+            for t in st.tenants:
+                row = rows.setdefault(t.tenant, [0, 0, 0.0])
+                row[0] += t.running
+                row[1] += t.waiting
+                row[2] = max(row[2], t.counter)
+        for tenant, (r, w, c) in rows.items():
+            running.add_metric([name, tenant], r)
+            waiting.add_metric([name, tenant], w)
+            counter.add_metric([name, tenant], c)
+    return [running, waiting, counter]
 
 
 class ServiceMetrics:

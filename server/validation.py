@@ -62,11 +62,10 @@ def _field_hints(cls: type) -> tuple[tuple[str, Any], ...]:
     return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
 
 
-def sampling_params(p: pb.SamplingParams) -> tuple[SamplingParams, bool]:
-    """The engine's parameters from the request. Returns (params, max_tokens_given):
-    max_tokens is resolved against the context once the prompt is counted, then `check`
-    validates."""
-    return to_dataclass(p, SamplingParams), p.HasField("max_tokens")
+def sampling_params(p: pb.SamplingParams) -> SamplingParams:
+    """The engine's parameters from the request (an unset max_tokens stays None until the
+    prompt is counted: `fit_context`), then `check` validates."""
+    return to_dataclass(p, SamplingParams)
 
 
 def check(params: SamplingParams, vocab_size: int) -> SamplingParams:
@@ -102,19 +101,19 @@ def raw_prompt(tokenizer: Tokenizer, prompt: str, max_chars: int) -> list[int]:
     return tokenizer.encode_prompt(prompt)
 
 
-def fit_context(params: SamplingParams, max_tokens_given: bool, prompt_len: int, max_context: int,
+def fit_context(params: SamplingParams, prompt_len: int, max_context: int,
                 default_max_tokens: int) -> SamplingParams:
-    """Resolve max_tokens against the model's context: prompt + max_tokens must fit."""
+    """Resolve max_tokens against the model's context: prompt + max_tokens must fit; an
+    unset max_tokens becomes the server's default, capped by the room left."""
     room = max_context - prompt_len
     if room < 1:
         raise invalid(f"the prompt is {prompt_len} tokens but the model's context is {max_context} tokens; "
                       "shorten the conversation or the prompt")
-    if max_tokens_given:
-        if params.max_tokens > room:
-            raise invalid(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                          f"context of {max_context} tokens; lower max_tokens to at most {room}")
-    else:
+    if params.max_tokens is None:
         params.max_tokens = min(default_max_tokens, room)
+    elif params.max_tokens > room:
+        raise invalid(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                      f"context of {max_context} tokens; lower max_tokens to at most {room}")
     return params
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 from gpt.model import GPT
 from gpt.tokenizer import SolTokenizer
+from server.engine.blocks import blocks_for
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.offline import build_engine, live_config
@@ -28,7 +29,7 @@ def training_engine(model: GPT, max_len: int, max_num_seqs: int = MAX_NUM_SEQS,
     preempt, and the pool is allocated once for as many calls as the engine is kept."""
     max_len = min(max_len, model.config.max_seq_len)
     block_size = EngineConfig.block_size
-    num_blocks = max_num_seqs * -(-max_len // block_size)
+    num_blocks = max_num_seqs * blocks_for(max_len, block_size)
     config = live_config(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                          num_blocks=num_blocks, block_size=block_size)
     return build_engine(model, config, start=False)

@@ -106,22 +106,17 @@ def _cpu() -> PipelinePreset:
                          "max_seq_len": 256},
         vocab_size=1024, corpus_bytes=1 << 20, task_docs=6000,
         # Multiplication and counting are left out: the 1M-parameter model does not learn
-        # them in this budget (counting stayed at 42-55% held-out, much of it the common
-        # answers 1 and 2), so neither a reward model on this backbone can judge them nor
-        # can RL improve them; they only add noise to every stage's measurement.
+        # them in this budget, so no later stage can judge or improve them.
         families=("add", "sub", "compare", "sort", "reverse", "palindrome"),
         pretrain=PretrainConfig(LoopConfig(steps=500, batch_size=16, lr=3e-3, warmup_steps=20, log_every=10),
                                 seq_len=128),
-        # 4000 SFT steps: at 2500 the loss was still falling (0.16), and 1500 more steps on
-        # the same data took held-out accuracy from 64.5% / 70.1% to 71.6% / 88.4% (seeds 0 / 1).
+        # 4000 SFT steps: at 2500 the loss was still falling (training/README.md, Presets).
         sft_per_family=6000, sft=SFTConfig(LoopConfig(steps=4000, batch_size=32, lr=2e-3, warmup_steps=30,
                                                       log_every=20)),
         rm_per_family=3000, rm_samples=2,
         # 4000 reward-model steps: the reward model is a generative verifier (its score is
-        # mostly the backbone's likelihood of the reply), and training it twice as long
-        # raised its ordering of the SFT policy's right-over-wrong samples (seed 0: add
-        # 0.878 -> 0.943, palindrome 0.807 -> 0.911) and best-of-8 over the six families
-        # from 88.9% to 90.9%: more for RL to reach.
+        # mostly the backbone's likelihood of the reply), and longer training ranks the SFT
+        # policy's right answers above its wrong ones more often (training/README.md).
         reward=RewardConfig(LoopConfig(steps=4000, batch_size=32, lr=1e-3, warmup_steps=30, log_every=20),
                             lm_coef=1.0),
         rlhf_per_family=1500,
@@ -130,28 +125,17 @@ def _cpu() -> PipelinePreset:
         # its demonstrations from memory, so most of their groups agree and teach nothing,
         # and what PPO learns on them does not reach unseen problems. See the training README.
         rlhf_unseen_prompts=True,
-        # Palindrome prompts half "yes", half "no": without the SFT demonstrations only 15%
-        # of the unseen palindromes are "yes" (SFT covers nearly every short one), and PPO on
-        # that skew lowered greedy palindrome accuracy (seed 0: 77.0 -> 74.2 against the
-        # default without palindrome prompts); balanced, it rose to 79-83. See the training README.
+        # Palindrome prompts half "yes", half "no": the unseen palindromes are mostly "no",
+        # and PPO on that skew lowered palindrome accuracy. See the training README.
         rlhf_balanced_answers=True,
-        # Large rollout batches (64 prompts x 8 replies, four minibatches of 128): with 16
-        # prompts per batch the few prompts whose replies disagree set the whole update and
-        # the policy wandered (held-out accuracy fell even with a perfect verifier as the
-        # reward). PPO-ptx (the SFT demonstrations' LM loss in every minibatch) lets the
-        # policy take 6x larger steps without that drift: lr 3e-4 with ptx gave +1.5 / +3.9
-        # over SFT (seeds 0 / 1) where lr 5e-5 without it gave +0.7 / +2.4 from the same
-        # checkpoints. The lr decays to a tenth so that the last updates settle.
-        # Target KL 0.4 nats per reply: with palindromes among the prompts the budget spreads
-        # over six families; on seed 0, 0.3 gave +2.73 over SFT (two RL seeds), 0.4 +2.75 (six:
-        # +1.7 to +3.5), the previous default +2.36 (four).
-        # 4 PPO epochs of 4 minibatches per rollout batch (640 steps for the same 40 batches),
-        # not 2 epochs of 2: with 2 x 2 the slow RL seeds were still climbing when the run
-        # ended (the clip fraction 2% over the run). On seed 0, six RL seeds gave +3.8 to +4.9
-        # over SFT (mean +4.36) where 2 x 2 gave +1.7 to +3.5 (mean +2.75) and 4 epochs of 2
-        # minibatches +2.7 to +4.3 (mean +3.38); seed 1 gave +6.1 (2 x 2: +4.5). Twice the
-        # lr with 2 x 2 gave +2.8 / +2.3 (RL seeds 0 / 300). It costs about 60% more RLHF
-        # time. See the training README.
+        # Large rollout batches (64 prompts x 8 replies, four minibatches of 128): with few
+        # prompts per batch the few whose replies disagree set the whole update and the
+        # policy wanders. PPO-ptx (the SFT demonstrations' LM loss in every minibatch) lets
+        # the policy take larger steps without that drift; the lr decays to a tenth so the
+        # last updates settle. Target KL 0.4 nats per reply spreads over six families.
+        # 4 PPO epochs of 4 minibatches per rollout batch: with 2 x 2 the slow RL seeds were
+        # still climbing when the run ended. The measurements behind each choice are in
+        # training/README.md ("Measured: ...").
         rlhf=RLHFConfig(LoopConfig(steps=640, batch_size=128, lr=3e-4, warmup_steps=4, min_lr_ratio=0.1,
                                    weight_decay=0.0, log_every=4), rollouts=512, samples_per_prompt=8,
                         prompt_oversample=4, ppo_epochs=4, target_kl=0.4, kl_horizon=1000, ptx_coef=1.0,

@@ -72,6 +72,10 @@ def register(sub, bench_sub) -> None:
     add_json_flag(p)
     p.set_defaults(handler=_import_hf)
 
+    from training import adapter_commands
+
+    adapter_commands.register(sub, models_sub, _add_registry_flag)
+
 
 def _registry(args):
     from gpt.registry import Registry

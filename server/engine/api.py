@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -35,6 +35,11 @@ class RequestRejected(ValueError):
 
 class EngineOverloaded(RuntimeError):
     """The waiting queue is full; retry later."""
+
+
+class TenantOverloaded(EngineOverloaded):
+    """One tenant has EngineConfig.max_waiting_per_tenant requests waiting; that tenant
+    retries later, others are unaffected."""
 
 
 @dataclass
@@ -112,62 +117,96 @@ class ResponseFormat:
         return problems
 
 
+@dataclass(frozen=True)
+class Range:
+    """A numeric parameter's limits: the one statement of them, read by `validate` and
+    written into the HTTP API's schema (server/http/schemas.py) and its docs."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False               # (lo, ... rather than [lo, ...
+    hi_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def text(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+def param(default: Any = None, *, doc: str, range: Range | None = None, factory: Any = None) -> Any:
+    """A SamplingParams field with its documentation and, for numbers, its range."""
+    metadata = {"doc": doc, "range": range}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+DEFAULT_MAX_TOKENS = 256               # an engine request that leaves max_tokens unset
+
+
 @dataclass
 class SamplingParams:
-    """Everything a request may ask of the sampler. The API's SamplingParams message has a
-    field of the same name for each of these (the service maps them by name), so a new
-    parameter is added here, in the proto, in the sampler and in their tests."""
+    """Everything a request may ask of the sampler: the one definition of each sampling
+    parameter, its default, its documentation and its limits. The API's SamplingParams
+    message has a field of the same name for each of these (the gRPC adapter maps them by
+    name), and the OpenAI HTTP schema generates its fields from these (server/http/
+    schemas.py), so a new parameter is added here, in the proto, in the sampler and in
+    their tests."""
 
-    max_tokens: int = 256
-    min_tokens: int = 0
-    temperature: float = 1.0          # 0 = greedy
-    top_p: float = 1.0                # (0, 1]
-    top_k: int = 0                    # 0 = off
-    min_p: float = 0.0                # [0, 1)
-    seed: int | None = None           # reproducible per request, whatever the batch
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    presence_penalty: float = 0.0     # [-2, 2]
-    frequency_penalty: float = 0.0    # [-2, 2]
-    repetition_penalty: float = 1.0   # (0, 2]
-    logprobs: int = 0                 # top-N alternatives per token; 0 = none
-    n: int = 1                        # choices sharing the prompt's KV blocks
-    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
-    # Special tokens (role markers, BOS...) are left out of the output text unless False;
-    # stop tokens are never shown. Token ids and log-probs carry them either way.
-    skip_special_tokens: bool = True
+    max_tokens: int | None = param(
+        None, range=Range(1),
+        doc="tokens to generate at most; unset: the server's default, capped by the context")
+    min_tokens: int = param(0, doc="no end of turn or stop before this many tokens; in [0, max_tokens]")
+    temperature: float = param(1.0, range=Range(0.0, 2.0), doc="0 = greedy")
+    top_p: float = param(1.0, range=Range(0.0, 1.0, lo_open=True), doc="nucleus sampling: the smallest set of "
+                         "likeliest tokens whose probabilities add up to top_p")
+    top_k: int = param(0, range=Range(0), doc="sample from the k likeliest tokens; 0 = off")
+    min_p: float = param(0.0, range=Range(0.0, 1.0, hi_open=True),
+                         doc="drop tokens less likely than min_p times the likeliest")
+    top_n_sigma: float = param(0.0, range=Range(0.0, 100.0),
+                               doc="keep the tokens whose logit is within top_n_sigma standard deviations of the "
+                                   "largest logit (after temperature); 0 = off")
+    seed: int | None = param(None, doc="the same seed gives the same output, whatever the batch")
+    stop: list[str] = param(factory=list, doc=f"up to {MAX_STOP_STRINGS} strings of 1-{MAX_STOP_STRING_CHARS} "
+                                              "characters that end a choice; not output")
+    stop_token_ids: list[int] = param(factory=list, doc=f"up to {MAX_STOP_TOKEN_IDS} token ids that end a choice")
+    ignore_eos: bool = param(False, doc="keep generating past the end of turn")
+    presence_penalty: float = param(0.0, range=Range(-2.0, 2.0), doc="subtracted once from every token seen")
+    frequency_penalty: float = param(0.0, range=Range(-2.0, 2.0), doc="subtracted per occurrence of a token seen")
+    repetition_penalty: float = param(1.0, range=Range(0.0, 2.0, lo_open=True),
+                                      doc="divides positive and multiplies negative logits of tokens seen; 1 = off")
+    logprobs: int = param(0, range=Range(0, MAX_LOGPROBS), doc="top-N alternatives per token; 0 = none")
+    n: int = param(1, range=Range(1, MAX_CHOICES), doc="choices to generate; they share the prompt's KV blocks")
+    logit_bias: dict[int, float] = param(
+        factory=dict, doc=f"token id -> bias in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}] added to its logit; "
+                          f"up to {MAX_LOGIT_BIAS} entries")
+    skip_special_tokens: bool = param(
+        True, doc="leave special tokens (role markers, BOS...) out of the output text; stop tokens are never "
+                  "shown, and token ids and log-probs carry them either way")
     # The output's shape (JSON, JSON schema, regex, grammar); None = free text. The engine
     # needs it compiled (EngineRequest.grammar), which happens off its thread.
-    response_format: ResponseFormat | None = None
+    response_format: ResponseFormat | None = param(
+        None, doc="constrain the output: json_object, json_schema, regex or grammar")
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming every field out of its range, with the range. Token
         ids are checked against `vocab_size` when given. The only place that knows the
         limits: the service calls it once per request."""
         problems = []
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            problems.append(f"max_tokens must be >= 1 (got {self.max_tokens})")
+        if self.max_tokens is not None and not isinstance(self.max_tokens, int):
+            problems.append(f"max_tokens must be an integer (got {self.max_tokens!r})")
+        for f in fields(self):
+            limits, value = f.metadata.get("range"), getattr(self, f.name)
+            if limits is not None and isinstance(value, int | float) and not limits.contains(value):
+                in_or_at = "in " if limits.hi is not None else ""
+                problems.append(f"{f.name} must be {in_or_at}{limits.text()} (got {value})")
         if self.min_tokens < 0 or (isinstance(self.max_tokens, int) and self.min_tokens > self.max_tokens):
             problems.append(f"min_tokens must be in [0, max_tokens] (got {self.min_tokens})")
-        if not 0.0 <= self.temperature <= 2.0:
-            problems.append(f"temperature must be in [0, 2] (got {self.temperature})")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0, 0 = off (got {self.top_k})")
-        if not 0.0 <= self.min_p < 1.0:
-            problems.append(f"min_p must be in [0, 1) (got {self.min_p})")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            problems.append(f"presence_penalty must be in [-2, 2] (got {self.presence_penalty})")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            problems.append(f"frequency_penalty must be in [-2, 2] (got {self.frequency_penalty})")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            problems.append(f"repetition_penalty must be in (0, 2] (got {self.repetition_penalty})")
-        if not 0 <= self.logprobs <= MAX_LOGPROBS:
-            problems.append(f"logprobs must be in [0, {MAX_LOGPROBS}] (got {self.logprobs})")
-        if not 1 <= self.n <= MAX_CHOICES:
-            problems.append(f"n must be in [1, {MAX_CHOICES}] (got {self.n})")
         if len(self.stop) > MAX_STOP_STRINGS:
             problems.append(f"at most {MAX_STOP_STRINGS} stop strings (got {len(self.stop)})")
         if any(not s or len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
@@ -208,6 +247,27 @@ class EngineRequest:
     # params.response_format compiled for this model (server.engine.grammar.GrammarCompiler),
     # done before submission so that no compile ever runs on the engine's thread.
     grammar: CompiledGrammar | None = None
+    # Fair share (server/engine/fair_policy.py): who the request is for and what it costs.
+    # The tenant is an opaque id (the service passes the API key id); "" is one shared
+    # tenant. `tenant_weight` is the tenant's share (2 = twice the service of a weight-1
+    # tenant when both are backlogged); `tenant_band` orders tenants before shares
+    # (BAND_INTERACTIVE before BAND_BATCH). `priority` orders a tenant's own requests
+    # (lower first). `input_cost`/`output_cost`: a prompt / generated token's charge
+    # against the tenant's share. The FCFS policy ignores all of them.
+    tenant: str = ""
+    tenant_weight: float = 1.0
+    tenant_band: int = 0
+    priority: int = 0
+    input_cost: float = 1.0
+    output_cost: float = 2.0
+
+
+# The key-level priority bands (EngineRequest.tenant_band): interactive tenants are served
+# before batch tenants; a batch tenant still runs whenever no interactive tenant is
+# backlogged, and one that has waited past EngineConfig.band_aging_s counts as interactive.
+BAND_INTERACTIVE = 0
+BAND_BATCH = 1
+BANDS = {"interactive": BAND_INTERACTIVE, "batch": BAND_BATCH}
 
 
 @dataclass
@@ -298,6 +358,15 @@ def stop_token_ids(request: EngineRequest) -> frozenset[int]:
 
 
 @dataclass
+class TenantStats:
+    tenant: str
+    running: int                     # sequences in the running batch
+    waiting: int                     # sequences waiting for admission (or paused)
+    counter: float                   # its virtual token counter (service / weight)
+    weight: float
+
+
+@dataclass
 class EngineStats:
     running: int
     waiting: int
@@ -307,6 +376,11 @@ class EngineStats:
     prefix_cache_hits: int           # of those, tokens found (cumulative)
     preemptions: int
     paused: int = 0                  # sequences paused because their reader lags
+    # The scheduling policy ("fcfs" or "fair") and, under fair share, the tenants with
+    # the most work in the engine (at most EngineStats' caller's top-k; see
+    # Engine.stats).
+    policy: str = "fcfs"
+    tenants: list[TenantStats] = field(default_factory=list)
 
     @property
     def kv_usage(self) -> float:

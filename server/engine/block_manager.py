@@ -1,7 +1,9 @@
 """Fixed-size KV blocks: allocation, reference counts and the prefix cache.
 
 Each full block is keyed by a hash of (its parent block's hash, its token ids), so a key
-names the whole prefix up to the block's end. A lookup walks a prompt's full blocks from
+names the whole prefix up to the block's end; a sequence's first block hangs off its cache
+salt (its LoRA adapter's name and version; none for the base model), so keys and values
+computed under one adapter are never served to another. A lookup walks a prompt's full blocks from
 the start and, on a hash hit, also compares the stored parent hash and token ids: a hash
 collision can cost a miss, never a wrong answer. Freed blocks keep their key and wait in
 an LRU list; a later prompt with the same prefix revives them, and allocation evicts the
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Sequence as Seq
 
+from server.engine.blocks import blocks_for
 from server.engine.sequence import Sequence
 
 BlockKey = tuple[int | None, tuple[int, ...]]
@@ -51,15 +54,17 @@ class BlockManager:
         return self.num_blocks - self.num_free
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     # --- prefix cache ---------------------------------------------------------------------
-    def _match(self, token_ids: Seq[int]) -> tuple[list[int], list[int]]:
-        """Blocks (and their chain hashes) holding a prefix of `token_ids`. The last token
-        is never served from the cache: its logits are needed to sample the next one."""
+    def _match(self, token_ids: Seq[int], root: int | None = None) -> tuple[list[int], list[int]]:
+        """Blocks (and their chain hashes) holding a prefix of `token_ids` computed under the
+        same `root` (the sequence's cache salt: its adapter version, None for the base
+        model). The last token is never served from the cache: its logits are needed to
+        sample the next one."""
         blocks: list[int] = []
         hashes: list[int] = []
-        parent: int | None = None
+        parent: int | None = root
         bs = self.block_size
         for i in range((len(token_ids) - 1) // bs):
             tokens = tuple(token_ids[i * bs:(i + 1) * bs])
@@ -89,7 +94,7 @@ class BlockManager:
         number of tokens served from the cache, or None (nothing changed) when the free
         blocks do not suffice."""
         assert not seq.block_table, "sequence already holds blocks"
-        hit_blocks, hit_hashes = self._match(seq.token_ids)
+        hit_blocks, hit_hashes = self._match(seq.token_ids, seq.cache_salt)
         new_needed = self.blocks_for(seq.num_tokens) - len(hit_blocks)
         revived = sum(1 for b in hit_blocks if self.ref_counts[b] == 0)
         if self.num_free - revived < new_needed:
@@ -131,7 +136,7 @@ class BlockManager:
         hashes = self.seq_hashes.setdefault(seq.seq_id, [])
         full = seq.num_computed // bs
         for i in range(seq.num_hashed_blocks, full):
-            parent = hashes[i - 1] if i else None
+            parent = hashes[i - 1] if i else seq.cache_salt
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             h = block_hash(parent, tokens)
             hashes.append(h)

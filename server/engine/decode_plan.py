@@ -21,6 +21,7 @@ import operator
 import numpy as np
 import torch
 
+from server.engine.blocks import blocks_for
 from server.engine.kv_cache import AttentionPlan, PagedTokens
 from server.engine.sequence import Sequence
 
@@ -99,4 +100,4 @@ class DecodePlanner:
 
 
 def _padded(blocks: int) -> int:
-    return -(-blocks // TABLE_WIDTH_STEP) * TABLE_WIDTH_STEP
+    return blocks_for(blocks, TABLE_WIDTH_STEP) * TABLE_WIDTH_STEP

@@ -13,6 +13,7 @@ output processor's job, on the reader's side (`server.engine.output`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import secrets
 import sys
@@ -27,6 +28,7 @@ from gpt.allocator import keep_freed_memory
 from gpt.model import GPT
 from gpt.openmp import release_thread_pool
 from server.engine.api import (
+    DEFAULT_MAX_TOKENS,
     ChoiceFinished,
     Delta,
     EngineOverloaded,
@@ -36,6 +38,7 @@ from server.engine.api import (
     RequestFinished,
     RequestRejected,
     RequestTimings,
+    TenantOverloaded,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -97,6 +100,8 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._num_waiting_hint = 0
+        # Requests per tenant submitted and not yet scheduled (max_waiting_per_tenant).
+        self._tenant_waiting: dict[str, int] = {}
         self._sampling: SamplingBatch | None = None    # the last batch's sampling inputs
         # Asyncio readers woken once per loop after each step's pushes (see stream.py).
         self._wakeups = Wakeups()
@@ -144,6 +149,8 @@ class Engine:
                     raise ValueError(f"request id {request_id!r} is already in flight")
             if self._num_waiting_hint + len(requests) > self.config.max_waiting:
                 raise EngineOverloaded(f"{self._num_waiting_hint} requests are waiting; retry later")
+            if self.config.max_waiting_per_tenant:
+                self._count_tenant_waiting(requests)
             self._num_waiting_hint += len(requests)
             now = time.monotonic()
             for request, stream in zip(requests, streams, strict=True):
@@ -151,6 +158,31 @@ class Engine:
                 self._inbox.append(("submit", (request, now)))
             self._cond.notify()
         return streams
+
+    def _count_tenant_waiting(self, requests: list[EngineRequest]) -> None:
+        """(Under self._cond.) Refuse the submission when it would take a tenant past
+        max_waiting_per_tenant requests not yet scheduled; else count them."""
+        bound = self.config.max_waiting_per_tenant
+        adding: dict[str, int] = {}
+        for r in requests:
+            adding[r.tenant] = adding.get(r.tenant, 0) + 1
+        for tenant, n in adding.items():
+            have = self._tenant_waiting.get(tenant, 0)
+            if have + n > bound:
+                raise TenantOverloaded(f"tenant {tenant or '(default)'} has {have} requests waiting (at most {bound} "
+                                       "per tenant); retry when some have started")
+        for tenant, n in adding.items():
+            self._tenant_waiting[tenant] = self._tenant_waiting.get(tenant, 0) + n
+
+    def _tenants_started(self, tenants: list[str]) -> None:
+        """Requests of these tenants left the waiting count (scheduled, or finished unscheduled)."""
+        with self._cond:
+            for tenant in tenants:
+                left = self._tenant_waiting.get(tenant, 0) - 1
+                if left > 0:
+                    self._tenant_waiting[tenant] = left
+                else:
+                    self._tenant_waiting.pop(tenant, None)
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Stop a request, or one choice of it; blocks are freed before the next step."""
@@ -198,7 +230,10 @@ class Engine:
         changed in place (a training step), since cached keys/values came from the old ones."""
         self.blocks.reset_prefix_cache()
 
-    def stats(self) -> EngineStats:
+    def stats(self, top_tenants: int = 0) -> EngineStats:
+        """Counts for gauges (any thread; a reading of state the stepping thread moves,
+        so figures may be a step apart), with the `top_tenants` tenants that have the
+        most sequences in the engine under fair share."""
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=self._num_waiting_hint,
@@ -208,6 +243,8 @@ class Engine:
             prefix_cache_hits=self.blocks.hits,
             preemptions=self.scheduler.num_preemptions,
             paused=len(self.scheduler.paused),
+            policy=self.scheduler.policy.name,
+            tenants=self.scheduler.policy.tenant_stats(top_tenants) if top_tenants > 0 else [],
         )
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -229,12 +266,20 @@ class Engine:
             raise ValueError("request_id must not be empty")
         if request.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1 (got {request.stream_interval})")
+        if not request.tenant_weight > 0 or request.input_cost < 0 or request.output_cost < 0:
+            raise ValueError(f"tenant_weight must be > 0 (got {request.tenant_weight}) and token costs >= 0 "
+                             f"(got {request.input_cost}, {request.output_cost})")
         prompt = request.prompt_ids
         if not prompt:
             raise ValueError("the prompt is empty")
         # An id outside the embedding would fail the whole step, and every request in it.
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if request.params.max_tokens is None:
+            # Unset: the engine's default, capped by the room the context leaves (the
+            # service resolves it against its own default before it submits).
+            room = max(1, self.max_seq_len - len(prompt))
+            request.params = dataclasses.replace(request.params, max_tokens=min(DEFAULT_MAX_TOKENS, room))
         total = len(prompt) + request.params.max_tokens
         if total > self.max_seq_len:
             raise RequestRejected(
@@ -337,17 +382,23 @@ class Engine:
 
     def step(self) -> None:
         """One iteration: schedule, run the model, sample, emit token events."""
-        batch = self.scheduler.schedule()
+        plan = self.scheduler.schedule()
+        batch = plan.batch
         if not batch:
             return
-        now = time.monotonic()
-        for seq in self.scheduler.admitted:
-            if seq.request.timings.first_scheduled is None:
-                seq.request.timings.first_scheduled = now
-                if not seq.request.cached_recorded:
-                    seq.request.cached_tokens = seq.num_computed
-                    seq.request.cached_recorded = True
-        logits, sampling_idx = self.runner.execute(batch, self.scheduler.decode_only)
+        if plan.admitted:
+            now = time.monotonic()
+            started: list[str] = []
+            for seq in plan.admitted:
+                if seq.request.timings.first_scheduled is None:
+                    seq.request.timings.first_scheduled = now
+                    started.append(seq.request.request.tenant)
+                    if not seq.request.cached_recorded:
+                        seq.request.cached_tokens = seq.num_computed
+                        seq.request.cached_recorded = True
+            if started and self.config.max_waiting_per_tenant:
+                self._tenants_started(started)
+        logits, sampling_idx = self.runner.execute(batch, plan.decode_only)
         caching, block_size = self.config.enable_prefix_caching, self.blocks.block_size
         for seq, n in batch:
             seq.num_computed += n
@@ -402,6 +453,8 @@ class Engine:
 
     def _finish_request(self, state: RequestState, events: list[Event]) -> None:
         state.timings.finished = time.monotonic()
+        if state.timings.first_scheduled is None and self.config.max_waiting_per_tenant:
+            self._tenants_started([state.request.tenant])
         usage = Usage(
             prompt_tokens=len(state.request.prompt_ids),
             completion_tokens=sum(s.num_output_tokens for s in state.sequences),

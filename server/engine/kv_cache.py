@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig
+from server.engine.blocks import blocks_for
 from server.engine.paged_attention import paged_attention, write_kv
 
 
@@ -126,7 +127,7 @@ def _group(members: torch.Tensor, q_lens: torch.Tensor, starts: torch.Tensor, of
     ql, st, off = q_lens[members], starts[members], offsets[members]
     ctx = st + ql
     q_max, kv_len = int(ql.max()), int(ctx.max())
-    n_blocks = -(-kv_len // block_size)
+    n_blocks = blocks_for(kv_len, block_size)
     qi = torch.arange(q_max)
     valid_q = qi[None, :] < ql[:, None]                                   # (R, Q)
     # Padded query slots repeat the row's last real token; their output is dropped.

@@ -78,6 +78,7 @@ class SamplingTensors:
     top_k: torch.Tensor            # (B,) int64; 0 = off
     top_p: torch.Tensor            # (B,) float32
     min_p: torch.Tensor            # (B,) float32
+    top_n_sigma: torch.Tensor      # (B,) float32; 0 = off
     presence: torch.Tensor         # (B,) float32
     frequency: torch.Tensor        # (B,) float32
     repetition: torch.Tensor       # (B,) float32
@@ -85,6 +86,7 @@ class SamplingTensors:
     any_top_k: bool
     any_top_p: bool
     any_min_p: bool
+    any_top_n_sigma: bool
     any_output_penalty: bool
     any_repetition: bool
 
@@ -97,17 +99,20 @@ class SamplingTensors:
         top_k = col("top_k", torch.int64)
         top_p = col("top_p", torch.float32)
         min_p = col("min_p", torch.float32)
+        top_n_sigma = col("top_n_sigma", torch.float32)
         presence = col("presence_penalty", torch.float32)
         frequency = col("frequency_penalty", torch.float32)
         repetition = col("repetition_penalty", torch.float32)
         sampled = temperature > 0
         return cls(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, presence=presence,
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, top_n_sigma=top_n_sigma,
+            presence=presence,
             frequency=frequency, repetition=repetition,
             any_sampled=bool(sampled.any()),
             any_top_k=bool(((top_k > 0) & sampled).any()),
             any_top_p=bool(((top_p < 1.0) & sampled).any()),
             any_min_p=bool(((min_p > 0.0) & sampled).any()),
+            any_top_n_sigma=bool(((top_n_sigma > 0.0) & sampled).any()),
             any_output_penalty=bool(((presence != 0) | (frequency != 0)).any()),
             any_repetition=bool((repetition != 1.0).any()),
         )
@@ -184,10 +189,27 @@ def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch
     return logits.index_put((rows,), masked)
 
 
+def _top_n_sigma(scaled: torch.Tensor, n_sigma: torch.Tensor, on: torch.Tensor,
+                 neg_inf: torch.Tensor) -> torch.Tensor:
+    """Top-n-sigma: keep the tokens whose logit is within n standard deviations of the
+    row's largest logit. Mean and deviation are taken over the tokens still allowed (a
+    bias or grammar may have set some to -inf), and since temperature scales the largest
+    logit and the deviation alike, the kept set does not depend on it."""
+    finite = torch.isfinite(scaled)
+    count = finite.sum(-1, keepdim=True).clamp(min=1)
+    mean = torch.where(finite, scaled, 0.0).sum(-1, keepdim=True) / count
+    var = torch.where(finite, (scaled - mean) ** 2, 0.0).sum(-1, keepdim=True) / count
+    floor = scaled.amax(-1, keepdim=True) - n_sigma[:, None] * var.sqrt()
+    return torch.where(~on[:, None] | (scaled >= floor), scaled, neg_inf)
+
+
 def _filter(scaled: torch.Tensor, t: SamplingTensors, sampled: torch.Tensor) -> torch.Tensor:
-    """Top-k, top-p, then min-p, each as a -inf mask; greedy rows are left untouched."""
+    """Top-n-sigma, top-k, top-p, then min-p, each as a -inf mask; greedy rows are left
+    untouched."""
     neg_inf = torch.tensor(float("-inf"), dtype=scaled.dtype, device=scaled.device)
     vocab = scaled.shape[-1]
+    if t.any_top_n_sigma:
+        scaled = _top_n_sigma(scaled, t.top_n_sigma, (t.top_n_sigma > 0) & sampled, neg_inf)
     if t.any_top_k or t.any_top_p:
         sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
         keep_sorted = torch.ones_like(sorted_logits, dtype=torch.bool)
@@ -248,7 +270,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams] | SamplingTens
     chosen_logprobs: False when nobody reads the chosen tokens' log-probs: a batch of
         greedy rows then skips the log-softmax (`logprobs` is returned empty).
 
-    Order: bias, penalties, grammar mask, temperature, top-k, top-p, min-p, then the draw.
+    Order: bias, penalties, grammar mask, temperature, top-n-sigma, top-k, top-p, min-p, then
+    the draw.
     Temperature 0 is greedy. `logprobs` come from the distribution actually sampled from
     (after the grammar mask, temperature and truncation, renormalised); for greedy rows,
     from the penalised and masked logits at temperature 1.

@@ -3,11 +3,15 @@ of them a sampled token finishes.
 
 Iteration-level batching: every step, running sequences go first (oldest first: a
 decode needs one token, an unfinished prefill gets its next chunk), then waiting ones
-are admitted in arrival order while the token budget, the sequence limit and the free
-blocks allow. When a running sequence needs a new block and none is free, the newest
-running sequence is preempted: its blocks are released (full ones stay in the prefix
-cache) and it goes back to the front of the queue to be recomputed later. Sampling is
+are admitted in the policy's order while the token budget, the sequence limit and the
+free blocks allow. When a running sequence needs a new block and none is free, the
+policy's victim is preempted: its blocks are released (full ones stay in the prefix
+cache) and it goes back to the front of its queue to be recomputed later. Sampling is
 a pure function of (seed, position), so a preempted sequence's output is unchanged.
+
+The policy (server/engine/policy.py) owns the waiting queue and the choice of victims:
+FCFS (arrival order, the newest running sequence gives way) or fair share
+(server/engine/fair_policy.py). A step's decisions come back as one StepPlan.
 
 Finishes decided here are the ones the token ids alone settle: a stop token (eos unless
 ignored, or one of stop_token_ids), a grammar that must end (structured outputs) and the
@@ -22,21 +26,32 @@ and it recomputes on resume, as after a preemption.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections import deque
+from dataclasses import dataclass, field
 
 from server.engine.api import FinishReason
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
+from server.engine.policy import SchedulingPolicy, make_policy
 from server.engine.sequence import SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class StepPlan:
+    """One step's decisions: what runs and what changed to make it so."""
+
+    batch: list[tuple[Sequence, int]]                           # (sequence, tokens to compute)
+    admitted: list[Sequence] = field(default_factory=list)      # taken from the queue
+    preempted: list[Sequence] = field(default_factory=list)     # sent back to it
+    decode_only: bool = False    # one token each, context cached (the kept decode plan serves)
+
+
 class Scheduler:
-    def __init__(self, config: EngineConfig, blocks: BlockManager, max_seq_len: int) -> None:
+    def __init__(self, config: EngineConfig, blocks: BlockManager, max_seq_len: int,
+                 policy: SchedulingPolicy | None = None) -> None:
         if config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.max_num_seqs = config.max_num_seqs
@@ -44,37 +59,42 @@ class Scheduler:
         self.max_seq_len = max_seq_len
         self.pause_grace_s = config.pause_grace_s
         self.blocks = blocks
-        self.waiting: deque[Sequence] = deque()
+        self.policy = self.waiting = policy or make_policy(config)    # the waiting queue
         self.running: list[Sequence] = []
         self.paused: list[Sequence] = []        # oldest pause first
-        self.admitted: list[Sequence] = []      # taken from the queue by the last schedule()
-        self.decode_only = False                # the last batch: one token each, context cached
         self.num_preemptions = 0
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = SeqStatus.WAITING
-        if front:
-            self.waiting.appendleft(seq)
-        else:
-            self.waiting.append(seq)
+        self.policy.add(seq, front)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.running or self.waiting)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
+    def schedule(self) -> StepPlan:
         now = time.monotonic()
         for seq in self.paused:
             if seq.block_table and now - seq.paused_at >= self.pause_grace_s:
                 self._release_paused(seq)
+        policy = self.policy
         budget = self.max_num_batched_tokens
-        batch: list[tuple[Sequence, int]] = []
-        self.admitted = []
+        plan = StepPlan([])
+        batch = plan.batch
+        admitted = plan.admitted
+        running = self.running
+        if policy.preempts_to_admit and len(running) >= self.max_num_seqs and policy:
+            # A full batch: the next in line may take a slot from someone above its share.
+            head = policy.peek()
+            victim = policy.admission_victim(head, running) if head is not None else None
+            if victim is not None:
+                self._preempt(victim)
+                plan.preempted.append(victim)
         preempted = False
         i = 0
         block_size = self.blocks.block_size
         decode_only = True
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        while i < len(running) and budget > 0:
+            seq = running[i]
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             decode_only = decode_only and n == 1 and seq.num_computed > 0
             # (Most steps a decode's token fits its last block: no call for it.)
@@ -84,8 +104,15 @@ class Scheduler:
                 if holder is not None:
                     self._release_paused(holder)
                     continue
-                victim = self.running[-1]
+                victim = policy.victim(running)
+                j = running.index(victim)
+                if j < i:
+                    # Already in this step's batch (a policy may pick any running sequence):
+                    # take its row back.
+                    budget += batch.pop(j)[1]
+                    i -= 1
                 self._preempt(victim)
+                plan.preempted.append(victim)
                 preempted = True
                 if victim is seq:
                     break
@@ -95,23 +122,27 @@ class Scheduler:
             budget -= n
             i += 1
         # While memory is short, admitting more would only cause more preemptions.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        while not preempted and budget > 0 and len(running) < self.max_num_seqs:
+            seq = policy.peek()
+            if seq is None:
+                break
             if self.blocks.allocate(seq) is None:
                 holder = next((p for p in self.paused if p.block_table), None)
                 if holder is None:
                     break
                 self._release_paused(holder)
                 continue
-            self.waiting.popleft()
+            policy.pop()
             seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            self.admitted.append(seq)
+            running.append(seq)
+            admitted.append(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             batch.append((seq, n))
             budget -= n
-        self.decode_only = decode_only and not self.admitted
-        return batch
+        plan.decode_only = decode_only and not admitted
+        if policy.charges:
+            policy.charge(batch)
+        return plan
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[FinishReason | None]:
         """Append each sequence's sampled token and finish the sequences it ends; returns
@@ -155,8 +186,7 @@ class Scheduler:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
-            with contextlib.suppress(ValueError):
-                self.waiting.remove(seq)
+            self.policy.remove(seq)
         else:
             return
         seq.status = SeqStatus.PAUSED
@@ -193,7 +223,7 @@ class Scheduler:
             self.paused.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             # A held choice (n > 1) may never have entered the queue.
-            with contextlib.suppress(ValueError):
-                self.waiting.remove(seq)
+            self.policy.remove(seq)
         self.blocks.free(seq)
+        self.policy.finished(seq)
         seq.status = SeqStatus.FINISHED

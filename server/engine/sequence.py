@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from server.engine.api import EngineRequest, FinishReason, RequestTimings, SamplingParams
 
@@ -44,6 +44,16 @@ class Sequence:
     # Structured outputs: where this choice stands in its grammar. It advances with every
     # sampled token, and output tokens survive preemption, so it stays valid across one.
     grammar: GrammarMatcher | None = None
+    # The root of the prefix cache's hash chain: the adapter version the sequence runs
+    # under (None = the base model), so cached blocks are shared only under the same one.
+    cache_salt: int | None = None
+    # Fair share's bookkeeping (server/engine/fair_policy.py), unused under FCFS: the
+    # tenant's state, how many prompt positions have been charged (recomputes are free),
+    # and the request's costs per prompt / generated token over the tenant's weight.
+    tenant: Any = None
+    charged: int = 0
+    cost_in: float = 0.0
+    cost_out: float = 0.0
 
     @property
     def params(self) -> SamplingParams:

@@ -16,14 +16,14 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.auth import Authenticator
+from server.accounting.auth import Authenticator
+from server.accounting.pricing import PriceBook
 from server.errors import ServiceError
 from server.health import Health
 from server.http.errors import HTTP_TO_CODE, error_response, service_error_response
 from server.http.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from server.http.routes import HttpApi, build_router
 from server.inference import InferenceService
-from server.pricing import PriceBook
 
 PLAYGROUND = Path(__file__).parent / "playground"
 # Paths whose refusals outside the service (malformed body, too large) are counted, and as what.

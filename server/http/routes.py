@@ -25,8 +25,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import Receive, Scope, Send
 
 from gpt.registry import RegistryError
-from server.auth import Authenticator, AuthError
-from server.errors import ServiceError
+from server.accounting.auth import Authenticator, AuthError
+from server.accounting.ledger import KeyInfo
+from server.accounting.pricing import PriceBook
+from server.errors import ServiceError, auth_error
 from server.health import Health
 from server.http import responses
 from server.http.errors import service_error_body
@@ -40,9 +42,6 @@ from server.http.schemas import (
     ModelList,
 )
 from server.inference import InferenceService, Job
-from server.ledger import KeyInfo
-from server.pricing import PriceBook
-from server.servicer import auth_error
 
 log = logging.getLogger("sol.http")
 T = TypeVar("T")
@@ -176,11 +175,12 @@ class HttpApi:
                 key = await self.key(request)
                 engine_logprobs, top = body.top_n()
                 top_n = top if engine_logprobs else None
-                params, given = body.sampling(engine_logprobs)
+                params = body.sampling(engine_logprobs)
                 what: dict[str, Any] = ({"messages": [m.message() for m in body.messages]} if chat
                                         else {"prompt": body.text()})
-                job = await self.service.admit(key, body.model, params, given, request_id=request_id(request),
-                                               labels=call.labels, streaming=body.stream, **what)
+                job = await self.service.admit(key, body.model, params, request_id=request_id(request),
+                                               labels=call.labels, streaming=body.stream,
+                                               priority=body.priority or 0, **what)
                 headers = {"x-request-id": job.request_id}
                 if body.stream:
                     call.deferred = streaming = True
@@ -248,7 +248,8 @@ class HttpApi:
         except ValueError:
             created = 0
         extra = {"name": m.name, "version": m.version, "stage": m.stage, "aliases": aliases,
-                 "max_context": m.max_context, "price": {"prompt_per_1k": price.prompt_per_1k,
+                 "max_context": m.max_context, "scheduling": m.engine.config.scheduling,
+                 "price": {"prompt_per_1k": price.prompt_per_1k,
                                                          "completion_per_1k": price.completion_per_1k,
                                                          "cached_discount": price.cached_discount}}
         return [{"id": ref, "object": "model", "created": created, "owned_by": "sol", "root": m.ref, "sol": extra}

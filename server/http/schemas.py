@@ -1,23 +1,30 @@
 """Request bodies of the OpenAI-compatible API, as Pydantic models: FastAPI validates
-types with them and they make /openapi.json. Ranges (temperature in [0, 2], n in [1, 8]...)
-are not repeated here: `SamplingParams.validate` owns every limit, for gRPC and HTTP alike,
-and the service calls it once per request. Here only the wire types are bounded, as the
-proto bounds them (int32, int64), so both protocols reach the same checks with the same
-values.
+types with them and they make /openapi.json.
 
-Each body maps onto the engine's `SamplingParams` by `sampling()`; vLLM's extension fields
-(top_k, min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids, skip_special_tokens) are accepted
-under vLLM's names.
+The sampling fields are not written here: `SamplingFields` is generated from the engine's
+`SamplingParams` (its names, types, documentation and ranges), with the wire widths of
+the API's `sol.v1.SamplingParams` message (int32 or int64), so both protocols reach the
+same checks with the same values and a parameter added to the dataclass and the proto is
+on the HTTP API too. Limits are enforced once, by `SamplingParams.validate`; the ranges
+only appear in the field descriptions. Written by hand are OpenAI's own shapes where they
+differ from the engine's (`stop` as a string or a list, `logit_bias` with string keys,
+`response_format`, and `logprobs`, which each endpoint spells its own way) and the
+fields that are not sampling (`model`, `stream`, `user`...).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from google.protobuf.descriptor import FieldDescriptor
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from gpt.chat import Message
-from server.engine.api import JsonSchema, ResponseFormat, SamplingParams
+from proto.sol.v1 import sol_pb2 as pb
+from server.engine.api import MAX_LOGPROBS, JsonSchema, ResponseFormat, SamplingParams
 from server.errors import invalid
 
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
@@ -98,36 +105,63 @@ class StreamOptions(_Body):
                                                            "sol's cost) and an empty choices list")
 
 
-class _Sampling(_Body):
-    """The sampling fields both endpoints share (OpenAI's names, then vLLM's extensions)."""
+# SamplingParams fields that OpenAI's body spells its own way (hand-written in _Sampling
+# and the endpoints); every other field is generated under its own name.
+OPENAI_SHAPED = frozenset({"stop", "logit_bias", "response_format", "logprobs"})
+# OpenAI's own sampling names; the other generated fields are extensions (vLLM's names
+# where vLLM has the parameter), said so in their descriptions.
+OPENAI_NAMES = frozenset({"max_tokens", "temperature", "top_p", "n", "seed", "presence_penalty",
+                          "frequency_penalty"})
+_WIRE_INT = {FieldDescriptor.TYPE_INT32: Int32, FieldDescriptor.TYPE_INT64: Int64}
+
+
+def _wire_type(name: str, hint: Any) -> Any:
+    """The body's type for a SamplingParams field: its dataclass type, with integers as
+    wide as the proto's field, and always optional (unset keeps the dataclass default)."""
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if isinstance(hint, types.UnionType) \
+        else hint
+    wire = pb.SamplingParams.DESCRIPTOR.fields_by_name[name]
+    integer = _WIRE_INT.get(wire.type)
+    if typing.get_origin(base) is list:
+        base = list[integer] if integer is not None else base
+    elif integer is not None:
+        base = integer
+    return base | None
+
+
+def _description(f: dataclasses.Field) -> str:
+    limits = f.metadata.get("range")
+    text = f"{limits.text()}; {f.metadata['doc']}" if limits is not None else f.metadata["doc"]
+    return text if f.name in OPENAI_NAMES else f"extension: {text}"
+
+
+def _sampling_fields() -> type[_Body]:
+    hints = typing.get_type_hints(SamplingParams)
+    fields = {f.name: (_wire_type(f.name, hints[f.name]), Field(default=None, description=_description(f)))
+              for f in dataclasses.fields(SamplingParams) if f.name not in OPENAI_SHAPED}
+    return create_model("SamplingFields", __base__=_Body, **fields)
+
+
+SamplingFields = _sampling_fields()
+GENERATED = tuple(name for name in SamplingFields.model_fields)
+
+
+class _Sampling(SamplingFields):
+    """The sampling fields both endpoints share: the generated ones, then OpenAI's shapes."""
 
     model: str = Field(description="NAME (= NAME:latest), NAME:ALIAS or NAME@VERSION; GET /v1/models lists them")
-    max_tokens: Int32 | None = Field(default=None, description="tokens to generate at most; default: the server's, "
-                                                               "capped by the context")
-    temperature: float | None = Field(default=None, description="[0, 2]; 0 = greedy; default 1")
-    top_p: float | None = Field(default=None, description="(0, 1]; default 1")
-    n: Int32 | None = Field(default=None, description="choices to generate, 1-8; they share the prompt's KV blocks")
     stream: bool = Field(default=False, description="answer as server-sent events ending with `data: [DONE]`")
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(default=None, description="up to 8 strings of 1-64 characters; not output")
-    seed: Int64 | None = Field(default=None, description="the same seed gives the same output, whatever the batch")
-    presence_penalty: float | None = Field(default=None, description="[-2, 2]")
-    frequency_penalty: float | None = Field(default=None, description="[-2, 2]")
-    logit_bias: dict[str, float] | None = Field(
-        default=None, description="token id (as a string key) -> bias in [-100, 100] added to its logit; up to 300")
+    stop: str | list[str] | None = Field(default=None, description=_description(
+        SamplingParams.__dataclass_fields__["stop"]).removeprefix("extension: "))
+    logit_bias: dict[str, float] | None = Field(default=None, description="token id (as a string key) -> " + (
+        SamplingParams.__dataclass_fields__["logit_bias"].metadata["doc"].removeprefix("token id -> ")))
     user: str | None = Field(default=None, description="your end user's id, for your records; not used by sol")
     response_format: ResponseFormatBody | None = Field(
         default=None, description="constrain the output: json_object, json_schema, or (sol) regex / grammar")
-    # vLLM's extensions.
-    top_k: Int32 | None = Field(default=None, description="vLLM extension: sample from the k likeliest; 0 = off")
-    min_p: float | None = Field(default=None, description="vLLM extension: [0, 1)")
-    repetition_penalty: float | None = Field(default=None, description="vLLM extension: (0, 2]; default 1")
-    ignore_eos: bool | None = Field(default=None, description="vLLM extension: keep generating past end of turn")
-    min_tokens: Int32 | None = Field(default=None, description="vLLM extension: no stop before this many tokens")
-    stop_token_ids: list[Int32] | None = Field(default=None, description="vLLM extension: token ids that end a "
-                                                                         "choice; up to 16")
-    skip_special_tokens: bool | None = Field(default=None, description="vLLM extension: leave special tokens "
-                                                                       "out of the text (default true)")
+    priority: Int32 | None = Field(default=None, description="vLLM extension: order among your own requests when "
+                                                             "the server is busy, lower first; default 0 (your "
+                                                             "key's share against other keys is unchanged)")
     return_token_ids: bool = Field(default=False, description="vLLM extension: each stream chunk's choices carry "
                                                               "`token_ids`, the ids of the tokens they add")
 
@@ -138,13 +172,13 @@ class _Sampling(_Body):
             _utf8(s, "stop")
         return v
 
-    def sampling(self, logprobs: int) -> tuple[SamplingParams, bool]:
-        """The engine's parameters (unset fields keep the dataclass defaults) and whether
-        max_tokens was given (the service resolves it against the context otherwise)."""
-        values: dict[str, Any] = {name: getattr(self, name) for name in (
-            "temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
-            "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids", "skip_special_tokens")}
-        values = {k: v for k, v in values.items() if v is not None}
+    def sampling(self, logprobs: int) -> SamplingParams:
+        """The engine's parameters; unset fields keep the dataclass defaults (an unset
+        max_tokens stays None: the service resolves it against the context)."""
+        values: dict[str, Any] = {name: getattr(self, name) for name in GENERATED if getattr(self, name) is not None}
+        max_tokens = self.output_limit()
+        if max_tokens is not None:
+            values["max_tokens"] = max_tokens
         if self.stop is not None:
             values["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if self.logit_bias:
@@ -153,10 +187,7 @@ class _Sampling(_Body):
             values["response_format"] = self.response_format.engine_format()
         if logprobs:
             values["logprobs"] = logprobs
-        max_tokens = self.output_limit()
-        if max_tokens is not None:
-            values["max_tokens"] = max_tokens
-        return SamplingParams(**values), max_tokens is not None
+        return SamplingParams(**values)
 
     def output_limit(self) -> int | None:
         return self.max_tokens
@@ -181,8 +212,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Int32 | None = Field(default=None, description="OpenAI's newer name for max_tokens; "
                                                                           "wins when both are given")
     logprobs: bool = Field(default=False, description="return each output token's log-probability")
-    top_logprobs: Int32 | None = Field(default=None, description="0-20 likeliest alternatives per token; needs "
-                                                                 "logprobs: true")
+    top_logprobs: Int32 | None = Field(default=None, description=f"0-{MAX_LOGPROBS} likeliest alternatives per "
+                                                                 "token; needs logprobs: true")
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -200,8 +231,8 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(description="the text to continue (one prompt per request)")
-    logprobs: Int32 | None = Field(default=None, description="0-20: return each token's log-probability and this "
-                                                             "many likeliest alternatives")
+    logprobs: Int32 | None = Field(default=None, description=f"0-{MAX_LOGPROBS}: return each token's log-probability "
+                                                             "and this many likeliest alternatives")
     echo: bool = Field(default=False, description="not supported: must be false")
     suffix: str | None = Field(default=None, description="not supported: must be empty")
     best_of: Int32 | None = Field(default=None, description="not supported: must be 1 or unset")
@@ -230,7 +261,7 @@ class CompletionRequest(_Sampling):
         if self.logprobs is None:
             return 0, 0
         if self.logprobs < 0:
-            raise invalid(f"logprobs must be in [0, 20] (got {self.logprobs})")
+            raise invalid(f"logprobs must be in [0, {MAX_LOGPROBS}] (got {self.logprobs})")
         return max(1, self.logprobs), self.logprobs
 
 
@@ -308,7 +339,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     root: str = Field(description="the version it serves now: NAME@VERSION")
-    sol: dict[str, Any] = Field(description="name, version, stage, aliases, max_context, price")
+    sol: dict[str, Any] = Field(description="name, version, stage, aliases, max_context, scheduling (fair or "
+                                            "fcfs), price")
 
 
 class ModelList(BaseModel):

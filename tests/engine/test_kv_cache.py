@@ -9,6 +9,7 @@ import torch
 
 from server.engine import paged_attention
 from server.engine.block_manager import BlockManager
+from server.engine.blocks import blocks_for
 from server.engine.kv_cache import PagedKVCache, RowSpec, plan_attention
 
 
@@ -39,10 +40,10 @@ def test_paged_attention_matches_full_forward(model, prompts, in_place, kernel_p
     seqs = []
     rng = random.Random(0)
     # Scatter the blocks over the pool so no sequence's blocks are contiguous.
-    pool_blocks = list(range(sum(-(-n // bs) for n in lengths) + 8))
+    pool_blocks = list(range(sum(blocks_for(n, bs) for n in lengths) + 8))
     rng.shuffle(pool_blocks)
     for p in prompts:
-        need = -(-len(p) // bs)
+        need = blocks_for(len(p), bs)
         seqs.append(_Seq(p, [pool_blocks.pop() for _ in range(need)]))
     cache = PagedKVCache(model.config, num_blocks=len(pool_blocks) + sum(len(s.blocks) for s in seqs),
                          block_size=bs, dtype=dtype, in_place=in_place)
@@ -133,7 +134,7 @@ def test_kernel_equals_attention_over_gathered_keys(head_dim, bs, dtype):
     """Every shape the kernel dispatches on, against SDPA over each token's own keys."""
     gen = torch.Generator().manual_seed(head_dim * 100 + bs)
     n_heads, kv_heads, lengths = 6, 2, [1, 5, 16, 17, 40, 63]
-    max_blocks = -(-max(lengths) // bs)
+    max_blocks = blocks_for(max(lengths), bs)
     num_blocks = len(lengths) * max_blocks + 3
     k_pool = torch.randn(num_blocks, kv_heads, head_dim, bs, generator=gen).to(dtype)
     v_pool = torch.randn(num_blocks, kv_heads, bs, head_dim, generator=gen).to(dtype)
@@ -182,3 +183,26 @@ def test_write_kv_equals_writing_through_views(dtype):
     assert torch.equal(k_pool, want_k) and torch.equal(v_pool, want_v)
     with pytest.raises(RuntimeError, match="outside the pool"):
         paged_attention.write_kv(k_pool, v_pool, k[0], v[0], slots + blocks * bs)
+
+
+def test_prefix_blocks_are_shared_only_under_the_same_cache_salt():
+    # A sequence's cache salt (its LoRA adapter version) roots its hash chain: the same
+    # prompt under another adapter, another version of it, or the base model misses.
+    from server.engine.sequence import Sequence
+
+    class _Req:
+        pass
+
+    def seq(salt):
+        return Sequence(request=_Req(), index=0, token_ids=list(range(9)), num_prompt_tokens=9, seed=0,
+                        cache_salt=salt)
+
+    bm = BlockManager(num_blocks=32, block_size=4)
+    first = seq(hash(("lora", "a", 1)))
+    assert bm.allocate(first) == 0
+    first.num_computed = 9
+    bm.register_full_blocks(first)
+    assert bm.allocate(seq(hash(("lora", "a", 1)))) == 8          # same adapter version: a hit
+    assert bm.allocate(seq(hash(("lora", "a", 2)))) == 0          # its next version: a miss
+    assert bm.allocate(seq(hash(("lora", "b", 1)))) == 0          # another adapter: a miss
+    assert bm.allocate(seq(None)) == 0                            # the base model: a miss

@@ -35,6 +35,9 @@ def _intended(params: SamplingParams) -> torch.Tensor:
     probs = torch.softmax(z, -1)
     order = torch.argsort(probs, descending=True).tolist()
     keep = set(order)
+    if params.top_n_sigma:
+        sigma = float(((z - z.mean()) ** 2).mean().sqrt())
+        keep &= {i for i in range(len(z)) if z[i] >= z.max() - params.top_n_sigma * sigma}
     if params.top_k:
         keep &= set(order[:params.top_k])
     if params.top_p < 1.0:
@@ -65,7 +68,9 @@ def _intended(params: SamplingParams) -> torch.Tensor:
     SamplingParams(temperature=1.0, top_p=0.8),
     SamplingParams(temperature=1.0, min_p=0.2),
     SamplingParams(temperature=0.9, top_k=5, top_p=0.9, min_p=0.05),
-], ids=["t1", "t0.7", "topk3", "topp0.8", "minp0.2", "combined"])
+    SamplingParams(temperature=1.0, top_n_sigma=1.0),
+    SamplingParams(temperature=1.5, top_n_sigma=2.0, top_k=4),
+], ids=["t1", "t0.7", "topk3", "topp0.8", "minp0.2", "combined", "nsigma1", "nsigma2-topk4"])
 def test_sampling_matches_intended_distribution(params):
     logits = LOGITS.repeat(DRAWS, 1)
     out = sample(logits, [params] * DRAWS, seeds=torch.arange(DRAWS) + 12345, steps=torch.zeros(DRAWS))
@@ -175,3 +180,28 @@ def test_greedy_batches_without_logprobs_skip_the_softmax_and_pick_the_same_toke
     mixed = sample(logits, params[:4] + [SamplingParams(temperature=1.0)], seeds=[1] * 5, steps=[0] * 5,
                    chosen_logprobs=False)
     assert mixed.logprobs.shape == (5,)
+
+
+def test_top_n_sigma_keeps_the_logits_near_the_largest_whatever_the_temperature():
+    # mean 0.1875, population std ~1.25: within 1 sigma of 2.0 are 2.0, 1.5 and 1.0.
+    for temperature in (0.3, 1.0, 2.0):
+        out = sample(LOGITS.repeat(4000, 1), [SamplingParams(temperature=temperature, top_n_sigma=1.0)] * 4000,
+                     seeds=torch.arange(4000), steps=torch.zeros(4000))
+        assert set(out.token_ids.tolist()) == {0, 1, 2}, temperature
+
+
+def test_top_n_sigma_ignores_tokens_already_banned():
+    # A banned token (-inf from a bias or a grammar) must not turn the deviation into NaN
+    # and drop every token: the kept set is computed over the allowed ones.
+    logits = torch.tensor([[3.0, 2.9, 0.0, float("-inf")]]).repeat(2000, 1)
+    out = sample(logits, [SamplingParams(temperature=1.0, top_n_sigma=0.5)] * 2000,
+                 seeds=torch.arange(2000), steps=torch.zeros(2000))
+    assert set(out.token_ids.tolist()) == {0, 1}
+    assert torch.isfinite(out.logprobs).all()
+
+
+def test_top_n_sigma_off_and_greedy_rows_untouched():
+    params = [SamplingParams(temperature=0.0, top_n_sigma=0.1), SamplingParams(temperature=1.0)]
+    out = sample(LOGITS.repeat(2, 1), params, seeds=torch.tensor([1, 2]), steps=torch.zeros(2))
+    assert int(out.token_ids[0]) == 0
+    assert SamplingParams(top_n_sigma=0.0).top_n_sigma == 0.0

@@ -29,12 +29,12 @@ def test_long_prompt_is_chunked_and_does_not_stall_decodes():
     sched = Scheduler(EngineConfig(max_num_seqs=8, max_num_batched_tokens=10), blocks, max_seq_len=4096)
     short = seq([1, 2, 3])
     sched.add(short)
-    advance(sched.schedule())                       # prefill of the short prompt
+    advance(sched.schedule().batch)                       # prefill of the short prompt
     long = seq(list(range(100, 140)))               # 40 tokens: needs 5 chunks beside a decode
     sched.add(long)
     chunks = []
     while long.num_computed < long.num_prompt_tokens:
-        batch = sched.schedule()
+        batch = sched.schedule().batch
         got = dict((id(s), n) for s, n in batch)
         assert got[id(short)] == 1                  # the decode runs every step
         chunks.append(got[id(long)])
@@ -49,15 +49,15 @@ def test_newest_sequence_is_preempted_and_resumes_with_its_tokens():
     old, new = seq([1, 2, 3, 4, 5, 6, 7]), seq([9, 9, 9, 9, 9, 9])
     sched.add(old)
     sched.add(new)
-    advance(sched.schedule())                       # both prefilled: 2 + 2 blocks, pool full
+    advance(sched.schedule().batch)                       # both prefilled: 2 + 2 blocks, pool full
     # old has 8 tokens: its 9th needs a third block -> the newest (new) is preempted.
     for _ in range(3):
-        advance(sched.schedule())
+        advance(sched.schedule().batch)
     assert sched.num_preemptions >= 1
     assert new.status is SeqStatus.WAITING and not new.block_table
     assert new.token_ids[:6] == [9] * 6 and new.num_computed == 0
     sched.finish(old)
-    batch = sched.schedule()
+    batch = sched.schedule().batch
     assert [s for s, _ in batch] == [new]
     assert batch[0][1] == new.num_tokens - new.num_computed   # recomputed, prefix cache permitting
 

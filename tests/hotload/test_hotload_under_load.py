@@ -12,6 +12,7 @@ import weakref
 import pytest
 
 from client.client import Client
+from server.config import engine_config
 from tests.hotload.helpers import GREEDY, PROMPT, expected_text, publish_broken, publish_seeded
 from tests.service.harness import ADMIN_KEY, RunningServer, wait_for
 
@@ -22,7 +23,8 @@ CLIENTS = 8
 @pytest.fixture
 def server(registry, tiny_tokenizer, tmp_path):
     publish_seeded(registry, tiny_tokenizer, seed=1, aliases=("sft",))
-    s = RunningServer(registry.root, tmp_path / "home", watch=True, poll_interval_s=0.5, kv_blocks=256).start()
+    s = RunningServer(registry.root, tmp_path / "home", watch=True, poll_interval_s=0.5,
+                      engine=engine_config(num_blocks=256)).start()
     yield s
     s.stop()
 

@@ -7,8 +7,8 @@ import weakref
 import pytest
 
 from server.engine.config import EngineConfig
-from server.hotload import HotLoadConfig, HotLoader
-from server.models import ModelManager, default_engine_factory
+from server.models.hotload import HotLoadConfig, HotLoader
+from server.models.manager import ModelManager, default_engine_factory
 from tests.hotload.helpers import expected_text, publish_broken, publish_seeded
 from tests.service.harness import wait_for
 
@@ -120,8 +120,8 @@ def test_wait_retired_returns_only_once_the_retired_pool_is_back(registry, tiny_
     import threading
 
     from gpt.checkpoint import load_checkpoint
-    from server.kv_budget import KVBudget
-    from server.models import LoadedModel
+    from server.models.kv_budget import KVBudget
+    from server.models.manager import LoadedModel
 
     builder = default_engine_factory(EngineConfig(max_num_seqs=4, block_size=8))
     publish_seeded(registry, tiny_tokenizer, seed=1)
@@ -156,7 +156,7 @@ def test_wait_retired_returns_only_once_the_retired_pool_is_back(registry, tiny_
 def test_kv_budget_is_never_over_committed_across_a_swap(registry, tiny_tokenizer):
     """Room for two versions' pools: a swap fits (serving + loading), a third version
     waits for the retired one to give its pool back, and the total never exceeds it."""
-    from server.kv_budget import KVBudget, KVBudgetExhausted
+    from server.models.kv_budget import KVBudget, KVBudgetExhausted
 
     builder = default_engine_factory(EngineConfig(max_num_seqs=4, block_size=8))
     publish_seeded(registry, tiny_tokenizer, seed=1)
@@ -188,3 +188,21 @@ def test_kv_budget_is_never_over_committed_across_a_swap(registry, tiny_tokenize
         h.stop()
         manager.shutdown()
     assert budget.used_bytes == 0
+
+
+def test_adapter_entries_are_not_loaded_as_models(manager, registry, tiny_checkpoint):
+    # An adapter version in the registry (with its own latest alias) must neither break
+    # the default load nor be hot-loaded as a model of its own.
+    from gpt.adapter_store import publish_adapter
+    from gpt.checkpoint import load_checkpoint
+    from gpt.lora import LoraAdapter, LoraSpec
+
+    _, base = tiny_checkpoint
+    config = load_checkpoint(base.path).model.config
+    publish_adapter(registry, "tenant", LoraAdapter.zeros_like(LoraSpec(2, 4.0, ("q",)), config), base)
+    loaded = manager.load_default([])
+    assert [m.name for m in loaded] == ["tiny"]
+    h = HotLoader(manager, registry, HotLoadConfig(poll_interval_s=0.2))
+    outcome = h.switch("tenant", "latest", 1)
+    assert not outcome.ok and "adapter" in outcome.error
+    assert not manager.is_loaded("tenant", 1)

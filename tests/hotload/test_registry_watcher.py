@@ -3,7 +3,7 @@ import queue
 import pytest
 
 from gpt.registry import publish_checkpoint
-from server.registry_watcher import AliasChange, RegistryWatcher
+from server.models.registry_watcher import AliasChange, RegistryWatcher
 from tests.service.harness import wait_for
 
 

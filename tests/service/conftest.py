@@ -44,13 +44,13 @@ def durable_redis(tmp_path):
 @pytest.fixture(params=["sqlite", "redis"])
 def store(request, tmp_path):
     if request.param == "sqlite":
-        from server.ledger_sqlite import SqliteStore
+        from server.accounting.ledger_sqlite import SqliteStore
 
         s = SqliteStore(tmp_path / "ledger.sqlite3")
         yield s
         s.close()
     else:
-        from server.ledger_redis import RedisStore
+        from server.accounting.ledger_redis import RedisStore
 
         server = DurableRedis(tmp_path)
         server.start()

@@ -103,7 +103,7 @@ def test_grace_period_over_cuts_streams_and_bills_them(tiny_tokenizer, tmp_path)
     import threading
 
     from gpt.registry import Registry, publish_checkpoint
-    from server.ledger_sqlite import SqliteStore
+    from server.accounting.ledger_sqlite import SqliteStore
     from tests.conftest import make_tiny_model
 
     registry = Registry(tmp_path / "registry")

@@ -8,18 +8,21 @@ import argparse
 from pathlib import Path
 
 import pytest
+import torch
 
 from server import commands
-from server.config import ServerConfig, from_flags, settings
+from server.config import ServerConfig, engine_settings, from_flags, settings
 
 # What README, deploy/ and docker-compose.yml rely on.
 FLAGS = ["--host", "--port", "--metrics-port", "--registry", "--model", "--redis-url", "--admin-key-file",
          "--grace-period", "--device", "--kv-blocks", "--kv-budget-mb", "--kv-per-model-mb", "--default-max-tokens",
          "--cached-discount", "--no-watch", "--poll-interval", "--tls-cert", "--tls-key", "--tls-client-ca",
-         "--health-port", "--redis-tls-ca"]
+         "--health-port", "--redis-tls-ca", "--dtype", "--max-num-seqs", "--max-num-batched-tokens",
+         "--engine-threads", "--kernel-arch", "--max-waiting"]
 ENV = ["SOL_HOST", "SOL_PORT", "SOL_METRICS_PORT", "SOL_REGISTRY", "SOL_REDIS_URL", "SOL_ADMIN_KEY", "SOL_KEY_PEPPER",
        "SOL_HOME", "SOL_GRACE_PERIOD", "SOL_POLL_INTERVAL", "SOL_KV_BUDGET_MB", "SOL_KV_PER_MODEL_MB", "SOL_TLS_CERT",
-       "SOL_TLS_KEY", "SOL_TLS_CLIENT_CA", "SOL_HEALTH_PORT", "SOL_REDIS_TLS_CA"]
+       "SOL_TLS_KEY", "SOL_TLS_CLIENT_CA", "SOL_HEALTH_PORT", "SOL_REDIS_TLS_CA", "SOL_DTYPE", "SOL_ENGINE_THREADS",
+       "SOL_KERNEL_ARCH"]
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -42,7 +45,7 @@ def test_every_flag_and_variable_is_there():
     serve_cmd = serve_parser()._subparsers._group_actions[0].choices["serve"]
     options = {s for a in serve_cmd._actions for s in a.option_strings}
     assert set(FLAGS) <= options
-    assert set(ENV) <= {s.env for _, s in settings()}
+    assert set(ENV) <= {s.env for _, s in settings() + engine_settings()}
 
 
 def test_flag_beats_environment_beats_default(monkeypatch, tmp_path):
@@ -79,3 +82,19 @@ def test_only_config_reads_the_environment():
     readers = sorted(p.relative_to(server_dir).as_posix() for p in server_dir.rglob("*.py")
                      if "os.environ" in p.read_text(encoding="utf-8") or "getenv" in p.read_text(encoding="utf-8"))
     assert readers == ["config.py"]
+
+
+def test_engine_settings_come_from_the_engine_config(monkeypatch):
+    # No mirrored defaults: an unset flag leaves the engine's own default.
+    assert serve().engine == ServerConfig().engine
+    assert serve().engine.max_num_seqs == 64 and serve().engine.num_blocks is None
+    monkeypatch.setenv("SOL_DTYPE", "bf16")
+    monkeypatch.setenv("SOL_ENGINE_THREADS", "1")
+    config = serve("--kv-blocks", "40", "--max-num-seqs", "8", "--engine-threads", "2", "--device", "cpu")
+    engine = config.engine
+    assert (engine.num_blocks, engine.max_num_seqs, engine.threads, engine.device, engine.dtype) == \
+        (40, 8, 2, "cpu", torch.bfloat16)                    # flag beats SOL_ENGINE_THREADS
+    assert ServerConfig().engine.threads == 1 and ServerConfig().engine.dtype is torch.bfloat16
+    monkeypatch.setenv("SOL_DTYPE", "float16x")
+    with pytest.raises(ValueError, match="SOL_DTYPE"):
+        ServerConfig()

@@ -7,22 +7,21 @@ import pytest
 import torch
 
 from client.client import Client
-from server.config import ServerConfig
+from server.config import ServerConfig, engine_config
+from server.engine.config import parse_dtype
 from tests.service.harness import ADMIN_KEY, RunningServer
 
 
 def test_dtype_names_are_checked():
-    assert ServerConfig(dtype=None).dtype is None
-    from server.config import _dtype_name
-
-    assert _dtype_name("bf16") == "bfloat16" and _dtype_name("float32") == "float32"
+    assert ServerConfig().engine.dtype is None
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float32") is torch.float32
     with pytest.raises(ValueError, match="float32 or bfloat16"):
-        _dtype_name("float16x")
+        parse_dtype("float16x")
 
 
 def test_a_bf16_server_serves_with_half_the_kv_bytes(tiny_checkpoint, tmp_path):
     registry, _ = tiny_checkpoint
-    server = RunningServer(registry.root, tmp_path / "home", dtype="bfloat16").start()
+    server = RunningServer(registry.root, tmp_path / "home", engine=engine_config(dtype=torch.bfloat16)).start()
     try:
         (model,) = server.app.models.models()
         engine = model.engine

@@ -11,6 +11,7 @@ import pytest
 from client.client import Client
 from client.types import SolError
 from proto.sol.v1 import sol_pb2 as pb
+from server.config import engine_config
 from tests.service.harness import ADMIN_KEY, RunningServer, publish_tiny
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -209,7 +210,7 @@ def test_unavailable_while_draining(tiny_checkpoint, tmp_path):
 def test_queue_full_is_resource_exhausted(tiny_checkpoint, tmp_path):
     registry, _ = tiny_checkpoint
     # A tiny KV cache and waiting queue: a burst must overflow the queue.
-    s = RunningServer(registry.root, tmp_path / "home", max_waiting=2, kv_blocks=12).start()
+    s = RunningServer(registry.root, tmp_path / "home", engine=engine_config(max_waiting=2, num_blocks=12)).start()
     try:
         with Client(s.target, admin_key=ADMIN_KEY) as admin:
             key, _ = admin.create_key("burst")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from server.ledger import KeyInfo, Price, UsageRecord, utc_day
+from server.accounting.ledger import KeyInfo, Price, UsageRecord, utc_day
 
 
 def make_key(store, key_id="k1", **limits) -> KeyInfo:
@@ -141,7 +141,7 @@ def test_get_record(store):
 
 
 def test_pepper_fingerprint_is_claimed_once(store):
-    from server.auth import check_pepper
+    from server.accounting.auth import check_pepper
 
     assert store.claim_fingerprint("a") == "a"
     assert store.claim_fingerprint("b") == "a"
@@ -168,7 +168,7 @@ def test_sqlite_commits_run_state_without_fsync_and_usage_with_it(tmp_path):
     usage records that bill. Both kinds are committed: another connection sees them."""
     import sqlite3
 
-    from server.ledger_sqlite import SqliteStore
+    from server.accounting.ledger_sqlite import SqliteStore
 
     store = SqliteStore(tmp_path / "ledger.db")
     key = make_key(store, token_budget=1000)

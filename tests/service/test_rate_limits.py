@@ -17,8 +17,8 @@ import pytest
 
 from client.client import Client
 from client.types import SolError
-from server.ledger import RATE_WINDOW_S, KeyInfo, StoreUnavailable, UsageRecord, utc_day
-from server.quota import QuotaGate
+from server.accounting.ledger import RATE_WINDOW_S, KeyInfo, StoreUnavailable, UsageRecord, utc_day
+from server.accounting.quota import QuotaGate
 from tests.conftest import RedisServer
 from tests.service.harness import ADMIN_KEY, RunningServer
 
@@ -69,7 +69,7 @@ def test_concurrent_rpm_counts(store):
 
 def test_sqlite_connections_share_the_window(tmp_path):
     """Two stores on one file, as two processes would open it: one transaction each."""
-    from server.ledger_sqlite import SqliteStore
+    from server.accounting.ledger_sqlite import SqliteStore
 
     a, b = SqliteStore(tmp_path / "l.sqlite3"), SqliteStore(tmp_path / "l.sqlite3")
     try:

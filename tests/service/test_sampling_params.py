@@ -24,18 +24,18 @@ def test_proto_and_dataclass_define_the_same_parameters():
 
 def test_message_fields_map_to_the_nested_dataclass():
     msg = pb.SamplingParams(response_format={"type": "json_schema", "json_schema": {"schema": "{}", "strict": True}})
-    params, _ = validation.sampling_params(msg)
+    params = validation.sampling_params(msg)
     assert params.response_format == ResponseFormat("json_schema", JsonSchema(schema="{}", strict=True))
-    params, _ = validation.sampling_params(pb.SamplingParams(response_format={"type": "regex", "regex": "a+"}))
+    params = validation.sampling_params(pb.SamplingParams(response_format={"type": "regex", "regex": "a+"}))
     assert params.response_format == ResponseFormat("regex", regex="a+")
 
 
 def test_unset_fields_keep_the_defaults_and_set_ones_are_mapped():
-    params, given = validation.sampling_params(pb.SamplingParams())
-    assert params == SamplingParams() and not given
+    params = validation.sampling_params(pb.SamplingParams())
+    assert params == SamplingParams() and params.max_tokens is None
     msg = pb.SamplingParams(max_tokens=5, temperature=0.0, stop=["x"], logit_bias={3: -2.5}, ignore_eos=False)
-    params, given = validation.sampling_params(msg)
-    assert given and params.max_tokens == 5 and params.temperature == 0.0
+    params = validation.sampling_params(msg)
+    assert params.max_tokens == 5 and params.temperature == 0.0
     assert params.stop == ["x"] and params.logit_bias == {3: -2.5} and params.ignore_eos is False
 
 

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client.client import Client
 from client.types import SolError, Usage
 from gpt.registry import Registry, publish_checkpoint
-from server.ledger_sqlite import SqliteStore
+from server.accounting.ledger_sqlite import SqliteStore
 from tests.conftest import free_port, make_tiny_model
 from tests.service.harness import wait_for
 

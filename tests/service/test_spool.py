@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from server.ledger import StoreUnavailable, UsageRecord, utc_day
-from server.spool import Spool
+from server.accounting.ledger import StoreUnavailable, UsageRecord, utc_day
+from server.accounting.spool import Spool
 
 
 def rec(i: int) -> UsageRecord:
@@ -53,7 +53,7 @@ def test_torn_last_line_is_skipped(tmp_path):
 def test_replay_twice_counts_once(store, tmp_path):
     """A crash after applying but before truncating replays again: the store's
     idempotency keeps the totals exact."""
-    from server.ledger import KeyInfo
+    from server.accounting.ledger import KeyInfo
 
     store.create_key(KeyInfo(key_id="k", name="n", prefix="p", created=0), "h")
     spool = Spool(tmp_path / "s.jsonl")

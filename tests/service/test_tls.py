@@ -16,7 +16,7 @@ import pytest
 from client.client import Client
 from client.tls import ChannelTls
 from client.types import SolError
-from server.ledger import StoreUnavailable
+from server.accounting.ledger import StoreUnavailable
 from server.tls import TlsError, TlsFiles
 from tests.certs import TestCA, served_serial
 from tests.conftest import RedisServer
@@ -274,7 +274,7 @@ def tls_redis(tmp_path, ca):
 
 
 def test_ledger_over_tls(registry_root, ca, tmp_path, tls_redis):
-    from server.ledger_redis import RedisStore
+    from server.accounting.ledger_redis import RedisStore
 
     pki = tls_redis.pki
     with pytest.raises(ValueError, match="rediss://"):
@@ -297,7 +297,7 @@ def test_ledger_over_tls(registry_root, ca, tmp_path, tls_redis):
 
 
 def test_ledger_with_a_redis_client_certificate(tmp_path, ca):
-    from server.ledger_redis import RedisStore
+    from server.accounting.ledger_redis import RedisStore
 
     server = TlsRedis(tmp_path, Pki(tmp_path / "redis-pki", ca), auth_clients=True)
     server.start()

@@ -457,6 +457,11 @@ class AdminStub:
                 request_serializer=sol_dot_v1_dot_sol__pb2.SetPriceRequest.SerializeToString,
                 response_deserializer=sol_dot_v1_dot_sol__pb2.SetPriceResponse.FromString,
                 _registered_method=True)
+        self.UpdateKey = channel.unary_unary(
+                '/sol.v1.Admin/UpdateKey',
+                request_serializer=sol_dot_v1_dot_sol__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=sol_dot_v1_dot_sol__pb2.UpdateKeyResponse.FromString,
+                _registered_method=True)
         self.LoadModel = channel.unary_unary(
                 '/sol.v1.Admin/LoadModel',
                 request_serializer=sol_dot_v1_dot_sol__pb2.LoadModelRequest.SerializeToString,
@@ -511,6 +516,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateKey(self, request, context):
+        """A key's scheduling settings (share, band); its limits stay as created.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LoadModel(self, request, context):
         """Model lifecycle (hot-load): field numbers and names reserved here so clients built
         now keep working when they land.
@@ -558,6 +570,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetPrice,
                     request_deserializer=sol_dot_v1_dot_sol__pb2.SetPriceRequest.FromString,
                     response_serializer=sol_dot_v1_dot_sol__pb2.SetPriceResponse.SerializeToString,
+            ),
+            'UpdateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKey,
+                    request_deserializer=sol_dot_v1_dot_sol__pb2.UpdateKeyRequest.FromString,
+                    response_serializer=sol_dot_v1_dot_sol__pb2.UpdateKeyResponse.SerializeToString,
             ),
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
@@ -714,6 +731,33 @@ class Admin:
             '/sol.v1.Admin/SetPrice',
             sol_dot_v1_dot_sol__pb2.SetPriceRequest.SerializeToString,
             sol_dot_v1_dot_sol__pb2.SetPriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sol.v1.Admin/UpdateKey',
+            sol_dot_v1_dot_sol__pb2.UpdateKeyRequest.SerializeToString,
+            sol_dot_v1_dot_sol__pb2.UpdateKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,8 +11,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from server.ledger import LedgerStore, StoreUnavailable, UsageRecord
-from server.spool import Spool
+from server.accounting.ledger import LedgerStore, StoreUnavailable, UsageRecord
+from server.accounting.spool import Spool
 
 log = logging.getLogger("sol.accounting")
 

@@ -24,10 +24,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from gpt.adapter_store import is_adapter
 from gpt.checkpoint import read_meta
 from gpt.registry import LATEST, REWARD_STAGE, ModelRef, Registry
-from server.models import LoadedModel, ModelManager
-from server.registry_watcher import AliasChange, RegistryWatcher
+from server.models.manager import LoadedModel, ModelManager
+from server.models.registry_watcher import AliasChange, RegistryWatcher
 
 log = logging.getLogger("sol.hotload")
 
@@ -160,6 +161,9 @@ class HotLoader:
         ref = f"{name}@{version}"
         if self._is_reward_model(name, version):
             return LoadOutcome(name, version, ok=False, seconds=0.0, error="reward models are not served")
+        if is_adapter(self.registry.version_dir(name, version)):
+            # An adapter is served over its base model's engine, not as a model of its own.
+            return LoadOutcome(name, version, ok=False, seconds=0.0, error="adapters are not loaded as models")
         started = time.monotonic()
         try:
             if not self.manager.is_loaded(name, version):

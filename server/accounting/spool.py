@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from server.ledger import UsageRecord
+from server.accounting.ledger import UsageRecord
 
 
 class Spool:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from server.ledger import KeyInfo, LedgerStore, StoreUnavailable
+from server.accounting.ledger import KeyInfo, LedgerStore, StoreUnavailable
 
 KEY_PREFIX = "sk-sol-"
 
@@ -101,10 +101,6 @@ class Authenticator:
         self._run = run                        # runs a blocking store call off the event loop
         self._cache: dict[str, tuple[KeyInfo | None, float]] = {}
         self.cache_s = cache_s
-
-    def is_admin(self, metadata: Any) -> bool:
-        token = bearer(metadata)
-        return bool(token) and hmac.compare_digest(hash_key(self.pepper, token), self._admin_hash)
 
     def check_admin(self, metadata: Any) -> None:
         token = bearer(metadata)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt.adapter_store import is_adapter
 from gpt.chat import chat_stop_ids
 from gpt.checkpoint import Checkpoint, load_checkpoint
 from gpt.config import ModelConfig
@@ -32,7 +33,7 @@ from server.engine.engine import Engine
 from server.engine.grammar import CompiledGrammar, GrammarCompiler
 from server.engine.kv_cache import kv_bytes_per_block
 from server.engine.output import TokenTexts
-from server.kv_budget import KVBudget
+from server.models.kv_budget import KVBudget
 
 log = logging.getLogger("sol.models")
 
@@ -209,7 +210,8 @@ class ModelManager:
     def load_default(self, refs: list[str]) -> list[LoadedModel]:
         """`refs`, or every model's latest in the registry when none are given."""
         refs = refs or [f"{name}:{LATEST}" for name in self.registry.models()
-                        if LATEST in self.registry.aliases(name)]
+                        if LATEST in (aliases := self.registry.aliases(name))
+                        and not is_adapter(self.registry.version_dir(name, aliases[LATEST]))]
         return [self.load(r) for r in refs]
 
     def sync_aliases(self, name: str) -> None:
@@ -286,8 +288,9 @@ class ModelManager:
         with self._lock:
             return sorted(a for a, v in self._aliases.get(model.name, {}).items() if v == model.version)
 
-    def stats(self) -> list[tuple[str, int, EngineStats]]:
-        return [(m.name, m.version, m.engine.stats()) for m in self.models()]
+    def stats(self, top_tenants: int = 0) -> list[tuple[str, int, EngineStats]]:
+        """Each loaded version's engine counts, with its `top_tenants` busiest tenants."""
+        return [(m.name, m.version, m.engine.stats(top_tenants)) for m in self.models()]
 
     @property
     def ready(self) -> bool:

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from server.ledger import (
+from server.accounting.ledger import (
     RATE_WINDOW_S,
     Admission,
     KeyInfo,

@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from server.ledger import LedgerStore, Price, StoreUnavailable
+from server.accounting.ledger import LedgerStore, Price, StoreUnavailable
 
 log = logging.getLogger("sol.pricing")
 

@@ -12,14 +12,22 @@ from gpt.quoting import quote
 from gpt.registry import NAME_RE, ModelNotFound, RegistryError, validate_name
 from proto.sol.v1 import sol_pb2 as pb
 from proto.sol.v1 import sol_pb2_grpc as pb_grpc
-from server.accounting import Accountant
-from server.auth import Authenticator, AuthError, hash_key, new_key
-from server.errors import exhausted, failed_precondition, invalid, not_found, unavailable
-from server.kv_budget import KVBudgetExhausted
-from server.ledger import KeyInfo, LedgerStore, Price, StoreUnavailable, UsageRow
-from server.models import ModelManager
-from server.pricing import PriceBook
-from server.servicer import InferenceServicer, auth_error
+from server.accounting.accountant import Accountant
+from server.accounting.auth import Authenticator, AuthError, hash_key, new_key
+from server.accounting.ledger import (
+    KEY_BANDS,
+    MAX_SHARE,
+    KeyInfo,
+    LedgerStore,
+    Price,
+    StoreUnavailable,
+    UsageRow,
+)
+from server.accounting.pricing import PriceBook
+from server.errors import auth_error, exhausted, failed_precondition, invalid, not_found, unavailable
+from server.grpc.servicer import InferenceServicer
+from server.models.kv_budget import KVBudgetExhausted
+from server.models.manager import ModelManager
 
 log = logging.getLogger("sol.admin")
 
@@ -29,11 +37,22 @@ MAX_KEY_NAME = 64
 
 def key_pb(k: KeyInfo) -> pb.ApiKey:
     msg = pb.ApiKey(key_id=k.key_id, name=k.name, prefix=k.prefix, created=k.created, revoked=k.revoked,
-                    tokens_used=k.tokens_used)
+                    tokens_used=k.tokens_used, share=k.share, band=k.band)
     for f in ("token_budget", "rpm", "tpm"):
         if getattr(k, f) is not None:
             setattr(msg, f, getattr(k, f))
     return msg
+
+
+def scheduling_fields(request) -> tuple[float | None, str | None]:
+    """A CreateKey/UpdateKey request's share and band (None = unset), checked."""
+    share = request.share if request.HasField("share") else None
+    band = request.band if request.HasField("band") else None
+    if share is not None and not 0 < share <= MAX_SHARE:
+        raise invalid(f"share must be in (0, {MAX_SHARE:g}] (got {share:g}); 1 = an equal share, 2 = twice that")
+    if band is not None and band not in KEY_BANDS:
+        raise invalid(f"band must be one of {', '.join(KEY_BANDS)} (got {quote(band)})")
+    return share, band
 
 
 def row_pb(r: UsageRow) -> pb.UsageRow:
@@ -75,14 +94,29 @@ class AdminServicer(pb_grpc.AdminServicer):
                 if request.HasField(field) and getattr(request, field) < 1:
                     raise invalid(f"{field} must be >= 1 when set (got {getattr(request, field)}); leave it unset "
                                   "for no limit")
+            share, band = scheduling_fields(request)
             clear, key_id, prefix = new_key()
             info = KeyInfo(key_id=key_id, name=name, prefix=prefix, created=int(time.time()),
                            token_budget=request.token_budget if request.HasField("token_budget") else None,
                            rpm=request.rpm if request.HasField("rpm") else None,
-                           tpm=request.tpm if request.HasField("tpm") else None)
+                           tpm=request.tpm if request.HasField("tpm") else None,
+                           share=1.0 if share is None else share, band=band or "interactive")
             await self._run(self.store.create_key, info, hash_key(self.auth.pepper, clear))
             return pb.CreateKeyResponse(info=key_pb(info), key=clear)
         return await self._call(context, "CreateKey", fn)
+
+    async def UpdateKey(self, request, context):
+        async def fn():
+            if not request.key_id:
+                raise invalid("key_id is empty: name the key to update (see ListKeys)")
+            share, band = scheduling_fields(request)
+            key = await self._run(self.store.update_key, request.key_id, share, band)
+            if key is None:
+                raise not_found(f"no key with id {quote(request.key_id)} (see ListKeys)")
+            # Cached copies of the key are dropped: its next request is scheduled as updated.
+            self.auth.forget(request.key_id)
+            return pb.UpdateKeyResponse(info=key_pb(key))
+        return await self._call(context, "UpdateKey", fn)
 
     async def RevokeKey(self, request, context):
         async def fn():

@@ -78,6 +78,15 @@ class KeyInfo:
     rpm: int | None = None
     tpm: int | None = None
     tokens_used: int = 0
+    # Scheduling (fair share): the key's weight against other keys when the server is busy
+    # (2 = twice the tokens of a weight-1 key), and its band: "interactive" keys are served
+    # before "batch" keys (KEY_BANDS).
+    share: float = 1.0
+    band: str = "interactive"
+
+
+KEY_BANDS = ("interactive", "batch")
+MAX_SHARE = 1000.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,10 @@ class LedgerStore(Protocol):
     def get_key(self, key_id: str) -> KeyInfo | None: ...
     def revoke_key(self, key_id: str) -> bool: ...
     def list_keys(self, include_revoked: bool = False) -> list[KeyInfo]: ...
+    def update_key(self, key_id: str, share: float | None = None, band: str | None = None) -> KeyInfo | None:
+        """Change a key's scheduling settings (None = unchanged); the updated key, or None
+        when no such key exists."""
+        ...
 
     # prices
     def set_price(self, model: str, price: Price) -> None: ...

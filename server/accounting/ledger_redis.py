@@ -4,7 +4,8 @@ is one Lua script, so it is atomic, and usage records are idempotent by request 
 Run Redis with AOF persistence (`appendonly yes`, `appendfsync everysec` or `always`):
 the ledger is billing data. Key layout (prefix `sol:`):
 
-    key:{id}              hash  name, prefix, created, revoked, token_budget, rpm, tpm, tokens_used
+    key:{id}              hash  name, prefix, created, revoked, token_budget, rpm, tpm, tokens_used,
+                                share, band (absent in keys of earlier versions: 1, interactive)
     keyhash:{hmac}        str   -> key id (keys are stored hashed, never in clear)
     keys                  set   key ids
     pepper-fingerprint    str   HMAC(pepper, constant): replicas must share one pepper
@@ -30,7 +31,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from server.ledger import (
+from server.accounting.ledger import (
     IDEMPOTENCY_TTL_S,
     RATE_WINDOW_S,
     RESERVATION_TTL_S,
@@ -91,7 +92,7 @@ end
 # the excess leave it RATE_WINDOW_S after their admission).
 # Returns {admitted, requests in window, tokens in window, reserved, tokens used,
 # request wait, token wait}; waits are strings (Lua numbers would come back as integers).
-# The rule matches server.ledger.refusal, which words the refusal.
+# The rule matches server.accounting.ledger.refusal, which words the refusal.
 ADMIT_LUA = DROP_ENTRY_LUA + """
 local now, window = tonumber(ARGV[3]), tonumber(ARGV[8])
 local cutoff = string.format('%.17g', now - window)
@@ -174,7 +175,8 @@ def _opt(v: str | bytes | None) -> int | None:
 def _key(h: dict) -> KeyInfo:
     return KeyInfo(key_id=h["key_id"], name=h["name"], prefix=h["prefix"], created=int(h["created"]),
                    revoked=h.get("revoked") == "1", token_budget=_opt(h.get("token_budget")),
-                   rpm=_opt(h.get("rpm")), tpm=_opt(h.get("tpm")), tokens_used=int(h.get("tokens_used") or 0))
+                   rpm=_opt(h.get("rpm")), tpm=_opt(h.get("tpm")), tokens_used=int(h.get("tokens_used") or 0),
+                   share=float(h.get("share") or 1.0), band=h.get("band") or "interactive")
 
 
 def _unavailable(fn):
@@ -242,12 +244,33 @@ class RedisStore:
                   "revoked": "1" if key.revoked else "0", "tokens_used": key.tokens_used,
                   "token_budget": "" if key.token_budget is None else key.token_budget,
                   "rpm": "" if key.rpm is None else key.rpm, "tpm": "" if key.tpm is None else key.tpm,
-                  "hash": key_hash}
+                  "share": repr(key.share), "band": key.band, "hash": key_hash}
         with self._r.pipeline(transaction=True) as p:
             p.hset(f"{P}key:{key.key_id}", mapping=fields)
             p.set(f"{P}keyhash:{key_hash}", key.key_id)
             p.sadd(f"{P}keys", key.key_id)
             p.execute()
+
+    @_unavailable
+    def update_key(self, key_id: str, share: float | None = None, band: str | None = None) -> KeyInfo | None:
+        fields = {name: value for name, value in (("share", None if share is None else repr(share)), ("band", band))
+                  if value is not None}
+        name = f"{P}key:{key_id}"
+        # Only an existing key is updated (HSET alone would create a stray hash).
+        with self._r.pipeline(transaction=True) as p:
+            while True:
+                try:
+                    p.watch(name)
+                    if not p.hexists(name, "key_id"):
+                        return None
+                    p.multi()
+                    if fields:
+                        p.hset(name, mapping=fields)
+                    p.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        return self.get_key(key_id)
 
     @_unavailable
     def key_by_hash(self, key_hash: str) -> KeyInfo | None:

@@ -18,24 +18,15 @@ import grpc
 from proto.sol.v1 import sol_pb2 as pb
 from proto.sol.v1 import sol_pb2_grpc as pb_grpc
 from server import validation
-from server.auth import Authenticator, AuthError
+from server.accounting.auth import Authenticator, AuthError
+from server.accounting.ledger import KeyInfo
+from server.accounting.pricing import PriceBook
 from server.engine.api import TokenLogprob
-from server.errors import ServiceError, bounded
+from server.errors import ServiceError, auth_error, bounded
 from server.inference import BilledUsage, ChoiceUpdate, InferenceService, Job
-from server.ledger import KeyInfo
-from server.models import LoadedModel
-from server.pricing import PriceBook
+from server.models.manager import LoadedModel
 
 log = logging.getLogger("sol.servicer")
-
-AUTH_CODES = {"unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
-              "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
-              "unavailable": grpc.StatusCode.UNAVAILABLE}
-
-
-def auth_error(err: AuthError) -> ServiceError:
-    return ServiceError(AUTH_CODES[err.code], str(err), 1.0 if err.code == "unavailable" else None)
-
 
 def logprobs_pb(logprobs: list[TokenLogprob]) -> list[pb.TokenLogprob]:
     return [pb.TokenLogprob(token_id=lp.token_id, token=lp.text, logprob=lp.logprob,
@@ -123,6 +114,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.ModelInfo(name=m.name, version=m.version, aliases=self.models.aliases_of(m), stage=m.stage,
                             parent=m.parent, max_context=m.max_context, num_parameters=m.num_parameters,
                             eval_metrics=metrics, loaded_at=m.loaded_at, ready=True,
+                            scheduling=m.engine.config.scheduling,
                             price=pb.Price(prompt_per_1k=price.prompt_per_1k,
                                            completion_per_1k=price.completion_per_1k,
                                            cached_discount=price.cached_discount))
@@ -164,10 +156,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def _admit(self, request, context, chat: bool, labels: dict[str, Any], streaming: bool) -> Job:
         key = await self.authenticate(context)
-        params, given = validation.sampling_params(request.params)
+        params = validation.sampling_params(request.params)
         what: dict[str, Any] = {"messages": list(request.messages)} if chat else {"prompt": request.prompt}
-        return await self.service.admit(key, request.model, params, given, request_id=request.request_id,
-                                        labels=labels, streaming=streaming, **what)
+        return await self.service.admit(key, request.model, params, request_id=request.request_id,
+                                        labels=labels, streaming=streaming, priority=request.priority, **what)
 
     async def _unary(self, request, context, method: str, chat: bool):
         job: Job | None = None

@@ -10,7 +10,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.ledger import (
+from server.accounting.ledger import (
     IDEMPOTENCY_TTL_S,
     RATE_WINDOW_S,
     RESERVATION_TTL_S,
@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
     key_id TEXT PRIMARY KEY, key_hash TEXT UNIQUE NOT NULL, name TEXT NOT NULL, prefix TEXT NOT NULL,
     created INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, token_budget INTEGER, rpm INTEGER,
-    tpm INTEGER, tokens_used INTEGER NOT NULL DEFAULT 0);
+    tpm INTEGER, tokens_used INTEGER NOT NULL DEFAULT 0, share REAL NOT NULL DEFAULT 1.0,
+    band TEXT NOT NULL DEFAULT 'interactive');
 CREATE TABLE IF NOT EXISTS prices (
     model TEXT PRIMARY KEY, prompt_per_1k REAL NOT NULL, completion_per_1k REAL NOT NULL,
     cached_discount REAL NOT NULL);
@@ -56,12 +57,14 @@ CREATE TABLE IF NOT EXISTS reservations (
     PRIMARY KEY (key_id, request_id));
 """
 
-_KEY_COLUMNS = "key_id, name, prefix, created, revoked, token_budget, rpm, tpm, tokens_used"
+_KEY_COLUMNS = "key_id, name, prefix, created, revoked, token_budget, rpm, tpm, tokens_used, share, band"
+# Columns added after the first release: (name, definition) for ALTER TABLE on old files.
+_KEY_MIGRATIONS = (("share", "REAL NOT NULL DEFAULT 1.0"), ("band", "TEXT NOT NULL DEFAULT 'interactive'"))
 
 
 def _key(row) -> KeyInfo:
     return KeyInfo(key_id=row[0], name=row[1], prefix=row[2], created=row[3], revoked=bool(row[4]),
-                   token_budget=row[5], rpm=row[6], tpm=row[7], tokens_used=row[8])
+                   token_budget=row[5], rpm=row[6], tpm=row[7], tokens_used=row[8], share=row[9], band=row[10])
 
 
 class SqliteStore:
@@ -78,6 +81,10 @@ class SqliteStore:
             # FULL: a committed usage record survives a power cut, as Redis AOF fsync does.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(keys)")}
+            for column, definition in _KEY_MIGRATIONS:
+                if column not in have:     # a ledger written before the column existed
+                    self._db.execute(f"ALTER TABLE keys ADD COLUMN {column} {definition}")
 
     @contextmanager
     def _tx(self, durable: bool = True):
@@ -115,9 +122,9 @@ class SqliteStore:
     # --- keys -------------------------------------------------------------------------------
     def create_key(self, key: KeyInfo, key_hash: str) -> None:
         with self._tx() as db:
-            db.execute(f"INSERT INTO keys ({_KEY_COLUMNS}, key_hash) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            db.execute(f"INSERT INTO keys ({_KEY_COLUMNS}, key_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                        (key.key_id, key.name, key.prefix, key.created, int(key.revoked), key.token_budget,
-                        key.rpm, key.tpm, key.tokens_used, key_hash))
+                        key.rpm, key.tpm, key.tokens_used, key.share, key.band, key_hash))
 
     def key_by_hash(self, key_hash: str) -> KeyInfo | None:
         with self._lock:
@@ -133,6 +140,13 @@ class SqliteStore:
         with self._tx() as db:
             cur = db.execute("UPDATE keys SET revoked=1 WHERE key_id=? AND revoked=0", (key_id,))
             return cur.rowcount > 0
+
+    def update_key(self, key_id: str, share: float | None = None, band: str | None = None) -> KeyInfo | None:
+        with self._tx() as db:
+            db.execute("UPDATE keys SET share=COALESCE(?, share), band=COALESCE(?, band) WHERE key_id=?",
+                       (share, band, key_id))
+            row = db.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE key_id=?", (key_id,)).fetchone()
+        return _key(row) if row else None
 
     def list_keys(self, include_revoked: bool = False) -> list[KeyInfo]:
         where = "" if include_revoked else "WHERE revoked=0"
