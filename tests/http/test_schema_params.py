@@ -14,7 +14,8 @@ from server.http.schemas import GENERATED, OPENAI_SHAPED, ChatCompletionRequest,
 # A value other than the default, within the range, for each generated field.
 NON_DEFAULT = {"max_tokens": 7, "min_tokens": 2, "temperature": 0.5, "top_p": 0.9, "top_k": 3, "min_p": 0.1,
                "top_n_sigma": 1.5, "seed": 42, "stop_token_ids": [5, 6], "ignore_eos": True,
-               "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2, "n": 2}
+               "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2, "n": 2,
+               "skip_special_tokens": False}
 
 
 def test_every_engine_parameter_is_on_the_http_api():
