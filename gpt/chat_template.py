@@ -19,6 +19,9 @@ special-token strings as text (Hugging Face also cuts the text at every special 
 and encodes the pieces alone, so the pieces' ids are its ids). Where the template
 transforms such a content so that it cannot be found (or the marked rendering differs
 from the plain one), the request is refused with ChatTemplateError rather than guessed.
+Only message contents are guarded: `tools` and `documents` come from the calling
+application, and non-special added tokens (Qwen's <think>) are read as tokens, as
+Hugging Face reads them.
 
 Assistant mask (training): 1 on the tokens that overlap a `{% generation %}` block when
 the template has one. Otherwise it is derived by rendering prefixes: for each assistant

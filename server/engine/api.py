@@ -214,8 +214,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = param(
         factory=dict, doc=f"token id -> bias in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}] added to its logit; "
                           f"up to {MAX_LOGIT_BIAS} entries")
-    skip_special_tokens: bool = param(True, doc="leave special tokens (role markers, end of turn) out of the "
-                                                "text, as vLLM does")
+    skip_special_tokens: bool = param(
+        True, doc="leave special tokens (role markers, BOS...) out of the output text; stop tokens are never "
+                  "shown, and token ids and log-probs carry them either way")
     # The output's shape (JSON, JSON schema, regex, grammar); None = free text. The engine
     # needs it compiled (EngineRequest.grammar), which happens off its thread.
     response_format: ResponseFormat | None = param(

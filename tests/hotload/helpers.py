@@ -41,7 +41,8 @@ def expected_text(registry: Registry, ref: str) -> str:
     ckpt = load_checkpoint(registry.resolve(ref).path)
     engine = build_engine(ckpt.model, start=False)
     out = generate(engine, [chat_prompt_ids(ckpt.tokenizer, PROMPT)], GREEDY)
-    # GREEDY ignores EOS, so no token is hidden: the served text is these tokens' text.
+    # GREEDY ignores EOS and the requests show special tokens, so no token is hidden: the
+    # served text is these tokens' text.
     return ckpt.tokenizer.decode(out[0].token_ids)
 
 

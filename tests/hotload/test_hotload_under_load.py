@@ -42,7 +42,7 @@ def test_swaps_under_streaming_load_drop_nothing(server, registry, tiny_tokenize
             while not stop.is_set():
                 try:
                     stream = c.chat_stream(PROMPT, model="m", max_tokens=GREEDY.max_tokens, temperature=0.0,
-                                           ignore_eos=True)
+                                           ignore_eos=True, skip_special_tokens=False)
                     for _ in stream:
                         pass
                     results.append((stream.version, stream.text))
