@@ -166,6 +166,11 @@ class ServerConfig:
     grammar_compile_timeout_s: float = setting(10.0, flag="--grammar-compile-timeout",
                                                help="seconds a response_format (JSON schema, regex, grammar) may "
                                                     "take to compile")
+    # A key's share of that worker pool: compiles it may have running at once (a
+    # constraint already compiling for anyone is waited for, not compiled again); beyond
+    # it, RESOURCE_EXHAUSTED with a retry hint.
+    grammar_compiles_per_key: int = setting(2, env="SOL_GRAMMAR_COMPILES_PER_KEY",
+                                            help="response_format compiles one API key may have running at once")
     max_messages: int = 1024
     # The engine's own settings (device, dtype, KV pool, step limits, threads, kernels):
     # flags and environment variables generated from EngineConfig's metadata.

@@ -31,6 +31,7 @@ from server.accounting.accountant import Accountant
 from server.accounting.ledger import KeyInfo, Price, StoreUnavailable, UsageRecord, utc_day
 from server.accounting.pricing import PriceBook
 from server.accounting.quota import QuotaGate
+from server.compile_slots import CompileSlots
 from server.config import ServerConfig
 from server.engine.api import (
     BAND_INTERACTIVE,
@@ -47,7 +48,7 @@ from server.engine.api import (
     TokenLogprob,
     Usage,
 )
-from server.engine.grammar import CompiledGrammar, GrammarError
+from server.engine.grammar import CompiledGrammar, GrammarError, constraint_key
 from server.engine.output import OutputProcessor
 from server.engine.stream import RequestStream
 from server.errors import ServiceError, exhausted, invalid, not_found, unavailable
@@ -153,6 +154,10 @@ class InferenceService:
         self.background: set[asyncio.Task] = set()
         # Structured-output compiles run here, never on the event loop or the engine's thread.
         self.grammar_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sol-grammar")
+        self.compile_slots = CompileSlots(config.grammar_compiles_per_key)
+        # Compiles running, by (model version, constraint): a second request for the same
+        # constraint waits for the first's compile instead of starting another.
+        self._compiling: dict[tuple[str, str], asyncio.Future] = {}
 
     # --- lookups ------------------------------------------------------------------------------
     def resolve(self, ref: str, checkout: bool = False) -> LoadedModel:
@@ -208,7 +213,7 @@ class InferenceService:
             max_tokens_given = params.max_tokens is not None    # else the server chooses, and says so
             params = validation.fit_context(params, len(ids), model.max_context, self.config.default_max_tokens)
             validation.check(params, model.vocab_size)
-            grammar = await self.compile_grammar(model, params)
+            grammar = await self.compile_grammar(model, params, key.key_id)
             request_id = validation.request_id(request_id) if request_id else uuid.uuid4().hex
             job = Job(key=key, model=model, request_id=request_id, prompt_ids=ids, params=params,
                       chat=messages is not None, grammar=grammar, streaming=streaming, priority=priority)
@@ -247,24 +252,47 @@ class InferenceService:
             raise
         return job
 
-    async def compile_grammar(self, model: LoadedModel, params: SamplingParams) -> CompiledGrammar | None:
+    async def compile_grammar(self, model: LoadedModel, params: SamplingParams,
+                              key_id: str = "") -> CompiledGrammar | None:
         """The request's response_format compiled for the model: from the model's cache at
-        once, else in the grammar pool within the compile timeout. INVALID_ARGUMENT names
-        what is wrong with a schema, regex or grammar, or says the compile took too long."""
+        once, else in the grammar pool within the compile timeout, within the key's share
+        of the pool (RESOURCE_EXHAUSTED beyond it). INVALID_ARGUMENT names what is wrong
+        with a schema, regex or grammar, the limit it is past, or says the compile took
+        too long."""
         fmt = params.response_format
         if fmt is None or not fmt.constrained:
             return None
         hit = model.cached_grammar(fmt)
         if hit is not None:
             return hit
+        running = (model.ref, constraint_key(fmt))
+        compiling = self._compiling.get(running)
+        if compiling is None:
+            if not self.compile_slots.take(key_id):
+                raise exhausted(f"this API key already has {self.compile_slots.per_key} response_format compile(s) "
+                                "running; wait for them to finish (or reuse a schema already compiled)", 1.0)
 
-        def compile_off_loop() -> CompiledGrammar | None:
-            return model.grammars().compile(fmt)
+            def compile_off_loop() -> CompiledGrammar | None:
+                try:
+                    return model.grammars().compile(fmt)
+                finally:
+                    # In the worker's thread, when the work ends (even past a waiter's timeout).
+                    self.compile_slots.give(key_id)
 
-        future = self.grammar_pool.submit(compile_off_loop)
+            compiling = asyncio.wrap_future(self.grammar_pool.submit(compile_off_loop))
+            self._compiling[running] = compiling
+
+            def forget(f: asyncio.Future) -> None:
+                if self._compiling.get(running) is f:
+                    del self._compiling[running]
+                if not f.cancelled():
+                    f.exception()             # retrieved: its waiters may all have timed out
+
+            compiling.add_done_callback(forget)
         timeout = self.config.grammar_compile_timeout_s
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+            # Shielded: one waiter's timeout or cancel must not cancel a compile that others await.
+            return await asyncio.wait_for(asyncio.shield(compiling), timeout)
         except GrammarError as err:
             raise invalid(str(err)) from None
         except TimeoutError:
@@ -342,7 +370,17 @@ class InferenceService:
         async for _, f in self.updates(job):
             finished = f or finished
         assert finished is not None
-        return await self.bill(job, finished)
+        billed = await self.bill(job, finished)
+        self.raise_if_failed(finished)
+        return billed
+
+    @staticmethod
+    def raise_if_failed(finished: RequestFinished) -> None:
+        """A request the engine ended for its own input's sake (a structured output past
+        the grammar limits mid-answer) ends as an error, once billed: INVALID_ARGUMENT,
+        since sending it again fails again."""
+        if finished.error:
+            raise invalid(finished.error)
 
     async def bill(self, job: Job, finished: RequestFinished) -> BilledUsage:
         """Record the request's usage, once."""

@@ -24,6 +24,7 @@ MAX_CHOICES = 8
 MAX_LOGIT_BIAS = 300                  # entries, as OpenAI allows
 LOGIT_BIAS_RANGE = 100.0              # each bias in [-100, 100]
 MAX_CONSTRAINT_CHARS = 65536          # a response_format's schema, regex or grammar text
+MAX_SCHEMA_DEPTH = 64                 # nesting of a JSON schema's objects and arrays
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "grammar")
 _SCHEMA_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -42,6 +43,22 @@ class TenantOverloaded(EngineOverloaded):
     retries later, others are unaffected."""
 
 
+def schema_depth(value: Any, limit: int = MAX_SCHEMA_DEPTH) -> int:
+    """How deeply `value` nests lists and dicts, counted without recursion (a schema 1,000
+    levels deep would overflow Python's stack in json or in close_objects); stops
+    counting past `limit`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 @dataclass
 class JsonSchema:
     """OpenAI's `response_format.json_schema`: a JSON Schema the output must satisfy."""
@@ -54,14 +71,21 @@ class JsonSchema:
         """The schema as a dict (the API sends JSON text); ValueError when it is not a
         JSON object."""
         schema = self.schema
+        too_deep = (f"response_format.json_schema.schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} "
+                    "levels deep; flatten it (or use $defs and $ref)")
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
+            except RecursionError:
+                # The parser's own stack ran out (thousands of levels): too deep, whatever it says.
+                raise ValueError(too_deep) from None
             except ValueError as err:
                 raise ValueError(f"response_format.json_schema.schema is not valid JSON: {err}") from None
         if not isinstance(schema, dict):
             raise ValueError("response_format.json_schema.schema must be a JSON object (a JSON Schema), "
                              f"got {type(schema).__name__}")
+        if schema_depth(schema) > MAX_SCHEMA_DEPTH:
+            raise ValueError(too_deep)
         return schema
 
 
@@ -101,8 +125,13 @@ class ResponseFormat:
             if js.name and not _SCHEMA_NAME_RE.fullmatch(js.name):
                 problems.append("response_format.json_schema.name must be 1-64 characters of A-Z, a-z, 0-9, '_', "
                                 f"'-' (got {js.name[:40]!r})")
-            text = js.schema if isinstance(js.schema, str) else json.dumps(js.schema)
-            if len(text) > MAX_CONSTRAINT_CHARS:
+            # (Depth first: json.dumps recurses, and a dict from a JSON body may nest deeply.)
+            deep = not isinstance(js.schema, str) and schema_depth(js.schema) > MAX_SCHEMA_DEPTH
+            text = js.schema if isinstance(js.schema, str) or deep else json.dumps(js.schema)
+            if deep:
+                problems.append(f"response_format.json_schema.schema nests objects and arrays more than "
+                                f"{MAX_SCHEMA_DEPTH} levels deep; flatten it (or use $defs and $ref)")
+            elif len(text) > MAX_CONSTRAINT_CHARS:
                 problems.append(f"response_format.json_schema.schema is {len(text)} characters long "
                                 f"(at most {MAX_CONSTRAINT_CHARS})")
             else:
@@ -340,6 +369,9 @@ class RequestFinished:
     request_id: str
     usage: Usage
     timings: RequestTimings
+    # Set when the engine ended the request because of its own input (a structured
+    # output whose mask ran past the grammar limits): what to tell the caller.
+    error: str = ""
 
 
 Event = Delta | ChoiceFinished | RequestFinished

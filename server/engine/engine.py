@@ -460,7 +460,7 @@ class Engine:
             completion_tokens=sum(s.num_output_tokens for s in state.sequences),
             cached_tokens=state.cached_tokens,
         )
-        events.append(RequestFinished(state.request_id, usage, state.timings))
+        events.append(RequestFinished(state.request_id, usage, state.timings, state.error))
         del self._requests[state.request_id]
         self._multi_choice.discard(state.request_id)
         with self._cond:

@@ -85,7 +85,7 @@ class OutputProcessor:
                 usage = Usage(prompt_tokens=event.usage.prompt_tokens,
                               completion_tokens=sum(c.tokens for c in self.choices),
                               cached_tokens=event.usage.cached_tokens)
-                out.append(RequestFinished(event.request_id, usage, event.timings))
+                out.append(RequestFinished(event.request_id, usage, event.timings, event.error))
         return [e for e in out if not isinstance(e, TextDelta) or e.token_ids or e.text]
 
     def _delta(self, index: int, out: list[OutputEvent]) -> TextDelta:

@@ -157,7 +157,11 @@ class Scheduler:
             state = seq.request
             grammar = seq.grammar
             reason: FinishReason | None = None
-            if token in state.stop_ids:
+            if grammar is not None and grammar.failure is not None:
+                # Its mask ran past the grammar limits: this choice ends with the error.
+                state.error = state.error or grammar.failure
+                reason = "abort"
+            elif token in state.stop_ids:
                 reason = "stop"
             elif grammar is not None and not grammar.accept(token):
                 # The mask allows only what the grammar accepts, so this is a bug, not a

@@ -86,6 +86,9 @@ class RequestState:
     cached_recorded: bool = False
     # Choices 1..n-1 wait until choice 0 has computed the prompt, then reuse its blocks.
     held_choices: list[Sequence] = field(default_factory=list)
+    # Why the request failed in the engine (a structured-output mask past its limits), for
+    # RequestFinished.error; "" when it did not.
+    error: str = ""
 
     @property
     def request_id(self) -> str:

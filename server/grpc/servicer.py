@@ -198,5 +198,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         chunk.final = True
                     if chunk.choices or chunk.final:
                         yield chunk
+                    if finished is not None:
+                        self.service.raise_if_failed(finished)
         finally:
             self.service.done(job)

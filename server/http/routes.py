@@ -218,6 +218,7 @@ class HttpApi:
                     billed = await self.service.bill(job, finished)
                     if include_usage:
                         yield chunks.usage(billed)
+                    self.service.raise_if_failed(finished)
             outcome["code"] = "OK"
             yield responses.SSE_DONE
         except ServiceError as err:

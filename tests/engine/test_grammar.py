@@ -17,7 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.engine.api import EngineRequest, JsonSchema, ResponseFormat, SamplingParams
-from server.engine.grammar import GrammarCompiler, GrammarError, close_objects, constraint_key, token_bitmask
+from server.engine.grammar import (
+    GrammarCompiler,
+    GrammarError,
+    GrammarLimits,
+    close_objects,
+    constraint_key,
+    token_bitmask,
+)
 from server.engine.sampler import apply_token_bitmask, sample, unpack_bitmask, unpack_bitmask_by_shifts
 from tests.engine.conftest import collect
 
@@ -100,14 +107,16 @@ def test_formats_compile_and_are_cached_by_constraint(compiler):
     assert compiler.hits >= hits + 1
 
 
-def test_cache_is_bounded_lru(tiny_tokenizer):
-    small = GrammarCompiler.for_tokenizer(tiny_tokenizer, cache_size=2)
+def test_cache_is_bounded_lru_by_bytes(tiny_tokenizer):
+    # Room for two of these small grammars (each charged about the entry floor), not three.
+    small = GrammarCompiler.for_tokenizer(tiny_tokenizer, limits=GrammarLimits(cache_bytes=int(2.5 * (64 << 10))))
     fmts = [ResponseFormat("regex", regex=f"a{{{i}}}") for i in range(1, 4)]
     first = small.compile(fmts[0])
     small.compile(fmts[1])
     assert small.compile(fmts[0]) is first          # refreshed: fmts[1] is now the oldest
     small.compile(fmts[2])
-    assert len(small) == 2
+    assert len(small) == 2 and small.cache_bytes <= small.limits.cache_bytes
+    assert small.cache_bytes == sum(small.cached(f).nbytes for f in (fmts[0], fmts[2]))
     assert small.cached(fmts[0]) is first and small.cached(fmts[1]) is None
 
 
