@@ -20,6 +20,10 @@ from gpt.checkpoint import fsync_dir, read_meta
 from gpt.quoting import quote
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+# Versions are ASCII digits (str.isdigit and int() also take '²' or '١', and int() of
+# 5,000 digits raises), within the API's int32 version fields.
+VERSION_RE = re.compile(r"[0-9]{1,10}")
+MAX_VERSION = 2**31 - 1
 ALIASES_DIR = "aliases"
 LATEST = "latest"
 REWARD_STAGE = "rm"
@@ -39,6 +43,14 @@ def default_home() -> Path:
 
 def default_registry_root() -> Path:
     return default_home() / "registry"
+
+
+def parse_version(text: str) -> int | None:
+    """`text` as a version number (1..MAX_VERSION, ASCII digits only), or None."""
+    if not VERSION_RE.fullmatch(text):
+        return None
+    version = int(text)
+    return version if 1 <= version <= MAX_VERSION else None
 
 
 def validate_name(name: str, what: str = "model name") -> str:
@@ -61,10 +73,12 @@ class ModelRef:
         if not isinstance(ref, str) or not ref:
             raise RegistryError("empty model reference: use NAME, NAME:ALIAS or NAME@VERSION")
         if "@" in ref:
-            name, _, version = ref.partition("@")
-            if not version.isdigit():
-                raise RegistryError(f"invalid version in {quote(ref)}: use NAME@VERSION with a number")
-            return cls(validate_name(name), version=int(version))
+            name, _, text = ref.partition("@")
+            version = parse_version(text)
+            if version is None:
+                raise RegistryError(f"invalid version in {quote(ref)}: use NAME@VERSION with a version number "
+                                    f"of ASCII digits, 1 to {MAX_VERSION}")
+            return cls(validate_name(name), version=version)
         name, sep, alias = ref.partition(":")
         return cls(validate_name(name), alias=validate_name(alias, "alias") if sep else LATEST)
 
@@ -107,7 +121,7 @@ class Registry:
         d = self.model_dir(name)
         if not d.is_dir():
             return []
-        return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+        return sorted(v for p in d.iterdir() if p.is_dir() and (v := parse_version(p.name)) is not None)
 
     def aliases(self, name: str) -> dict[str, int]:
         d = self.model_dir(name) / ALIASES_DIR
@@ -116,9 +130,9 @@ class Registry:
         out = {}
         for p in sorted(d.iterdir()):
             if NAME_RE.fullmatch(p.name):
-                text = p.read_text(encoding="utf-8").strip()
-                if text.isdigit():
-                    out[p.name] = int(text)
+                version = parse_version(p.read_text(encoding="utf-8").strip())
+                if version is not None:
+                    out[p.name] = version
         return out
 
     def resolve(self, ref: str | ModelRef) -> ResolvedModel:

@@ -31,7 +31,7 @@ from server.models.manager import ModelManager
 
 log = logging.getLogger("sol.admin")
 
-DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+DAY_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")      # ASCII: \d would take any script's digits
 MAX_KEY_NAME = 64
 
 

@@ -15,6 +15,7 @@ fields that are not sampling (`model`, `stream`, `user`...).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Annotated, Any, Literal
@@ -23,6 +24,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from gpt.chat import Message
+from gpt.quoting import quote
 from proto.sol.v1 import sol_pb2 as pb
 from server.engine.api import MAX_LOGPROBS, JsonSchema, ResponseFormat, SamplingParams
 from server.errors import invalid
@@ -197,13 +199,18 @@ class _Sampling(SamplingFields):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+# A token id as a JSON object key: ASCII digits only (int() would also take '١', ' 7 ',
+# '1_0' or 5,000 digits), a sign for the range check to refuse.
+TOKEN_ID_KEY_RE = re.compile(r"-?[0-9]{1,10}")
+
+
 def token_bias(bias: dict[str, float]) -> dict[int, float]:
     out = {}
     for key, value in bias.items():
-        try:
-            out[int(key)] = value
-        except ValueError:
-            raise invalid(f"logit_bias keys must be token ids, e.g. {{\"50256\": -100}} (got {key[:20]!r})") from None
+        if not TOKEN_ID_KEY_RE.fullmatch(key):
+            raise invalid(f"logit_bias keys must be token ids in ASCII digits, e.g. {{\"50256\": -100}} "
+                          f"(got {quote(key)})")
+        out[int(key)] = value
     return out
 
 
