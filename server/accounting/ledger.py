@@ -48,6 +48,11 @@ def utc_day(ts: float | None = None) -> str:
     return dt.datetime.fromtimestamp(time.time() if ts is None else ts, dt.UTC).strftime("%Y-%m-%d")
 
 
+# The most a price may be, per 1K tokens: far above any real price, and small enough that
+# a cost (at most ~1e6 tokens a request) and a ledger's sum of them stay finite floats.
+MAX_PRICE_PER_1K = 1e6
+
+
 @dataclass(frozen=True)
 class Price:
     prompt_per_1k: float = 0.0
@@ -55,10 +60,20 @@ class Price:
     cached_discount: float = 0.5     # fraction off the prompt price for cached prompt tokens
 
     def validate(self) -> None:
-        if self.prompt_per_1k < 0 or self.completion_per_1k < 0:
-            raise ValueError("prices must be >= 0")
+        # NaN fails every comparison, so each range is written as what must hold.
+        for name in ("prompt_per_1k", "completion_per_1k"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= MAX_PRICE_PER_1K:
+                raise ValueError(f"{name} must be a number in [0, {MAX_PRICE_PER_1K:g}] per 1K tokens (got {value})")
         if not 0.0 <= self.cached_discount <= 1.0:
             raise ValueError(f"cached_discount must be in [0, 1] (got {self.cached_discount})")
+
+    def is_valid(self) -> bool:
+        try:
+            self.validate()
+        except ValueError:
+            return False
+        return True
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> float:
         uncached = prompt_tokens - cached_tokens

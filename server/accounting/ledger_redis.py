@@ -24,6 +24,7 @@ the ledger is billing data. Key layout (prefix `sol:`):
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -44,6 +45,9 @@ from server.accounting.ledger import (
     WindowState,
     refusal,
 )
+from server.accounting.ledger_repair import repair_redis
+
+log = logging.getLogger("sol.ledger")
 
 P = "sol:"
 MAX_COOLDOWN_S = 4.0
@@ -227,6 +231,11 @@ class RedisStore:
         self._admit = self._r.register_script(ADMIT_LUA)
         self._claim = self._r.register_script(CLAIM_LUA)
         self._release = self._r.register_script(RELEASE_LUA)
+        try:
+            repair_redis(self._r, P, url.rsplit("@", 1)[-1])
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as err:
+            # Serving starts without Redis (usage is spooled); the repair runs at the next open.
+            log.warning("ledger repair skipped: redis unreachable (%s)", err)
 
     @_unavailable
     def ping(self) -> None:

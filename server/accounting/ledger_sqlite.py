@@ -4,7 +4,9 @@ processes on one machine may share the file (SQLite's locking, WAL journal)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ from server.accounting.ledger import (
     refusal,
     window_state,
 )
+from server.accounting.ledger_repair import repair_sqlite
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,6 +65,18 @@ _KEY_COLUMNS = "key_id, name, prefix, created, revoked, token_budget, rpm, tpm, 
 _KEY_MIGRATIONS = (("share", "REAL NOT NULL DEFAULT 1.0"), ("band", "TEXT NOT NULL DEFAULT 'interactive'"))
 
 
+def private_files(path: Path) -> None:
+    """The ledger holds key hashes and every key's usage: owner-only (0600). SQLite gives
+    its -wal and -shm files the database file's mode, so the file is created 0600 before
+    SQLite opens it; files an earlier version left readable are narrowed."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if p.stat().st_mode & 0o077:
+                os.chmod(p, 0o600)
+
+
 def _key(row) -> KeyInfo:
     return KeyInfo(key_id=row[0], name=row[1], prefix=row[2], created=row[3], revoked=bool(row[4]),
                    token_budget=row[5], rpm=row[6], tpm=row[7], tokens_used=row[8], share=row[9], band=row[10])
@@ -71,6 +86,7 @@ class SqliteStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_files(self.path)
         # One connection guarded by a lock: the service calls from a small thread pool and
         # SQLite serialises writers anyway.
         self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None,
@@ -85,6 +101,7 @@ class SqliteStore:
             for column, definition in _KEY_MIGRATIONS:
                 if column not in have:     # a ledger written before the column existed
                     self._db.execute(f"ALTER TABLE keys ADD COLUMN {column} {definition}")
+            repair_sqlite(self._db, str(self.path))
 
     @contextmanager
     def _tx(self, durable: bool = True):

@@ -31,7 +31,10 @@ class PriceBook:
 
     async def refresh(self) -> None:
         with contextlib.suppress(StoreUnavailable):
-            self._prices = await self._run(self.store.prices)
+            prices = await self._run(self.store.prices)
+            # A price the store holds but SetPrice would refuse (written by another replica
+            # of an older version) is not used: a non-finite cost fails every response.
+            self._prices = {model: p for model, p in prices.items() if p.is_valid()}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
