@@ -12,14 +12,18 @@ registered without touching this file; reflection and health register themselves
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+
+# grpc's own error for a failed batch of core operations (not exported by grpc.aio).
+from grpc._cython.cygrpc import ExecuteBatchError
 
 from server.errors import ServiceError, invalid
 
@@ -28,6 +32,9 @@ from server.errors import ServiceError, invalid
 Frame = Callable[[Any, str], contextlib.AbstractAsyncContextManager[dict[str, str]]]
 
 MAX_REASON_CHARS = 200
+# How long a failed write waits for grpc to deliver the client's cancel (grpc's core has
+# both results at hand; the cancel's callback runs a few loop iterations later).
+CANCEL_NOTICE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,24 @@ def _unary(behavior: Callable, frame: Frame, method: str) -> Callable:
     return handle
 
 
+async def _write(context: grpc.aio.ServicerContext, message: Any) -> None:
+    """One streamed message. A write that was waiting on a client's full window when the
+    client cancelled fails in grpc's core (ExecuteBatchError) a moment before grpc notices
+    the cancel; raised from a response generator, grpc logs that as an ERROR traceback
+    for every back-pressured stream a client drops. Here the failed write waits for the
+    cancel, which grpc delivers into this task as CancelledError (logged at DEBUG), and
+    only a write that fails with the client still there is raised."""
+    try:
+        await context.write(message)
+    except ExecuteBatchError:
+        await asyncio.sleep(CANCEL_NOTICE_S)
+        raise
+
+
 def _server_stream(behavior: Callable, frame: Frame, method: str) -> Callable:
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    # A coroutine that writes, not an async generator that yields: only then does a write's
+    # failure reach this code (see _write).
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> None:
         if isinstance(request, Undecodable):
             async with frame(context, method):
                 raise request.error()
@@ -79,7 +102,7 @@ def _server_stream(behavior: Callable, frame: Frame, method: str) -> Callable:
         # whenever the garbage collector finalizes it.
         async with contextlib.aclosing(behavior(request, context)) as responses:
             async for response in responses:
-                yield response
+                await _write(context, response)
     return handle
 
 
