@@ -1,4 +1,4 @@
-"""CLI: `sol bench engine|grammar|serve|hotload|train|vs-vllm`. The flags live here and each benchmark
+"""CLI: `sol bench engine|grammar|serve|hotload|train|fuzz|vs-vllm`. The flags live here and each benchmark
 module is imported only when it runs, so `sol --help` does not pay for torch twice."""
 
 from __future__ import annotations
@@ -93,6 +93,26 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     add_json_flag(p)
     p.set_defaults(handler=_train)
+
+    register_fuzz(bench_sub)
+
+
+def register_fuzz(bench_sub) -> None:
+    p = bench_sub.add_parser("fuzz", help="hostile input over gRPC and HTTP against a tiny-model server: status "
+                             "counts (no INTERNAL/500 expected), health after, RSS growth, a healthy client's p99")
+    p.add_argument("--cases", type=int, default=1000, help="cases to send at most (default 1000)")
+    p.add_argument("--seconds", type=float, default=600.0, help="time bound of the run (default 600)")
+    p.add_argument("--concurrency", type=int, default=4, help="cases in flight at once (default 4)")
+    p.add_argument("--baseline-seconds", type=float, default=10.0,
+                   help="the healthy client alone first, for its latency without the fuzz (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_fuzz)
+
+
+def _fuzz(args: argparse.Namespace) -> int:
+    from bench.fuzz import run
+
+    return run(args)
 
 
 def _engine(args: argparse.Namespace) -> int:
