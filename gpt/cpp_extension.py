@@ -74,12 +74,19 @@ def build_lock(name: str):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         stale = build / "lock"
-        with contextlib.suppress(FileNotFoundError):
-            age = time.time() - stale.stat().st_mtime
+        # Waited out here rather than in torch's loop, which would wait on a dead one forever.
+        while True:
+            try:
+                age = time.time() - stale.stat().st_mtime
+            except FileNotFoundError:
+                break
             if age > STALE_LOCK_S:
                 log.warning("removing %s, left %.0f s ago by a kernel build that did not finish (a killed "
                             "process)", stale, age)
-                stale.unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+                break
+            time.sleep(0.2)
         yield
     finally:
         os.close(fd)

@@ -20,7 +20,10 @@ def test_a_dead_builders_lock_file_is_cleared(tmp_path, monkeypatch):
     os.utime(lock, (old, old))
     with cpp_extension.build_lock(name):
         assert not lock.exists()
-    # A fresh one may be a live builder without sol's flock: left alone.
+    # A fresh one may be a live builder without sol's flock: waited for, until it is gone
+    # or old enough to be a dead one's.
+    monkeypatch.setattr(cpp_extension, "STALE_LOCK_S", 0.5)
     lock.touch()
+    t0 = time.monotonic()
     with cpp_extension.build_lock(name):
-        assert lock.exists()
+        assert not lock.exists() and time.monotonic() - t0 >= 0.4
