@@ -149,6 +149,7 @@ class SqliteStore:
             _migrate_instances(self._db)
             repair_sqlite(self._db, str(self.path))
         self.instance = ""          # this process's server instance, once registered
+        self._registration: tuple[str, str, int, str] = ("", "", 0, "")
 
     @contextmanager
     def _tx(self, durable: bool = True):
@@ -329,16 +330,20 @@ class SqliteStore:
     # --- crash-safe metering ------------------------------------------------------------------
     def register_instance(self, instance: str, slot: str, lease_s: float, now: float) -> None:
         pid = os.getpid()
+        self._registration = (slot, socket.gethostname(), pid, process_marker(pid) or "")
         with self._tx() as db:
             # This replica's earlier run is dead now, whatever its lease says.
             db.execute("UPDATE instances SET expires=0 WHERE slot=? AND instance != ?", (slot, instance))
             db.execute("INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?)",
-                       (instance, slot, socket.gethostname(), pid, process_marker(pid) or "", now + lease_s))
+                       (instance, *self._registration, now + lease_s))
         self.instance = instance
 
     def heartbeat(self, instance: str, lease_s: float, now: float) -> None:
         with self._tx(durable=False) as db:
-            db.execute("UPDATE instances SET expires=? WHERE instance=?", (now + lease_s, instance))
+            # Re-registered if it was reaped meanwhile (its lease lapsed while it stalled):
+            # what it runs now is checkpointed and billed again from here on.
+            db.execute("INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?)",
+                       (instance, *self._registration, now + lease_s))
 
     def checkpoint(self, rec: UsageRecord) -> None:
         # Not fsynced: a committed WAL transaction survives the process being killed (only a
