@@ -167,6 +167,8 @@ class ServerConfig:
                                                help="seconds a response_format (JSON schema, regex, grammar) may "
                                                     "take to compile")
     max_messages: int = 1024
+    max_cpu_loras: int = setting(8, help="LoRA adapters kept loaded in memory (least recently used out); each "
+                                         "engine holds --max-loras of them in its slots")
     # The engine's own settings (device, dtype, KV pool, step limits, threads, kernels):
     # flags and environment variables generated from EngineConfig's metadata.
     engine: EngineConfig = field(default_factory=engine_config)

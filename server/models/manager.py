@@ -27,12 +27,14 @@ from gpt.config import ModelConfig
 from gpt.quoting import quote
 from gpt.registry import LATEST, ModelNotFound, ModelRef, Registry
 from gpt.tokenizer import SolTokenizer
+from server.engine.adapter_slots import AdapterRef
 from server.engine.api import EngineRequest, EngineStats, RequestFinished, ResponseFormat, SamplingParams
 from server.engine.config import EngineConfig, kv_pool_blocks, resolve_device_dtype
 from server.engine.engine import Engine
 from server.engine.grammar import CompiledGrammar, GrammarCompiler
 from server.engine.kv_cache import kv_bytes_per_block
 from server.engine.output import TokenTexts
+from server.models.adapters import AdapterCache, AdapterNotServed
 from server.models.kv_budget import KVBudget
 
 log = logging.getLogger("sol.models")
@@ -148,8 +150,9 @@ def warm_up(engine: Engine, tokenizer: SolTokenizer, timeout_s: float = 120.0) -
 
 class ModelManager:
     def __init__(self, registry: Registry, engine_factory: EngineFactory, warmup: bool = True,
-                 kv_budget: KVBudget | None = None, kv_wait_s: float = 120.0) -> None:
+                 kv_budget: KVBudget | None = None, kv_wait_s: float = 120.0, max_cpu_loras: int = 8) -> None:
         self.registry = registry
+        self.adapters = AdapterCache(registry, max_cpu_loras)
         self.engine_factory = engine_factory
         self.warmup = warmup
         self.kv_budget = kv_budget
@@ -275,6 +278,32 @@ class ModelManager:
             model = self.resolve(ref)
             model.acquire()
             return model
+
+    def checkout_served(self, ref: str) -> tuple[LoadedModel, AdapterRef | None]:
+        """`checkout`, or for a reference that names a LoRA adapter entry: its loaded base,
+        checked out, with the adapter. ModelNotFound when neither is served; AdapterError
+        when the adapter cannot be served (corrupt, made for other weights, rank too high)."""
+        try:
+            return self.checkout(ref), None
+        except ModelNotFound as not_served:
+            missing = not_served
+
+        def base_config(base_ref: str) -> ModelConfig:
+            try:
+                return self.resolve(base_ref).engine.model.config
+            except ModelNotFound:
+                raise ModelNotFound(f"adapter {quote(ref)} runs on {base_ref}, which is not served here; "
+                                    f"available: {self._available()}") from None
+
+        try:
+            adapter, base_ref = self.adapters.lookup(ref, base_config, self._max_lora_rank())
+        except AdapterNotServed:
+            raise missing from None
+        return self.checkout(base_ref), adapter
+
+    def _max_lora_rank(self) -> int | None:
+        config = getattr(self.engine_factory, "config", None)
+        return getattr(config, "max_lora_rank", None)
 
     def is_loaded(self, name: str, version: int) -> bool:
         with self._lock:
