@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt.adapter_store import is_adapter
+from gpt.adapter_store import adapter_base, is_adapter
 from gpt.chat import chat_stop_ids
 from gpt.checkpoint import Checkpoint, load_checkpoint
 from gpt.config import ModelConfig
@@ -300,6 +300,23 @@ class ModelManager:
         except AdapterNotServed:
             raise missing from None
         return self.checkout(base_ref), adapter
+
+    def served_adapters(self) -> list[tuple[str, int, LoadedModel]]:
+        """(name, latest version, loaded base) of every adapter entry in the registry whose
+        base version is served here (for ListModels and /v1/models)."""
+        out = []
+        for name in self.registry.models():
+            version = self.registry.aliases(name).get(LATEST)
+            if version is None:
+                continue
+            directory = self.registry.version_dir(name, version)
+            if not is_adapter(directory):
+                continue
+            try:
+                out.append((name, version, self.resolve(adapter_base(directory))))
+            except (ModelNotFound, ValueError):
+                continue          # its base is not served here (or its meta is unreadable)
+        return out
 
     def _max_lora_rank(self) -> int | None:
         config = getattr(self.engine_factory, "config", None)

@@ -58,6 +58,8 @@ def test_adapter_requests_batched_with_others_match_the_merged_model(served):
         merged = c.complete(PROMPT, "merged-a", **params)
         plain = c.complete(PROMPT, "tiny", **params)
         b_again = c.complete(PROMPT, "tenant-b", **params)
+        listed = {m.name: m for m in c.list_models()}
+    assert listed["tenant-a"].parent == base.ref and listed["tenant-b"].stage == "adapter"
     for out in (outs[0], outs[3]):
         assert out.text == merged.text
         assert [lp.logprob for lp in out.choices[0].logprobs] == pytest.approx(
@@ -80,3 +82,15 @@ def test_an_adapter_that_cannot_be_served_is_refused_and_others_still_serve(serv
         with pytest.raises(SolError, match="not served"):
             c.complete(PROMPT, "no-such-adapter", max_tokens=2)
         assert c.complete(PROMPT, "tenant-a", max_tokens=2).text is not None
+
+
+def test_a_new_adapter_version_is_served_without_reloading_the_base(served):
+    server, registry, base = served
+    with Client(server.target, api_key=server.key, retries=0) as c:
+        before = c.complete(PROMPT, "tenant-a", temperature=0.0, max_tokens=8)
+        as_b = c.complete(PROMPT, "tenant-b", temperature=0.0, max_tokens=8)
+        config = server.app.models.resolve("tiny").engine.model.config
+        publish_adapter(registry, "tenant-a", lively_adapter(config, 2), base)     # B's weights as a@2
+        after = c.complete(PROMPT, "tenant-a", temperature=0.0, max_tokens=8)
+        pinned = c.complete(PROMPT, "tenant-a@1", temperature=0.0, max_tokens=8)
+    assert after.text == as_b.text != before.text and pinned.text == before.text
