@@ -1,4 +1,4 @@
-"""CLI: `sol bench engine|grammar|serve|crash|fairness|fuzz|hotload|train|vs-vllm`. The flags live here and each benchmark
+"""CLI: `sol bench engine|grammar|lora|serve|crash|fairness|fuzz|hotload|train|vs-vllm`. The flags live here and each benchmark
 module is imported only when it runs, so `sol --help` does not pay for torch twice."""
 
 from __future__ import annotations
@@ -33,6 +33,21 @@ def register(sub, bench_sub) -> None:
     p = bench_sub.add_parser("engine", help="serving engine throughput, latency and KV capacity ratios")
     engine_arguments(p)
     p.set_defaults(handler=_engine)
+
+    p = bench_sub.add_parser("lora", help="throughput of the base alone vs 1, 8 and 64 distinct LoRA adapters in "
+                             "one mixed workload")
+    p.add_argument("--preset", default="small", help="model preset (default small)")
+    p.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64], help="distinct adapter counts")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=64, help="sequences per step (default 64)")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    add_json_flag(p)
+    p.set_defaults(handler=_lora)
 
     p = bench_sub.add_parser("grammar", help="structured outputs: tokens/s with half the batch under a JSON schema "
                              "vs none; TTFT added by a cold and a cached compile")
@@ -146,6 +161,12 @@ def _fuzz(args: argparse.Namespace) -> int:
 
 def _engine(args: argparse.Namespace) -> int:
     from bench.engine import run
+
+    return run(args)
+
+
+def _lora(args: argparse.Namespace) -> int:
+    from bench.lora import run
 
     return run(args)
 

@@ -10,7 +10,7 @@ Without a hook the layer runs plain causal attention (training, evaluation, test
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from gpt import fused_ops
 from gpt.config import ModelConfig, RopeScaling
 from gpt.linear import Linear, fused_projection
 from gpt.rope import inverse_frequencies
+
+if TYPE_CHECKING:
+    from gpt.lora_batch import LoraBatch
 
 
 class AttentionHook(Protocol):
@@ -95,6 +98,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+def _add_lora(lora: LoraBatch, layer: int, x: torch.Tensor, out: torch.Tensor,
+              targets: tuple[tuple[str, int, int], ...]) -> None:
+    """Add each (target, start, end)'s LoRA delta of input x (..., in) into columns
+    start:end of the projection output `out` (..., out), in place: the packed rows of a
+    step flattened to 2-D, each token with its own adapter (gpt/lora_batch.py)."""
+    x2d, out2d = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    for target, start, end in targets:
+        lora.apply(layer, target, x2d, out2d[:, start:end])
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -112,9 +125,14 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                hook: AttentionHook | None) -> torch.Tensor:
+                hook: AttentionHook | None, lora: LoraBatch | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = fused_projection((self.q_proj, self.k_proj, self.v_proj), x)
+        if qkv is not None and lora is not None:
+            # Before the q/k norms and rotary, which the fused paths apply to this buffer.
+            q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            _add_lora(lora, self.layer, x, qkv, (("q", 0, q_dim), ("k", q_dim, q_dim + kv_dim),
+                                                 ("v", q_dim + kv_dim, q_dim + 2 * kv_dim)))
         if qkv is not None and self.q_norm is not None:
             q, k, v = self._normed_fused(qkv, cos, sin)
         elif qkv is not None:
@@ -131,14 +149,22 @@ class Attention(nn.Module):
             q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]
             v = qkv[..., heads * self.head_dim:].view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         else:
-            q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-            k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-            v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            if lora is not None:
+                for target, y in (("q", q), ("k", k), ("v", v)):
+                    _add_lora(lora, self.layer, x, y, ((target, 0, y.shape[-1]),))
+            q = q.view(b, t, self.n_heads, self.head_dim)
+            k = k.view(b, t, self.n_kv_heads, self.head_dim)
+            v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         out = causal_attention(q, k, v) if hook is None else hook(self.layer, q, k, v)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        y = self.o_proj(out)
+        if lora is not None:
+            _add_lora(lora, self.layer, out, y, (("o", 0, y.shape[-1]),))
+        return y
 
     def _normed_fused(self, qkv: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,18 +185,36 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer
         self.gate_proj = Linear(config.d_model, config.d_ff, bias=False)
         self.up_proj = Linear(config.d_model, config.d_ff, bias=False)
         self.down_proj = Linear(config.d_ff, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
         gate_up = fused_projection((self.gate_proj, self.up_proj), x)
+        if lora is not None:
+            return self._forward_lora(x, gate_up, lora)
         if gate_up is not None and fused_ops.applies(gate_up):
             return self.down_proj(fused_ops.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1) if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(F.silu(gate) * up)
+
+    def _forward_lora(self, x: torch.Tensor, gate_up: torch.Tensor | None, lora: LoraBatch) -> torch.Tensor:
+        """forward with each token's adapter deltas on gate and up (before the SiLU) and down."""
+        if gate_up is None:
+            gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)
+        d_ff = gate_up.shape[-1] // 2
+        _add_lora(lora, self.layer, x, gate_up, (("gate", 0, d_ff), ("up", d_ff, 2 * d_ff)))
+        if fused_ops.applies(gate_up):
+            h = fused_ops.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        y = self.down_proj(h)
+        _add_lora(lora, self.layer, h, y, (("down", 0, y.shape[-1]),))
+        return y
 
 
 class Block(nn.Module):
@@ -179,12 +223,12 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                hook: AttentionHook | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, hook)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                hook: AttentionHook | None, lora: LoraBatch | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, hook, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class GPT(nn.Module):
@@ -215,21 +259,22 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      hook: AttentionHook | None = None) -> torch.Tensor:
+                      hook: AttentionHook | None = None, lora: LoraBatch | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, d_model): the trunk shared by the LM head and
-        the reward/value heads."""
+        the reward/value heads. `lora`: per-token adapter deltas over the B*T tokens in
+        row-major order (None = the base model alone)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for block in self.layers:
-            x = block(x, cos, sin, hook)
+            x = block(x, cos, sin, hook, lora)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                hook: AttentionHook | None = None) -> torch.Tensor:
+                hook: AttentionHook | None = None, lora: LoraBatch | None = None) -> torch.Tensor:
         """Logits (B, T, vocab). `positions` (B, T) default to 0..T-1 per row."""
-        return self.lm_head(self.hidden_states(input_ids, positions, hook))
+        return self.lm_head(self.hidden_states(input_ids, positions, hook, lora))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -107,7 +107,8 @@ class App:
         self.metrics = ServiceMetrics()
         self.health = Health()
         budget = None if c.engine.num_blocks is not None else KVBudget(c.kv_budget_mb << 20, c.kv_per_model_mb << 20)
-        self.models = ModelManager(Registry(c.registry), self.engine_factory, warmup=c.warmup, kv_budget=budget)
+        self.models = ModelManager(Registry(c.registry), self.engine_factory, warmup=c.warmup, kv_budget=budget,
+                                   max_cpu_loras=c.max_cpu_loras)
         pepper = resolve_pepper(c.key_pepper, c.home)
         check_pepper(self.store, pepper)
         self.auth = Authenticator(self.store, pepper,

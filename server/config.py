@@ -206,6 +206,8 @@ class ServerConfig:
     grammar_compiles_per_key: int = setting(2, env="SOL_GRAMMAR_COMPILES_PER_KEY",
                                             help="response_format compiles one API key may have running at once")
     max_messages: int = 1024
+    max_cpu_loras: int = setting(8, help="LoRA adapters kept loaded in memory (least recently used out); each "
+                                         "engine holds --max-loras of them in its slots")
     # The engine's own settings (device, dtype, KV pool, step limits, threads, kernels):
     # flags and environment variables generated from EngineConfig's metadata.
     engine: EngineConfig = field(default_factory=engine_config)

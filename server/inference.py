@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from gpt.chat import ChatTemplateError, Message, chat_prompt_ids, render_chat
+from gpt.lora import AdapterError
 from gpt.quoting import quote
 from gpt.registry import ModelNotFound, RegistryError
 from server import validation
@@ -38,6 +39,7 @@ from server.accounting.pricing import PriceBook
 from server.accounting.quota import QuotaGate
 from server.compile_slots import CompileSlots
 from server.config import ServerConfig
+from server.engine.adapter_slots import AdapterRef
 from server.engine.api import (
     BAND_INTERACTIVE,
     BANDS,
@@ -106,6 +108,7 @@ class Job:
     chat: bool
     grammar: CompiledGrammar | None = None
     streaming: bool = True           # the client reads the output as it comes (else all at the end)
+    adapter: AdapterRef | None = None  # a LoRA adapter over `model` (the request named the adapter)
     priority: int = 0                # order among the key's own requests (lower first)
     created: int = field(default_factory=lambda: int(time.time()))
     stream: RequestStream | None = None
@@ -120,6 +123,11 @@ class Job:
     ended_by: ServiceError | None = None   # the server stopped it (revoked key, drain): the call ends with it
     metered: int = 0                 # output tokens written ahead to the ledger so far
     metered_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def billed_model(self) -> str:
+        """The name usage, prices and metrics go under: the adapter's when one was named."""
+        return self.adapter.name if self.adapter is not None else self.model.name
 
     def text(self, index: int) -> str:
         return "".join(self.texts.get(index, []))
@@ -180,6 +188,19 @@ class InferenceService:
             return self.models.checkout(ref) if checkout else self.models.resolve(ref)
         except ModelNotFound as err:
             raise not_found(str(err), "model") from None
+        except RegistryError as err:
+            raise invalid(str(err), "model") from None
+
+    def resolve_served(self, ref: str) -> tuple[LoadedModel, AdapterRef | None]:
+        """`resolve(ref, checkout=True)`, or a LoRA adapter entry's base with the adapter."""
+        if not ref:
+            return self.resolve(ref), None
+        try:
+            return self.models.checkout_served(ref)
+        except ModelNotFound as err:
+            raise not_found(str(err), "model") from None
+        except AdapterError as err:
+            raise invalid(f"adapter {quote(ref)} cannot be served: {err}", "model") from None
         except RegistryError as err:
             raise invalid(str(err), "model") from None
 
@@ -279,9 +300,9 @@ class InferenceService:
         if self.draining:
             raise unavailable("this server is shutting down and takes no new requests; retry (another "
                               "replica will answer)")
-        model = self.resolve(model_ref, checkout=True)
+        model, adapter = self.resolve_served(model_ref)
         if labels is not None:
-            labels["model"] = model.name
+            labels["model"] = adapter.name if adapter is not None else model.name
         admitting = claimed = False
         job: Job | None = None
         try:
@@ -293,7 +314,8 @@ class InferenceService:
             grammar = await self.compile_grammar(model, params, key.key_id)
             request_id = validation.request_id(request_id) if request_id else uuid.uuid4().hex
             job = Job(key=key, model=model, request_id=request_id, prompt_ids=ids, params=params,
-                      chat=messages is not None, grammar=grammar, streaming=streaming, priority=priority)
+                      chat=messages is not None, grammar=grammar, streaming=streaming, priority=priority,
+                      adapter=adapter)
             if not self.inflight.add(job):
                 job = None
                 raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {quote(request_id)} is already running; "
@@ -390,12 +412,12 @@ class InferenceService:
             # Stop strings need it to read as the tokens come (it finds them, and stops the
             # engine), so such a request keeps the streaming settings.
             buffered, interval = None, job.params.max_tokens * job.params.n + 1
-        input_cost, output_cost = token_costs(self.prices.get(model.name))
+        input_cost, output_cost = token_costs(self.prices.get(job.billed_model))
         request = EngineRequest(request_id=uuid.uuid4().hex, prompt_ids=job.prompt_ids, params=job.params,
                                 eos_token_ids=eos, max_buffered_tokens=buffered, stream_interval=interval,
                                 grammar=job.grammar, tenant=job.key.key_id, tenant_weight=job.key.share,
                                 tenant_band=BANDS.get(job.key.band, BAND_INTERACTIVE), priority=job.priority,
-                                input_cost=input_cost, output_cost=output_cost)
+                                input_cost=input_cost, output_cost=output_cost, adapter=job.adapter)
         try:
             job.stream = model.engine.submit(request)
         except RequestRejected as err:
@@ -451,10 +473,13 @@ class InferenceService:
         await self.accountant.checkpoint(self._record(job, len(job.prompt_ids), done, 0))
 
     def _record(self, job: Job, prompt: int, completion: int, cached: int) -> UsageRecord:
-        cost = self.prices.get(job.model.name).cost(prompt, completion, cached)
-        return UsageRecord(key_id=job.key.key_id, request_id=job.request_id, model=job.model.name,
-                           version=job.model.version, prompt_tokens=prompt, completion_tokens=completion,
-                           cached_tokens=cached, cost=cost, day=utc_day(), attempt=job.attempt)
+        # An adapter is metered and priced under its own name (and version).
+        name = job.billed_model
+        version = job.adapter.version if job.adapter is not None else job.model.version
+        cost = self.prices.get(name).cost(prompt, completion, cached)
+        return UsageRecord(key_id=job.key.key_id, request_id=job.request_id, model=name, version=version,
+                           prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached, cost=cost,
+                           day=utc_day(), attempt=job.attempt)
 
     def _absorb(self, job: Job, events: list[OutputEvent]) -> tuple[list[ChoiceUpdate], RequestFinished | None]:
         updates: dict[int, ChoiceUpdate] = {}
@@ -500,13 +525,13 @@ class InferenceService:
         """Record the request's usage, once."""
         u = finished.usage
         rec = self._record(job, u.prompt_tokens, u.completion_tokens, u.cached_tokens)
-        cost = rec.cost
+        name, cost = rec.model, rec.cost
         if not job.billed:
             job.billed = True
             job.model.release()
             await self.accountant.record(rec)
             self.quota.note_usage(job.key.key_id, u.total_tokens, job.request_id)
-            self.metrics.observe_finished(job.model.name, finished.timings, u, job.finish.values(), job.token_times,
+            self.metrics.observe_finished(name, finished.timings, u, job.finish.values(), job.token_times,
                                           cost)
         return BilledUsage(u, cost)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from server.engine.adapter_slots import AdapterRef
     from server.engine.grammar import CompiledGrammar
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -289,6 +290,9 @@ class EngineRequest:
     priority: int = 0
     input_cost: float = 1.0
     output_cost: float = 2.0
+    # A LoRA adapter over the engine's model (None = the base model alone): the request
+    # waits for one of the engine's adapter slots, and its prefix-cache blocks are its own.
+    adapter: AdapterRef | None = None
 
 
 # The key-level priority bands (EngineRequest.tenant_band): interactive tenants are served

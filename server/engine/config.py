@@ -95,6 +95,12 @@ class EngineConfig:
     threads: int = served(0, flag="--engine-threads", env="SOL_ENGINE_THREADS", parse=int,
                           help="intra-op threads of each model's stepping thread on the CPU; 0 = the process's",
                           default_text="torch's thread count (OMP_NUM_THREADS)")
+    # LoRA (server/engine/adapter_slots.py): adapters one step may use at once, and the
+    # rank their stacked weights are padded to; the stack is made on the first adapter
+    # request, so a model served without adapters pays no memory for it.
+    max_loras: int = served(4, help="LoRA adapter slots per model version: distinct adapters in one step "
+                                    "(more wait for a slot)")
+    max_lora_rank: int = served(16, help="the largest LoRA rank served (adapters above it are refused)")
     device: str | None = served(None, help="cpu, cuda, cuda:1 ...", default_text="CUDA when present")
     dtype: torch.dtype | None = served(None, env="SOL_DTYPE", parse=parse_dtype,
                                        help="weights and KV cache dtype: float32 or bfloat16",

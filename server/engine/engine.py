@@ -25,8 +25,10 @@ import torch
 
 from gpt import fused_ops
 from gpt.allocator import keep_freed_memory
+from gpt.lora_batch import LoraStack
 from gpt.model import GPT
 from gpt.openmp import release_thread_pool
+from server.engine.adapter_slots import AdapterSlots
 from server.engine.api import (
     DEFAULT_MAX_TOKENS,
     ChoiceFinished,
@@ -285,6 +287,11 @@ class Engine:
             raise RequestRejected(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({request.params.max_tokens}) = {total} exceeds "
                 f"the model's context of {self.max_seq_len} tokens; shorten the prompt or lower max_tokens")
+        if request.adapter is not None:
+            spec = request.adapter.weights.spec
+            if spec.rank > self.config.max_lora_rank:
+                raise ValueError(f"adapter {request.adapter.name} has rank {spec.rank}, above this engine's "
+                                 f"max_lora_rank of {self.config.max_lora_rank} (--max-lora-rank)")
         fmt = request.params.response_format
         if fmt is not None and fmt.constrained and request.grammar is None:
             raise ValueError("response_format needs its grammar compiled first (EngineRequest.grammar, from "
@@ -344,11 +351,16 @@ class Engine:
         state = RequestState(request=request, timings=RequestTimings(arrival=arrival),
                              stop_ids=stop_token_ids(request))
         base_seed = request.params.seed if request.params.seed is not None else secrets.randbits(62)
+        salt = None
+        if request.adapter is not None:
+            self._ensure_adapter_slots()
+            salt = request.adapter.cache_salt
         for index in range(request.params.n):
             state.sequences.append(Sequence(
                 request=state, index=index, token_ids=list(request.prompt_ids),
                 num_prompt_tokens=len(request.prompt_ids), seed=derive_seed(base_seed, index),
-                grammar=request.grammar.matcher(state.stop_ids) if request.grammar is not None else None))
+                grammar=request.grammar.matcher(state.stop_ids) if request.grammar is not None else None,
+                cache_salt=salt))
         self._requests[request.request_id] = state
         if request.params.n > 1:
             self._multi_choice.add(request.request_id)
@@ -356,6 +368,18 @@ class Engine:
         # The other choices wait until the first has computed the prompt, then find its
         # full blocks in the prefix cache instead of computing them again.
         state.held_choices = state.sequences[1:]
+
+    def _ensure_adapter_slots(self) -> None:
+        """The LoRA stack and its slots, made on the first adapter request: a model never
+        asked for an adapter keeps that memory (max_loras slots of every projection's A
+        and B at max_lora_rank)."""
+        if self.scheduler.adapters is None:
+            stack = LoraStack(self.model.config, self.config.max_loras, self.config.max_lora_rank, self.dtype,
+                              self.device)
+            self.scheduler.adapters = AdapterSlots(stack)
+            self.runner.lora_stack = stack
+            log.info("LoRA stack made: %d slots of rank %d, %.1f MiB", stack.slots, stack.max_rank,
+                     stack.nbytes_per_slot * stack.slots / 2**20)
 
     def _abort_now(self, request_id: str, index: int | None = None) -> None:
         state = self._requests.get(request_id)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from gpt.model import GPT
+from server.engine.adapter_slots import AdapterRef
 from server.engine.api import (
     ChoiceFinished,
     Delta,
@@ -106,17 +107,23 @@ def _compiled(params: SamplingParams, grammars: GrammarCompiler | None):
 
 def generate(engine: Engine, prompts: Sequence[Sequence[int]],
              params: SamplingParams | Sequence[SamplingParams],
-             eos_token_ids: Sequence[int] = (), grammars: GrammarCompiler | None = None) -> list[GenerationOutput]:
+             eos_token_ids: Sequence[int] = (), grammars: GrammarCompiler | None = None,
+             adapters: Sequence[AdapterRef | None] | None = None) -> list[GenerationOutput]:
     """Decode every prompt (token ids) on `engine` with continuous batching; outputs in
     prompt order. A synchronous engine (built with start=False) is stepped here until
     idle; a threaded one is waited on. `params` is one SamplingParams for all prompts or
     one per prompt (e.g. a seed per row: each choice's draws depend only on its seed
     and position, whatever else is in the batch). Parameters with a constraining
-    response_format are compiled by `grammars`, here on the caller's thread."""
+    response_format are compiled by `grammars`, here on the caller's thread. `adapters`:
+    one LoRA adapter (or None, the base model) per prompt; rows on different adapters
+    share the batch."""
     per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if len(per_prompt) != len(prompts):
         raise ValueError(f"give one SamplingParams per prompt ({len(prompts)}), or one for all "
                          f"(got {len(per_prompt)})")
+    per_adapter = [None] * len(prompts) if adapters is None else list(adapters)
+    if len(per_adapter) != len(prompts):
+        raise ValueError(f"give one adapter (or None) per prompt ({len(prompts)}), got {len(per_adapter)}")
     synchronous = engine.thread is None
     # A synchronous engine holds every submitted request until it is stepped, so submit
     # no more at once than its waiting queue takes.
@@ -125,11 +132,12 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]],
     for start in range(0, len(prompts), chunk):
         batch = [(list(p), sp) for p, sp in zip(prompts[start:start + chunk], per_prompt[start:start + chunk],
                                                  strict=True)]
+        batch_adapters = per_adapter[start:start + chunk]
         # Together, so that a threaded engine's first step sees the whole batch.
         streams = engine.submit_many([EngineRequest(request_id=f"gen-{uuid.uuid4().hex[:16]}", prompt_ids=p,
                                                     params=sp, eos_token_ids=list(eos_token_ids),
-                                                    grammar=_compiled(sp, grammars))
-                                      for p, sp in batch])
+                                                    grammar=_compiled(sp, grammars), adapter=ad)
+                                      for (p, sp), ad in zip(batch, batch_adapters, strict=True)])
         if synchronous:
             engine.run_until_idle()
         outputs += [collect(s, p, sp.n) for s, (p, sp) in zip(streams, batch, strict=True)]

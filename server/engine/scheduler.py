@@ -30,6 +30,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from server.engine.adapter_slots import AdapterSlots
 from server.engine.api import FinishReason
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
@@ -63,6 +64,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.paused: list[Sequence] = []        # oldest pause first
         self.num_preemptions = 0
+        # The engine's LoRA slots, made on the first adapter request. A sequence on an
+        # adapter pins a slot from admission for as long as it holds KV blocks.
+        self.adapters: AdapterSlots | None = None
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = SeqStatus.WAITING
@@ -126,9 +130,12 @@ class Scheduler:
             seq = policy.peek()
             if seq is None:
                 break
+            if not self._pin(seq):
+                break                       # every adapter slot is pinned: it waits for one
             if self.blocks.allocate(seq) is None:
                 holder = next((p for p in self.paused if p.block_table), None)
                 if holder is None:
+                    self._unpin(seq)
                     break
                 self._release_paused(holder)
                 continue
@@ -206,16 +213,40 @@ class Scheduler:
             self.running.append(seq)
         else:
             if seq.block_table:
-                self.blocks.free(seq)
+                self._free(seq)
             self.add(seq, front=True)
 
-    def _release_paused(self, seq: Sequence) -> None:
+    def _pin(self, seq: Sequence) -> bool:
+        """Pin the slot of the sequence's adapter (loading it there if need be); False
+        when every slot is pinned by others. A sequence without an adapter needs none."""
+        if seq.lora_slot is not None or seq.request is None:     # (scheduler tests make bare sequences)
+            return True
+        adapter = seq.request.request.adapter
+        if adapter is None:
+            return True
+        assert self.adapters is not None, "the engine makes the adapter slots before it queues an adapter request"
+        seq.lora_slot = self.adapters.slot(adapter)
+        return seq.lora_slot is not None
+
+    def _unpin(self, seq: Sequence) -> None:
+        if seq.lora_slot is not None:
+            assert self.adapters is not None
+            self.adapters.release(seq.lora_slot)
+            seq.lora_slot = None
+
+    def _free(self, seq: Sequence) -> None:
+        """Give up the sequence's KV blocks and, with them, its adapter slot's pin: every
+        place blocks are freed (finish, abort, preemption, a pause past its grace) goes here."""
         self.blocks.free(seq)
+        self._unpin(seq)
+
+    def _release_paused(self, seq: Sequence) -> None:
+        self._free(seq)
         self.num_preemptions += 1
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq)
+        self._free(seq)
         self.add(seq, front=True)
         self.num_preemptions += 1
 
@@ -228,6 +259,6 @@ class Scheduler:
         elif seq.status is SeqStatus.WAITING:
             # A held choice (n > 1) may never have entered the queue.
             self.policy.remove(seq)
-        self.blocks.free(seq)
+        self._free(seq)
         self.policy.finished(seq)
         seq.status = SeqStatus.FINISHED

@@ -47,6 +47,8 @@ class Sequence:
     # The root of the prefix cache's hash chain: the adapter version the sequence runs
     # under (None = the base model), so cached blocks are shared only under the same one.
     cache_salt: int | None = None
+    # The adapter slot this sequence pins while it holds KV blocks (None = none pinned).
+    lora_slot: int | None = None
     # Fair share's bookkeeping (server/engine/fair_policy.py), unused under FCFS: the
     # tenant's state, how many prompt positions have been charged (recomputes are free),
     # and the request's costs per prompt / generated token over the tenant's weight.

@@ -97,7 +97,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def ListModels(self, request, context):
         async with self.call(context, "ListModels"):
             await self.authenticate(context)
-            return pb.ListModelsResponse(models=[self.model_info(m) for m in self.models.models()])
+            return pb.ListModelsResponse(models=[self.model_info(m) for m in self.models.models()]
+                                         + [self.adapter_info(*a) for a in self.models.served_adapters()])
 
     async def CountTokens(self, request, context):
         async with self.call(context, "CountTokens") as labels:
@@ -117,6 +118,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                             scheduling=m.engine.config.scheduling,
                             price=pb.Price(prompt_per_1k=price.prompt_per_1k,
                                            completion_per_1k=price.completion_per_1k,
+                                           cached_discount=price.cached_discount))
+
+    def adapter_info(self, name: str, version: int, base: LoadedModel) -> pb.ModelInfo:
+        """A served LoRA adapter: its base as parent, priced under its own name."""
+        price = self.prices.get(name)
+        return pb.ModelInfo(name=name, version=version, stage="adapter", parent=base.ref, max_context=base.max_context,
+                            loaded_at=base.loaded_at, ready=True, scheduling=base.engine.config.scheduling,
+                            price=pb.Price(prompt_per_1k=price.prompt_per_1k, completion_per_1k=price.completion_per_1k,
                                            cached_discount=price.cached_discount))
 
     @contextlib.asynccontextmanager

@@ -237,7 +237,13 @@ class HttpApi:
     async def list_models(self, request: Request) -> dict[str, Any]:
         async with self.call("ListModels"):
             await self.key(request)
-            return {"object": "list", "data": [card for m in self.models.models() for card in self._cards(m)]}
+            cards = [card for m in self.models.models() for card in self._cards(m)]
+            # LoRA adapters served over a loaded base, with the base as parent.
+            cards += [{"id": name, "object": "model", "created": 0, "owned_by": "sol", "root": base.ref,
+                       "parent": base.ref, "sol": {"name": name, "version": version, "stage": "adapter",
+                                                   "max_context": base.max_context}}
+                      for name, version, base in self.models.served_adapters()]
+            return {"object": "list", "data": cards}
 
     async def retrieve_model(self, model_id: str, request: Request) -> dict[str, Any]:
         """One model card: a listed reference as /v1/models shows it, or any other

@@ -20,19 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt.adapter_store import is_adapter
+from gpt.adapter_store import adapter_base, is_adapter
 from gpt.chat import chat_stop_ids
 from gpt.checkpoint import HEADS_FILE, Checkpoint, CheckpointError, load_checkpoint, read_config
 from gpt.config import ModelConfig
 from gpt.quoting import quote
 from gpt.registry import LATEST, ModelNotFound, ModelRef, Registry
 from gpt.tokenizers.base import Tokenizer
+from server.engine.adapter_slots import AdapterRef
 from server.engine.api import EngineRequest, EngineStats, RequestFinished, ResponseFormat, SamplingParams
 from server.engine.config import EngineConfig, kv_pool_blocks, resolve_device_dtype
 from server.engine.engine import Engine
 from server.engine.grammar import CompiledGrammar, GrammarCompiler
 from server.engine.kv_cache import kv_bytes_per_block
 from server.engine.output import TokenTexts
+from server.models.adapters import AdapterCache, AdapterNotServed
 from server.models.kv_budget import KVBudget
 from server.models.sanity import LoadPlan, SanityLimits, check_config, check_forward, check_weights
 
@@ -154,9 +156,10 @@ def warm_up(engine: Engine, tokenizer: Tokenizer, timeout_s: float = 120.0) -> N
 class ModelManager:
     def __init__(self, registry: Registry, engine_factory: EngineFactory, warmup: bool = True,
                  kv_budget: KVBudget | None = None, kv_wait_s: float = 120.0,
-                 limits: SanityLimits | None = None) -> None:
+                 limits: SanityLimits | None = None, max_cpu_loras: int = 8) -> None:
         self.registry = registry
         self.limits = limits or SanityLimits()
+        self.adapters = AdapterCache(registry, max_cpu_loras)
         self.engine_factory = engine_factory
         self.warmup = warmup
         self.kv_budget = kv_budget
@@ -310,6 +313,49 @@ class ModelManager:
             model = self.resolve(ref)
             model.acquire()
             return model
+
+    def checkout_served(self, ref: str) -> tuple[LoadedModel, AdapterRef | None]:
+        """`checkout`, or for a reference that names a LoRA adapter entry: its loaded base,
+        checked out, with the adapter. ModelNotFound when neither is served; AdapterError
+        when the adapter cannot be served (corrupt, made for other weights, rank too high)."""
+        try:
+            return self.checkout(ref), None
+        except ModelNotFound as not_served:
+            missing = not_served
+
+        def base_config(base_ref: str) -> ModelConfig:
+            try:
+                return self.resolve(base_ref).engine.model.config
+            except ModelNotFound:
+                raise ModelNotFound(f"adapter {quote(ref)} runs on {base_ref}, which is not served here; "
+                                    f"available: {self._available()}") from None
+
+        try:
+            adapter, base_ref = self.adapters.lookup(ref, base_config, self._max_lora_rank())
+        except AdapterNotServed:
+            raise missing from None
+        return self.checkout(base_ref), adapter
+
+    def served_adapters(self) -> list[tuple[str, int, LoadedModel]]:
+        """(name, latest version, loaded base) of every adapter entry in the registry whose
+        base version is served here (for ListModels and /v1/models)."""
+        out = []
+        for name in self.registry.models():
+            version = self.registry.aliases(name).get(LATEST)
+            if version is None:
+                continue
+            directory = self.registry.version_dir(name, version)
+            if not is_adapter(directory):
+                continue
+            try:
+                out.append((name, version, self.resolve(adapter_base(directory))))
+            except (ModelNotFound, ValueError):
+                continue          # its base is not served here (or its meta is unreadable)
+        return out
+
+    def _max_lora_rank(self) -> int | None:
+        config = getattr(self.engine_factory, "config", None)
+        return getattr(config, "max_lora_rank", None)
 
     def is_loaded(self, name: str, version: int) -> bool:
         with self._lock:
