@@ -39,7 +39,7 @@ class TaskAccuracy:
 
 def newline_stop_ids(tokenizer: SolTokenizer) -> list[int]:
     """Every token whose text contains a newline ends a few-shot answer."""
-    ids = [tokenizer.eot_id]
+    ids = [tokenizer.eos_ids[0]]
     for i in range(tokenizer.vocab_size):
         if not tokenizer.is_special(i) and b"\n" in tokenizer.decode_bytes([i]):
             ids.append(i)
@@ -67,7 +67,7 @@ def task_accuracy(model: GPT, tokenizer: SolTokenizer, problems: list[Problem], 
         stops = chat_stop_ids(tokenizer)
     else:
         shots = few_shot_examples(shots_seed)
-        prompts = [[tokenizer.eot_id] + tokenizer.encode(few_shot_prompt(shots[p.family], p)) for p in problems]
+        prompts = [[tokenizer.eos_ids[0]] + tokenizer.encode(few_shot_prompt(shots[p.family], p)) for p in problems]
         stops = newline_stop_ids(tokenizer)
     if engine is None:
         engine = training_engine(model, max((len(p) for p in prompts), default=1) + max_new_tokens)
@@ -135,7 +135,7 @@ def perplexity(model: GPT, tokenizer: SolTokenizer, texts: list[str], seq_len: i
     device = next(model.parameters()).device
     ids: list[int] = []
     for doc in tokenizer.encode_batch(texts):
-        ids += [tokenizer.eot_id, *doc]
+        ids += [tokenizer.eos_ids[0], *doc]
         if len(ids) >= max_tokens:
             break
     n = (min(len(ids), max_tokens) - 1) // seq_len

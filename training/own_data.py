@@ -102,7 +102,7 @@ def stage_sft_data(ctx: Context, tokenizer: SolTokenizer, base: GPT, parent: str
                    data: SFTData, heldout: SFTData) -> StageOutcome:
     began = time.perf_counter()
     model = copy.deepcopy(base)
-    pad = tokenizer.eot_id
+    pad = tokenizer.pad_id
     before = sft_loss(model, heldout.examples, pad)
     stage = SFTStage(tokenizer, [], ctx.preset.sft, ctx.info.device, examples=data.examples)
     result = train(model, stage, ctx.preset.sft.loop, _run_dir(ctx, "sft", args, parent), ctx.info, ctx.progress,
@@ -159,7 +159,7 @@ def stage_reward_data(ctx: Context, tokenizer: SolTokenizer, sft: GPT, parent: s
                       data: PrefsData, heldout: PrefsData) -> StageOutcome:
     began = time.perf_counter()
     rm = RewardModel(copy.deepcopy(sft)).to(ctx.info.device)
-    pad = tokenizer.eot_id
+    pad = tokenizer.pad_id
     before = reward_pairs_eval(rm, heldout.pairs, pad)
     stage = RewardStage(tokenizer, [], ctx.preset.reward, ctx.info.device, encoded=reward_sequences(data.pairs))
     result = train(rm, stage, ctx.preset.reward.loop, _run_dir(ctx, "reward", args, parent), ctx.info, ctx.progress,
@@ -183,7 +183,7 @@ def stage_dpo(ctx: Context, tokenizer: SolTokenizer, start: GPT, parent: str | N
     began = time.perf_counter()
     reference = copy.deepcopy(start).eval().requires_grad_(False)
     policy = copy.deepcopy(start)
-    pad = tokenizer.eot_id
+    pad = tokenizer.pad_id
     stage = DPOStage(reference, data.pairs, pad, cfg, ctx.info.device)
     held_ref = DPOStage(reference, heldout.pairs, pad, cfg, ctx.info.device).ref
     before = dpo_eval(policy, held_ref, heldout.pairs, pad, cfg.beta)
@@ -271,7 +271,7 @@ class Reward:
                 for prompt, reply in zip(data.ids, ids, strict=True)]
         total = 0.0
         for i in range(0, len(seqs), 64):
-            total += self.model(*score_batch(seqs[i:i + 64], self.tokenizer.eot_id, device)).sum().item()
+            total += self.model(*score_batch(seqs[i:i + 64], self.tokenizer.pad_id, device)).sum().item()
         return total / len(seqs)
 
 

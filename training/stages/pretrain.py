@@ -22,13 +22,14 @@ class PretrainConfig:
 
 
 def token_stream(tokenizer: SolTokenizer, documents: list[str], seed: int) -> torch.Tensor:
-    """Documents shuffled (by seed) and joined, each opened by <|endoftext|>."""
+    """Documents shuffled (by seed) and joined, each opened by the end-of-sequence token
+    (<|endoftext|> for sol's own tokenizer)."""
     order = list(range(len(documents)))
     random.Random(seed).shuffle(order)
     encoded = tokenizer.encode_batch([documents[i] for i in order])
     ids: list[int] = []
     for doc in encoded:
-        ids.append(tokenizer.eot_id)
+        ids.append(tokenizer.eos_ids[0])
         ids.extend(doc)
     return torch.tensor(ids, dtype=torch.long)
 

@@ -102,7 +102,7 @@ def score_replies(rm: nn.Module, tokenizer: SolTokenizer, items: list[tuple[str,
     out = []
     for i in range(0, len(items), batch_size):
         seqs = [reply_ids(tokenizer, p, r) for p, r in items[i:i + batch_size]]
-        out.append(rm(*score_batch(seqs, tokenizer.eot_id, device)).float().cpu())
+        out.append(rm(*score_batch(seqs, tokenizer.pad_id, device)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

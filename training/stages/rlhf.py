@@ -216,10 +216,10 @@ class RLHFStage:
         keep, varied = varied_groups_first(replies, k, n_prompts)
         picks, prompts, replies = [picks[i] for i in keep], [prompts[i] for i in keep], [replies[i] for i in keep]
         finished_kept = [choices[i].stopped for i in keep]
-        seqs = pad_right([p + r for p, r in zip(prompts, replies, strict=True)], self.tokenizer.eot_id)
+        seqs = pad_right([p + r for p, r in zip(prompts, replies, strict=True)], self.tokenizer.pad_id)
         index = pad_right([list(range(len(p) - 1, len(p) - 1 + len(r))) for p, r in zip(prompts, replies,
                                                                                          strict=True)], 0)
-        targets = pad_right(replies, self.tokenizer.eot_id)
+        targets = pad_right(replies, self.tokenizer.pad_id)
         mask = pad_right([[1] * len(r) for r in replies], 0).float()
         seqs, index, targets, mask = (t.to(self.device) for t in (seqs, index, targets, mask))
 
@@ -341,8 +341,8 @@ class RLHFStage:
             # backward); right padding leaves every real position's logits as they were.
             inputs = demos[0]
             width = max(seqs.shape[1], inputs.shape[1])
-            seqs = torch.cat([F.pad(seqs, (0, width - seqs.shape[1]), value=self.tokenizer.eot_id),
-                              F.pad(inputs, (0, width - inputs.shape[1]), value=self.tokenizer.eot_id)])
+            seqs = torch.cat([F.pad(seqs, (0, width - seqs.shape[1]), value=self.tokenizer.pad_id),
+                              F.pad(inputs, (0, width - inputs.shape[1]), value=self.tokenizer.pad_id)])
         logits_all, values_all = model(seqs)
         logits, values_all = logits_all[:n], values_all[:n]
         index, targets, mask = ro.index[rows], ro.targets[rows], ro.mask[rows]
