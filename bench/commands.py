@@ -150,6 +150,10 @@ def register_fuzz(bench_sub) -> None:
     p.add_argument("--baseline-seconds", type=float, default=10.0,
                    help="the healthy client alone first, for its latency without the fuzz (default 10)")
     p.add_argument("--seed", type=int, default=0)
+    # The stated bound: what a run of hostile input may add to the server's resident memory
+    # (grammar caches are bounded at 64 MiB per model version; the rest is allocator slack).
+    p.add_argument("--rss-cap-mib", type=float, default=256.0,
+                   help="the server's RSS may grow at most this much over the run (default 256)")
     p.set_defaults(handler=_fuzz)
 
 

@@ -416,5 +416,7 @@ def run(args: argparse.Namespace) -> int:
         errors = [line for line in log.read_text(errors="replace").splitlines() if "Traceback" in line]
     out = report.as_dict()
     out["server_log_tracebacks"] = len(errors)
+    out["rss_cap_mib"] = args.rss_cap_mib
+    out["rss_within_cap"] = out["rss_growth_mib"] <= args.rss_cap_mib
     print(json.dumps(out, indent=2))
-    return 0 if not report.bad and report.healthy_after else 1
+    return 0 if not report.bad and report.healthy_after and out["rss_within_cap"] and not errors else 1

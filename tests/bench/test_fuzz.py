@@ -24,6 +24,8 @@ def test_short_fuzz_run_gets_no_internal_errors(tiny_tokenizer, tmp_path):
     assert report.cases == 150
     assert not report.bad, report.bad
     assert report.healthy_after and report.healthy_requests > 0
+    # The stated cap of `sol bench fuzz` (--rss-cap-mib), on this process (server and clients).
+    assert report.rss_after_mib - report.rss_before_mib <= 256, report.as_dict()
     assert sum(report.statuses.values()) + report.client_refused == report.cases
     # Both protocols were exercised, and refusals dominate.
     assert any(s.startswith("grpc INVALID_ARGUMENT") for s in report.statuses)
