@@ -16,6 +16,7 @@ import copy
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,18 @@ def file_digest(*paths: Path | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def _split(rows: list, eval_rows: list | None, seed: int, path: str) -> tuple[list, list]:
-    return (rows, eval_rows) if eval_rows is not None else heldout_split(rows, seed, path)
+def _read_split(args: DataArgs, read: Callable[[Path], list], seed: int,
+                builtin: Callable[[], tuple[list, list]] | None = None) -> tuple[str, list, list]:
+    """(path, training rows, held-out rows): `--data` read with `read` and split by `seed`
+    unless `--eval-data` is given; `builtin()` when no file is (the built-in tasks)."""
+    if args.data is None:
+        assert builtin is not None, "this stage needs --data"
+        train_rows, held = builtin()
+        return BUILTIN, train_rows, held
+    rows = read(args.data)
+    if args.eval_data:
+        return str(args.data), rows, read(args.eval_data)
+    return str(args.data), *heldout_split(rows, seed, str(args.data))
 
 
 def _run_dir(ctx: Context, stage: str, args: DataArgs, parent: str | None) -> Path:
@@ -90,12 +101,9 @@ def _loop(cfg: Any, steps: int | None) -> Any:
 # --- SFT ---------------------------------------------------------------------------------------
 
 def prepare_sft(args: DataArgs, tokenizer: SolTokenizer, context: int, seed: int) -> tuple[SFTData, SFTData]:
-    assert args.data is not None
-    rows = read_sft(args.data)
-    eval_rows = read_sft(args.eval_data) if args.eval_data else None
-    train_rows, held = _split(rows, eval_rows, seed, str(args.data))
-    return (encode_sft(str(args.data), train_rows, tokenizer, context, args.skip_long),
-            encode_sft(str(args.eval_data or args.data), held, tokenizer, context, args.skip_long))
+    path, train_rows, held = _read_split(args, read_sft, seed)
+    return (encode_sft(path, train_rows, tokenizer, context, args.skip_long),
+            encode_sft(str(args.eval_data or path), held, tokenizer, context, args.skip_long))
 
 
 def stage_sft_data(ctx: Context, tokenizer: SolTokenizer, base: GPT, parent: str | None, args: DataArgs,
@@ -139,14 +147,7 @@ def builtin_preference_rows(ctx: Context) -> tuple[list, list]:
 
 def prepare_prefs(ctx: Context, args: DataArgs, tokenizer: SolTokenizer, context: int
                   ) -> tuple[PrefsData, PrefsData]:
-    if args.data is None:
-        train_rows, held = builtin_preference_rows(ctx)
-        path = BUILTIN
-    else:
-        rows = read_prefs(args.data)
-        eval_rows = read_prefs(args.eval_data) if args.eval_data else None
-        train_rows, held = _split(rows, eval_rows, ctx.seed, str(args.data))
-        path = str(args.data)
+    path, train_rows, held = _read_split(args, read_prefs, ctx.seed, lambda: builtin_preference_rows(ctx))
     return (encode_prefs(path, train_rows, tokenizer, context, args.skip_long),
             encode_prefs(str(args.eval_data or path), held, tokenizer, context, args.skip_long))
 
@@ -219,14 +220,7 @@ def builtin_prompt_rows(ctx: Context) -> tuple[list[PromptRow], list[PromptRow]]
 
 def prepare_prompts(ctx: Context, args: DataArgs, tokenizer: SolTokenizer, context: int, max_new_tokens: int
                     ) -> tuple[PromptsData, PromptsData]:
-    if args.data is None:
-        train_rows, held = builtin_prompt_rows(ctx)
-        path = BUILTIN
-    else:
-        rows = read_prompts(args.data)
-        eval_rows = read_prompts(args.eval_data) if args.eval_data else None
-        train_rows, held = _split(rows, eval_rows, ctx.seed, str(args.data))
-        path = str(args.data)
+    path, train_rows, held = _read_split(args, read_prompts, ctx.seed, lambda: builtin_prompt_rows(ctx))
     return (encode_prompts(path, train_rows, tokenizer, context, max_new_tokens, args.skip_long),
             encode_prompts(str(args.eval_data or path), held, tokenizer, context, max_new_tokens, args.skip_long))
 

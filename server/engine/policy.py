@@ -11,6 +11,7 @@ and `admission_victim` only for one that sets `preempts_to_admit`.
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from collections import deque
 
 from server.engine.api import TenantStats
@@ -20,36 +21,37 @@ from server.engine.sequence import Sequence
 SCHEDULING_POLICIES = ("fcfs", "fair")
 
 
-class SchedulingPolicy:
-    """The waiting queue and the victims. Subclasses implement every method."""
+class SchedulingPolicy(ABC):
+    """The waiting queue and the victims. Subclasses implement every abstract method."""
 
     name = ""
     charges = False            # call charge(batch) every step
     preempts_to_admit = False  # call admission_victim when the batch is full
 
+    @abstractmethod
     def add(self, seq: Sequence, front: bool = False) -> None:
         """Queue `seq`: new (front False) or back from a preemption, a pause or a held
         choice (front True: it goes before its peers)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def remove(self, seq: Sequence) -> None:
         """Take a waiting `seq` out of the queue (paused or finished); no error if absent."""
-        raise NotImplementedError
 
+    @abstractmethod
     def peek(self) -> Sequence | None:
         """The sequence to admit next, or None when none waits."""
-        raise NotImplementedError
 
+    @abstractmethod
     def pop(self) -> Sequence:
         """Take the sequence `peek` names out of the queue."""
-        raise NotImplementedError
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """How many sequences wait."""
 
+    @abstractmethod
     def victim(self, running: list[Sequence]) -> Sequence:
         """The running sequence to preempt when a running one needs a block and none is free."""
-        raise NotImplementedError
 
     def admission_victim(self, candidate: Sequence, running: list[Sequence]) -> Sequence | None:
         """A running sequence to preempt so that `candidate` can be admitted into a full
@@ -57,10 +59,12 @@ class SchedulingPolicy:
         return None
 
     def charge(self, batch: list[tuple[Sequence, int]]) -> None:
-        """The step's work, about to be computed (called when `charges`)."""
+        """The step's work, about to be computed (called when `charges`); FCFS keeps no account."""
+        return None
 
     def finished(self, seq: Sequence) -> None:
         """`seq` left the scheduler for good (finished or aborted), wherever it was."""
+        return None
 
     def tenant_stats(self, top_k: int) -> list[TenantStats]:
         return []
