@@ -99,10 +99,10 @@ def run_in_process(ckpt_path: Path, device: str | None, prompts: list[str], clie
     from gpt.checkpoint import load_checkpoint
     from server.engine.api import Delta, EngineRequest, SamplingParams
     from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
+    from server.engine.offline import build_engine
 
     ckpt = load_checkpoint(ckpt_path, device="cpu")
-    engine = Engine(ckpt.model, EngineConfig(device=device))
+    engine = build_engine(ckpt.model, EngineConfig(device=device))
     run = Run()
     counter = iter(range(1 << 30))
 

@@ -244,12 +244,12 @@ def _sol_offline_child(conn, ckpt_path: str, dtype: str, threads: int, max_num_s
     from gpt.checkpoint import load_checkpoint
     from server.engine.api import Delta, EngineRequest, RequestFinished, SamplingParams
     from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
+    from server.engine.offline import build_engine
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     ckpt = load_checkpoint(Path(ckpt_path), device="cpu")
-    engine = Engine(ckpt.model, EngineConfig(
+    engine = build_engine(ckpt.model, EngineConfig(
         device="cpu", dtype=getattr(torch, dtype), max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens))
     load_s = time.perf_counter() - t0

@@ -45,7 +45,7 @@ from server.inference import InferenceService
 from server.metrics import ServiceMetrics
 from server.models.hotload import HotLoadConfig, HotLoader, LoadOutcome
 from server.models.kv_budget import KVBudget
-from server.models.manager import EngineFactory, ModelManager, default_engine_factory
+from server.models.manager import EngineBuilder, EngineFactory, ModelManager
 from server.tls import ReloadingCredentials, TlsFiles
 
 log = logging.getLogger("sol.app")
@@ -82,7 +82,7 @@ def make_store(config: ServerConfig) -> LedgerStore:
 class App:
     def __init__(self, config: ServerConfig, engine_factory: EngineFactory | None = None) -> None:
         self.config = config
-        self.engine_factory = engine_factory or default_engine_factory(config.engine)
+        self.engine_factory = engine_factory or EngineBuilder(config.engine)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None

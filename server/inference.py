@@ -102,7 +102,7 @@ class Job:
 
     key: KeyInfo
     model: LoadedModel
-    request_id: str
+    request_id: str                  # the client's id: unique per key, the ledger's key (engine ids differ)
     prompt_ids: list[int]
     params: SamplingParams
     chat: bool
@@ -413,6 +413,8 @@ class InferenceService:
             # engine), so such a request keeps the streaming settings.
             buffered, interval = None, job.params.max_tokens * job.params.n + 1
         input_cost, output_cost = token_costs(self.prices.get(job.billed_model))
+        # The engine's own id for the request: unique across keys (two keys may both send
+        # request id "1"), never shown to clients; job.request_id is the client's.
         request = EngineRequest(request_id=uuid.uuid4().hex, prompt_ids=job.prompt_ids, params=job.params,
                                 eos_token_ids=eos, max_buffered_tokens=buffered, stream_interval=interval,
                                 grammar=job.grammar, tenant=job.key.key_id, tenant_weight=job.key.share,
@@ -522,18 +524,24 @@ class InferenceService:
             raise invalid(finished.error)
 
     async def bill(self, job: Job, finished: RequestFinished) -> BilledUsage:
-        """Record the request's usage, once."""
+        """The end of a request, once: its model version is no longer needed, its usage
+        goes to the ledger and the key's quota, its timings to the metrics."""
         u = finished.usage
         rec = self._record(job, u.prompt_tokens, u.completion_tokens, u.cached_tokens)
-        name, cost = rec.model, rec.cost
         if not job.billed:
             job.billed = True
+            # Released before the ledger write, which may wait on its store: a retired version
+            # closes its engine without waiting for the bill.
             job.model.release()
-            await self.accountant.record(rec)
-            self.quota.note_usage(job.key.key_id, u.total_tokens, job.request_id)
-            self.metrics.observe_finished(name, finished.timings, u, job.finish.values(), job.token_times,
-                                          cost)
-        return BilledUsage(u, cost)
+            await self._charge(job, rec, u.total_tokens)
+            self.metrics.observe_finished(rec.model, finished.timings, u, job.finish.values(), job.token_times,
+                                          rec.cost)
+        return BilledUsage(u, rec.cost)
+
+    async def _charge(self, job: Job, rec: UsageRecord, total_tokens: int) -> None:
+        """The request's usage in the ledger and in its key's token-rate quota."""
+        await self.accountant.record(rec)
+        self.quota.note_usage(job.key.key_id, total_tokens, job.request_id)
 
     async def billed_usage(self, key: KeyInfo, request_id: str):
         """The ledger's record of one of this key's requests."""

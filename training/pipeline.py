@@ -156,11 +156,13 @@ def preference_problems(p: PipelinePreset, seed: int) -> tuple[list[Problem], li
             sample_problems(p.rm_eval_per_family, "heldout", RM_EVAL_SEED, p.families, unique=True).problems)
 
 
-def chat_engine(model: GPT, tokenizer: SolTokenizer, problems: list[Problem], max_new_tokens: int = 24) -> Engine:
-    """One synchronous engine on `model` for a stage's sampling, sized for its longest
-    chat prompt plus the reply."""
-    longest = max(len(chat_prompt_ids(tokenizer, [{"role": "user", "content": q.prompt}])) for q in problems)
-    return training_engine(model, longest + max_new_tokens)
+REPLY_TOKENS = 24   # the longest reply a stage samples from the SFT model
+
+
+def longest_chat_prompt(tokenizer: SolTokenizer, problems: list[Problem]) -> int:
+    """Tokens in the longest of `problems` as a chat prompt: what a stage's sampling
+    engine must hold besides the reply."""
+    return max(len(chat_prompt_ids(tokenizer, [{"role": "user", "content": q.prompt}])) for q in problems)
 
 
 def preference_data(ctx: Context, tokenizer: SolTokenizer, sft: GPT, engine: Engine | None = None
@@ -170,7 +172,7 @@ def preference_data(ctx: Context, tokenizer: SolTokenizer, sft: GPT, engine: Eng
     `engine`, one on `sft`, or one made here)."""
     p = ctx.preset
     train_problems, heldout_problems = preference_problems(p, ctx.seed)
-    engine = engine or chat_engine(sft, tokenizer, train_problems + heldout_problems)
+    engine = engine or training_engine(sft, longest_chat_prompt(tokenizer, train_problems + heldout_problems) + REPLY_TOKENS)
     wrong_train = sample_wrong_replies(sft, tokenizer, train_problems, p.rm_samples, ctx.seed, engine=engine)
     wrong_eval = sample_wrong_replies(sft, tokenizer, heldout_problems, p.rm_samples, RM_EVAL_SEED, engine=engine)
     return (preference_pairs(train_problems, ctx.seed, wrong_train, p.rm_model_pairs),
@@ -182,7 +184,8 @@ def stage_reward(ctx: Context, tokenizer: SolTokenizer, sft: GPT, parent: str | 
     began = time.perf_counter()
     # One engine on the SFT policy for all of this stage's sampling: its KV pool is made once.
     train_problems, heldout_problems = preference_problems(p, ctx.seed)
-    engine = chat_engine(sft, tokenizer, [*train_problems, *heldout_problems, *eval_problems(p)])
+    engine = training_engine(sft, longest_chat_prompt(tokenizer, [*train_problems, *heldout_problems, *eval_problems(p)])
+                             + REPLY_TOKENS)
     train_pairs, eval_pairs = preference_data(ctx, tokenizer, sft, engine)
     rm = RewardModel(copy.deepcopy(sft)).to(ctx.info.device)
     stage = RewardStage(tokenizer, train_pairs.pairs, p.reward, ctx.info.device)

@@ -417,7 +417,3 @@ class EngineStats:
     # Engine.stats).
     policy: str = "fcfs"
     tenants: list[TenantStats] = field(default_factory=list)
-
-    @property
-    def kv_usage(self) -> float:
-        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0

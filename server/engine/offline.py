@@ -60,9 +60,11 @@ class GenerationOutput:
 
 
 def build_engine(model: GPT, config: EngineConfig | None = None, *, start: bool = True) -> Engine:
-    """Every engine that is not the server's is made here, so that a change to the
-    engine's constructor is one edit. `start=False` gives a synchronous engine:
-    `generate` then runs its steps on the caller's thread (training, evaluation)."""
+    """Every engine is made here (the server's through `EngineBuilder`, which sizes its KV
+    pool from the server's budget; training's through `training_engine`, sized for its
+    prompts), so that a change to the engine's constructor is one edit. `start=False`
+    gives a synchronous engine: `generate` then runs its steps on the caller's thread
+    (training, evaluation)."""
     return Engine(model, config, start=start)
 
 

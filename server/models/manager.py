@@ -33,6 +33,7 @@ from server.engine.config import EngineConfig, kv_pool_blocks, resolve_device_dt
 from server.engine.engine import Engine
 from server.engine.grammar import CompiledGrammar, GrammarCompiler
 from server.engine.kv_cache import kv_bytes_per_block
+from server.engine.offline import build_engine
 from server.engine.output import TokenTexts
 from server.models.adapters import AdapterCache, AdapterNotServed
 from server.models.kv_budget import KVBudget
@@ -124,11 +125,7 @@ class EngineBuilder:
         if kv_cache_bytes is not None:
             # The pool is exactly what the budget reserved for this version.
             config = dataclasses.replace(config, kv_cache_bytes=kv_cache_bytes, num_blocks=None)
-        return Engine(ckpt.model, config)
-
-
-def default_engine_factory(config: EngineConfig | None = None) -> EngineBuilder:
-    return EngineBuilder(config)
+        return build_engine(ckpt.model, config)
 
 
 def warmup_ids(tokenizer: Tokenizer) -> list[int]:

@@ -3,11 +3,11 @@
 import pytest
 
 from server.engine.config import EngineConfig
-from server.models.manager import ModelManager, default_engine_factory
+from server.models.manager import EngineBuilder, ModelManager
 
 
 @pytest.fixture
 def manager(registry):
-    m = ModelManager(registry, default_engine_factory(EngineConfig(num_blocks=64, block_size=8)))
+    m = ModelManager(registry, EngineBuilder(EngineConfig(num_blocks=64, block_size=8)))
     yield m
     m.shutdown()

@@ -8,7 +8,7 @@ import pytest
 
 from server.engine.config import EngineConfig
 from server.models.hotload import HotLoadConfig, HotLoader
-from server.models.manager import ModelManager, default_engine_factory
+from server.models.manager import EngineBuilder, ModelManager
 from tests.hotload.helpers import expected_text, publish_broken, publish_seeded, served_version
 from tests.service.harness import wait_for
 
@@ -109,7 +109,7 @@ def test_wait_retired_returns_only_once_the_retired_pool_is_back(registry, tiny_
     from server.models.kv_budget import KVBudget
     from server.models.manager import LoadedModel
 
-    builder = default_engine_factory(EngineConfig(max_num_seqs=4, block_size=8))
+    builder = EngineBuilder(EngineConfig(max_num_seqs=4, block_size=8))
     publish_seeded(registry, tiny_tokenizer, seed=1)
     pool = builder.pool_bytes(load_checkpoint(registry.resolve("m").path).config)
     budget = KVBudget(total_bytes=2 * pool, per_model_bytes=pool)
@@ -144,7 +144,7 @@ def test_kv_budget_is_never_over_committed_across_a_swap(registry, tiny_tokenize
     waits for the retired one to give its pool back, and the total never exceeds it."""
     from server.models.kv_budget import KVBudget, KVBudgetExhausted
 
-    builder = default_engine_factory(EngineConfig(max_num_seqs=4, block_size=8))
+    builder = EngineBuilder(EngineConfig(max_num_seqs=4, block_size=8))
     publish_seeded(registry, tiny_tokenizer, seed=1)
     from gpt.checkpoint import load_checkpoint
 

@@ -18,7 +18,7 @@ from gpt.registry import Registry, ResolvedModel
 from server.engine.config import EngineConfig
 from server.models.hotload import HotLoadConfig, HotLoader
 from server.models.kv_budget import KVBudget
-from server.models.manager import ModelManager, default_engine_factory
+from server.models.manager import EngineBuilder, ModelManager
 from server.models.sanity import LoadPlan, UnusableCheckpoint, check_config
 from tests.conftest import make_tiny_model
 from tests.hotload.helpers import publish_seeded, served_version
@@ -110,7 +110,7 @@ def test_each_size_has_a_bound_named_in_the_message(registry, tiny_tokenizer, ma
 
 
 def test_context_beyond_the_kv_pool_of_a_version_is_refused(registry, tiny_tokenizer):
-    builder = default_engine_factory(EngineConfig(max_num_seqs=4, block_size=8, device="cpu"))
+    builder = EngineBuilder(EngineConfig(max_num_seqs=4, block_size=8, device="cpu"))
     manager = ModelManager(registry, builder, kv_budget=KVBudget(4 << 20, 1 << 20))
     try:
         # tiny holds 512 bytes of fp32 KV a token: 1 MiB is 2048 tokens.
