@@ -1,4 +1,4 @@
-"""CLI: `sol bench engine|grammar|lora|serve|crash|fairness|fuzz|hotload|train|vs-vllm`. The flags live here and each benchmark
+"""CLI: `sol bench engine|grammar|hygiene|lora|serve|crash|fairness|fuzz|hotload|train|vs-vllm`. The flags live here and each benchmark
 module is imported only when it runs, so `sol --help` does not pay for torch twice."""
 
 from __future__ import annotations
@@ -48,6 +48,19 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_json_flag(p)
     p.set_defaults(handler=_lora)
+
+    p = bench_sub.add_parser("hygiene", help="sampled chat completions of a served model: none may show a special "
+                             "token as text (exit 1 if one does)")
+    p.add_argument("--model", default="demo:rlhf", help="model reference (default demo:rlhf, what the main job "
+                   "trains)")
+    p.add_argument("--registry", help="registry directory (default $SOL_HOME/registry)")
+    p.add_argument("--completions", type=int, default=1000, help="chat completions to sample (default 1000)")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--concurrency", type=int, default=32, help="concurrent requests (default 32)")
+    p.add_argument("--seed", type=int, default=0)
+    add_json_flag(p)
+    p.set_defaults(handler=_hygiene)
 
     p = bench_sub.add_parser("grammar", help="structured outputs: tokens/s with half the batch under a JSON schema "
                              "vs none; TTFT added by a cold and a cached compile")
@@ -197,6 +210,12 @@ def _fairness(args: argparse.Namespace) -> int:
     from bench.fairness import run_bench_fairness
 
     return run_bench_fairness(args)
+
+
+def _hygiene(args: argparse.Namespace) -> int:
+    from bench.hygiene import run
+
+    return run(args)
 
 
 def _hotload(args: argparse.Namespace) -> int:
