@@ -44,6 +44,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--concurrency", type=int, default=64, help="sequences per step (default 64)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; each side's best counts (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     add_json_flag(p)

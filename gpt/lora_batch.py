@@ -71,15 +71,23 @@ class LoraStack:
 @dataclass
 class LoraBatch:
     """One step's adapter use over `num_tokens` packed tokens: G groups of tokens, each on
-    one slot."""
+    one slot.
+
+    Per adapted projection the work is a few large ops, never one per row or per group:
+    on the CPU each op costs microseconds of dispatch whatever its size, and a step runs
+    7 projections per layer. So the common shapes get their own short paths: one adapter
+    over every token (a matmul and an addmm into the output, no gather), and one adapter
+    over some of the tokens (one index_select and one index_add)."""
 
     stack: LoraStack
     num_tokens: int
     slots: torch.Tensor          # (G,) the slot of each group
-    gather: torch.Tensor         # (G, L) token index per group position; num_tokens pads
+    gather: torch.Tensor         # (G, L) token index per group position; padding repeats index 0
     targets: torch.Tensor        # (N,) token indices of the real (unpadded) positions, group-major
-    valid: torch.Tensor          # (G * L,) which padded positions are real
+    picked: torch.Tensor         # (N,) where those positions sit in the flattened (G * L)
     scale: torch.Tensor          # (G, 1, 1)
+    single_slot: int | None      # the slot when there is one group, else None
+    covers_all: bool             # one group over every token, in order
 
     @classmethod
     def build(cls, stack: LoraStack, token_slots: torch.Tensor) -> LoraBatch | None:
@@ -98,12 +106,15 @@ class LoraBatch:
         group_of = torch.repeat_interleave(torch.arange(groups, device=used.device), counts)
         position = torch.arange(len(used), device=used.device) - starts[group_of]
         num_tokens = len(token_slots)
-        gather = torch.full((groups, longest), num_tokens, dtype=torch.int64, device=used.device)
+        # Padded positions gather token 0: their deltas are computed and never added
+        # (only `picked` positions are), which is cheaper than appending a zero row to x.
+        gather = torch.zeros((groups, longest), dtype=torch.int64, device=used.device)
         gather[group_of, position] = used
-        flat = gather.flatten()
-        valid = flat < num_tokens
-        return cls(stack, num_tokens, slots, gather, flat[valid], valid,
-                   stack.scale.index_select(0, slots)[:, None, None])
+        picked = group_of * longest + position
+        single = int(slots[0]) if groups == 1 else None
+        return cls(stack, num_tokens, slots, gather, used, picked,
+                   stack.scale.index_select(0, slots)[:, None, None], single,
+                   single is not None and len(used) == num_tokens)
 
     def apply(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y (T, out) += each token's scale * B (A x) for its slot; x (T, in). A target the
@@ -112,7 +123,15 @@ class LoraBatch:
         a = self.stack.a.get(key)
         if a is None:
             return
-        padded = torch.cat([x, x.new_zeros(1, x.shape[-1])])[self.gather]               # (G, L, in)
-        h = torch.bmm(padded, a.index_select(0, self.slots).transpose(1, 2))            # (G, L, r)
-        delta = torch.bmm(h, self.stack.b[key].index_select(0, self.slots).transpose(1, 2)) * self.scale
-        y.index_add_(0, self.targets, delta.flatten(0, 1)[self.valid].to(y.dtype))
+        b = self.stack.b[key]
+        if self.single_slot is not None:
+            a1, b1, scale = a[self.single_slot], b[self.single_slot], self.scale[0, 0]
+            if self.covers_all:
+                y.addmm_(((x @ a1.t()) * scale).to(y.dtype), b1.t().to(y.dtype))
+                return
+            h = (x.index_select(0, self.targets) @ a1.t()) * scale                        # (N, r)
+            y.index_add_(0, self.targets, (h @ b1.t()).to(y.dtype))
+            return
+        h = torch.bmm(x[self.gather], a.index_select(0, self.slots).transpose(1, 2)) * self.scale   # (G, L, r)
+        delta = torch.bmm(h, b.index_select(0, self.slots).transpose(1, 2))                          # (G, L, out)
+        y.index_add_(0, self.targets, delta.flatten(0, 1).index_select(0, self.picked).to(y.dtype))
