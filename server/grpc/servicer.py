@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,12 +19,12 @@ from server import validation
 from server.accounting.auth import Authenticator, AuthError
 from server.accounting.ledger import KeyInfo
 from server.accounting.pricing import PriceBook
+from server.call_frame import call_frame
 from server.engine.api import TokenLogprob
 from server.errors import ServiceError, auth_error, bounded
 from server.inference import BilledUsage, ChoiceUpdate, InferenceService, Job
 from server.models.manager import LoadedModel
 
-log = logging.getLogger("sol.servicer")
 
 def logprobs_pb(logprobs: list[TokenLogprob]) -> list[pb.TokenLogprob]:
     return [pb.TokenLogprob(token_id=lp.token_id, token=lp.text, logprob=lp.logprob,
@@ -130,32 +128,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @contextlib.asynccontextmanager
     async def call(self, context, method: str) -> AsyncIterator[dict[str, str]]:
-        """Every RPC's frame (Inference and Admin, unary and streaming): yields the metric
-        labels to fill in, maps a ServiceError to its status, an unexpected error to
-        INTERNAL with a reference in the log, and counts the call by status. Status
-        messages are bounded here, the last guard against a message too long for a
-        trailer (which the client would see as RESOURCE_EXHAUSTED)."""
-        labels = {"model": ""}
-        code = grpc.StatusCode.OK
+        """Every RPC's frame (Inference and Admin, unary and streaming; server/call_frame.py):
+        yields the metric labels to fill in and turns the ServiceError that leaves it into
+        the call's status. Status messages are bounded here, the last guard against a
+        message too long for a trailer (which the client would see as RESOURCE_EXHAUSTED)."""
         try:
-            yield labels
+            async with call_frame(self.metrics, "grpc", method, cancelled=(asyncio.CancelledError, GeneratorExit),
+                                  passthrough=(grpc.aio.AbortError,)) as frame:
+                yield frame.labels
         except ServiceError as err:
-            code = err.code
             context.set_trailing_metadata(err.trailing_metadata())
             await context.abort(err.code, bounded(err.message))
-        except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            ref = uuid.uuid4().hex[:12]
-            log.exception("internal error %s in %s", ref, method)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the request was not "
-                                                          "completed, retry it")
-        finally:
-            self.metrics.requests.labels("grpc", labels["model"], method, code.name).inc()
 
     async def authenticate(self, context) -> KeyInfo:
         try:

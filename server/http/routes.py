@@ -12,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import logging
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
 import grpc
@@ -28,6 +25,7 @@ from gpt.registry import RegistryError
 from server.accounting.auth import Authenticator, AuthError
 from server.accounting.ledger import KeyInfo
 from server.accounting.pricing import PriceBook
+from server.call_frame import CallFrame, call_frame, count_call, internal_error
 from server.errors import ServiceError, auth_error
 from server.health import Health
 from server.http import responses
@@ -45,7 +43,6 @@ from server.http.schemas import (
 from server.http.tokens import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.inference import InferenceService, Job
 
-log = logging.getLogger("sol.http")
 T = TypeVar("T")
 
 # Declared for the OpenAPI document (the "Authorize" scheme); the check itself is the
@@ -63,12 +60,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 class ClientGone(Exception):
     """The client closed the connection before its answer was ready."""
-
-
-@dataclass
-class Call:
-    labels: dict[str, str] = field(default_factory=lambda: {"model": ""})
-    deferred: bool = False          # a stream: counted when it ends, not when it starts
 
 
 class EventStream(StreamingResponse):
@@ -134,31 +125,14 @@ class HttpApi:
         self.metrics = service.metrics
 
     def count(self, model: str, method: str, code: str) -> None:
-        self.metrics.requests.labels("http", model, method, code).inc()
+        count_call(self.metrics, "http", model, method, code)
 
     @contextlib.asynccontextmanager
-    async def call(self, method: str) -> AsyncIterator[Call]:
-        """Every endpoint's frame, as the servicer's `call` is for gRPC: counts the call
-        by status and turns an unexpected error into INTERNAL with a reference in the log."""
-        call = Call()
-        code = "OK"
-        try:
-            yield call
-        except ServiceError as err:
-            code = err.code.name
-            raise
-        except (asyncio.CancelledError, ClientGone):
-            code = "CANCELLED"
-            raise
-        except Exception:
-            code = "INTERNAL"
-            ref = uuid.uuid4().hex[:12]
-            log.exception("internal error %s in %s", ref, method)
-            raise ServiceError(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the request was not "
-                                                         "completed, retry it") from None
-        finally:
-            if code != "OK" or not call.deferred:
-                self.count(call.labels["model"], method, code)
+    async def call(self, method: str) -> AsyncIterator[CallFrame]:
+        """Every endpoint's frame, as the servicer's `call` is for gRPC (server/call_frame.py);
+        the ServiceError that leaves it becomes an error body in the app's handler."""
+        async with call_frame(self.metrics, "http", method, cancelled=(asyncio.CancelledError, ClientGone)) as frame:
+            yield frame
 
     async def key(self, request: Request) -> KeyInfo:
         try:
@@ -228,10 +202,7 @@ class HttpApi:
             yield responses.sse(service_error_body(err)[1])
         except Exception:
             outcome["code"] = "INTERNAL"
-            ref = uuid.uuid4().hex[:12]
-            log.exception("internal error %s in %s", ref, method)
-            yield responses.sse(service_error_body(ServiceError(
-                grpc.StatusCode.INTERNAL, f"internal error (ref {ref}) mid-stream; retry the request"))[1])
+            yield responses.sse(service_error_body(internal_error(method, mid_stream=True))[1])
 
     # --- models and health -----------------------------------------------------------------
     async def list_models(self, request: Request) -> dict[str, Any]:
