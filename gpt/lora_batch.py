@@ -38,6 +38,19 @@ class LoraStack:
                 self.b[(layer, target)] = torch.zeros(slots, out, max_rank, dtype=dtype, device=device)
         self.scale = torch.zeros(slots, dtype=dtype, device=device)
 
+    @classmethod
+    def one(cls, config: ModelConfig, adapter: LoraAdapter) -> LoraStack:
+        """A one-slot stack over `adapter`'s own tensors (views, not copies): training one
+        adapter, the deltas' gradients flow back into its A and B."""
+        stack = cls.__new__(cls)
+        stack.config, stack.slots, stack.max_rank = config, 1, adapter.spec.rank
+        stack.targets = adapter.spec.targets
+        stack.a = {key: a.unsqueeze(0) for key, (a, _) in adapter.weights.items()}
+        stack.b = {key: b.unsqueeze(0) for key, (_, b) in adapter.weights.items()}
+        some = next(iter(adapter.weights.values()))[0]
+        stack.scale = torch.full((1,), adapter.spec.scale, dtype=some.dtype, device=some.device)
+        return stack
+
     @property
     def nbytes_per_slot(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
@@ -88,9 +101,10 @@ class LoraBatch:
     scale: torch.Tensor          # (G, 1, 1)
     single_slot: int | None      # the slot when there is one group, else None
     covers_all: bool             # one group over every token, in order
+    dropout: float = 0.0         # training only: LoRA dropout on the adapter's input (PEFT's lora_dropout)
 
     @classmethod
-    def build(cls, stack: LoraStack, token_slots: torch.Tensor) -> LoraBatch | None:
+    def build(cls, stack: LoraStack, token_slots: torch.Tensor, dropout: float = 0.0) -> LoraBatch | None:
         """`token_slots` (T,): each packed token's slot, -1 for the base model alone. None
         when no token uses an adapter (the step then pays nothing)."""
         token_slots = token_slots.to(device=stack.scale.device, dtype=torch.int64)
@@ -114,7 +128,7 @@ class LoraBatch:
         single = int(slots[0]) if groups == 1 else None
         return cls(stack, num_tokens, slots, gather, used, picked,
                    stack.scale.index_select(0, slots)[:, None, None], single,
-                   single is not None and len(used) == num_tokens)
+                   single is not None and len(used) == num_tokens, dropout)
 
     def apply(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y (T, out) += each token's scale * B (A x) for its slot; x (T, in). A target the
@@ -124,6 +138,8 @@ class LoraBatch:
         if a is None:
             return
         b = self.stack.b[key]
+        if self.dropout > 0:
+            x = torch.nn.functional.dropout(x, self.dropout)
         if self.single_slot is not None:
             a1, b1, scale = a[self.single_slot], b[self.single_slot], self.scale[0, 0]
             if self.covers_all:

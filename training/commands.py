@@ -23,6 +23,7 @@ STAGE_CONFIG = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "rlhf"
 
 
 def register(subparsers, bench_subparsers) -> None:
+    from training import lora_training
     from training.presets import DEFAULT_PRESET, PRESETS
 
     def common(p: argparse.ArgumentParser, with_name: bool = True) -> None:
@@ -84,6 +85,8 @@ def register(subparsers, bench_subparsers) -> None:
                            help="replies per prompt (GRPO's group; default: the preset's, at least 4 for grpo)")
             p.add_argument("--reward-timeout", type=float, default=10.0,
                            help="seconds one Python reward call may take (default 10)")
+        if stage in ("sft", "dpo", "rlhf"):
+            lora_training.add_flags(p)
         if stage != "tokenizer":
             p.add_argument("--skip-long", action="store_true",
                            help="leave out (and count) rows whose prompt alone fills the context instead of "
@@ -165,12 +168,15 @@ def _train(args) -> int:
         if args.lr is not None:
             loop = dataclasses.replace(loop, lr=args.lr)
         setattr(preset, key, dataclasses.replace(cfg, loop=loop))
+    from training.lora_training import from_args
+
+    lora = from_args(args)            # bad LoRA flags fail here, before any model is loaded
     registry = _registry(args)
     run_dir = args.run_dir or _runs_root(registry) / args.name / "stages"
     info = distributed.setup()
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     ctx = Context(preset, args.name, args.seed, registry, Path(run_dir), info, not args.quiet,
-                  log if info.is_main else (lambda _m: None), resume=not args.fresh)
+                  log if info.is_main else (lambda _m: None), resume=not args.fresh, lora=lora)
     outcome = _run_stage(args, ctx, registry)
     distributed.teardown()
     if info.is_main:

@@ -34,6 +34,7 @@ from training.datasets.text import Document, read_text
 from training.heads import REWARD_HEAD, PolicyWithValue, RewardModel
 from training.heldout import greedy_replies, reward_pairs_eval, reward_sequences, sft_loss, text_loss
 from training.loop import LoopResult, train
+from training.lora_training import reference, trainable
 from training.pipeline import Context, StageOutcome, _publish
 from training.rewards import RewardFunction, problem_row
 from training.stages.dpo import DPOConfig, DPOStage, dpo_eval
@@ -109,7 +110,7 @@ def prepare_sft(args: DataArgs, tokenizer: SolTokenizer, context: int, seed: int
 def stage_sft_data(ctx: Context, tokenizer: SolTokenizer, base: GPT, parent: str | None, args: DataArgs,
                    data: SFTData, heldout: SFTData) -> StageOutcome:
     began = time.perf_counter()
-    model = copy.deepcopy(base)
+    model = trainable(ctx, base)
     pad = tokenizer.pad_id
     before = sft_loss(model, heldout.examples, pad)
     stage = SFTStage(tokenizer, [], ctx.preset.sft, ctx.info.device, examples=data.examples)
@@ -182,11 +183,11 @@ def stage_dpo(ctx: Context, tokenizer: SolTokenizer, start: GPT, parent: str | N
               data: PrefsData, heldout: PrefsData, cfg: DPOConfig) -> StageOutcome:
     """DPO from `start`, which is also the frozen reference."""
     began = time.perf_counter()
-    reference = copy.deepcopy(start).eval().requires_grad_(False)
-    policy = copy.deepcopy(start)
+    policy = trainable(ctx, start)
+    ref_model = reference(ctx, start, policy)     # with LoRA: the policy's own base, adapter off (no copy)
     pad = tokenizer.pad_id
-    stage = DPOStage(reference, data.pairs, pad, cfg, ctx.info.device)
-    held_ref = DPOStage(reference, heldout.pairs, pad, cfg, ctx.info.device).ref
+    stage = DPOStage(ref_model, data.pairs, pad, cfg, ctx.info.device)
+    held_ref = DPOStage(ref_model, heldout.pairs, pad, cfg, ctx.info.device).ref
     before = dpo_eval(policy, held_ref, heldout.pairs, pad, cfg.beta)
     result = train(policy, stage, cfg.loop, _run_dir(ctx, "dpo", args, parent), ctx.info, ctx.progress, ctx.resume)
     after = dpo_eval(policy, held_ref, heldout.pairs, pad, cfg.beta)

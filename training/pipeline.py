@@ -41,6 +41,8 @@ from training.decoding import training_engine
 from training.evaluate import perplexity, reward_accuracy, reward_ranking, structured_accuracy, task_accuracy
 from training.heads import REWARD_HEAD, PolicyWithValue, RewardModel
 from training.loop import LoopResult, train
+from training.lora_training import LoraTraining, as_gpt, trainable
+from training.lora_training import publish as publish_adapter_of
 from training.presets import PipelinePreset
 from training.stages.pretrain import PretrainStage, token_stream
 from training.stages.reward import RewardStage, sample_wrong_replies
@@ -62,8 +64,12 @@ class Context:
     progress: bool = True
     log: Callable[[str], None] = print
     resume: bool = True
+    lora: LoraTraining | None = None      # train an adapter instead of the whole model (--lora-rank)
 
     def stage_dir(self, stage: str) -> Path:
+        # A LoRA run's resumable state (an adapter's) never mixes with a full run's.
+        if self.lora is not None:
+            stage = f"{stage}-lora-{self.lora.name}-r{self.lora.spec.rank}"
         return self.run_dir / stage
 
 
@@ -83,7 +89,10 @@ def _digest(*parts: str) -> str:
 
 def _publish(ctx: Context, model: GPT, tokenizer: SolTokenizer, alias: str, meta: dict[str, Any],
              heads: dict[str, torch.Tensor] | None = None) -> ResolvedModel | None:
-    """Rank 0 publishes; the others wait so that no rank reads a half-published registry."""
+    """Rank 0 publishes; the others wait so that no rank reads a half-published registry.
+    A LoRA stage publishes its adapter instead (training/lora_training.py)."""
+    if ctx.lora is not None:
+        return publish_adapter_of(ctx, model, alias, meta)  # type: ignore[arg-type]
     resolved = None
     if ctx.info.is_main:
         resolved = publish_checkpoint(ctx.registry, ctx.name, model, tokenizer,
@@ -140,7 +149,7 @@ def sft_problems(p: PipelinePreset, seed: int) -> TaskSet:
 def stage_sft(ctx: Context, tokenizer: SolTokenizer, base: GPT, parent: str | None) -> StageOutcome:
     p = ctx.preset
     began = time.perf_counter()
-    model = copy.deepcopy(base)
+    model = trainable(ctx, base)
     tasks = sft_problems(p, ctx.seed)
     stage = SFTStage(tokenizer, [q.conversation() for q in tasks.problems], p.sft, ctx.info.device)
     result = train(model, stage, p.sft.loop, ctx.stage_dir("sft"), ctx.info, ctx.progress, ctx.resume)
@@ -273,6 +282,7 @@ def eval_problems(p: PipelinePreset) -> list[Problem]:
 
 
 def _task_eval(ctx: Context, model: GPT, tokenizer: SolTokenizer, mode: str) -> dict[str, Any]:
+    model = as_gpt(model)         # the engine runs a GPT: a LoRA stage's adapter merged into a copy
     problems = eval_problems(ctx.preset)
     acc = task_accuracy(model, tokenizer, problems, mode, shots_seed=EVAL_SEED)
     ctx.log(f"held-out task accuracy ({mode}): {acc.accuracy:.3f} " +
