@@ -36,6 +36,7 @@ class LoraModel(nn.Module):
         self.spec = spec
         self.dropout = dropout
         self.enabled = True
+        self.version = 0           # bumped each time its weights go to an engine (RL rollouts)
         device = next(base.parameters()).device
         # A random, B zero (as PEFT initialises): training starts from the base's outputs.
         fresh = LoraAdapter.zeros_like(spec, base.config, torch.float32, seed=seed)

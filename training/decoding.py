@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from gpt.lora_trainable import LoraModel
 from gpt.model import GPT
 from gpt.tokenizer import SolTokenizer
 from server.engine.blocks import blocks_for
@@ -28,10 +29,16 @@ def training_engine(model: GPT, max_len: int, max_num_seqs: int = MAX_NUM_SEQS,
     sequences of `max_len` tokens (prompt + reply) at once: the scheduler never has to
     preempt, and the pool is allocated once for as many calls as the engine is kept."""
     max_len = min(max_len, model.config.max_seq_len)
+    lora: dict[str, int] = {}
+    if isinstance(model, LoraModel):
+        # A LoRA policy decodes as the base with its adapter in one slot (the serving
+        # path), loaded per call by rollout_adapters (training/lora_training.py).
+        lora = {"max_loras": 1, "max_lora_rank": model.spec.rank}
+        model = model.base
     block_size = EngineConfig.block_size
     num_blocks = max_num_seqs * blocks_for(max_len, block_size)
     config = live_config(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                         num_blocks=num_blocks, block_size=block_size)
+                         num_blocks=num_blocks, block_size=block_size, **lora)
     return build_engine(model, config, start=False)
 
 

@@ -25,6 +25,7 @@ from gpt.lora import TARGETS, AdapterError, LoraSpec, merge_into, parse_targets
 from gpt.lora_trainable import LoraModel
 from gpt.model import GPT
 from gpt.registry import ResolvedModel, validate_name
+from server.engine.adapter_slots import AdapterRef
 from server.engine.config import EngineConfig
 from training import distributed
 
@@ -108,6 +109,16 @@ def as_gpt(model: nn.Module) -> GPT:
     if isinstance(model, LoraModel):
         return merge_into(copy.deepcopy(model.base), model.adapter())
     return model  # type: ignore[return-value]
+
+
+def rollout_adapters(gpt: nn.Module, rows: int) -> list[AdapterRef | None] | None:
+    """The adapter a LoRA policy's rollouts decode with (its weights now, a new version
+    per call, so the engine loads them afresh and no cached prefix of older weights
+    matches); None for a full model (the engine decodes its live weights)."""
+    if not isinstance(gpt, LoraModel):
+        return None
+    gpt.version += 1
+    return [AdapterRef("rollout", gpt.version, gpt.adapter())] * rows
 
 
 def publish(ctx: Any, model: LoraModel, alias: str, meta: dict[str, Any]) -> ResolvedModel | None:

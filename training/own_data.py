@@ -34,7 +34,7 @@ from training.datasets.text import Document, read_text
 from training.heads import REWARD_HEAD, PolicyWithValue, RewardModel
 from training.heldout import greedy_replies, reward_pairs_eval, reward_sequences, sft_loss, text_loss
 from training.loop import LoopResult, train
-from training.lora_training import reference, trainable
+from training.lora_training import as_gpt, reference, trainable
 from training.pipeline import Context, StageOutcome, _publish
 from training.rewards import RewardFunction, problem_row
 from training.stages.dpo import DPOConfig, DPOStage, dpo_eval
@@ -255,7 +255,7 @@ class Reward:
     @torch.no_grad()
     def mean_greedy(self, policy: GPT, data: PromptsData, max_new_tokens: int) -> float:
         """Mean reward of the policy's greedy replies to every prompt of `data`."""
-        ids, texts = greedy_replies(policy, self.tokenizer, data.ids, max_new_tokens)
+        ids, texts = greedy_replies(as_gpt(policy), self.tokenizer, data.ids, max_new_tokens)
         if self.function is not None:
             scores = [self.function(p.messages, t, p.row.data, p.where)
                       for p, t in zip(data.prompts, texts, strict=True)]
@@ -275,9 +275,9 @@ def stage_rlhf_data(ctx: Context, tokenizer: SolTokenizer, sft: GPT, parent: str
     """PPO or GRPO (ctx.preset.rlhf.algo) on prompt rows, KL to `sft`."""
     began = time.perf_counter()
     cfg = ctx.preset.rlhf
-    policy = PolicyWithValue(copy.deepcopy(sft)).to(ctx.info.device)
+    policy = PolicyWithValue(trainable(ctx, sft)).to(ctx.info.device)
     before = reward.mean_greedy(policy.gpt, heldout, cfg.max_new_tokens)
-    stage = RLHFStage(policy, copy.deepcopy(sft), reward.model, tokenizer, None, cfg, ctx.info.device,
+    stage = RLHFStage(policy, reference(ctx, sft, policy), reward.model, tokenizer, None, cfg, ctx.info.device,
                       prompt_ids=data.ids, scorer=reward.scorer(data))
     result = train(policy, stage, cfg.loop, _run_dir(ctx, f"rlhf-{cfg.algo}", args, parent), ctx.info,
                    ctx.progress, ctx.resume)

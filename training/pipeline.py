@@ -41,7 +41,7 @@ from training.decoding import training_engine
 from training.evaluate import perplexity, reward_accuracy, reward_ranking, structured_accuracy, task_accuracy
 from training.heads import REWARD_HEAD, PolicyWithValue, RewardModel
 from training.loop import LoopResult, train
-from training.lora_training import LoraTraining, as_gpt, trainable
+from training.lora_training import LoraTraining, as_gpt, reference, trainable
 from training.lora_training import publish as publish_adapter_of
 from training.presets import PipelinePreset
 from training.stages.pretrain import PretrainStage, token_stream
@@ -251,7 +251,7 @@ def stage_rlhf(ctx: Context, tokenizer: SolTokenizer, sft: GPT, rm: RewardModel,
                rm_ref: str | None) -> StageOutcome:
     p = ctx.preset
     began = time.perf_counter()
-    policy = PolicyWithValue(copy.deepcopy(sft)).to(ctx.info.device)
+    policy = PolicyWithValue(trainable(ctx, sft)).to(ctx.info.device)
     prompts = rlhf_prompts(p, ctx.seed)
     fingerprint = prompts.fingerprint
     demonstrations = None
@@ -259,7 +259,7 @@ def stage_rlhf(ctx: Context, tokenizer: SolTokenizer, sft: GPT, rm: RewardModel,
         demos = sft_problems(p, ctx.seed)
         demonstrations = [q.conversation() for q in demos.problems]
         fingerprint = _digest(prompts.fingerprint, demos.fingerprint)
-    stage = RLHFStage(policy, copy.deepcopy(sft), rm, tokenizer, prompts.problems, p.rlhf, ctx.info.device,
+    stage = RLHFStage(policy, reference(ctx, sft, policy), rm, tokenizer, prompts.problems, p.rlhf, ctx.info.device,
                       demonstrations)
     result = train(policy, stage, p.rlhf.loop, ctx.stage_dir("rlhf"), ctx.info, ctx.progress, ctx.resume)
     if ctx.info.is_main:

@@ -22,7 +22,9 @@ from server.engine.config import EngineConfig
 from server.engine.offline import build_engine, generate
 from tests.conftest import make_tiny_model
 from tests.training.own_data_helpers import publish_tiny, registry_snapshot, run_cli, write_jsonl
+from training.decoding import training_engine
 from training.loop import LoopConfig, make_optimizer, train
+from training.lora_training import as_gpt, rollout_adapters
 from training.stages.sft import SFTConfig, SFTStage, sft_example
 
 CHATS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
@@ -184,3 +186,39 @@ def test_an_imported_qwen2_trains_an_adapter_peft_loads_with_the_same_logits(tmp
     with torch.no_grad():
         mine = ours(ids).float()
     assert torch.allclose(mine, theirs.float(), atol=1e-4), (mine - theirs).abs().max()
+
+
+def test_grpo_trains_an_adapter_whose_rollouts_decode_with_it(tmp_path, tiny_tokenizer, capsys, monkeypatch):
+    registry = Registry(tmp_path / "registry")
+    publish_tiny(registry, tiny_tokenizer)
+    base = registry.resolve("own:sft")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Name a number near {i}."} for i in range(40)])
+    out = _run(["train", "rlhf", "--from", "own:sft", "--name", "own", "--prompts", str(prompts), "--reward",
+                "python:tests.training.own_data_rewards:has_digit_seven", "--algo", "grpo", "--group", "4",
+                "--steps", "4", "--lr", "3e-3", "--lora-rank", "4", "--run-dir", str(tmp_path / "runs"),
+                "--registry", str(registry.root), "--quiet", "--json", "--preset", "tiny"], capsys, monkeypatch)
+    assert out["ref"] == "own-rlhf-lora@1" and out["metrics"]["algo"] == "grpo", out
+    meta = read_meta(registry.resolve(out["ref"]).path)
+    assert meta["kind"] == "adapter" and meta["base"] == base.ref and meta["metrics"]["reward_calls"] > 0
+    adapter, _ = load_published_adapter(registry.resolve(out["ref"]).path, registry,
+                                        load_checkpoint(base.path).config)
+    assert any(b.abs().sum() > 0 for _, b in adapter.weights.values())      # the adapter learned something
+
+
+def test_a_lora_policy_rollout_engine_decodes_as_its_merged_model(tiny_tokenizer):
+    """RL rollouts of a LoRA policy run the base in the engine with the adapter in a slot,
+    a new version per rollout: the same tokens as the merged model, and after the adapter
+    changes, the new weights' tokens (the old version's cached prefix never matches: no reset between)."""
+    model = LoraModel(make_tiny_model(tiny_tokenizer, seed=1), LoraSpec(4, 8.0, ("q", "v", "up")))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [tiny_tokenizer.encode(t) for t in ("Once upon a time", "What is 2 plus 2?")]
+    engine = training_engine(model, 64)
+    for _ in range(2):
+        with torch.no_grad():
+            for b in model.lora_b.values():
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.5)
+        got = generate(engine, prompts, GREEDY, adapters=rollout_adapters(model, len(prompts)))
+        want = generate(_engine(as_gpt(model)), prompts, GREEDY)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert model.version == 2
+    assert [g.token_ids for g in got] != [p.token_ids for p in generate(_engine(model.base), prompts, GREEDY)]

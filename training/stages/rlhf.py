@@ -46,6 +46,7 @@ from training.data.tasks import Problem
 from training.decoding import MAX_NUM_SEQS, training_engine
 from training.heads import PolicyWithValue, RewardModel
 from training.loop import LoopConfig
+from training.lora_training import rollout_adapters
 from training.ppo import (
     AdaptiveKLController,
     entropy_from_logits,
@@ -211,7 +212,8 @@ class RLHFStage:
         engine = self.rollout_engine(len(picks))
         params = [SamplingParams(temperature=cfg.temperature, top_k=0, top_p=1.0, max_tokens=cfg.max_new_tokens,
                                  seed=seed) for seed in seeds]
-        choices = [out.choices[0] for out in generate(engine, prompts, params, chat_stop_ids(self.tokenizer))]
+        choices = [out.choices[0] for out in generate(engine, prompts, params, chat_stop_ids(self.tokenizer),
+                                                      adapters=rollout_adapters(self.policy.gpt, len(prompts)))]
         replies = [c.token_ids or [self.tokenizer.end_of_turn_id] for c in choices]
         keep, varied = varied_groups_first(replies, k, n_prompts)
         picks, prompts, replies = [picks[i] for i in keep], [prompts[i] for i in keep], [replies[i] for i in keep]
