@@ -49,7 +49,7 @@ def publish_adapter(registry: Registry, name: str, adapter: LoraAdapter, base: R
     fingerprint = base_fingerprint(base)
 
     def write(tmp: Path) -> None:
-        paths = save_adapter(adapter, tmp, base_model=base.ref)
+        paths = save_adapter(adapter, tmp, base_model=base.ref, dropout=float((meta or {}).get("lora_dropout", 0.0)))
         full = {"name": name, "kind": ADAPTER_KIND, "stage": (meta or {}).get("stage", "adapter"),
                 "base": base.ref, "base_weights_sha256": fingerprint,
                 "lora": {"rank": adapter.spec.rank, "alpha": adapter.spec.alpha,

@@ -223,13 +223,14 @@ def load_adapter(directory: Path, config: ModelConfig, max_rank: int = MAX_RANK)
     return adapter
 
 
-def save_adapter(adapter: LoraAdapter, directory: Path, base_model: str = "") -> list[Path]:
-    """Write PEFT's format: what `PeftModel.from_pretrained(base, directory)` loads."""
+def save_adapter(adapter: LoraAdapter, directory: Path, base_model: str = "", dropout: float = 0.0) -> list[Path]:
+    """Write PEFT's format: what `PeftModel.from_pretrained(base, directory)` loads.
+    `dropout`: the lora_dropout it was trained with (a record; serving applies none)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     spec = adapter.spec
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": spec.alpha,
-              "target_modules": [TARGETS[t].rsplit(".", 1)[1] for t in spec.targets], "lora_dropout": 0.0,
+              "target_modules": [TARGETS[t].rsplit(".", 1)[1] for t in spec.targets], "lora_dropout": dropout,
               "bias": "none", "fan_in_fan_out": False, "use_rslora": spec.use_rslora, "use_dora": False,
               "modules_to_save": None, "base_model_name_or_path": base_model, "inference_mode": True}
     tensors = {}

@@ -84,7 +84,7 @@ def test_sft_adapter_lowers_loss_publishes_and_serves_as_its_merged_model(tmp_pa
     chats = write_jsonl(tmp_path / "chats.jsonl", CHATS)
     common = ["--registry", str(registry.root), "--quiet", "--json", "--preset", "tiny"]
     out = _run(["train", "sft", "--from", "own:base", "--name", "own", "--data", str(chats), "--steps", "30",
-                "--lr", "3e-3", "--lora-rank", "8", "--lora-targets", "q,k,v,o,gate,up,down",
+                "--lr", "3e-3", "--lora-rank", "8", "--lora-targets", "q,k,v,o,gate,up,down", "--lora-dropout", "0.05",
                 "--adapter-name", "adder", "--run-dir", str(tmp_path / "runs"), *common], capsys, monkeypatch)
     assert out["ref"] == "adder@1" and out["stage"] == "sft", out
     assert out["eval_loss_after"] < out["eval_loss_before"] - 0.3, out
@@ -94,6 +94,7 @@ def test_sft_adapter_lowers_loss_publishes_and_serves_as_its_merged_model(tmp_pa
     meta = read_meta(version.path)
     assert meta["kind"] == "adapter" and adapter_base(version.path) == base_ref
     assert meta["lora"]["rank"] == 8 and meta["metrics"]["eval_loss_after"] == out["eval_loss_after"]
+    assert json.loads((version.path / "adapter_config.json").read_text())["lora_dropout"] == 0.05
     assert sorted(p.name for p in version.path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                               "meta.json"]
 
