@@ -68,9 +68,10 @@ class GatewayCollector:
         self._stats = stats
         self._block_size = block_size
         # vLLM's lora_requests_info carries the time its adapter sets last changed, and the
-        # picker keeps the newest series. sol serves no LoRA adapters: one series whose
-        # (empty) sets never change, stamped with the process's start.
-        self._started = time.time() if started is None else started
+        # picker keeps the newest series: one series, stamped with the process's start until
+        # the sets first change.
+        self._lora_sets: tuple[str, str, str] | None = None      # None: not read yet
+        self._lora_changed = time.time() if started is None else started
 
     def collect(self):
         waiting = GaugeMetricFamily(WAITING, "Requests waiting for admission (vLLM's name, for gateways)",
@@ -79,7 +80,8 @@ class GatewayCollector:
                                     labels=["model_name"])
         kv = GaugeMetricFamily(KV_USAGE, "Fraction of KV cache blocks in use, 0-1 (vLLM's name, for gateways)",
                                labels=["model_name"])
-        loads = model_loads(self._stats())
+        stats = list(self._stats())
+        loads = model_loads(stats)
         for name, load in sorted(loads.items()):
             waiting.add_metric([name], load.waiting)
             running.add_metric([name], load.running)
@@ -92,8 +94,15 @@ class GatewayCollector:
         block_size = self._block_size()
         if block_size and loads:
             cache.add_metric([str(block_size), str(sum(m.kv_blocks_total for m in loads.values()))], 1.0)
-        lora = GaugeMetricFamily(LORA_INFO, "LoRA adapters running and waiting (none: sol serves no adapters); "
-                                 "the value is when these sets last changed (Unix time)",
-                                 labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
-        lora.add_metric(["", "", "0"], self._started)
+        lora = GaugeMetricFamily(LORA_INFO, "LoRA adapters running and waiting (comma-separated names, every "
+                                 "engine's) and adapter slots per step; the value is when these last changed "
+                                 "(Unix time)", labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        sets = (",".join(sorted({a for _, _, st in stats for a in st.running_adapters})),
+                ",".join(sorted({a for _, _, st in stats for a in st.waiting_adapters})),
+                str(max((st.max_loras for _, _, st in stats), default=0)))
+        if sets != self._lora_sets:
+            if self._lora_sets is not None:
+                self._lora_changed = time.time()
+            self._lora_sets = sets
+        lora.add_metric(list(sets), self._lora_changed)
         yield from (waiting, running, kv, lora, cache)

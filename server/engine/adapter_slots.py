@@ -81,7 +81,8 @@ class AdapterSlots:
 
     def running(self) -> list[str]:
         """Names of the adapters pinned by running sequences (for metrics)."""
-        return sorted({name for (name, _), slot in self._slot_of.items() if self._pins[slot]})
+        # A copy first: the stepping thread may load an adapter while a scrape reads this.
+        return sorted({name for (name, _), slot in list(self._slot_of.items()) if self._pins[slot]})
 
     def loaded(self) -> list[tuple[str, int]]:
         return sorted(self._slot_of)

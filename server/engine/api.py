@@ -417,3 +417,8 @@ class EngineStats:
     # Engine.stats).
     policy: str = "fcfs"
     tenants: list[TenantStats] = field(default_factory=list)
+    # LoRA: the adapter names with sequences admitted (holding a slot) and queued, and the
+    # slots per step (--max-loras), as vLLM's lora_requests_info reports them.
+    running_adapters: list[str] = field(default_factory=list)
+    waiting_adapters: list[str] = field(default_factory=list)
+    max_loras: int = 0

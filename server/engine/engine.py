@@ -247,6 +247,9 @@ class Engine:
             paused=len(self.scheduler.paused),
             policy=self.scheduler.policy.name,
             tenants=self.scheduler.policy.tenant_stats(top_tenants) if top_tenants > 0 else [],
+            running_adapters=self.scheduler.adapters.running() if self.scheduler.adapters is not None else [],
+            waiting_adapters=self.scheduler.waiting_adapters(),
+            max_loras=self.config.max_loras,
         )
 
     def shutdown(self, timeout: float = 30.0) -> None:

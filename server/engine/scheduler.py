@@ -67,10 +67,25 @@ class Scheduler:
         # The engine's LoRA slots, made on the first adapter request. A sequence on an
         # adapter pins a slot from admission for as long as it holds KV blocks.
         self.adapters: AdapterSlots | None = None
+        # The adapter of each queued sequence on one, by sequence (for metrics: the
+        # policy's queue is not iterable; a held choice can be WAITING without being queued).
+        self._queued_adapters: dict[int, str] = {}
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = SeqStatus.WAITING
         self.policy.add(seq, front)
+        self._count_waiting(seq, 1)
+
+    def _count_waiting(self, seq: Sequence, n: int) -> None:
+        adapter = seq.request.request.adapter if seq.request is not None else None   # (bare test sequences)
+        if n > 0 and adapter is not None:
+            self._queued_adapters[id(seq)] = adapter.name
+        elif n < 0:
+            self._queued_adapters.pop(id(seq), None)
+
+    def waiting_adapters(self) -> list[str]:
+        """Names of the adapters queued sequences are on (any thread: a copy taken at once)."""
+        return sorted(set(self._queued_adapters.copy().values()))
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
@@ -140,6 +155,7 @@ class Scheduler:
                 self._release_paused(holder)
                 continue
             policy.pop()
+            self._count_waiting(seq, -1)
             seq.status = SeqStatus.RUNNING
             running.append(seq)
             admitted.append(seq)
@@ -198,6 +214,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.policy.remove(seq)
+            self._count_waiting(seq, -1)
         else:
             return
         seq.status = SeqStatus.PAUSED
@@ -259,6 +276,7 @@ class Scheduler:
         elif seq.status is SeqStatus.WAITING:
             # A held choice (n > 1) may never have entered the queue.
             self.policy.remove(seq)
+            self._count_waiting(seq, -1)
         self._free(seq)
         self.policy.finished(seq)
         seq.status = SeqStatus.FINISHED

@@ -53,7 +53,8 @@ def test_gateway_metrics_follow_the_engine_under_load(tiny_tokenizer, tmp_path):
         assert idle["vllm:num_requests_running"] == {(("model_name", "tiny"),): 0.0}
         assert idle["vllm:kv_cache_usage_perc"] == {(("model_name", "tiny"),): 0.0}
         ((labels, stamp),) = idle["vllm:lora_requests_info"].items()
-        assert dict(labels) == {"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "0"}
+        slots = str(next(iter(engines.models())).engine.config.max_loras)     # --max-loras, as vLLM's
+        assert dict(labels) == {"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": slots}
         assert started - 1 <= stamp <= time.time()
         (((_, size), (_, blocks)),) = idle["vllm:cache_config_info"]
         (engine,) = [m.engine for m in engines.models()]
