@@ -191,3 +191,44 @@ def test_bad_tool_requests_are_400_naming_the_param(client, extra, param):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, **body)
     assert err.value.body["param"] == param, err.value.body
+
+
+# --- gRPC: the same tools through sol's own client ---------------------------------------
+def test_grpc_required_and_stream(http_server, api_key):
+    from client.client import Client
+
+    with Client(http_server.target, api_key=api_key) as c:
+        r = c.chat(USER, model="tiny", tools=TOOLS, tool_choice="weather", parallel_tool_calls=False,
+                   temperature=1.0, seed=5, n=4, max_tokens=120)
+        for choice in r.choices:
+            assert choice.finish_reason == "tool_calls" and choice.text == ""
+            (call,) = choice.tool_calls
+            assert call.name == "weather" and call.id.startswith("call_")
+            jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMS)
+        chunks = list(c.chat_stream(USER, model="tiny", tools=TOOLS, tool_choice="required",
+                                    parallel_tool_calls=False, temperature=1.0, seed=5, max_tokens=120))
+        calls = [call for ch in chunks for d in ch.deltas for call in d.tool_calls]
+        finish = [d.finish_reason for ch in chunks for d in ch.deltas if d.finish_reason]
+        assert len(calls) == 1 and finish == ["tool_calls"]
+        jsonschema.validate(json.loads(calls[0].arguments), SCHEMAS[calls[0].name])
+        # A round trip: the assistant's call and the tool's result as messages.
+        messages = [*USER, {"role": "assistant", "tool_calls": [{"id": calls[0].id, "function": {
+            "name": calls[0].name, "arguments": calls[0].arguments}}]},
+            {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny"}]
+        assert c.chat(messages, model="tiny", tools=TOOLS, max_tokens=3).choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"tool_choice": "required"}, "needs tools"),
+    ({"tools": TOOLS, "tool_choice": "nope"}, "not in tools"),
+    ({"tools": [{"name": "f", "parameters": {"type": "array"}}]}, "tools[0].function.parameters"),
+])
+def test_grpc_bad_tools_are_invalid_argument(http_server, api_key, kwargs, needle):
+    import grpc
+
+    from client.client import Client
+    from client.types import SolError
+
+    with Client(http_server.target, api_key=api_key) as c, pytest.raises(SolError) as err:
+        c.chat(USER, model="tiny", max_tokens=3, **kwargs)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and needle in str(err.value)
