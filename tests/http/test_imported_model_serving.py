@@ -20,11 +20,11 @@ openai = pytest.importorskip("openai")
 NEW_TOKENS = 10
 
 
-def _checkpoint(root, tokenizer_dir, family: str):
+def _checkpoint(root, tokenizer_dir, family: str, max_positions: int = 256):
     """A transformers checkpoint of `family` whose vocabulary is the tokenizer's."""
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions)
     torch.manual_seed(0)
     if family == "qwen2":
         config = transformers.Qwen2Config(**common, tie_word_embeddings=True)
