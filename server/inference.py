@@ -364,13 +364,14 @@ class InferenceService:
             raise
         return job
 
-    @staticmethod
-    def _tool_params(model: LoadedModel, params: SamplingParams,
+    def _tool_params(self, model: LoadedModel, params: SamplingParams,
                      tools: ToolRequest) -> tuple[SamplingParams, str]:
         """(the parameters, with a forced call's grammar as their response_format; the
-        template family the calls are written in). INVALID_ARGUMENT when the model's
-        template has no call format, or a forced call meets a response_format."""
-        family = family_of(model.tokenizer)
+        template family the calls are written in: the model's, or --tool-parser's).
+        INVALID_ARGUMENT when the model's template has no call format, or a forced call
+        meets a response_format."""
+        chosen = self.config.tool_parser
+        family = family_of(model.tokenizer) if chosen == "auto" else chosen
         if family is None:
             if tools.parsed:
                 raise invalid(f"model {model.ref}'s chat template has no tool-call format sol can read "

@@ -232,3 +232,33 @@ def test_grpc_bad_tools_are_invalid_argument(http_server, api_key, kwargs, needl
     with Client(http_server.target, api_key=api_key) as c, pytest.raises(SolError) as err:
         c.chat(USER, model="tiny", max_tokens=3, **kwargs)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and needle in str(err.value)
+
+
+def test_tool_parser_setting_picks_the_format(client, tiny_tokenizer, tmp_path):
+    """--tool-parser names the family for every model: the forced answer is then written
+    (the tokens' own text, from logprobs) and read in Llama 3's JSON form instead of the
+    Hermes tags sol's layout shows by default."""
+    from client.client import Client
+    from gpt.registry import Registry, publish_checkpoint
+    from tests.conftest import free_port, make_tiny_model
+    from tests.service.harness import ADMIN_KEY, RunningServer
+
+    kwargs = dict(model="tiny", messages=USER, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                  temperature=1.0, seed=1, max_tokens=120, logprobs=True)
+    default = client.chat.completions.create(**kwargs)
+    assert "".join(t.token for t in default.choices[0].logprobs.content).startswith("<tool_call>\n{")
+    registry = Registry(tmp_path / "registry")
+    publish_checkpoint(registry, "tiny", make_tiny_model(tiny_tokenizer, max_seq_len=1024), tiny_tokenizer,
+                       {"stage": "base"})
+    server = RunningServer(registry.root, tmp_path / "home", http_port=free_port(), tool_parser="llama3").start()
+    try:
+        with Client(server.target, admin_key=ADMIN_KEY) as admin:
+            key = admin.create_key("llama3")[0]
+        other = openai.OpenAI(base_url=server.http_url, api_key=key, max_retries=0)
+        r = other.chat.completions.create(**kwargs)
+        raw = "".join(t.token for t in r.choices[0].logprobs.content)
+        assert raw.startswith('{"name": "') and '"parameters": {' in raw
+        assert r.choices[0].finish_reason == "tool_calls"
+        _valid(r.choices[0].message.tool_calls)
+    finally:
+        server.stop()
