@@ -262,3 +262,28 @@ def test_tool_parser_setting_picks_the_format(client, tiny_tokenizer, tmp_path):
         _valid(r.choices[0].message.tool_calls)
     finally:
         server.stop()
+
+
+def test_streamed_calls_of_several_choices(client):
+    """n=3 streamed: each choice's call deltas arrive under its own choice index, each
+    call's header before its arguments, and each choice ends with tool_calls."""
+    stream = client.chat.completions.create(model="tiny", messages=USER, tools=TOOLS, tool_choice="required",
+                                            parallel_tool_calls=False, temperature=1.0, seed=7, n=3,
+                                            max_tokens=120, stream=True)
+    calls: dict[int, dict] = {}
+    finish: dict[int, str] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            for d in choice.delta.tool_calls or ():
+                assert d.index == 0
+                if d.id is not None:
+                    assert choice.index not in calls and d.function.arguments == ""
+                    calls[choice.index] = {"name": d.function.name, "arguments": ""}
+                else:
+                    calls[choice.index]["arguments"] += d.function.arguments
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    assert finish == {0: "tool_calls", 1: "tool_calls", 2: "tool_calls"}
+    for c in calls.values():
+        jsonschema.validate(json.loads(c["arguments"]), SCHEMAS[c["name"]])
+    assert sorted(calls) == [0, 1, 2]
