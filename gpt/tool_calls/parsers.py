@@ -130,8 +130,7 @@ def _llama3(text: str, final: bool) -> tuple[str, list[ToolCall]]:
 def _mistral(text: str, final: bool) -> tuple[str, list[ToolCall]]:
     at = text.find(MISTRAL_MARK)
     if at < 0 and text.lstrip().startswith("["):
-        at, after = len(text) - len(text.lstrip()), text.lstrip()
-        before = ""
+        before, after = "", text.lstrip()
     elif at >= 0:
         before, after = text[:at], text[at + len(MISTRAL_MARK):]
     else:
