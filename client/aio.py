@@ -33,6 +33,7 @@ from client.types import (
     UsageRow,
     default_target,
     messages_pb,
+    tool_fields,
 )
 from proto.sol.v1 import sol_pb2 as pb
 from proto.sol.v1 import sol_pb2_grpc as pb_grpc
@@ -153,7 +154,9 @@ class AsyncClient:
 
     async def chat(self, messages, model: str, request_id: str | None = None, user: str = "",
                    timeout: float | None = None, **params: Any) -> Completion:
-        req = self._request(pb.ChatCompletionRequest, model, request_id, user, params, messages=messages_pb(messages))
+        params, tools = tool_fields(params)
+        req = self._request(pb.ChatCompletionRequest, model, request_id, user, params, messages=messages_pb(messages),
+                            **tools)
         return Completion.from_pb(await self._unary(self.inference.ChatCompletion, req, timeout=timeout))
 
     async def complete(self, prompt: str, model: str, request_id: str | None = None, user: str = "",
@@ -163,7 +166,9 @@ class AsyncClient:
 
     def chat_stream(self, messages, model: str, request_id: str | None = None, user: str = "",
                     timeout: float | None = None, **params: Any) -> AsyncChatStream:
-        req = self._request(pb.ChatCompletionRequest, model, request_id, user, params, messages=messages_pb(messages))
+        params, tools = tool_fields(params)
+        req = self._request(pb.ChatCompletionRequest, model, request_id, user, params, messages=messages_pb(messages),
+                            **tools)
         return AsyncChatStream(self, self.inference.ChatCompletionStream, req, self.timeout if timeout is None else timeout)
 
     def complete_stream(self, prompt: str, model: str, request_id: str | None = None, user: str = "",

@@ -38,6 +38,7 @@ from client.types import (
     UsageRow,
     default_target,
     messages_pb,
+    tool_fields,
 )
 from proto.sol.v1 import sol_pb2 as pb
 from proto.sol.v1 import sol_pb2_grpc as pb_grpc
@@ -193,7 +194,9 @@ class Client:
     # --- inference ------------------------------------------------------------------------
     def chat(self, messages, model: str, request_id: str | None = None, user: str = "",
              timeout: float | None = None, **params: Any) -> Completion:
-        req = self._request(pb.ChatCompletionRequest, model, request_id, user, params, messages=messages_pb(messages))
+        params, tools = tool_fields(params)
+        req = self._request(pb.ChatCompletionRequest, model, request_id, user, params, messages=messages_pb(messages),
+                            **tools)
         return Completion.from_pb(self._unary(self.inference.ChatCompletion, req, timeout=timeout))
 
     def complete(self, prompt: str, model: str, request_id: str | None = None, user: str = "",
@@ -203,7 +206,9 @@ class Client:
 
     def chat_stream(self, messages, model: str, request_id: str | None = None, user: str = "",
                     timeout: float | None = None, **params: Any) -> ChatStream:
-        req = self._request(pb.ChatCompletionRequest, model, request_id, user, params, messages=messages_pb(messages))
+        params, tools = tool_fields(params)
+        req = self._request(pb.ChatCompletionRequest, model, request_id, user, params, messages=messages_pb(messages),
+                            **tools)
         return self._stream(self.inference.ChatCompletionStream, req, timeout)
 
     def complete_stream(self, prompt: str, model: str, request_id: str | None = None, user: str = "",

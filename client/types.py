@@ -3,6 +3,7 @@ one exception type it raises."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -65,12 +66,26 @@ def _lps(items) -> list[TokenLogprob]:
 
 
 @dataclass
+class ToolCall:
+    """A function call the model made: its id, the function and the arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+def _calls(items) -> list[ToolCall]:
+    return [ToolCall(c.id, c.name, c.arguments) for c in items]
+
+
+@dataclass
 class Choice:
     index: int
     text: str
-    finish_reason: str
+    finish_reason: str              # stop | length | abort | tool_calls
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass
@@ -93,7 +108,8 @@ class Completion:
         choices = []
         for c in r.choices:
             text = c.message.content if hasattr(c, "message") else c.text
-            choices.append(Choice(c.index, text, c.finish_reason, c.completion_tokens, _lps(c.logprobs)))
+            calls = _calls(c.message.tool_calls) if hasattr(c, "message") else []
+            choices.append(Choice(c.index, text, c.finish_reason, c.completion_tokens, _lps(c.logprobs), calls))
         return cls(r.id, r.model, r.version, choices, Usage.from_pb(r.usage), r.created)
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +123,7 @@ class ChunkDelta:
     token_ids: list[int]
     finish_reason: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)   # calls complete in this delta
 
 
 @dataclass
@@ -126,8 +143,8 @@ class Chunk:
 
     @classmethod
     def from_pb(cls, c) -> Chunk:
-        deltas = [ChunkDelta(d.index, d.content, list(d.token_ids), d.finish_reason, _lps(d.logprobs))
-                  for d in c.choices]
+        deltas = [ChunkDelta(d.index, d.content, list(d.token_ids), d.finish_reason, _lps(d.logprobs),
+                             _calls(d.tool_calls)) for d in c.choices]
         return cls(c.id, c.model, c.version, deltas, Usage.from_pb(c.usage) if c.final else None, c.final)
 
 
@@ -196,11 +213,43 @@ class UsageReport:
     spooled_records: int
 
 
+def _call_pb(c: dict[str, Any]) -> pb.ToolCall:
+    """A call in OpenAI's shape ({"id", "function": {"name", "arguments"}}) or flat."""
+    f = c.get("function", c)
+    args = f.get("arguments", "{}")
+    return pb.ToolCall(id=c.get("id", ""), name=f["name"], arguments=args if isinstance(args, str) else json.dumps(args))
+
+
+def tool_fields(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the sampling parameters, the request's tool fields): `tools` as OpenAI's tool
+    objects (or their functions), `tool_choice` none / auto / required / a function's name
+    or OpenAI's {"type": "function", "function": {"name"}}, `parallel_tool_calls`."""
+    params = dict(params)
+    tools, choice = params.pop("tools", None), params.pop("tool_choice", None)
+    parallel = params.pop("parallel_tool_calls", None)
+    out: dict[str, Any] = {}
+    if tools:
+        out["tools"] = [pb.Tool(name=f["name"], description=f.get("description", ""),
+                                parameters=json.dumps(f.get("parameters") or {}))
+                        for f in (t.get("function", t) for t in tools)]
+    if isinstance(choice, dict):
+        out["tool_choice"], out["tool_choice_function"] = "function", choice["function"]["name"]
+    elif choice in (None, "none", "auto", "required"):
+        out["tool_choice"] = choice or ""
+    else:
+        out["tool_choice"], out["tool_choice_function"] = "function", choice
+    if parallel is not None:
+        out["parallel_tool_calls"] = bool(parallel)
+    return params, out
+
+
 def messages_pb(messages) -> list[pb.ChatMessage]:
     out = []
     for m in messages:
         if isinstance(m, dict):
-            out.append(pb.ChatMessage(role=m["role"], content=m["content"]))
+            out.append(pb.ChatMessage(role=m["role"], content=m.get("content") or "",
+                                      tool_calls=[_call_pb(c) for c in m.get("tool_calls") or ()],
+                                      tool_call_id=m.get("tool_call_id") or ""))
         elif isinstance(m, tuple | list):
             out.append(pb.ChatMessage(role=m[0], content=m[1]))
         else:

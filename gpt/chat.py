@@ -14,23 +14,32 @@ Two layouts, chosen by the tokenizer:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from gpt.chat_template import ChatTemplateError, TemplateChat, compile_template
 from gpt.tokenizer import ASSISTANT, END_OF_TURN, ENDOFTEXT, SOL_CHAT_TEMPLATE, SYSTEM, USER, SolTokenizer
 from gpt.tokenizers.base import Tokenizer
+from gpt.tool_calls.sol_layout import assistant_text, tool_result_text, tools_text
 
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# Roles a conversation may hold: a tool's result too (sol's layout writes it as a user turn).
+CHAT_ROLES = frozenset({*ROLES, "tool"})
 JINJA_TEMPLATE = SOL_CHAT_TEMPLATE
-__all__ = ["ROLES", "JINJA_TEMPLATE", "ChatTemplateError", "Message", "RenderedChat", "render_chat",
+__all__ = ["ROLES", "CHAT_ROLES", "JINJA_TEMPLATE", "ChatTemplateError", "Message", "RenderedChat", "render_chat",
            "chat_prompt_ids", "chat_stop_ids"]
 
 
 @dataclass(frozen=True)
 class Message:
+    """One turn. An assistant turn may carry tool calls (each {"id", "name", "arguments"},
+    the arguments as JSON text), a tool turn names the call it answers."""
+
     role: str
     content: str
+    tool_calls: tuple[dict[str, str], ...] = ()
+    tool_call_id: str = ""
 
 
 @dataclass
@@ -40,11 +49,41 @@ class RenderedChat:
 
 
 def _as_message(m: Message | dict) -> Message:
-    return m if isinstance(m, Message) else Message(role=m["role"], content=m["content"])
+    return m if isinstance(m, Message) else Message(role=m["role"], content=m["content"],
+                                                    tool_calls=tuple(m.get("tool_calls", ())),
+                                                    tool_call_id=m.get("tool_call_id", ""))
+
+
+def _template_call(call: dict[str, str]) -> dict[str, Any]:
+    """A call as Hugging Face templates read it: OpenAI's shape with the arguments as an
+    object (templates `tojson` them)."""
+    return {"id": call["id"], "type": "function",
+            "function": {"name": call["name"], "arguments": json.loads(call["arguments"] or "{}")}}
 
 
 def _as_dict(m: Message | dict) -> dict[str, Any]:
-    return {"role": m.role, "content": m.content} if isinstance(m, Message) else dict(m)
+    if not isinstance(m, Message):
+        return dict(m)
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [_template_call(c) for c in m.tool_calls]
+    if m.role == "tool":
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _sol_layout(messages: list[Message], tools: list[dict] | None) -> list[Message]:
+    """The conversation in sol's three roles: tools at the end of the system turn, calls
+    written after the assistant's text, tool results as user turns (gpt/tool_calls/sol_layout.py)."""
+    out = [Message(m.role, assistant_text(m.content, list(m.tool_calls))) if m.tool_calls else
+           Message("user", tool_result_text(m.content)) if m.role == "tool" else m for m in messages]
+    if tools:
+        listed = tools_text([t.get("function", t) for t in tools])
+        if out and out[0].role == "system":
+            out[0] = Message("system", f"{out[0].content}\n\n{listed}" if out[0].content else listed)
+        else:
+            out.insert(0, Message("system", listed))
+    return out
 
 
 def _template_chat(tokenizer: Tokenizer) -> TemplateChat:
@@ -61,20 +100,20 @@ def render_chat(tokenizer: Tokenizer, messages: list[Message | dict], add_genera
                 **template_vars: Any) -> RenderedChat:
     """Messages -> (ids, mask). Raises ValueError on an unknown role (sol's layout) and
     ChatTemplateError (a ValueError) when a model's template refuses or fails.
-    `with_mask=False` skips the mask work (serving); `tools`, `documents` and other
-    keywords reach a model's own template (sol's layout takes none)."""
+    `with_mask=False` skips the mask work (serving); `tools` (OpenAI's tool objects),
+    `documents` and other keywords reach a model's own template (sol's layout takes tools
+    only, into its system turn)."""
     if not isinstance(tokenizer, SolTokenizer):
         chat = _template_chat(tokenizer)
         ids, mask = chat.ids([_as_dict(m) for m in messages], add_generation_prompt, with_mask,
                              chat.variables(tools, documents, template_vars))
         return RenderedChat(ids=ids, mask=mask)
-    if tools or documents or template_vars:
-        raise ValueError("sol's chat layout takes no tools, documents or template variables")
+    if documents or template_vars:
+        raise ValueError("sol's chat layout takes no documents or template variables")
     ids = [tokenizer.special(ENDOFTEXT)]
     mask = [0]
     end = tokenizer.special(END_OF_TURN)
-    for raw in messages:
-        message = _as_message(raw)
+    for message in _sol_layout([_as_message(m) for m in messages], tools):
         if message.role not in ROLES:
             raise ValueError(f"unknown role {message.role!r}; use one of {sorted(ROLES)}")
         content = tokenizer.encode(message.content)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.registry import default_home, default_registry_root
+from gpt.tool_calls import FAMILIES as TOOL_FAMILIES
 from server.engine.config import EngineConfig
 
 _NO_DEFAULT: Any = dataclasses.MISSING
@@ -82,6 +83,12 @@ def _parser_for(default: Any) -> Callable[[str], Any]:
     # bool before int: a bool is an int to isinstance.
     return next((p for t, p in ((bool, parse_bool), (int, int), (float, float), (Path, Path))
                  if isinstance(default, t)), str)
+
+
+def _tool_parser(value: str) -> str:
+    if value not in ("auto", *TOOL_FAMILIES):
+        raise ValueError(f"tool parser must be auto, {', '.join(TOOL_FAMILIES)} (got {value!r})")
+    return value
 
 
 def engine_settings() -> list[tuple[dataclasses.Field, Setting]]:
@@ -205,6 +212,11 @@ class ServerConfig:
     # it, RESOURCE_EXHAUSTED with a retry hint.
     grammar_compiles_per_key: int = setting(2, env="SOL_GRAMMAR_COMPILES_PER_KEY",
                                             help="response_format compiles one API key may have running at once")
+    # How tool calls are read from answers and forced: "auto" takes the family the model's
+    # chat template shows (sol's own layout: hermes); naming one overrides it for every model.
+    tool_parser: str = setting("auto", parse=_tool_parser, metavar="auto|" + "|".join(TOOL_FAMILIES),
+                               help="the tool-call format of answers: auto (from each model's chat template) or "
+                                    "one family for every model")
     max_messages: int = 1024
     max_cpu_loras: int = setting(8, help="LoRA adapters kept loaded in memory (least recently used out); each "
                                          "engine holds --max-loras of them in its slots")

@@ -61,6 +61,7 @@ from server.engine.stream import RequestStream
 from server.errors import ServiceError, exhausted, invalid, not_found, unavailable
 from server.metrics import ServiceMetrics
 from server.models.manager import LoadedModel, ModelManager
+from server.tools import ToolRequest, call_format, family_of
 
 log = logging.getLogger("sol.inference")
 
@@ -110,6 +111,8 @@ class Job:
     streaming: bool = True           # the client reads the output as it comes (else all at the end)
     adapter: AdapterRef | None = None  # a LoRA adapter over `model` (the request named the adapter)
     priority: int = 0                # order among the key's own requests (lower first)
+    tools: ToolRequest | None = None  # the request's tools: its answers are read for calls
+    tool_family: str = ""            # the template family whose call format they are read in
     created: int = field(default_factory=lambda: int(time.time()))
     stream: RequestStream | None = None
     processor: OutputProcessor | None = None
@@ -205,15 +208,17 @@ class InferenceService:
             raise invalid(str(err), "model") from None
 
     def prompt_ids(self, model: LoadedModel, messages: list[Message] | None, prompt: str | None,
-                   add_generation_prompt: bool = True) -> list[int]:
+                   add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
         """The prompt's token ids: messages through the chat template (with the assistant's
-        turn opened unless `add_generation_prompt` is False), or raw text."""
+        turn opened unless `add_generation_prompt` is False) and `tools` (OpenAI's tool
+        objects) given to the template, or raw text."""
         if messages is not None:
             msgs = validation.messages(messages, self.config.max_messages, self.config.max_prompt_chars)
+            extra = {"tools": tools} if tools else {}
             try:
                 if add_generation_prompt:
-                    return chat_prompt_ids(model.tokenizer, msgs)
-                return render_chat(model.tokenizer, msgs, add_generation_prompt=False).ids
+                    return chat_prompt_ids(model.tokenizer, msgs, **extra)
+                return render_chat(model.tokenizer, msgs, add_generation_prompt=False, **extra).ids
             except ChatTemplateError as err:
                 raise invalid(str(err), "messages") from None
         if prompt is not None:
@@ -221,13 +226,14 @@ class InferenceService:
         raise invalid("send messages (rendered with the chat template) or a prompt")
 
     def tokenize(self, model_ref: str, messages: list[Message] | None = None, prompt: str | None = None,
-                 add_generation_prompt: bool = True, labels: dict | None = None) -> tuple[LoadedModel, list[int]]:
+                 add_generation_prompt: bool = True, labels: dict | None = None,
+                 tools: list[dict] | None = None) -> tuple[LoadedModel, list[int]]:
         """(the model, the token ids it would be given): the same template, tokenizer and
         limits as a request's prompt, without running or billing anything."""
         model = self.resolve(model_ref)
         if labels is not None:
             labels["model"] = model.name
-        return model, self.prompt_ids(model, messages, prompt, add_generation_prompt)
+        return model, self.prompt_ids(model, messages, prompt, add_generation_prompt, tools)
 
     def detokenize(self, model_ref: str, tokens: list[int], labels: dict | None = None) -> tuple[LoadedModel, str]:
         """(the model, the text its tokenizer makes of `tokens`); INVALID_ARGUMENT names the
@@ -293,10 +299,12 @@ class InferenceService:
     # --- the request path ---------------------------------------------------------------------
     async def admit(self, key: KeyInfo, model_ref: str, params: SamplingParams,
                     messages: list[Message] | None = None, prompt: str | None = None, request_id: str = "",
-                    labels: dict | None = None, streaming: bool = True, priority: int = 0) -> Job:
+                    labels: dict | None = None, streaming: bool = True, priority: int = 0,
+                    tools: ToolRequest | None = None) -> Job:
         """Everything before the first token: a job running in the engine, or a
         ServiceError. `messages` make a chat request, `prompt` a completion; `streaming`
-        False for a client that takes the whole output at the end."""
+        False for a client that takes the whole output at the end; `tools` a chat
+        request's tools (a forced call becomes the request's grammar)."""
         if self.draining:
             raise unavailable("this server is shutting down and takes no new requests; retry (another "
                               "replica will answer)")
@@ -306,16 +314,20 @@ class InferenceService:
         admitting = claimed = False
         job: Job | None = None
         try:
-            ids = self.prompt_ids(model, messages, prompt)
+            family = ""
+            if tools is not None:
+                params, family = self._tool_params(model, params, tools)
+            ids = self.prompt_ids(model, messages, prompt, tools=tools.template_tools() if tools else None)
             max_tokens_given = params.max_tokens is not None    # else the server chooses, and says so
             params = validation.fit_context(params, len(ids), model.max_context, self.config.default_max_tokens,
                                             "messages" if messages is not None else "prompt")
             validation.check(params, model.vocab_size)
-            grammar = await self.compile_grammar(model, params, key.key_id)
+            grammar = await self.compile_grammar(model, params, key.key_id,
+                                                 "tools" if tools is not None and tools.forced else "response_format")
             request_id = validation.request_id(request_id) if request_id else uuid.uuid4().hex
             job = Job(key=key, model=model, request_id=request_id, prompt_ids=ids, params=params,
                       chat=messages is not None, grammar=grammar, streaming=streaming, priority=priority,
-                      adapter=adapter)
+                      adapter=adapter, tools=tools, tool_family=family)
             if not self.inflight.add(job):
                 job = None
                 raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {quote(request_id)} is already running; "
@@ -352,8 +364,30 @@ class InferenceService:
             raise
         return job
 
+    def _tool_params(self, model: LoadedModel, params: SamplingParams,
+                     tools: ToolRequest) -> tuple[SamplingParams, str]:
+        """(the parameters, with a forced call's grammar as their response_format; the
+        template family the calls are written in: the model's, or --tool-parser's).
+        INVALID_ARGUMENT when the model's template has no call format, or a forced call
+        meets a response_format."""
+        chosen = self.config.tool_parser
+        family = family_of(model.tokenizer) if chosen == "auto" else chosen
+        if family is None:
+            if tools.parsed:
+                raise invalid(f"model {model.ref}'s chat template has no tool-call format sol can read "
+                              "(Hermes <tool_call>, Llama 3 JSON or Mistral [TOOL_CALLS]); send tool_choice "
+                              "\"none\" or no tools", "tools")
+            return params, ""
+        if tools.forced:
+            if params.response_format is not None and params.response_format.constrained:
+                raise invalid(f"tool_choice {tools.choice if tools.choice != 'function' else tools.function!r} "
+                              "forces a tool call, which cannot also follow response_format; drop one",
+                              "response_format")
+            params.response_format = call_format(tools, family)
+        return params, family
+
     async def compile_grammar(self, model: LoadedModel, params: SamplingParams,
-                              key_id: str = "") -> CompiledGrammar | None:
+                              key_id: str = "", param: str = "response_format") -> CompiledGrammar | None:
         """The request's response_format compiled for the model: from the model's cache at
         once, else in the grammar pool within the compile timeout, within the key's share
         of the pool (RESOURCE_EXHAUSTED beyond it). INVALID_ARGUMENT names what is wrong
@@ -394,12 +428,13 @@ class InferenceService:
             # Shielded: one waiter's timeout or cancel must not cancel a compile that others await.
             return await asyncio.wait_for(asyncio.shield(compiling), timeout)
         except GrammarError as err:
-            raise invalid(str(err), "response_format") from None
+            raise invalid(str(err) if param == "response_format" else
+                          f"the tools' parameter schemas cannot be enforced: {err}", param) from None
         except TimeoutError:
             # The compile finishes in its thread (and lands in the cache); this request does
             # not wait for it.
             raise invalid(f"response_format {fmt.type} took longer than {timeout:g} s to compile; simplify the "
-                          "schema, regex or grammar", "response_format") from None
+                          "schema, regex or grammar", param) from None
 
     def _submit(self, job: Job) -> None:
         model = job.model

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import re
 import types
 import typing
 from typing import Any
 
-from gpt.chat import ROLES, Message
+from gpt.chat import CHAT_ROLES, Message
 from gpt.quoting import quote
 from gpt.tokenizers.base import Tokenizer
 from proto.sol.v1 import sol_pb2 as pb
@@ -99,15 +100,34 @@ def messages(msgs, max_messages: int, max_chars: int) -> list[Message]:
         raise invalid(f"too many messages: {len(msgs)} (at most {max_messages}); drop older turns", "messages")
     out, total = [], 0
     for i, m in enumerate(msgs):
-        if m.role not in ROLES:
-            raise invalid(f"messages[{i}].role {quote(m.role)} is unknown; use one of {sorted(ROLES)}",
+        if m.role not in CHAT_ROLES:
+            raise invalid(f"messages[{i}].role {quote(m.role)} is unknown; use one of {sorted(CHAT_ROLES)}",
                           f"messages[{i}].role")
-        total += len(m.content)
-        out.append(Message(m.role, m.content))
+        if m.tool_calls and m.role != "assistant":
+            raise invalid(f"messages[{i}] is a {m.role} message with tool_calls; only assistant messages make "
+                          "tool calls", f"messages[{i}].tool_calls")
+        if m.role == "tool" and not m.tool_call_id:
+            raise invalid(f"messages[{i}] is a tool message without tool_call_id; name the call it answers",
+                          f"messages[{i}].tool_call_id")
+        for j, c in enumerate(m.tool_calls):
+            tool_call_arguments(c["arguments"], f"messages[{i}].tool_calls[{j}].function.arguments")
+        total += len(m.content) + sum(len(c["arguments"]) for c in m.tool_calls)
+        out.append(Message(m.role, m.content, tuple(m.tool_calls), m.tool_call_id))
     if total > max_chars:
         raise invalid(f"messages are {total} characters long (at most {max_chars}); shorten the conversation",
                       "messages")
     return out
+
+
+def tool_call_arguments(text: str, param: str) -> dict[str, Any]:
+    """A call's arguments: JSON text of an object (OpenAI sends them as a string)."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError as err:
+        raise invalid(f"{param} is not JSON ({err}); send the arguments object as JSON text", param) from None
+    if not isinstance(value, dict):
+        raise invalid(f"{param} must be a JSON object (got {quote(text)})", param)
+    return value
 
 
 def raw_prompt(tokenizer: Tokenizer, prompt: str, max_chars: int) -> list[int]:

@@ -22,8 +22,10 @@ from server.accounting.pricing import PriceBook
 from server.call_frame import call_frame
 from server.engine.api import TokenLogprob
 from server.errors import ServiceError, auth_error, bounded
+from server.grpc.tools import message, tool_calls_pb, tools
 from server.inference import BilledUsage, ChoiceUpdate, InferenceService, Job
 from server.models.manager import LoadedModel
+from server.tool_output import ToolStreams, answer
 
 
 def logprobs_pb(logprobs: list[TokenLogprob]) -> list[pb.TokenLogprob]:
@@ -38,9 +40,24 @@ def usage_pb(billed: BilledUsage) -> pb.Usage:
                     cached_tokens=u.cached_tokens, total_tokens=u.total_tokens, cost=billed.cost)
 
 
-def delta_pb(update: ChoiceUpdate) -> pb.ChoiceDelta:
-    return pb.ChoiceDelta(index=update.index, content=update.text, token_ids=update.token_ids,
-                          logprobs=logprobs_pb(update.logprobs), finish_reason=update.finish_reason or "")
+def delta_pb(update: ChoiceUpdate, streams: ToolStreams | None = None) -> pb.ChoiceDelta:
+    """A choice's delta; for a chat request with tools, its content and complete calls as
+    the tool-call parser reads them."""
+    if streams is None:
+        return pb.ChoiceDelta(index=update.index, content=update.text, token_ids=update.token_ids,
+                              logprobs=logprobs_pb(update.logprobs), finish_reason=update.finish_reason or "")
+    said = streams.update(update)
+    return pb.ChoiceDelta(index=update.index, content=said.content or "", token_ids=update.token_ids,
+                          logprobs=logprobs_pb(update.logprobs), finish_reason=said.finish_reason or "",
+                          tool_calls=tool_calls_pb(said.calls))
+
+
+def chat_choice_pb(job: Job, i: int) -> pb.ChatChoice:
+    said = answer(job, i)
+    return pb.ChatChoice(index=i, message=pb.ChatMessage(role="assistant", content=said.content or "",
+                                                         tool_calls=tool_calls_pb(said.calls)),
+                         finish_reason=said.finish_reason or "abort", logprobs=logprobs_pb(job.logprobs.get(i, [])),
+                         completion_tokens=job.tokens.get(i, 0))
 
 
 def flatten_metrics(tree: Any, prefix: str = "") -> dict[str, float]:
@@ -103,7 +120,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await self.authenticate(context)
             model = self.service.resolve(request.model)
             labels["model"] = model.name
-            ids = self.service.prompt_ids(model, list(request.messages) or None, request.prompt or None)
+            ids = self.service.prompt_ids(model, [message(m) for m in request.messages] or None,
+                                          request.prompt or None)
             return pb.CountTokensResponse(tokens=len(ids), max_context=model.max_context)
 
     # --- shared plumbing ------------------------------------------------------------------
@@ -149,7 +167,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _admit(self, request, context, chat: bool, labels: dict[str, Any], streaming: bool) -> Job:
         key = await self.authenticate(context)
         params = validation.sampling_params(request.params)
-        what: dict[str, Any] = {"messages": list(request.messages)} if chat else {"prompt": request.prompt}
+        what: dict[str, Any] = ({"messages": [message(m) for m in request.messages], "tools": tools(request)}
+                                if chat else {"prompt": request.prompt})
         return await self.service.admit(key, request.model, params, request_id=request.request_id,
                                         labels=labels, streaming=streaming, priority=request.priority, **what)
 
@@ -161,10 +180,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 usage = usage_pb(await self.service.run_to_end(job))
                 m, indices = job.model, range(job.params.n)
                 if chat:
-                    choices = [pb.ChatChoice(index=i, message=pb.ChatMessage(role="assistant", content=job.text(i)),
-                                             finish_reason=job.finish.get(i, "abort"),
-                                             logprobs=logprobs_pb(job.logprobs.get(i, [])),
-                                             completion_tokens=job.tokens.get(i, 0)) for i in indices]
+                    choices = [chat_choice_pb(job, i) for i in indices]
                     return pb.ChatCompletionResponse(id=job.request_id, model=m.name, version=m.version,
                                                      choices=choices, usage=usage, created=job.created)
                 choices = [pb.CompletionChoice(index=i, text=job.text(i), finish_reason=job.finish.get(i, "abort"),
@@ -182,9 +198,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             async with self.call(context, method) as labels:
                 job = await self._admit(request, context, chat, labels, streaming=True)
                 m = job.model
+                streams = ToolStreams(job) if chat else None
                 async for updates, finished in self.service.updates(job):
                     chunk = chunk_type(id=job.request_id, model=m.name, version=m.version, created=job.created,
-                                       choices=[delta_pb(u) for u in updates])
+                                       choices=[delta_pb(u, streams) for u in updates])
                     if finished is not None:
                         chunk.usage.CopyFrom(usage_pb(await self.service.bill(job, finished)))
                         chunk.final = True

@@ -18,6 +18,7 @@ from typing import Any
 
 from server.engine.api import TokenLogprob
 from server.inference import BilledUsage, ChoiceUpdate, Job
+from server.tool_output import ToolStreams, answer
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -63,10 +64,22 @@ def completion_logprobs(logprobs: list[TokenLogprob], top_n: int, offset: int = 
             "text_offset": offsets}
 
 
+def tool_call(call) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _chat_choice(job: Job, i: int, top_n: int | None) -> dict[str, Any]:
+    said = answer(job, i)
+    message: dict[str, Any] = {"role": "assistant", "content": said.content}
+    if said.calls:
+        message["tool_calls"] = [tool_call(c) for c in said.calls]
+    return {"index": i, "message": message,
+            "logprobs": chat_logprobs(job.logprobs.get(i, []), top_n) if top_n is not None else None,
+            "finish_reason": said.finish_reason}
+
+
 def chat_completion(job: Job, billed: BilledUsage, top_n: int | None) -> dict[str, Any]:
-    choices = [{"index": i, "message": {"role": "assistant", "content": job.text(i)},
-                "logprobs": chat_logprobs(job.logprobs.get(i, []), top_n) if top_n is not None else None,
-                "finish_reason": job.finish.get(i, "abort")} for i in range(job.params.n)]
+    choices = [_chat_choice(job, i, top_n) for i in range(job.params.n)]
     return {"id": job.request_id, "object": "chat.completion", "created": job.created, "model": served_model(job),
             "choices": choices, "usage": usage(billed), "sol": sol_extra(job, billed)}
 
@@ -92,34 +105,55 @@ class ChunkMaker:
                      "created": job.created, "model": served_model(job)}
         self._started: set[int] = set()
         self._offsets: dict[int, int] = {}
+        self._tools = ToolStreams(job) if chat else None
 
     def choices(self, updates: list[ChoiceUpdate]) -> bytes | None:
-        """One chunk for the updates that say something (text held back by the output
-        processor, e.g. half a UTF-8 character, leaves an update with no text)."""
-        choices = [self._choice(u) for u in updates
-                   if u.text or u.finish_reason or u.index not in self._started or (u.logprobs and self.top_n is not None)
-                   or (self.token_ids and u.token_ids)]
+        """The chunks for the updates that say something (text held back by the output
+        processor, e.g. half a UTF-8 character, or by the tool-call parser, leaves an
+        update with nothing to send). Usually one chunk; a choice that completed tool
+        calls sends a second, with their arguments (and its finish reason)."""
+        waves: list[list[dict[str, Any]]] = [[], []]
+        for u in updates:
+            if not (u.text or u.finish_reason or u.index not in self._started
+                    or (u.logprobs and self.top_n is not None) or (self.token_ids and u.token_ids)):
+                continue
+            for k, choice in enumerate(self._choice(u)):
+                if choice is not None:
+                    waves[k].append(choice)
         if self.token_ids:
             by_index = {u.index: u.token_ids for u in updates}
-            for c in choices:
+            for c in waves[0]:
                 c["token_ids"] = by_index[c["index"]]
-        return sse({**self.head, "choices": choices}) if choices else None
+        return b"".join(sse({**self.head, "choices": wave}) for wave in waves if wave) or None
 
-    def _choice(self, u: ChoiceUpdate) -> dict[str, Any]:
+    def _choice(self, u: ChoiceUpdate) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         if self.chat:
-            delta: dict[str, Any] = {"content": u.text}
+            said = self._tools.update(u)
+            lp = chat_logprobs(u.logprobs, self.top_n) if self.top_n is not None and u.logprobs else None
+            if self._tools.active and not (said.content or said.calls or said.finish_reason or lp
+                                           or u.index not in self._started or (self.token_ids and u.token_ids)):
+                return None, None            # all of it held back by the tool-call parser
+            delta: dict[str, Any] = {"content": said.content}
             if u.index not in self._started:
                 self._started.add(u.index)
                 delta = {"role": "assistant", **delta}
-            lp = chat_logprobs(u.logprobs, self.top_n) if self.top_n is not None and u.logprobs else None
-            return {"index": u.index, "delta": delta, "logprobs": lp, "finish_reason": u.finish_reason}
+            if not said.calls:
+                return {"index": u.index, "delta": delta, "logprobs": lp, "finish_reason": said.finish_reason}, None
+            # OpenAI's shape: a call's first delta has its index, id, type and name with
+            # arguments "", then its arguments follow.
+            delta["tool_calls"] = [{"index": c.index, "id": c.id, "type": "function",
+                                    "function": {"name": c.name, "arguments": ""}} for c in said.calls]
+            arguments = {"tool_calls": [{"index": c.index, "function": {"arguments": c.arguments}}
+                                        for c in said.calls]}
+            return ({"index": u.index, "delta": delta, "logprobs": lp, "finish_reason": None},
+                    {"index": u.index, "delta": arguments, "logprobs": None, "finish_reason": said.finish_reason})
         self._started.add(u.index)
         lp = None
         if self.top_n is not None and u.logprobs:
             offset = self._offsets.get(u.index, 0)
             lp = completion_logprobs(u.logprobs, self.top_n, offset)
         self._offsets[u.index] = self._offsets.get(u.index, 0) + len(u.text)
-        return {"index": u.index, "text": u.text, "logprobs": lp, "finish_reason": u.finish_reason}
+        return {"index": u.index, "text": u.text, "logprobs": lp, "finish_reason": u.finish_reason}, None
 
     def usage(self, billed: BilledUsage) -> bytes:
         return sse({**self.head, "choices": [], "usage": usage(billed), "sol": sol_extra(self.job, billed)})

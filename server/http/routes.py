@@ -152,8 +152,8 @@ class HttpApi:
                 engine_logprobs, top = body.top_n()
                 top_n = top if engine_logprobs else None
                 params = body.sampling(engine_logprobs)
-                what: dict[str, Any] = ({"messages": [m.message() for m in body.messages]} if chat
-                                        else {"prompt": body.text()})
+                what: dict[str, Any] = ({"messages": [m.message() for m in body.messages],
+                                         "tools": body.tool_request()} if chat else {"prompt": body.text()})
                 job = await self.service.admit(key, body.model, params, request_id=request_id(request),
                                                labels=call.labels, streaming=body.stream,
                                                priority=body.priority or 0, **what)

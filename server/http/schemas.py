@@ -28,6 +28,7 @@ from gpt.quoting import quote
 from proto.sol.v1 import sol_pb2 as pb
 from server.engine.api import MAX_LOGPROBS, JsonSchema, ResponseFormat, SamplingParams
 from server.errors import invalid
+from server.tools import Tool, ToolRequest, tool_request
 
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -57,11 +58,46 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCallBody(_Body):
+    name: str
+    arguments: str = Field(default="{}", description="the arguments object as JSON text")
+
+
+class ToolCallBody(_Body):
+    id: str = Field(default="", description="the call's id, which the tool message answering it names")
+    type: Literal["function"] = "function"
+    function: FunctionCallBody
+
+
+class FunctionBody(_Body):
+    name: str = Field(description="A-Z, a-z, 0-9, '_' and '-', up to 64")
+    description: str = Field(default="", description="what the function does, for the model")
+    parameters: dict[str, Any] | None = Field(default=None, description="a JSON Schema of the arguments object")
+    strict: bool | None = Field(default=None, description="accepted; a forced call (tool_choice required or "
+                                                          "named) always follows the schema")
+
+
+class ToolBody(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionBody
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatMessage(_Body):
-    role: str = Field(description="system, user or assistant (developer = system)")
+    role: str = Field(description="system, user, assistant or tool (developer = system)")
     content: str | list[TextPart] | None = Field(
         default=None, description="the text, or a list of text parts (joined); other modalities are not served")
     name: str | None = Field(default=None, description="accepted and ignored")
+    tool_calls: list[ToolCallBody] | None = Field(default=None, description="an assistant message's tool calls")
+    tool_call_id: str | None = Field(default=None, description="a tool message: the id of the call it answers")
 
     @field_validator("content")
     @classmethod
@@ -74,7 +110,9 @@ class ChatMessage(_Body):
 
     def message(self) -> Message:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or ())
-        return Message(ROLE_ALIASES.get(self.role, self.role), content)
+        calls = tuple({"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                      for c in self.tool_calls or ())
+        return Message(ROLE_ALIASES.get(self.role, self.role), content, calls, self.tool_call_id or "")
 
 
 class JsonSchemaFormat(_Body):
@@ -223,8 +261,23 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Int32 | None = Field(default=None, description=f"0-{MAX_LOGPROBS} likeliest alternatives per "
                                                                  "token; needs logprobs: true")
 
+    tools: list[ToolBody] | None = Field(default=None, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="none, auto (the default with tools), required (at least one call) or "
+                                  "{\"type\": \"function\", \"function\": {\"name\": ...}}; required and a named "
+                                  "function are enforced by a grammar over the tools' parameter schemas")
+    parallel_tool_calls: bool | None = Field(default=None, description="false: at most one call; default true")
+
     def output_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def tool_request(self) -> ToolRequest | None:
+        tools = [Tool(t.function.name, t.function.description, t.function.parameters or {})
+                 for t in self.tools or ()]
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return tool_request(tools, "function", choice.function.name, self.parallel_tool_calls)
+        return tool_request(tools, choice, "", self.parallel_tool_calls)
 
     def top_n(self) -> tuple[int, int]:
         """(logprobs to ask of the engine, alternatives to return). The engine counts the
@@ -304,16 +357,24 @@ class SolExtra(BaseModel):
     request_id: str = Field(description="the ledger's key for this request (Idempotency-Key when one was sent)")
 
 
+class ToolCallOut(BaseModel):
+    id: str = Field(description="call_..., what the tool message answering it names")
+    type: Literal["function"] = "function"
+    function: FunctionCallBody
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="the text; null when the answer is only tool calls")
+    tool_calls: list[ToolCallOut] | None = Field(default=None, description="with tools: the calls the answer "
+                                                                           "makes")
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: dict[str, Any] | None = None
-    finish_reason: str = Field(description="stop, length, or abort (cancelled or cut short)")
+    finish_reason: str = Field(description="stop, length, tool_calls, or abort (cancelled or cut short)")
 
 
 class _Answer(BaseModel):

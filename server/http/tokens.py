@@ -9,7 +9,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from server.errors import invalid
-from server.http.schemas import ChatMessage, _Body
+from server.http.schemas import ChatMessage, ToolBody, _Body
+from server.tools import Tool
 
 
 class TokenizeRequest(_Body):
@@ -20,13 +21,17 @@ class TokenizeRequest(_Body):
     add_generation_prompt: bool = Field(default=True, description="with messages: open the assistant's turn, as a "
                                                                   "chat completion does")
     return_token_strs: bool = Field(default=False, description="also return each token's text")
+    tools: list[ToolBody] | None = Field(default=None, description="with messages: tools given to the chat "
+                                                                   "template, as a chat completion gives them")
 
     def what(self) -> dict:
         if (self.prompt is None) == (self.messages is None):
             raise invalid("send either prompt (raw text) or messages (a conversation), not both and not neither",
                           "prompt" if self.prompt is not None else "messages")
         if self.messages is not None:
-            return {"messages": [m.message() for m in self.messages]}
+            tools = [Tool(t.function.name, t.function.description, t.function.parameters or {}).openai()
+                     for t in self.tools or ()]
+            return {"messages": [m.message() for m in self.messages], "tools": tools or None}
         return {"prompt": self.prompt}
 
 

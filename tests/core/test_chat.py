@@ -26,8 +26,24 @@ def test_generation_prompt_ends_with_assistant_marker(tiny_tokenizer):
 
 
 def test_unknown_role_is_refused(tiny_tokenizer):
-    with pytest.raises(ValueError, match="unknown role 'tool'"):
-        render_chat(tiny_tokenizer, [{"role": "tool", "content": "x"}])
+    with pytest.raises(ValueError, match="unknown role 'function'"):
+        render_chat(tiny_tokenizer, [{"role": "function", "content": "x"}])
+
+
+def test_tool_turns_in_sols_layout(tiny_tokenizer):
+    """Tools join the system turn, an assistant's calls follow its text (trained: mask 1),
+    a tool's result is a user turn (not trained)."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+2?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "name": "add",
+                                                                 "arguments": '{"a": 1, "b": 2}'}]},
+            {"role": "tool", "content": "3", "tool_call_id": "c"}]
+    r = render_chat(tiny_tokenizer, msgs, tools=tools)
+    text = tiny_tokenizer.decode(r.ids)
+    assert text.index("Be brief.") < text.index('{"name": "add"') < text.index("1+2?")
+    trained = tiny_tokenizer.decode([i for i, m in zip(r.ids, r.mask, strict=True) if m])
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' in trained
+    assert "3" not in trained and "<tool_response>\n3\n</tool_response>" in text
 
 
 def test_role_markers_typed_by_a_user_stay_text(tiny_tokenizer):

@@ -20,11 +20,11 @@ openai = pytest.importorskip("openai")
 NEW_TOKENS = 10
 
 
-def _checkpoint(root, tokenizer_dir, family: str):
+def _checkpoint(root, tokenizer_dir, family: str, max_positions: int = 256):
     """A transformers checkpoint of `family` whose vocabulary is the tokenizer's."""
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions)
     torch.manual_seed(0)
     if family == "qwen2":
         config = transformers.Qwen2Config(**common, tie_word_embeddings=True)
@@ -87,3 +87,17 @@ def test_an_imported_model_is_listed_with_its_name(served):
     client, _ = served
     ids = {m.id for m in client.models.list().data}
     assert {"qwen2", "llama"} <= ids
+
+
+def test_tools_on_a_template_without_a_call_format_are_refused(served):
+    """A template that shows no tool-call format (plain ChatML here) cannot have calls read
+    from its answers: 400 naming tools, unless tool_choice is none."""
+    client, _ = served
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="qwen2", messages=messages, tools=tools, max_tokens=2)
+    assert err.value.body["param"] == "tools" and "tool-call format" in err.value.body["message"]
+    r = client.chat.completions.create(model="qwen2", messages=messages, tools=tools, tool_choice="none",
+                                       max_tokens=2)
+    assert r.choices[0].message.tool_calls is None

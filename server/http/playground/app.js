@@ -347,6 +347,12 @@ async function generate() {
       if (chunk.error) throw new Error(chunk.error.message);
       for (const choice of chunk.choices) {
         if (choice.delta && choice.delta.content) reply.content += choice.delta.content;
+        // A tool call shows as its name, then its arguments as they arrive.
+        for (const call of (choice.delta && choice.delta.tool_calls) || []) {
+          const fn = call.function || {};
+          if (fn.name) reply.content += `${reply.content ? "\n" : ""}tool call: ${fn.name}(`;
+          if (fn.arguments) reply.content += `${fn.arguments})`;
+        }
         if (choice.finish_reason) reply.finish = choice.finish_reason;
       }
       if (chunk.usage) absorbUsage(reply, chunk.usage, chunk.sol);
