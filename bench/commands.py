@@ -114,7 +114,8 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--seconds", type=float, default=12.0, help="length of each measured phase (default 12)")
     p.add_argument("--rounds", type=int, default=2, help="alternating fcfs/fair mixed phases (default 2)")
     p.add_argument("--weights-seconds", type=float, default=30.0,
-                   help="length of the 2:1 shares phase (default 30)")
+                   help="shortest 2:1 shares phase (default 30; longer on a slow machine, until heavy-1 is "
+                   "expected to finish 10 batches of requests, at most 180 s)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="the server's batch (default 8; the heavy tenant "
                    "runs more streams than this)")
     p.add_argument("--heavy-clients", type=int, default=32, help="the heavy tenant's streams (default 32)")

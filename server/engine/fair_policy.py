@@ -27,6 +27,20 @@ running, the newest sequence of the running tenant furthest above it gives up it
 request to finish, however long. Only a tenant with no slot at all takes one, so slots do
 not change hands every step.
 
+A newcomer's step. A step that gives a tenant its first seat (it had no sequence in the
+batch) seats no tenant that already has one: their next prefills start a step later. So a
+light tenant's first token waits for a step of its own prompt beside the running rows'
+decodes, not for a step that also computes several long prompts of the tenant it took the
+seat from (measured before this rule, in-process beside `sol bench fairness`'s heavy
+tenant: the light tenant's first step carried 56-195 heavy prefill tokens on average and
+took 2-6x a decode step). It costs those seats one step (a decode step) each time a
+newcomer arrives; tenants that are all newcomers (many keys, a request each) are seated
+together as before.
+
+Counters within a step. Running rows are charged before the admissions, and each
+admitted row as it joins, so every choice in a step sees the step's work so far: with the
+counters the step began with, every seat one step fills went to one tenant.
+
 The bound. For two tenants f and g that stay backlogged, f is only admitted while
 c_f <= c_g; after that f's counter grows only through the sequences it already runs, at
 most B = max_num_seqs of them, each charging at most C = (input_cost * L_prompt +
@@ -68,6 +82,7 @@ class VtcPolicy(SchedulingPolicy):
     name = "fair"
     charges = True
     preempts_to_admit = True
+    shields_newcomers = True
 
     def __init__(self, config: EngineConfig) -> None:
         self.band_aging_s = config.band_aging_s
@@ -180,9 +195,12 @@ class VtcPolicy(SchedulingPolicy):
         return self.num_waiting
 
     # --- charging ---------------------------------------------------------------------------
-    def charge(self, batch: list[tuple[Sequence, int]]) -> None:
+    def charge(self, batch: list[tuple[Sequence, int]], more: bool = False) -> None:
         # The one pass over the step's rows fair share adds (locals: it runs every step).
-        counts: dict[Tenant, int] = {}
+        # Admitted rows are charged one by one as they join (more=True), so the next choice
+        # in the same step sees them: otherwise every seat a step fills would go to the
+        # tenant that was lowest when the step began.
+        counts: dict[Tenant, int] = self.batch_counts if more else {}
         get = counts.get
         for seq, n in batch:
             tenant = seq.tenant
@@ -207,6 +225,9 @@ class VtcPolicy(SchedulingPolicy):
                 cost += seq.cost_out
             tenant.counter += cost
         self.batch_counts = counts
+
+    def first_seat(self, seq: Sequence) -> bool:
+        return not self.batch_counts.get(seq.tenant)
 
     # --- victims ------------------------------------------------------------------------------
     def victim(self, running: list[Sequence]) -> Sequence:

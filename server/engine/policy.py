@@ -3,9 +3,11 @@ the batch is full. The scheduler (server/engine/scheduler.py) owns the mechanics
 token budget, blocks, chunked prefill, pauses); a policy owns only the waiting queue and
 the choice of victims, so first come first served and fair share are two small classes.
 
-Every method runs on the stepping thread. The scheduler calls `charge` once per step only
-for a policy that sets `charges` (FCFS does not, so its steps pay nothing for the seam),
-and `admission_victim` only for one that sets `preempts_to_admit`.
+Every method runs on the stepping thread. The scheduler calls `charge` only for a policy
+that sets `charges` (FCFS does not, so its steps pay nothing for the seam): once for the
+running rows, then once for each sequence it admits, so that every admission choice sees
+the counters with the step's work so far. It calls `admission_victim` only for a policy
+that sets `preempts_to_admit`, and `first_seat` only for one that sets `shields_newcomers`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class SchedulingPolicy(ABC):
     name = ""
     charges = False            # call charge(batch) every step
     preempts_to_admit = False  # call admission_victim when the batch is full
+    shields_newcomers = False  # a step that seats a tenant's first sequence seats only such ones
 
     @abstractmethod
     def add(self, seq: Sequence, front: bool = False) -> None:
@@ -58,9 +61,15 @@ class SchedulingPolicy(ABC):
         batch, or None to let it wait."""
         return None
 
-    def charge(self, batch: list[tuple[Sequence, int]]) -> None:
-        """The step's work, about to be computed (called when `charges`); FCFS keeps no account."""
+    def charge(self, batch: list[tuple[Sequence, int]], more: bool = False) -> None:
+        """Rows of the step about to be computed (called when `charges`): the running rows
+        (more False: a new step), then each admitted row (more True). FCFS keeps no account."""
         return None
+
+    def first_seat(self, seq: Sequence) -> bool:
+        """Whether admitting `seq` (the next in line) gives its tenant its first seat in this
+        step's batch (called when `shields_newcomers`)."""
+        return False
 
     def finished(self, seq: Sequence) -> None:
         """`seq` left the scheduler for good (finished or aborted), wherever it was."""

@@ -140,10 +140,21 @@ class Scheduler:
             batch.append((seq, n))
             budget -= n
             i += 1
+        charges = policy.charges
+        if charges:
+            policy.charge(batch)            # before the admissions, which compare counters
+        shield = policy.shields_newcomers
+        seated_newcomer = False
         # While memory is short, admitting more would only cause more preemptions.
         while not preempted and budget > 0 and len(running) < self.max_num_seqs:
             seq = policy.peek()
             if seq is None:
+                break
+            first = shield and policy.first_seat(seq)
+            if seated_newcomer and not first:
+                # This step computes a newcomer's prompt: tenants that already hold seats
+                # start their next prefills a step later, so its first token waits for a
+                # short step, not for theirs (see VtcPolicy).
                 break
             if not self._pin(seq):
                 break                       # every adapter slot is pinned: it waits for one
@@ -162,9 +173,10 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed, budget)
             batch.append((seq, n))
             budget -= n
+            if charges:
+                policy.charge([(seq, n)], more=True)
+            seated_newcomer = seated_newcomer or first
         plan.decode_only = decode_only and not admitted
-        if policy.charges:
-            policy.charge(batch)
         return plan
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[FinishReason | None]:

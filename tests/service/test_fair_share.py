@@ -86,7 +86,14 @@ def test_keys_shares_and_bands_and_the_waiting_bound(server):
         waiting: list[object] = []
         second = threading.Thread(target=lambda: waiting.append(c.complete("b", "tiny", priority=3, **long)))
         second.start()
-        wait_for(lambda: server.app.models.stats()[0][2].waiting >= 1, message="the second request waiting")
+        # Both of the key's requests submitted to the engine (a paused first request may be
+        # queued again too, so the waiting count alone does not say the second one is in).
+        def submitted() -> int:
+            return sum(1 for j in list(server.app.service.inflight.jobs.values())
+                       if j.key.key_id == info.key_id and j.stream is not None)
+
+        wait_for(lambda: submitted() == 2 and server.app.models.stats()[0][2].waiting >= 1,
+                 message="the second request waiting")
         with pytest.raises(SolError) as err:
             c.complete("c", "tiny", **long)
         assert err.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
