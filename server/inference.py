@@ -98,6 +98,25 @@ class BilledUsage:
 
 
 @dataclass
+class ChoiceResult:
+    """What one choice of a request has produced so far."""
+
+    pieces: list[str] = field(default_factory=list)          # its text, as it came
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    tokens: int = 0
+    finish_reason: str | None = None                         # None while it runs
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def finish(self) -> str:
+        """Its finish reason, "abort" for a choice the request ended before it finished."""
+        return self.finish_reason or "abort"
+
+
+@dataclass
 class Job:
     """One admitted request on its way through the engine."""
 
@@ -117,10 +136,7 @@ class Job:
     stream: RequestStream | None = None
     processor: OutputProcessor | None = None
     billed: bool = False
-    texts: dict[int, list[str]] = field(default_factory=dict)
-    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
-    tokens: dict[int, int] = field(default_factory=dict)
-    finish: dict[int, str] = field(default_factory=dict)
+    choices: list[ChoiceResult] = field(default_factory=list)   # params.n of them, by index
     token_times: list[tuple[float, int]] = field(default_factory=list)   # (arrival, tokens) of choice 0's messages
     attempt: str = ""                # this run of the request id, in the ledger
     ended_by: ServiceError | None = None   # the server stopped it (revoked key, drain): the call ends with it
@@ -132,8 +148,13 @@ class Job:
         """The name usage, prices and metrics go under: the adapter's when one was named."""
         return self.adapter.name if self.adapter is not None else self.model.name
 
-    def text(self, index: int) -> str:
-        return "".join(self.texts.get(index, []))
+    def __post_init__(self) -> None:
+        if not self.choices:
+            self.choices = [ChoiceResult() for _ in range(self.params.n)]
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(c.tokens for c in self.choices)
 
 
 class Inflight:
@@ -501,7 +522,7 @@ class InferenceService:
         before the adapter sends them: a crash then leaves fewer than metering_tokens of
         what the client received unbilled. (Unary requests are not written ahead: their
         client receives nothing before the end.)"""
-        done = sum(job.tokens.values())
+        done = job.output_tokens
         now = time.monotonic()
         if done <= job.metered or (done - job.metered < self.config.metering_tokens
                                    and now - job.metered_at < self.config.metering_interval_s):
@@ -528,14 +549,15 @@ class InferenceService:
                 u.text += ev.text
                 u.token_ids.extend(ev.token_ids)
                 u.logprobs.extend(ev.logprobs)
-                job.texts.setdefault(ev.index, []).append(ev.text)
-                job.logprobs.setdefault(ev.index, []).extend(ev.logprobs)
-                job.tokens[ev.index] = job.tokens.get(ev.index, 0) + len(ev.token_ids)
+                result = job.choices[ev.index]
+                result.pieces.append(ev.text)
+                result.logprobs.extend(ev.logprobs)
+                result.tokens += len(ev.token_ids)
                 if ev.index == 0 and ev.token_ids:
                     job.token_times.append((now, len(ev.token_ids)))
             elif isinstance(ev, ChoiceFinished):
                 updates.setdefault(ev.index, ChoiceUpdate(ev.index)).finish_reason = ev.finish_reason
-                job.finish[ev.index] = ev.finish_reason
+                job.choices[ev.index].finish_reason = ev.finish_reason
             elif isinstance(ev, RequestFinished):
                 finished = ev
         return [updates[i] for i in sorted(updates)], finished
@@ -569,7 +591,7 @@ class InferenceService:
             # closes its engine without waiting for the bill.
             job.model.release()
             await self._charge(job, rec, u.total_tokens)
-            self.metrics.observe_finished(rec.model, finished.timings, u, job.finish.values(), job.token_times,
+            self.metrics.observe_finished(rec.model, finished.timings, u, [c.finish_reason for c in job.choices if c.finish_reason], job.token_times,
                                           rec.cost)
         return BilledUsage(u, rec.cost)
 

@@ -29,12 +29,13 @@ def reads_calls(job: Job) -> bool:
 
 def answer(job: Job, index: int) -> ChoiceAnswer:
     """Choice `index` of a finished job: its text as content and calls."""
-    reason = job.finish.get(index, "abort")
+    result = job.choices[index]
+    reason = result.finish
     if not reads_calls(job):
-        return ChoiceAnswer(job.text(index), [], reason)
-    parsed = parse(job.tool_family, job.text(index), job.tools.limit)
+        return ChoiceAnswer(result.text, [], reason)
+    parsed = parse(job.tool_family, result.text, job.tools.limit)
     calls = [CallStart(i, new_call_id(), c.name, c.arguments) for i, c in enumerate(parsed.calls)]
-    return ChoiceAnswer(parsed.content if calls else job.text(index), calls, finish_reason(reason, bool(calls)))
+    return ChoiceAnswer(parsed.content if calls else result.text, calls, finish_reason(reason, bool(calls)))
 
 
 class ToolStreams:

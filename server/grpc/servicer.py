@@ -56,8 +56,8 @@ def chat_choice_pb(job: Job, i: int) -> pb.ChatChoice:
     said = answer(job, i)
     return pb.ChatChoice(index=i, message=pb.ChatMessage(role="assistant", content=said.content or "",
                                                          tool_calls=tool_calls_pb(said.calls)),
-                         finish_reason=said.finish_reason or "abort", logprobs=logprobs_pb(job.logprobs.get(i, [])),
-                         completion_tokens=job.tokens.get(i, 0))
+                         finish_reason=said.finish_reason or "abort", logprobs=logprobs_pb(job.choices[i].logprobs),
+                         completion_tokens=job.choices[i].tokens)
 
 
 def flatten_metrics(tree: Any, prefix: str = "") -> dict[str, float]:
@@ -178,14 +178,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             async with self.call(context, method) as labels:
                 job = await self._admit(request, context, chat, labels, streaming=False)
                 usage = usage_pb(await self.service.run_to_end(job))
-                m, indices = job.model, range(job.params.n)
+                m = job.model
                 if chat:
-                    choices = [chat_choice_pb(job, i) for i in indices]
+                    choices = [chat_choice_pb(job, i) for i in range(len(job.choices))]
                     return pb.ChatCompletionResponse(id=job.request_id, model=m.name, version=m.version,
                                                      choices=choices, usage=usage, created=job.created)
-                choices = [pb.CompletionChoice(index=i, text=job.text(i), finish_reason=job.finish.get(i, "abort"),
-                                               logprobs=logprobs_pb(job.logprobs.get(i, [])),
-                                               completion_tokens=job.tokens.get(i, 0)) for i in indices]
+                choices = [pb.CompletionChoice(index=i, text=c.text, finish_reason=c.finish,
+                                               logprobs=logprobs_pb(c.logprobs), completion_tokens=c.tokens)
+                           for i, c in enumerate(job.choices)]
                 return pb.CompletionResponse(id=job.request_id, model=m.name, version=m.version, choices=choices,
                                              usage=usage, created=job.created)
         finally:

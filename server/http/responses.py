@@ -74,7 +74,7 @@ def _chat_choice(job: Job, i: int, top_n: int | None) -> dict[str, Any]:
     if said.calls:
         message["tool_calls"] = [tool_call(c) for c in said.calls]
     return {"index": i, "message": message,
-            "logprobs": chat_logprobs(job.logprobs.get(i, []), top_n) if top_n is not None else None,
+            "logprobs": chat_logprobs(job.choices[i].logprobs, top_n) if top_n is not None else None,
             "finish_reason": said.finish_reason}
 
 
@@ -85,9 +85,9 @@ def chat_completion(job: Job, billed: BilledUsage, top_n: int | None) -> dict[st
 
 
 def completion(job: Job, billed: BilledUsage, top_n: int | None) -> dict[str, Any]:
-    choices = [{"index": i, "text": job.text(i),
-                "logprobs": completion_logprobs(job.logprobs.get(i, []), top_n) if top_n is not None else None,
-                "finish_reason": job.finish.get(i, "abort")} for i in range(job.params.n)]
+    choices = [{"index": i, "text": c.text,
+                "logprobs": completion_logprobs(c.logprobs, top_n) if top_n is not None else None,
+                "finish_reason": c.finish} for i, c in enumerate(job.choices)]
     return {"id": job.request_id, "object": "text_completion", "created": job.created, "model": served_model(job),
             "choices": choices, "usage": usage(billed), "sol": sol_extra(job, billed)}
 

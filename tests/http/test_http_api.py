@@ -139,7 +139,7 @@ def test_disconnect_mid_unary_aborts_and_bills_once(http_server, api_key):
     sock = _raw_post(http_server, api_key, {"model": "tiny", "messages": USER, "max_tokens": 1000,
                                             "ignore_eos": True}, "http-unary-dropped")
     service = http_server.app.service
-    wait_for(lambda: any(j.request_id == "http-unary-dropped" and j.tokens for j in list(service.inflight.jobs.values())),
+    wait_for(lambda: any(j.request_id == "http-unary-dropped" and j.output_tokens for j in list(service.inflight.jobs.values())),
              message="the request to generate")
     sock.close()
     wait_for(lambda: engine_idle(http_server), message="the engine to drop the request")
