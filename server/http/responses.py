@@ -31,6 +31,10 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 
 def served_model(job: Job) -> str:
+    """The model an answer names: the adapter (NAME@VERSION) when the request named one,
+    as vLLM answers with the LoRA's name, else the base version that served it."""
+    if job.adapter is not None:
+        return f"{job.adapter.name}@{job.adapter.version}"
     return job.model.ref
 
 
