@@ -54,6 +54,8 @@ def register(subparsers, bench_subparsers) -> None:
             p.add_argument("--run-dir", type=Path, default=None,
                            help="metrics and resumable state (default $SOL_HOME/runs/<name>/<stage>)")
             p.add_argument("--fresh", action="store_true", help="ignore saved state instead of resuming")
+            p.add_argument("--save-every", type=int, default=None,
+                           help="write resumable state every N steps (default: only at the end)")
         if stage == "pretrain":
             p.add_argument("--tokenizer", type=Path, default=None,
                            help="directory with a tokenizer.json (default: train one)")
@@ -164,6 +166,8 @@ def _train(args) -> int:
             loop = dataclasses.replace(loop, steps=args.steps)
         if args.lr is not None:
             loop = dataclasses.replace(loop, lr=args.lr)
+        if args.save_every is not None:
+            loop = dataclasses.replace(loop, save_every=args.save_every)
         setattr(preset, key, dataclasses.replace(cfg, loop=loop))
     registry = _registry(args)
     run_dir = args.run_dir or _runs_root(registry) / args.name / "stages"

@@ -55,7 +55,8 @@ def run_own_data_stage(args, ctx, registry):
         cfg = DPOConfig(beta=args.beta)
         cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, seed=ctx.seed,
                                                                 steps=args.steps or cfg.loop.steps,
-                                                                lr=args.lr or cfg.loop.lr))
+                                                                lr=args.lr or cfg.loop.lr,
+                                                                save_every=args.save_every or 0))
         return stage_dpo(ctx, tokenizer, model, parent.ref, data_args, data, heldout, cfg)
 
     # rlhf
