@@ -28,6 +28,17 @@ def global_indices(n_items: int, batch_size: int, world: int, seed: int, step: i
     return picks[rank * batch_size:(rank + 1) * batch_size].tolist()
 
 
+def rank_weight(counts: Sequence[float], rank: int) -> float:
+    """The factor that turns rank `rank`'s mean over its own items into its share of
+    the mean over every rank's items, given each rank's item count (`counts`, one per
+    rank, known to every rank because the global batch is drawn on each). DDP averages
+    gradients over ranks, so a rank's loss must be `mean_local * n_local * world / n_all`
+    for the step to follow the global per-token mean, as one process with the whole batch
+    would; 1.0 with one process."""
+    total = sum(counts)
+    return counts[rank] * len(counts) / total if total else 1.0
+
+
 def pad_right(seqs: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     """Right padding keeps real tokens at their natural positions, so plain causal
     attention never lets them see a pad."""

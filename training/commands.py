@@ -42,6 +42,23 @@ def register(subparsers, bench_subparsers) -> None:
     add_json_flag(pipe)
     pipe.set_defaults(handler=_pipeline)
 
+    report = subparsers.add_parser("report", help="training reports")
+    report_sub = report.add_subparsers(dest="report", metavar="REPORT", required=True)
+    compare = report_sub.add_parser(
+        "rl-compare", help="PPO vs GRPO vs DPO from one SFT checkpoint on the demo task: a markdown table and a PNG")
+    common(compare)
+    compare.add_argument("--from", dest="parent", default="NAME:sft", help="SFT checkpoint (default NAME:sft)")
+    compare.add_argument("--out", type=Path, required=True, help="directory for the data, runs and report")
+    compare.add_argument("--rl-steps", type=int, default=8,
+                         help="RL optimizer steps; DPO sees as many pairs as the RL runs sample replies (default 8)")
+    compare.add_argument("--eval-prompts", type=int, default=96, help="held-out prompts scored (default 96)")
+    compare.add_argument("--families", default="count,palindrome",
+                         help="task families, comma-separated (default count,palindrome)")
+    compare.add_argument("--rl-lr", type=float, default=1e-4, help="PPO and GRPO learning rate (default 1e-4)")
+    compare.add_argument("--dpo-lr", type=float, default=5e-4, help="DPO learning rate (default 5e-4)")
+    add_json_flag(compare)
+    compare.set_defaults(handler=_rl_compare)
+
     trainer = subparsers.add_parser("train", help="run one training stage and publish its checkpoint")
     stage_sub = trainer.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for stage in STAGES:
@@ -55,6 +72,11 @@ def register(subparsers, bench_subparsers) -> None:
             p.add_argument("--run-dir", type=Path, default=None,
                            help="metrics and resumable state (default $SOL_HOME/runs/<name>/<stage>)")
             p.add_argument("--fresh", action="store_true", help="ignore saved state instead of resuming")
+            p.add_argument("--batch-size", type=int, default=None,
+                           help="override the preset's micro-batch per process (RLHF: its minibatch)")
+            p.add_argument("--log-every", type=int, default=None, help="override the preset's steps per metrics record")
+            p.add_argument("--save-every", type=int, default=None,
+                           help="write resumable state every N steps (default: only at the end)")
         if stage == "pretrain":
             p.add_argument("--tokenizer", type=Path, default=None,
                            help="directory with a tokenizer.json (default: train one)")
@@ -142,6 +164,22 @@ def _pipeline(args) -> int:
     return 0
 
 
+def _rl_compare(args) -> int:
+    from training.rl_compare import run_compare
+
+    registry = _registry(args)
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json or args.quiet else print
+    summary = run_compare(args.parent.replace("NAME", args.name), args.name, registry.root, args.out, args.preset,
+                          args.seed, args.rl_steps, args.eval_prompts, args.threads or 1,
+                          tuple(f for f in args.families.split(",") if f), args.rl_lr, args.dpo_lr, log)
+    rows = [[r["method"], r["procs"], r["samples"], f"{r['reward']:.3f}", f"{r['win_rate']:.3f}",
+             f"{r['seconds']:.1f}"] for r in summary["rows"]]
+    human = "\n".join([table(rows, ["method", "procs", "samples", "held-out acc", "win vs SFT", "wall s"]),
+                       f"report: {summary['markdown']} and {summary['png']}"])
+    emit(summary if args.json else None, args.json, human)
+    return 0
+
+
 def _train(args) -> int:
     _threads(args)
     from training import distributed
@@ -167,6 +205,12 @@ def _train(args) -> int:
             loop = dataclasses.replace(loop, steps=args.steps)
         if args.lr is not None:
             loop = dataclasses.replace(loop, lr=args.lr)
+        if args.save_every is not None:
+            loop = dataclasses.replace(loop, save_every=args.save_every)
+        if args.batch_size is not None:
+            loop = dataclasses.replace(loop, batch_size=args.batch_size)
+        if args.log_every is not None:
+            loop = dataclasses.replace(loop, log_every=args.log_every)
         setattr(preset, key, dataclasses.replace(cfg, loop=loop))
     from training.lora_training import from_args
 

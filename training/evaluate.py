@@ -21,7 +21,7 @@ from server.engine.grammar import GrammarCompiler
 from server.engine.offline import generate
 from training.data.tasks import FAMILIES, PreferencePair, Problem, few_shot_prompt, sample_problems
 from training.decoding import reply_text, training_engine
-from training.stages.reward import sample_replies, score_replies
+from training.stages.reward import pairwise_loss, sample_replies, score_replies
 
 N_SHOTS = 3
 
@@ -160,7 +160,8 @@ def reward_accuracy(rm: torch.nn.Module, tokenizer: SolTokenizer, pairs: list[Pr
     chosen = score_replies(rm, tokenizer, [(p.problem.prompt, p.chosen) for p in pairs])
     rejected = score_replies(rm, tokenizer, [(p.problem.prompt, p.rejected) for p in pairs])
     wins = (chosen > rejected).tolist()
-    out = {"accuracy": sum(wins) / max(1, len(wins)), "n": float(len(wins))}
+    out = {"accuracy": sum(wins) / max(1, len(wins)), "n": float(len(wins)),
+           "loss": pairwise_loss(chosen, rejected).item() if wins else float("nan")}
     for source in sorted({p.source for p in pairs}):
         picked = [w for w, p in zip(wins, pairs, strict=True) if p.source == source]
         out[f"accuracy_{source}"] = sum(picked) / len(picked)

@@ -7,7 +7,7 @@ when launched by torchrun, tqdm with an ETA and a metrics JSONL per run (rank 0 
 Resuming restores the model, the optimizer, the step (which is the data position: every
 stage draws batch `step` deterministically from its seed, so nothing else about the data
 needs storing), the RNG states and the stage's own state (e.g. the RLHF KL
-coefficient). State is safetensors + JSON + one `torch.save` of tensors and plain
+coefficient, and its current rollout batch, which the weights at its start sampled). State is safetensors + JSON + one `torch.save` of tensors and plain
 containers that is read back with `weights_only=True`; nothing is unpickled.
 """
 
@@ -118,6 +118,10 @@ def save_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     tensors: dict[str, Any] = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if hasattr(stage, "tensor_state"):
+        # What a stage holds between steps that is not a pure function of the step (RLHF's
+        # rollout batch, sampled by the weights at its start): restored as it was.
+        tensors["stage"] = stage.tensor_state()
     torch.save(tensors, tmp / "optim.pt")
     version, internal, gauss = random.getstate()
     stage_state = stage.state_dict() if hasattr(stage, "state_dict") else {}
@@ -149,6 +153,8 @@ def load_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     random.setstate((version, tuple(internal), gauss))
     if hasattr(stage, "load_state_dict"):
         stage.load_state_dict(meta.get("stage") or {})
+    if hasattr(stage, "load_tensor_state"):
+        stage.load_tensor_state(tensors.get("stage") or {})
     return int(meta["step"])
 
 

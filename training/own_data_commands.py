@@ -55,7 +55,10 @@ def run_own_data_stage(args, ctx, registry):
         cfg = DPOConfig(beta=args.beta)
         cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, seed=ctx.seed,
                                                                 steps=args.steps or cfg.loop.steps,
-                                                                lr=args.lr or cfg.loop.lr))
+                                                                lr=args.lr or cfg.loop.lr,
+                                                                save_every=args.save_every or 0,
+                                                                batch_size=args.batch_size or cfg.loop.batch_size,
+                                                                log_every=args.log_every or cfg.loop.log_every))
         return stage_dpo(ctx, tokenizer, model, parent.ref, data_args, data, heldout, cfg)
 
     # rlhf

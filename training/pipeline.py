@@ -40,6 +40,7 @@ from training.data.tasks import fingerprint as task_fingerprint
 from training.decoding import training_engine
 from training.evaluate import perplexity, reward_accuracy, reward_ranking, structured_accuracy, task_accuracy
 from training.heads import REWARD_HEAD, PolicyWithValue, RewardModel
+from training.heldout import sft_loss
 from training.loop import LoopResult, train
 from training.lora_training import LoraTraining, as_gpt, reference, trainable
 from training.lora_training import publish as publish_adapter_of
@@ -47,7 +48,7 @@ from training.presets import PipelinePreset
 from training.stages.pretrain import PretrainStage, token_stream
 from training.stages.reward import RewardStage, sample_wrong_replies
 from training.stages.rlhf import RLHFStage
-from training.stages.sft import SFTStage
+from training.stages.sft import SFTStage, sft_example
 
 EVAL_SEED = 1234        # the held-out sets are the same whatever the training seed
 RM_EVAL_SEED = 4321
@@ -152,8 +153,13 @@ def stage_sft(ctx: Context, tokenizer: SolTokenizer, base: GPT, parent: str | No
     model = trainable(ctx, base)
     tasks = sft_problems(p, ctx.seed)
     stage = SFTStage(tokenizer, [q.conversation() for q in tasks.problems], p.sft, ctx.info.device)
+    # The held-out problems' conversations: the loss on their assistant tokens, as the
+    # stage reports it when trained from a file.
+    heldout = [sft_example(tokenizer, q.conversation()) for q in eval_problems(p)]
+    before = sft_loss(model, heldout, tokenizer.pad_id)
     result = train(model, stage, p.sft.loop, ctx.stage_dir("sft"), ctx.info, ctx.progress, ctx.resume)
-    metrics = {"tasks": _task_eval(ctx, model, tokenizer, "chat"), "train_loss": result.last("loss")}
+    metrics = {"tasks": _task_eval(ctx, model, tokenizer, "chat"), "train_loss": result.last("loss"),
+               "eval_loss_before": before, "eval_loss_after": sft_loss(model, heldout, tokenizer.pad_id)}
     resolved = _publish(ctx, model, tokenizer, "sft", {
         "parent": parent, "step": result.step, "data_fingerprint": tasks.fingerprint, "metrics": metrics})
     return StageOutcome("sft", model, resolved, metrics, time.perf_counter() - began, result)
@@ -198,8 +204,13 @@ def stage_reward(ctx: Context, tokenizer: SolTokenizer, sft: GPT, parent: str | 
     train_pairs, eval_pairs = preference_data(ctx, tokenizer, sft, engine)
     rm = RewardModel(copy.deepcopy(sft)).to(ctx.info.device)
     stage = RewardStage(tokenizer, train_pairs.pairs, p.reward, ctx.info.device)
+    before = reward_accuracy(rm, tokenizer, eval_pairs.pairs)
     result = train(rm, stage, p.reward.loop, ctx.stage_dir("reward"), ctx.info, ctx.progress, ctx.resume)
-    metrics = {"pairwise": reward_accuracy(rm, tokenizer, eval_pairs.pairs), "train_loss": result.last("loss"),
+    after = reward_accuracy(rm, tokenizer, eval_pairs.pairs)
+    metrics = {"pairwise": after, "train_loss": result.last("loss"),
+               "eval_loss_before": before["loss"], "eval_loss_after": after["loss"],
+               "eval_accuracy_before": before["accuracy"], "eval_accuracy_after": after["accuracy"],
+               "eval_accuracy": after["accuracy"],
                "train_pairs": len(train_pairs.pairs),
                "train_model_negatives": sum(pair.source == "model" for pair in train_pairs.pairs)}
     ctx.log(f"reward model held-out pairwise accuracy {metrics['pairwise']['accuracy']:.3f}")

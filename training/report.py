@@ -48,6 +48,16 @@ def plot_losses(run_dir: Path, out: Path) -> Path:
     return out
 
 
+def _save(fig, axes, out: Path) -> Path:
+    """Grid on every panel, then write the figure and free it."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_rlhf(run_dir: Path, out: Path) -> Path:
     rollouts = read_jsonl(run_dir / "rlhf" / "rollouts.jsonl")
     steps = read_jsonl(run_dir / "rlhf" / "metrics.jsonl")
@@ -72,12 +82,7 @@ def plot_rlhf(run_dir: Path, out: Path) -> Path:
     for ax in axes[:3]:
         ax.set_xlabel("rollout batch")
     axes[3].set_xlabel("step")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, axes, out)
 
 
 def plot_accuracy(summary: dict[str, Any], out: Path) -> Path:
@@ -174,3 +179,58 @@ def write_report(summary: dict[str, Any], run_dir: Path, report_dir: Path) -> Pa
     path = report_dir / "report.md"
     path.write_text(render_markdown(summary), encoding="utf-8")
     return path
+
+
+# --- sol report rl-compare ---------------------------------------------------------------------
+
+def plot_rl_compare(rows: list[dict[str, Any]], curves: dict[str, list[dict[str, Any]]], out: Path) -> Path:
+    """DPO's training loss with one process and with two (the same global batch), the RL
+    runs' rollout reward per step, and every checkpoint's held-out reward."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for label, style in (("DPO", dict(color="tab:blue", marker="o", label="1 process, batch 16")),
+                         ("DPO, 2 processes", dict(color="tab:orange", linestyle="--", marker="x",
+                                                   label="torchrun 2 processes, batch 8 each"))):
+        records = curves.get(label, [])
+        axes[0].plot([r["step"] for r in records], [r["loss"] for r in records], **style)
+    axes[0].set_title("DPO training loss")
+    axes[0].legend(fontsize=8)
+    for label, color in (("PPO", "tab:red"), ("GRPO", "tab:green")):
+        records = [r for r in curves.get(label, []) if "score" in r]
+        axes[1].plot([r["step"] for r in records], [r["score"] for r in records], color=color, marker=".",
+                     label=label)
+    axes[1].set_title("mean reward of the rollout replies (T=1)")
+    axes[1].legend(fontsize=8)
+    for ax in axes[:2]:
+        ax.set_xlabel("optimizer step")
+    names = [r["method"] for r in rows]
+    bars = axes[2].bar(range(len(rows)), [r["reward"] for r in rows],
+                       color=["tab:gray", "tab:red", "tab:green", "tab:blue", "tab:orange"][:len(rows)])
+    axes[2].bar_label(bars, fmt="%.3f", fontsize=8)
+    axes[2].set_xticks(range(len(rows)), [n.replace(", ", "\n") for n in names], fontsize=8)
+    axes[2].set_title("held-out accuracy (greedy)")
+    axes[2].set_ylim(0, min(1.0, max(r["reward"] for r in rows) * 1.25 + 0.02))
+    return _save(fig, axes, out)
+
+
+def _num(x: float | None, fmt: str = "{:.3f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def rl_compare_markdown(summary: dict[str, Any], png: str) -> str:
+    lines = [
+        "# PPO vs GRPO vs DPO on the demo task", "",
+        f"From `{summary['parent']}` (preset `{summary['preset']}`, seed {summary['seed']}); sample budget "
+        f"{summary['budget_replies']} replies (RL) or pairs (DPO); held-out: {summary['heldout_prompts']} prompts, "
+        "greedy replies checked by `training.rewards:builtin_tasks`. Win rate: against the SFT model's reply to the "
+        "same prompt (ties count half).", "",
+        "| method | processes | samples | held-out accuracy | win rate vs SFT | held-out DPO loss | KL to SFT "
+        "(last rollout, nats/reply) | tokens/s | wall s | peak RSS MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in summary["rows"]:
+        lines.append(f"| {r['method']} | {r['procs']} | {r['samples']} | {r['reward']:.3f} | {r['win_rate']:.3f} | "
+                     f"{_num(r.get('dpo_eval_loss'), '{:.4f}')} | {_num(r.get('train_kl'))} | "
+                     f"{_num(r.get('tokens_per_s'), '{:.0f}')} | {r['seconds']:.1f} | "
+                     f"{_num(r.get('peak_rss_mib') or None, '{:.0f}')} |")
+    lines += ["", f"![losses, rewards and held-out accuracy]({png})", ""]
+    return "\n".join(lines)

@@ -27,13 +27,14 @@ def _stage(tokenizer, ptx_coef: float, demonstrations=None) -> tuple[RLHFStage, 
 def test_ptx_adds_the_demonstrations_language_model_loss(tiny_tokenizer):
     demos = [p.conversation() for p in sample_problems(5, "train", seed=1, families=["reverse"]).problems]
     stage, policy = _stage(tiny_tokenizer, ptx_coef=0.5, demonstrations=demos)
-    rollout, rows, batch_demos = stage.micro_batch(0, 0, 0, 1)
+    rollout, rows, batch_demos, _ = stage.micro_batch(0, 0, 0, 1)
     assert batch_demos is not None and batch_demos[0].shape[0] == 3
     policy.eval()   # no dropout: the three forwards below must see the same model
     with torch.no_grad():
         with_ptx, stats = stage.loss(policy, (rollout, rows, batch_demos))
         without, _ = stage.loss(policy, (rollout, rows, None))
-        inputs, targets = batch_demos
+        inputs, targets, weight = batch_demos
+        assert weight == 1.0      # one process: its mean is the global one
         alone = assistant_lm_loss(policy.gpt(inputs), targets).item()
     assert stats["ptx_loss"] == pytest.approx(alone, rel=1e-4)
     assert with_ptx.item() == pytest.approx(without.item() + 0.5 * alone, rel=1e-4)

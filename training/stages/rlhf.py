@@ -28,6 +28,7 @@ a scorer the reward model scores the replies.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,9 +42,10 @@ from gpt.tokenizer import SolTokenizer
 from server.engine.api import SamplingParams
 from server.engine.engine import Engine
 from server.engine.offline import generate
-from training.batching import pad_right, step_generator
+from training.batching import pad_right, rank_weight, step_generator
 from training.data.tasks import Problem
 from training.decoding import MAX_NUM_SEQS, training_engine
+from training.distributed import current, mean_across_ranks
 from training.heads import PolicyWithValue, RewardModel
 from training.loop import LoopConfig
 from training.lora_training import rollout_adapters
@@ -139,6 +141,29 @@ def varied_groups_first(replies: list[list[int]], group: int, keep: int) -> tupl
     return [i for j in order for i in range(j * group, (j + 1) * group)], varied
 
 
+def gather_rollout(rollout: Rollout, pad: int, world: int) -> Rollout:
+    """Every rank's rollout batch, in rank order, on every rank (their stats averaged):
+    rank r's replies are rows r*B..(r+1)*B-1, as the same replies are in one process
+    drawing the whole batch (the draws and sampling seeds are sliced that way)."""
+    if world <= 1:
+        return rollout
+    import torch.distributed as dist
+
+    tensors = {f.name: getattr(rollout, f.name) for f in dataclasses.fields(Rollout)
+               if isinstance(getattr(rollout, f.name), torch.Tensor)}
+    gathered: list[dict | None] = [None] * world
+    dist.all_gather_object(gathered, {k: v.cpu() for k, v in tensors.items()})
+    device = rollout.seqs.device
+    out: dict = {}
+    for name in tensors:
+        parts = [g[name] for g in gathered]
+        width = max(p.shape[1] for p in parts)
+        fill = pad if name in ("seqs", "targets") else 0
+        out[name] = torch.cat([F.pad(p, (0, width - p.shape[1]), value=fill) for p in parts]).to(device)
+    stats = mean_across_ranks(rollout.stats, current())
+    return Rollout(**out, stats=stats)
+
+
 class RLHFStage:
     name = "rlhf"
 
@@ -167,6 +192,9 @@ class RLHFStage:
             raise ValueError(f"GRPO needs a group of at least 2 replies per prompt, got {cfg.samples_per_prompt}")
         self.cfg = cfg
         self.device = torch.device(device)
+        if cfg.algo == "grpo":
+            # No value head in GRPO: frozen, so that DDP does not wait for its gradients.
+            policy.head.requires_grad_(False)
         if cfg.prompt_oversample < 1 or (cfg.prompt_oversample > 1 and cfg.samples_per_prompt < 2):
             raise ValueError("prompt_oversample must be 1, or above 1 with samples_per_prompt of 2 or more "
                              f"(got {cfg.prompt_oversample} and {cfg.samples_per_prompt})")
@@ -195,6 +223,24 @@ class RLHFStage:
         if state:
             self.kl.value = state["kl_coef"]
             self.score_mean, self.score_std = state["score_mean"], state["score_std"]
+
+    def tensor_state(self) -> dict:
+        """The current rollout batch: a run resumed mid-way through its minibatches trains
+        on the replies the weights at the rollout's start sampled, as the uninterrupted
+        run did (sampling again with the updated weights would give other replies). Under
+        DDP every rank holds the whole gathered batch, so rank 0's copy serves all."""
+        if self.rollout is None:
+            return {}
+        fields = {f.name: getattr(self.rollout, f.name) for f in dataclasses.fields(Rollout)}
+        return {"iteration": self.rollout_iteration,
+                "rollout": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in fields.items()
+                            if v is not None}}
+
+    def load_tensor_state(self, state: dict) -> None:
+        if state:
+            fields = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in state["rollout"].items()}
+            self.rollout, self.rollout_iteration = Rollout(**fields), int(state["iteration"])
+            self.history.append({"iteration": self.rollout_iteration, **self.rollout.stats})
 
     # --- rollouts ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -273,7 +319,9 @@ class RLHFStage:
             **self._group_stats(picks, texts, keep, varied),
             "value_mean": masked_mean(values, mask).item(),
         }
-        self.kl.update(kl_per_reply, cfg.rollouts * world)
+        # Every rank updates its coefficient with the mean over all ranks, so all hold the
+        # same one (and rank 0's saved state is every rank's).
+        self.kl.update(mean_across_ranks({"kl": kl_per_reply}, current())["kl"], cfg.rollouts * world)
         return Rollout(seqs, index, targets, mask, logp, values, advantages, returns, stats)
 
     def _group_stats(self, picks: list[int], texts: list[str], keep: list[int], varied: list[bool]
@@ -321,20 +369,29 @@ class RLHFStage:
         per = cfg.steps_per_rollout
         iteration, within = divmod(step, per)
         if self.rollout_iteration != iteration or self.rollout is None:
-            self.rollout = self.make_rollout(iteration, rank, world)
+            rollout = self.make_rollout(iteration, rank, world)
+            self.rollout = gather_rollout(rollout, self.tokenizer.pad_id, world)
             self.rollout_iteration = iteration
             self.history.append({"iteration": iteration, **self.rollout.stats})
             self.policy.train()
-        minibatches = cfg.rollouts // cfg.loop.batch_size
+        # Minibatches are drawn from the whole (gathered) rollout batch of every rank, and
+        # each rank trains on its slice: one process with `world` times the rollouts and
+        # the minibatch trains on the same rows in the same steps.
+        size = cfg.loop.batch_size
+        minibatches = cfg.rollouts // size
         epoch, mb = divmod(within, minibatches)
-        order = torch.randperm(cfg.rollouts, generator=step_generator(cfg.loop.seed, iteration, 100 + epoch))
-        rows = order[mb * cfg.loop.batch_size:(mb + 1) * cfg.loop.batch_size].to(self.device)
+        order = torch.randperm(cfg.rollouts * world, generator=step_generator(cfg.loop.seed, iteration, 100 + epoch))
+        step_rows = order[mb * size * world:(mb + 1) * size * world]
+        rows = step_rows[rank * size:(rank + 1) * size].to(self.device)
+        tokens = self.rollout.mask.sum(1).cpu()
+        weight = rank_weight([tokens[step_rows[r * size:(r + 1) * size]].sum().item() for r in range(world)], rank)
         demos = self.ptx.micro_batch(step, micro, rank, world) if self.ptx else None
-        return self.rollout, rows, demos
+        return self.rollout, rows, demos, weight
 
     def loss(self, model: nn.Module, batch: tuple[Rollout, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        ro, rows, demos = batch
+        ro, rows, demos, *rest = batch
+        weight = rest[0] if rest else 1.0     # this rank's share of the minibatch's reply tokens
         cfg = self.cfg
         seqs = ro.seqs[rows]
         n = seqs.shape[0]
@@ -358,14 +415,14 @@ class RLHFStage:
             to_ref = ro.ref_logp[rows] - logp
             kl_term = masked_mean(torch.exp(to_ref) - to_ref - 1, mask)
             vf = vf_clip = torch.zeros((), device=seqs.device)
-            loss = pg.loss + cfg.grpo_beta * kl_term
+            loss = (pg.loss + cfg.grpo_beta * kl_term) * weight
             extra["kl_loss"] = kl_term.item()
         else:
             vf, vf_clip = value_loss(values, ro.values[rows], ro.returns[rows], mask, cfg.cliprange_value)
-            loss = pg.loss + cfg.vf_coef * vf
+            loss = (pg.loss + cfg.vf_coef * vf) * weight
         if demos is not None:
             ptx = assistant_lm_loss(logits_all[n:, :demos[0].shape[1]], demos[1])
-            loss = loss + cfg.ptx_coef * ptx
+            loss = loss + cfg.ptx_coef * ptx * demos[2]
             extra["ptx_loss"] = ptx.item()
         with torch.no_grad():
             entropy = masked_mean(entropy_from_logits(picked), mask).item()

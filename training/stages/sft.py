@@ -11,7 +11,7 @@ from torch import nn
 
 from gpt.chat import render_chat
 from gpt.tokenizer import SolTokenizer
-from training.batching import IGNORE_INDEX, global_indices, pad_right
+from training.batching import IGNORE_INDEX, global_indices, pad_right, rank_weight
 from training.loop import LoopConfig
 
 
@@ -46,15 +46,28 @@ class SFTStage:
         self.cfg = cfg
         self.pad = tokenizer.pad_id
         self.device = torch.device(device)
+        self._trained: list[int] | None = None
 
     def micro_batch(self, step: int, micro: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = global_indices(len(self.examples), self.cfg.loop.batch_size, world, self.cfg.loop.seed, step,
-                               micro, rank)
+        every = [global_indices(len(self.examples), self.cfg.loop.batch_size, world, self.cfg.loop.seed, step,
+                                micro, r) for r in range(world)]
+        picks = every[rank]
         inputs = pad_right([self.examples[i][0] for i in picks], self.pad)
         targets = pad_right([self.examples[i][1] for i in picks], IGNORE_INDEX)
-        return inputs.to(self.device), targets.to(self.device)
+        # Ranks hold different numbers of trained tokens: weight this rank's mean so that
+        # DDP's average is the mean over the whole global batch's tokens.
+        counts = [sum(self.trained[i] for i in rank_picks) for rank_picks in every]
+        return inputs.to(self.device), targets.to(self.device), rank_weight(counts, rank)
 
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs, targets = batch
-        loss = assistant_lm_loss(model(inputs), targets)
+    @property
+    def trained(self) -> list[int]:
+        """Trained tokens per example (targets that are not IGNORE_INDEX)."""
+        if self._trained is None:
+            self._trained = [sum(t != IGNORE_INDEX for t in targets) for _, targets in self.examples]
+        return self._trained
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, float]
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs, targets, weight = batch
+        loss = assistant_lm_loss(model(inputs), targets) * weight
         return loss, {"loss": loss.item(), "tokens": float(inputs.numel())}
