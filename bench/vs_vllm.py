@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = ROOT / ".bench" / "vllm-venv"
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-MODELS = ("small", "demo")
+MODELS = ("small", "demo", "smollm2")
 RATIO_KEYS = ("tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms")
 
 
@@ -115,8 +115,39 @@ def lively_init(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def prepare_imported(name: str, work: Path, corpus_texts: list[str], seed: int, shape=None) -> tuple[Prepared, Any]:
+    """A model users bring: a random-weight Llama checkpoint of SmolLM2-135M's shape saved
+    by transformers with its own tokenizer (bench/hf_checkpoint.py), imported into sol as
+    `sol import-hf` does. vLLM and CTranslate2 read the transformers directory itself."""
+    from bench.hf_checkpoint import SMOLLM2_135M, build_checkpoint
+    from gpt.hf import import_hf, tokenizer_files
+    from gpt.registry import Registry, publish_checkpoint
+
+    shape = shape or SMOLLM2_135M
+    hf_dir = build_checkpoint(work / f"hf-{name}", shape, corpus_texts, seed)
+    model, tokenizer = import_hf(hf_dir)
+    registry = Registry(work / "registry")
+    resolved = publish_checkpoint(registry, f"vsvllm-{name}", model, tokenizer,
+                                  {"stage": "imported", "source": str(hf_dir), "family": model.config.family},
+                                  tokenizer_files=tokenizer_files(hf_dir))
+    config = model.config
+    prepared = Prepared(
+        name=name, description=f"{name}: Llama checkpoint saved by transformers, imported; {config.n_layers} "
+        f"layers, d_model {config.d_model}, {shape.num_attention_heads}/{shape.num_key_value_heads} heads, "
+        f"d_ff {shape.intermediate_size}, vocab {config.vocab_size} (tokenizer {tokenizer.vocab_size}), tied, "
+        f"context {config.max_seq_len}, random weights (seed {seed})",
+        parameters=model.num_parameters(), context=config.max_seq_len, registry=registry.root,
+        ref=f"{resolved.name}@{resolved.version}", ckpt_path=Path(resolved.path), hf_dir=hf_dir,
+        kv_bytes_per_token_fp32=config.kv_bytes_per_token(4))
+    del model
+    return prepared, tokenizer
+
+
 def prepare_model(name: str, work: Path, corpus_texts: list[str], seed: int) -> tuple[Prepared, Any]:
     import torch
+
+    if name == "smollm2":
+        return prepare_imported(name, work, corpus_texts, seed)
 
     from gpt.checkpoint import load_checkpoint
     from gpt.hf import export_hf
