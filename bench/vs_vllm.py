@@ -282,7 +282,8 @@ def _sol_offline_child(conn, ckpt_path: str, dtype: str, threads: int, max_num_s
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    ckpt = load_checkpoint(Path(ckpt_path), device="cpu")
+    # Read straight into the dtype it runs in, as `sol serve` does (no fp32 copy in its peak RSS).
+    ckpt = load_checkpoint(Path(ckpt_path), device="cpu", dtype=getattr(torch, dtype))
     engine = build_engine(ckpt.model, EngineConfig(
         device="cpu", dtype=getattr(torch, dtype), max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens))
