@@ -1,7 +1,8 @@
 """`sol bench vs-vllm --model smollm2` without vLLM, at tiny dimensions: the checkpoint
 transformers saves (bench/hf_checkpoint.py) is imported into sol with the shape asked
 for, and sol's offline worker (the process the bench measures) generates on it exactly
-the greedy tokens transformers' own `generate` gives on the same directory."""
+the greedy tokens transformers' own `generate` gives on the same directory, and so does
+CTranslate2's worker where its venv is made."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import pytest
 import torch
 
 from bench.hf_checkpoint import LlamaShape, weight_bytes
-from bench.vs_vllm import Request, prepare_imported, sol_offline_worker
+from bench.vs_vllm import (
+    DEFAULT_CT2_VENV,
+    Request,
+    ct2_offline_worker,
+    ct2_python,
+    prepare_imported,
+    sol_offline_worker,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,9 +43,19 @@ def test_imported_model_runs_in_the_bench_as_transformers_does(tmp_path, corpus)
                             pad_token_id=0)[0, len(ids):].tolist() for ids in prompts]
     assert len({tuple(e) for e in expected}) == 2, "random weights too flat: greedy ignores the prompt"
 
-    args = argparse.Namespace(threads=1, max_num_seqs=8, max_num_batched_tokens=256, vllm_timeout_s=300)
+    args = argparse.Namespace(threads=1, max_num_seqs=8, max_num_batched_tokens=256, vllm_timeout_s=300,
+                              ct2_venv=str(DEFAULT_CT2_VENV))
     warmup = [Request(prompts[0], 2)]
     with sol_offline_worker(args, m, "fp32", warmup) as worker:
         got = worker.run([Request(ids, 8) for ids in prompts])
+        assert worker.peak_rss_mib() > 0
     assert [r["token_ids"] for r in got["requests"]] == expected
     assert worker.facts["load_s"] > 0 and worker.facts["peak_rss_mib"] > 0
+
+    # CTranslate2, the second anchor, where its venv is made (scripts/setup-ct2.sh).
+    if ct2_python(args) is None:
+        pytest.skip(f"no CTranslate2 venv at {DEFAULT_CT2_VENV}")
+    with ct2_offline_worker(args, m, "fp32", warmup, tmp_path) as ct2:
+        got = ct2.run([Request(ids, 8) for ids in prompts])
+        assert ct2.peak_rss_mib() > 0
+    assert [r["token_ids"] for r in got["requests"]] == expected
