@@ -965,6 +965,10 @@ def _progress(row: dict[str, Any]) -> None:
     print(f"  {row['workload']:8} vLLM {v['tokens_per_s']:7.0f} tok/s, sol {s['tokens_per_s']:7.0f} tok/s "
           f"(x{s['tokens_per_s'] / v['tokens_per_s']:.2f}); TTFT p50 {v['ttft_p50_ms']:.0f}/{s['ttft_p50_ms']:.0f} ms; "
           f"agree {a['requests_identical']:.0%} of requests, {a['tokens_agree']:.1%} of tokens", flush=True)
+    if "ct2" in row:
+        c, ca = row["ct2"], row["agreement_ct2"]
+        print(f"  {'':8} CTranslate2 {c['tokens_per_s']:7.0f} tok/s (sol x{row['sol_over_ct2']['tokens_per_s']:.2f}); "
+              f"agree {ca['requests_identical']:.0%} of requests", flush=True)
 
 
 def _uptime() -> str:
