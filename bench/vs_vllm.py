@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import os
 import platform
 import random
@@ -50,15 +51,17 @@ from bench.vllm_stats import (
     latency_summary,
     mixed_shapes,
     per_request_tpot,
+    ratio,
     sol_over_vllm,
     uniform_shapes,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = ROOT / ".bench" / "vllm-venv"
+DEFAULT_CT2_VENV = ROOT / ".bench" / "ct2-venv"
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-MODELS = ("small", "demo")
+MODELS = ("small", "demo", "smollm2")
 RATIO_KEYS = ("tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms")
 
 
@@ -115,8 +118,39 @@ def lively_init(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def prepare_imported(name: str, work: Path, corpus_texts: list[str], seed: int, shape=None) -> tuple[Prepared, Any]:
+    """A model users bring: a random-weight Llama checkpoint of SmolLM2-135M's shape saved
+    by transformers with its own tokenizer (bench/hf_checkpoint.py), imported into sol as
+    `sol import-hf` does. vLLM and CTranslate2 read the transformers directory itself."""
+    from bench.hf_checkpoint import SMOLLM2_135M, build_checkpoint
+    from gpt.hf import import_hf, tokenizer_files
+    from gpt.registry import Registry, publish_checkpoint
+
+    shape = shape or SMOLLM2_135M
+    hf_dir = build_checkpoint(work / f"hf-{name}", shape, corpus_texts, seed)
+    model, tokenizer = import_hf(hf_dir)
+    registry = Registry(work / "registry")
+    resolved = publish_checkpoint(registry, f"vsvllm-{name}", model, tokenizer,
+                                  {"stage": "imported", "source": str(hf_dir), "family": model.config.family},
+                                  tokenizer_files=tokenizer_files(hf_dir))
+    config = model.config
+    prepared = Prepared(
+        name=name, description=f"{name}: Llama checkpoint saved by transformers, imported; {config.n_layers} "
+        f"layers, d_model {config.d_model}, {shape.num_attention_heads}/{shape.num_key_value_heads} heads, "
+        f"d_ff {shape.intermediate_size}, vocab {config.vocab_size} (tokenizer {tokenizer.vocab_size}), tied, "
+        f"context {config.max_seq_len}, random weights (seed {seed})",
+        parameters=model.num_parameters(), context=config.max_seq_len, registry=registry.root,
+        ref=f"{resolved.name}@{resolved.version}", ckpt_path=Path(resolved.path), hf_dir=hf_dir,
+        kv_bytes_per_token_fp32=config.kv_bytes_per_token(4))
+    del model
+    return prepared, tokenizer
+
+
 def prepare_model(name: str, work: Path, corpus_texts: list[str], seed: int) -> tuple[Prepared, Any]:
     import torch
+
+    if name == "smollm2":
+        return prepare_imported(name, work, corpus_texts, seed)
 
     from gpt.checkpoint import load_checkpoint
     from gpt.hf import export_hf
@@ -248,7 +282,8 @@ def _sol_offline_child(conn, ckpt_path: str, dtype: str, threads: int, max_num_s
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    ckpt = load_checkpoint(Path(ckpt_path), device="cpu")
+    # Read straight into the dtype it runs in, as `sol serve` does (no fp32 copy in its peak RSS).
+    ckpt = load_checkpoint(Path(ckpt_path), device="cpu", dtype=getattr(torch, dtype))
     engine = build_engine(ckpt.model, EngineConfig(
         device="cpu", dtype=getattr(torch, dtype), max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens))
@@ -305,6 +340,8 @@ class OfflineWorker:
     facts: dict[str, Any]
     run: Callable[[list[Request]], dict[str, Any]]
     cpu_s: Callable[[], float]
+    # VmHWM of its processes (summed over a group), read while they live.
+    peak_rss_mib: Callable[[], float]
 
 
 @contextlib.contextmanager
@@ -332,7 +369,8 @@ def sol_offline_worker(args: argparse.Namespace, m: Prepared, dtype: str,
             parent.send(_wire(requests))
             return receive()
 
-        yield OfflineWorker("sol", facts, run, lambda: _cpu_seconds(proc.pid or 0))
+        yield OfflineWorker("sol", facts, run, lambda: _cpu_seconds(proc.pid or 0),
+                            lambda: _peak_rss_mib(proc.pid or 0))
         parent.send(None)
         facts.update(receive())
     finally:
@@ -358,17 +396,58 @@ def vllm_offline_worker(args: argparse.Namespace, m: Prepared, dtype: str, warmu
     spec = {"model_dir": str(m.hf_dir), "dtype": DTYPES[dtype], "max_model_len": m.context,
             "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
             "enforce_eager": args.enforce_eager, "warmup": _wire(warmup)}
-    spec_path = work / f"spec-{m.name}-{dtype}.json"
-    log_path = work / f"vllm-offline-{m.name}-{dtype}.log"
+    with _subprocess_worker(args, "vllm", vllm_python(args), "vllm_offline_worker.py", spec, vllm_env(args),
+                            work / f"vllm-offline-{m.name}-{dtype}") as worker:
+        yield worker
+
+
+def ct2_python(args: argparse.Namespace) -> Path | None:
+    """CTranslate2's venv Python, None where there is none (the anchor is then left out)."""
+    py = Path(args.ct2_venv) / "bin" / "python"
+    return py if args.ct2_venv and py.exists() else None
+
+
+def ct2_convert(args: argparse.Namespace, m: Prepared, dtype: str, work: Path) -> Path:
+    """The Hugging Face directory converted by CTranslate2's transformers converter, in a
+    process of its own (the converter loads the model with transformers)."""
+    out = work / f"ct2-{m.name}-{dtype}"
+    if not out.exists():
+        converter = Path(args.ct2_venv) / "bin" / "ct2-transformers-converter"
+        done = subprocess.run([str(converter), "--model", str(m.hf_dir), "--output_dir", str(out),
+                               "--quantization", DTYPES[dtype], "--low_cpu_mem_usage"],
+                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"CTranslate2's converter failed on {m.hf_dir}:\n{done.stderr[-3000:]}")
+    return out
+
+
+@contextlib.contextmanager
+def ct2_offline_worker(args: argparse.Namespace, m: Prepared, dtype: str, warmup: list[Request],
+                       work: Path) -> Iterator[OfflineWorker]:
+    python = ct2_python(args)
+    assert python is not None
+    spec = {"model_dir": str(ct2_convert(args, m, dtype, work)), "compute_type": DTYPES[dtype],
+            "threads": args.threads, "warmup": _wire(warmup)}
+    with _subprocess_worker(args, "ct2", python, "ct2_offline_worker.py", spec, {**os.environ},
+                            work / f"ct2-offline-{m.name}-{dtype}") as worker:
+        yield worker
+
+
+@contextlib.contextmanager
+def _subprocess_worker(args: argparse.Namespace, name: str, python: Path, script: str, spec: dict[str, Any],
+                       env: dict[str, str], stem: Path) -> Iterator[OfflineWorker]:
+    """Another engine's offline round server (bench/*_offline_worker.py) in its own venv's
+    Python and its own session (so its subprocesses are counted and stopped with it)."""
+    spec_path = stem.with_name(stem.name + ".json")
+    log_path = stem.with_name(stem.name + ".log")
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     # Rounds go in on the worker's stdin and results come back on a pipe of their own
-    # (vLLM logs to stdout and stderr), one JSON line each.
+    # (engines log to stdout and stderr), one JSON line each.
     read_fd, write_fd = os.pipe()
     log = open(log_path, "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(vllm_python(args)), str(Path(__file__).with_name("vllm_offline_worker.py")),
-                             str(spec_path), str(write_fd)], env=vllm_env(args), stdin=subprocess.PIPE,
-                            stdout=log, stderr=subprocess.STDOUT, pass_fds=(write_fd,), start_new_session=True,
-                            text=True)
+    proc = subprocess.Popen([str(python), str(Path(__file__).with_name(script)), str(spec_path), str(write_fd)],
+                            env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                            pass_fds=(write_fd,), start_new_session=True, text=True)
     os.close(write_fd)
     results = os.fdopen(read_fd, encoding="utf-8")
     assert proc.stdin is not None
@@ -381,13 +460,13 @@ def vllm_offline_worker(args: argparse.Namespace, m: Prepared, dtype: str, warmu
         # select cannot see.
         try:
             _await_answer(lambda s: bool(select.select([read_fd], [], [], s)[0]), lambda: proc.poll() is None,
-                          "vLLM's offline worker", args.vllm_timeout_s)
+                          f"{name}'s offline worker", args.vllm_timeout_s)
         except RuntimeError as err:
             raise failed(str(err)) from None
         line = results.readline()
         if not line:
             proc.wait(30)
-            raise failed(f"vLLM's offline worker ended ({proc.returncode})")
+            raise failed(f"{name}'s offline worker ended ({proc.returncode})")
         return json.loads(line)
 
     def run(requests: list[Request]) -> dict[str, Any]:
@@ -396,7 +475,8 @@ def vllm_offline_worker(args: argparse.Namespace, m: Prepared, dtype: str, warmu
         return receive()
 
     try:
-        yield OfflineWorker("vllm", receive(), run, lambda: _group_cpu_seconds(proc.pid))
+        yield OfflineWorker(name, receive(), run, lambda: _group_cpu_seconds(proc.pid),
+                            lambda: _group_peak_rss_mib(proc.pid))
     finally:
         with contextlib.suppress(OSError):
             proc.stdin.close()
@@ -574,12 +654,26 @@ def vllm_server(args: argparse.Namespace, m: Prepared, work: Path, dtype: str = 
 
         yield OnlineServer("vllm", time.perf_counter() - t0,
                            lambda requests, clients: _closed_loop(clients, requests, one),
-                           lambda: _group_cpu_seconds(proc.pid))
+                           lambda: _group_cpu_seconds(proc.pid), lambda: _group_peak_rss_mib(proc.pid))
     except Exception as err:
         raise RuntimeError(f"vLLM server run failed: {err}; log {log_path}:\n"
                            f"{log_path.read_text(errors='replace')[-3000:]}") from err
     finally:
         _stop_group(proc)
+
+
+def _group_peak_rss_mib(pgid: int) -> float:
+    """The sum of VmHWM over the live processes of a process group (vLLM runs three): an
+    upper bound of the group's peak, each process's peak taken at once."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    total += _peak_rss_mib(int(entry.name))
+            except OSError:
+                continue
+    return total
 
 
 def _group_cpu_seconds(pgid: int) -> float:
@@ -659,6 +753,23 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{v['ttft_p50_ms']:8.1f}/{s['ttft_p50_ms']:<8.1f} | {v['itl_p50_ms']:7.2f}/{s['itl_p50_ms']:<7.2f} | "
               f"{v['itl_p99_ms']:7.2f}/{s['itl_p99_ms']:<7.2f} | "
               f"{a['requests_identical']:.0%}/{a['tokens_agree']:.1%}")
+
+
+def print_resources(rows: list[dict[str, Any]]) -> None:
+    """Load time and peak RSS per engine beside vLLM's, and CTranslate2 where it ran."""
+    head = (f"{'model':7} {'dtype':5} {'mode':7} | {'load s v/s':>11} {'sol/vLLM':>8} | {'peak RSS MiB v/s':>17} "
+            f"{'sol/vLLM':>8} | {'CT2 tok/s':>9} {'sol/CT2':>7} {'CT2 load s':>10} {'CT2 RSS':>8}")
+    print("\n" + head)
+    print("-" * len(head))
+    for r in rows:
+        v, s = r["vllm"], r["sol"]
+        rss = "peak_rss_mib" if r["mode"] == "offline" else "server_peak_rss_mib"
+        vl, sl, vr, sr = v.get("load_s", math.nan), s.get("load_s", math.nan), v.get(rss, math.nan), s.get(rss, math.nan)
+        c = r.get("ct2")
+        ct2 = (f"{c['tokens_per_s']:9.0f} {r['sol_over_ct2']['tokens_per_s']:7.2f} {c['load_s']:10.1f} "
+               f"{c['peak_rss_mib']:8.0f}") if c else f"{'-':>9} {'-':>7} {'-':>10} {'-':>8}"
+        print(f"{r['model']:7} {r['dtype']:5} {r['mode']:7} | {vl:5.1f}/{sl:<5.1f} {ratio(sl, vl):8.2f} | "
+              f"{vr:8.0f}/{sr:<8.0f} {ratio(sr, vr):8.2f} | {ct2}")
 
 
 def draw(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -747,21 +858,38 @@ def run(args: argparse.Namespace) -> int:
                 for dtype in _selected(args.dtype, tuple(DTYPES)):
                     print(f"[{name} {dtype} offline] sol's engine and vLLM's LLM.generate, each in its own "
                           "process, rounds alternating...", flush=True)
-                    with sol_offline_worker(args, m, dtype, warmup) as s, \
-                            vllm_offline_worker(args, m, dtype, warmup, work) as v:
-                        best = alternating_rounds(args, {"sol": s.run, "vllm": v.run}, [s.cpu_s, v.cpu_s], workloads)
+                    with contextlib.ExitStack() as stack:
+                        s = stack.enter_context(sol_offline_worker(args, m, dtype, warmup))
+                        v = stack.enter_context(vllm_offline_worker(args, m, dtype, warmup, work))
+                        workers = [s, v]
+                        if with_ct2(args, dtype, skipped):
+                            workers.append(stack.enter_context(ct2_offline_worker(args, m, dtype, warmup, work)))
+                        best = alternating_rounds(args, {w.name: w.run for w in workers}, [w.cpu_s for w in workers],
+                                                  workloads)
+                        peaks = {w.name: w.peak_rss_mib() for w in workers}
                     for wl in workloads:
                         sw, vw = best["sol"][wl], best["vllm"][wl]
                         rows.append({"model": name, "dtype": dtype, "workload": wl, "mode": "offline",
-                                     "sol": {**summarize_offline(sw), "steps": sw["steps"],
-                                             "peak_rss_mib": s.facts["peak_rss_mib"],
+                                     "sol": {**summarize_offline(sw), "steps": sw["steps"], "load_s": s.facts["load_s"],
+                                             "peak_rss_mib": peaks["sol"],
                                              "kv_bytes_per_token": s.facts["kv_bytes_per_token"],
                                              "rounds_tokens_per_s": sw["rounds_tokens_per_s"]},
                                      "vllm": {**summarize_offline(vw), "load_s": v.facts["load_s"],
+                                              "peak_rss_mib": peaks["vllm"],
                                               "rounds_tokens_per_s": vw["rounds_tokens_per_s"]},
                                      "engine_versions": {"vllm": v.facts["vllm"]},
                                      "agreement": agreement([r["token_ids"] for r in sw["requests"]],
                                                             [r["token_ids"] for r in vw["requests"]])})
+                        if "ct2" in best:
+                            cw = best["ct2"][wl]
+                            rows[-1]["ct2"] = {**summarize_offline(cw), "load_s": workers[2].facts["load_s"],
+                                               "peak_rss_mib": peaks["ct2"],
+                                               "rounds_tokens_per_s": cw["rounds_tokens_per_s"]}
+                            rows[-1]["engine_versions"]["ctranslate2"] = workers[2].facts["ctranslate2"]
+                            rows[-1]["sol_over_ct2"] = {"tokens_per_s": ratio(
+                                rows[-1]["sol"]["tokens_per_s"], rows[-1]["ct2"]["tokens_per_s"])}
+                            rows[-1]["agreement_ct2"] = agreement([r["token_ids"] for r in sw["requests"]],
+                                                                  [r["token_ids"] for r in cw["requests"]])
                         _progress(rows[-1])
             if args.mode in ("online", "all"):
                 for dtype in _selected(args.dtype, tuple(DTYPES)):
@@ -773,15 +901,16 @@ def run(args: argparse.Namespace) -> int:
                         best = alternating_rounds(
                             args, {server.name: functools.partial(server.measure, clients=args.clients)
                                    for server in (sol, vllm)}, [sol.cpu_s, vllm.cpu_s], workloads)
-                        sol_rss = sol.peak_rss_mib()
+                        sol_rss, vllm_rss = sol.peak_rss_mib(), vllm.peak_rss_mib()
                     for wl in workloads:
                         sw, vw = best["sol"][wl], best["vllm"][wl]
                         rows.append({"model": name, "dtype": dtype, "workload": wl, "mode": "online",
                                      "sol": {**summarize_online(sw["wall_s"], sw["results"]),
                                              "server_cpu_s": sw["server_cpu_s"], "server_peak_rss_mib": sol_rss,
+                                             "load_s": sol.load_s,
                                              "rounds_tokens_per_s": sw["rounds_tokens_per_s"]},
                                      "vllm": {**summarize_online(vw["wall_s"], vw["results"]), "load_s": vllm.load_s,
-                                              "rounds_tokens_per_s": vw["rounds_tokens_per_s"]},
+                                              "server_peak_rss_mib": vllm_rss, "rounds_tokens_per_s": vw["rounds_tokens_per_s"]},
                                      "agreement": agreement(_online_ids(sw["results"]), _online_ids(vw["results"]))})
                         _progress(rows[-1])
     compare(rows)
@@ -799,11 +928,32 @@ def run(args: argparse.Namespace) -> int:
         draw(rows, out / "vs_vllm.png", f"sol vs vLLM CPU build: cores {cores}, {args.threads} "
              f"threads, load {setup['load_average_at_start']:.1f}->{setup['load_average_at_end']:.1f}")
     print_table(rows)
+    if rows:
+        print_resources(rows)
     for s in skipped:
         print(f"skipped: {s}")
     print(f"\nload average {setup['load_average_at_start']:.2f} at start, {setup['load_average_at_end']:.2f} at end; "
           f"wrote {out / 'vs_vllm.json'} and {out / 'vs_vllm.png'} ({setup['wall_s']:.0f} s)")
     return 0
+
+
+def with_ct2(args: argparse.Namespace, dtype: str, skipped: list[str]) -> bool:
+    """Whether CTranslate2 runs beside this offline measurement; why not goes in `skipped`."""
+    python = ct2_python(args)
+    if python is None:
+        return False
+    why = None
+    if args.workload != "uniform":
+        why = "CTranslate2 batches statically: it runs with --workload uniform only"
+    else:
+        done = subprocess.run([str(python), "-c", "import ctranslate2; print(' '.join("
+                               "sorted(ctranslate2.get_supported_compute_types('cpu'))))"],
+                              capture_output=True, text=True)
+        if DTYPES[dtype] not in done.stdout.split():
+            why = f"CTranslate2 {dtype}: not among its CPU compute types here ({done.stdout.strip() or done.stderr})"
+    if why and why not in skipped:
+        skipped.append(why)
+    return why is None
 
 
 def _online_ids(results: list[tuple[float, list[tuple[float, list[int]]]]]) -> list[list[int]]:
@@ -815,6 +965,10 @@ def _progress(row: dict[str, Any]) -> None:
     print(f"  {row['workload']:8} vLLM {v['tokens_per_s']:7.0f} tok/s, sol {s['tokens_per_s']:7.0f} tok/s "
           f"(x{s['tokens_per_s'] / v['tokens_per_s']:.2f}); TTFT p50 {v['ttft_p50_ms']:.0f}/{s['ttft_p50_ms']:.0f} ms; "
           f"agree {a['requests_identical']:.0%} of requests, {a['tokens_agree']:.1%} of tokens", flush=True)
+    if "ct2" in row:
+        c, ca = row["ct2"], row["agreement_ct2"]
+        print(f"  {'':8} CTranslate2 {c['tokens_per_s']:7.0f} tok/s (sol x{row['sol_over_ct2']['tokens_per_s']:.2f}); "
+              f"agree {ca['requests_identical']:.0%} of requests", flush=True)
 
 
 def _uptime() -> str:
@@ -841,7 +995,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["offline", "online", "all"], default="all")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "all"], default="all")
     parser.add_argument("--model", choices=[*MODELS, "all"], default="all",
-                        help="small (11M, gpt.config) or demo (0.87M, the cpu pipeline preset's model)")
+                        help="small (11M, gpt.config), demo (0.87M, the cpu pipeline preset's model) or "
+                        "smollm2 (135M, SmolLM2-135M's shape: a transformers checkpoint imported into sol)")
     parser.add_argument("--threads", type=int, default=2, help="threads per engine (default 2)")
     parser.add_argument("--cores", help="comma-separated CPU ids to pin to (default: the first --threads allowed)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent streaming clients online (default 32)")
@@ -858,6 +1013,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-space-gib", type=float, default=2, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
     parser.add_argument("--vllm-venv", default=str(DEFAULT_VENV))
+    parser.add_argument("--ct2-venv", default=str(DEFAULT_CT2_VENV),
+                        help="CTranslate2's venv (scripts/setup-ct2.sh), a second offline anchor where present; "
+                        "'' leaves it out")
     parser.add_argument("--vllm-timeout-s", type=float, default=900)
     parser.add_argument("--rounds", type=int, default=2, help="repeat each measurement (online: alternating "
                         "between the servers), keep each engine's "

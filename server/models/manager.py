@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gpt.adapter_store import adapter_base, is_adapter
 from gpt.chat import chat_stop_ids
 from gpt.checkpoint import HEADS_FILE, Checkpoint, CheckpointError, load_checkpoint, read_config
@@ -120,8 +122,25 @@ class EngineBuilder:
         per_block = kv_bytes_per_block(model_config, self.config.block_size, dtype)
         return kv_pool_blocks(model_config, self.config, dtype) * per_block
 
+    @property
+    def load_dtype(self) -> torch.dtype | None:
+        """The dtype a checkpoint is read in: --dtype where given (converted tensor by
+        tensor on the way in, never a full copy in another dtype), else the one it is
+        stored in (None)."""
+        return self.config.dtype
+
+    def serving_config(self, ckpt: Checkpoint) -> EngineConfig:
+        """The engine's config for this checkpoint: without --dtype a bf16 checkpoint
+        serves in bf16 as it is stored (no fp32 copy of it); any other one in the device's
+        default (fp32 on the CPU, bf16 on CUDA)."""
+        if self.config.dtype is not None:
+            return self.config
+        stored = next(ckpt.model.parameters()).dtype
+        _, default = resolve_device_dtype(self.config)
+        return dataclasses.replace(self.config, dtype=torch.bfloat16 if stored == torch.bfloat16 else default)
+
     def __call__(self, ckpt: Checkpoint, kv_cache_bytes: int | None = None) -> Engine:
-        config = self.config
+        config = self.serving_config(ckpt)
         if kv_cache_bytes is not None:
             # The pool is exactly what the budget reserved for this version.
             config = dataclasses.replace(config, kv_cache_bytes=kv_cache_bytes, num_blocks=None)
@@ -183,8 +202,11 @@ class ModelManager:
                 model_config = None
             if model_config is not None:
                 check_config(model_config, resolved.path, self._plan(model_config), self.limits)
-            # Loaded on the CPU in fp32; the engine moves it to its device and dtype.
-            ckpt = load_checkpoint(resolved.path, device="cpu")
+            # Loaded on the CPU in the dtype it will serve in where the factory says so
+            # (an EngineBuilder: --dtype, else as stored), else in fp32; the engine moves
+            # it to its device (and dtype, where they still differ).
+            ckpt = load_checkpoint(resolved.path, device="cpu",
+                                   dtype=getattr(self.engine_factory, "load_dtype", torch.float32))
             check_weights(ckpt.model.state_dict(), resolved.path)
             check_weights(ckpt.heads, resolved.path, HEADS_FILE)
             # Reserve the KV pool before allocating it: a load waits for retiring versions

@@ -166,6 +166,9 @@ def _must_fit(needed: int, free: int | None, limits: SanityLimits, what: str, wh
                                  f"{_gib(free)} is free")
 
 
+_CHECK_SLICE = 1 << 20      # elements per isfinite call in check_weights
+
+
 def check_weights(tensors: dict[str, torch.Tensor], directory: Path, file: str = MODEL_FILE) -> None:
     """Every floating-point tensor finite, one tensor at a time (tied tensors once)."""
     seen: set[int] = set()
@@ -176,7 +179,10 @@ def check_weights(tensors: dict[str, torch.Tensor], directory: Path, file: str =
         if key in seen:
             continue
         seen.add(key)
-        if not bool(torch.isfinite(tensor).all()):
+        # In slices: isfinite over a whole embedding made temporaries of its size (184 MiB
+        # of peak RSS over a 113 MiB fp32 embedding, SmolLM2-135M's shape).
+        flat = tensor.detach().reshape(-1)
+        if not all(bool(torch.isfinite(part).all()) for part in flat.split(_CHECK_SLICE)):
             nan = int(torch.isnan(tensor).sum())
             inf = int(torch.isinf(tensor).sum())
             raise UnusableCheckpoint(
