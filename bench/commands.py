@@ -4,6 +4,8 @@ module is imported only when it runs, so `sol --help` does not pay for torch twi
 from __future__ import annotations
 
 import argparse
+import importlib
+from collections.abc import Callable
 from pathlib import Path
 
 from client.output import add_json_flag
@@ -32,7 +34,7 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
 def register(sub, bench_sub) -> None:
     p = bench_sub.add_parser("engine", help="serving engine throughput, latency and KV capacity ratios")
     engine_arguments(p)
-    p.set_defaults(handler=_engine)
+    p.set_defaults(handler=_lazy("bench.engine"))
 
     p = bench_sub.add_parser("lora", help="throughput of the base alone vs 1, 8 and 64 distinct LoRA adapters in "
                              "one mixed workload")
@@ -48,7 +50,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     add_json_flag(p)
-    p.set_defaults(handler=_lora)
+    p.set_defaults(handler=_lazy("bench.lora"))
 
     p = bench_sub.add_parser("hygiene", help="sampled chat completions of a served model: none may show a special "
                              "token as text (exit 1 if one does)")
@@ -61,7 +63,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--concurrency", type=int, default=32, help="concurrent requests (default 32)")
     p.add_argument("--seed", type=int, default=0)
     add_json_flag(p)
-    p.set_defaults(handler=_hygiene)
+    p.set_defaults(handler=_lazy("bench.hygiene"))
 
     p = bench_sub.add_parser("grammar", help="structured outputs: tokens/s with half the batch under a JSON schema "
                              "vs none; TTFT added by a cold and a cached compile")
@@ -77,7 +79,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--ttft-repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=_grammar)
+    p.set_defaults(handler=_lazy("bench.grammar"))
 
     p = bench_sub.add_parser("serve", help="streaming clients over gRPC on loopback vs the in-process engine")
     p.add_argument("--model", default=None, help="model reference (default: a random tiny/small model)")
@@ -94,7 +96,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--http", action="store_true",
                    help="also stream the same load over the OpenAI-compatible HTTP API (SSE) and compare it with gRPC")
     add_json_flag(p)
-    p.set_defaults(handler=_serve)
+    p.set_defaults(handler=_lazy("bench.serve", "run_bench_serve"))
 
     p = bench_sub.add_parser("crash", help="crash-safe metering: SIGKILL and restart `sol serve` under mixed "
                              "gRPC/HTTP streaming load; the ledger against what clients received")
@@ -106,7 +108,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--metering-tokens", type=int, default=16, help="the server's --metering-tokens (default 16)")
     p.add_argument("--home", help="SOL_HOME of the server (default: a new temporary directory)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=_crash)
+    p.set_defaults(handler=_lazy("bench.crash", "run_bench_crash"))
 
     p = bench_sub.add_parser("fairness", help="a light key's TTFT beside a flooding key under fcfs and fair "
                              "scheduling; throughput; 2:1 shares")
@@ -124,7 +126,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--heavy-max-tokens", type=int, default=32, help="heavy requests' output (default 32)")
     p.add_argument("--out", default=None, help="output directory (default $SOL_HOME/bench/fairness)")
     add_json_flag(p)
-    p.set_defaults(handler=_fairness)
+    p.set_defaults(handler=_lazy("bench.fairness", "run_bench_fairness"))
 
     p = bench_sub.add_parser("hotload", help="latency during model swaps vs steady state; publish-to-serve time")
     p.add_argument("--preset", default="small", help="model preset of the published versions (default small)")
@@ -136,7 +138,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--swap-interval-s", type=float, default=10.0)
     p.add_argument("--out", default=None, help="output directory (default $SOL_HOME/bench/hotload)")
     add_json_flag(p)
-    p.set_defaults(handler=_hotload)
+    p.set_defaults(handler=_lazy("bench.hotload", "run_bench_hotload"))
 
     from bench.vs_vllm import register_bench as register_vs_vllm
 
@@ -151,7 +153,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating measurements of each loop")
     p.add_argument("--threads", type=int, default=None)
     add_json_flag(p)
-    p.set_defaults(handler=_train)
+    p.set_defaults(handler=_lazy("bench.train", "run_cli"))
 
     register_fuzz(bench_sub)
 
@@ -169,64 +171,12 @@ def register_fuzz(bench_sub) -> None:
     # (grammar caches are bounded at 64 MiB per model version; the rest is allocator slack).
     p.add_argument("--rss-cap-mib", type=float, default=256.0,
                    help="the server's RSS may grow at most this much over the run (default 256)")
-    p.set_defaults(handler=_fuzz)
+    p.set_defaults(handler=_lazy("bench.fuzz"))
 
 
-def _fuzz(args: argparse.Namespace) -> int:
-    from bench.fuzz import run
+def _lazy(module: str, function: str = "run") -> Callable[[argparse.Namespace], int]:
+    """A handler that imports its benchmark module only when that benchmark runs."""
+    def handler(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
 
-    return run(args)
-
-
-def _engine(args: argparse.Namespace) -> int:
-    from bench.engine import run
-
-    return run(args)
-
-
-def _lora(args: argparse.Namespace) -> int:
-    from bench.lora import run
-
-    return run(args)
-
-
-def _grammar(args: argparse.Namespace) -> int:
-    from bench.grammar import run
-
-    return run(args)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from bench.serve import run_bench_serve
-
-    return run_bench_serve(args)
-
-
-def _crash(args: argparse.Namespace) -> int:
-    from bench.crash import run_bench_crash
-
-    return run_bench_crash(args)
-
-
-def _fairness(args: argparse.Namespace) -> int:
-    from bench.fairness import run_bench_fairness
-
-    return run_bench_fairness(args)
-
-
-def _hygiene(args: argparse.Namespace) -> int:
-    from bench.hygiene import run
-
-    return run(args)
-
-
-def _hotload(args: argparse.Namespace) -> int:
-    from bench.hotload import run_bench_hotload
-
-    return run_bench_hotload(args)
-
-
-def _train(args: argparse.Namespace) -> int:
-    from bench.train import run_cli
-
-    return run_cli(args)
+    return handler
